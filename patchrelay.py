@@ -1,0 +1,3608 @@
+#!/usr/bin/env python3
+"""PatchRelay: delegate a Linear issue to a coding agent, get back a pushed branch.
+
+A synchronous CLI run by cron, a systemd timer or `patchrelay watch`. Each
+`patchrelay tick` reconciles runs, polls Linear, decides, launches detached
+workers that drive `codex app-server` over stdio JSON-RPC, and publishes a
+Linear outbox. SQLite (WAL) holds all state and is the mailbox between tick
+and workers. See README.md for usage and docs/DESIGN notes in the README.
+
+Sections, in dependency order:
+  1. errors and constants     5. github              9. tick
+  2. config                   6. codex              10. worker
+  3. store                    7. git                11. cli
+  4. linear                   8. factory
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import shlex
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import click
+import requests
+import tenacity
+import yaml
+from tabulate import tabulate
+
+# ============================================================== errors and constants
+# Exception types, one per boundary, each carrying the one-line message the CLI
+# prints, plus the constants every other section shares. No I/O here.
+
+__version__ = "0.1.0"
+log = logging.getLogger("patchrelay")
+
+
+class PatchRelayError(Exception):
+    """Base error: `str(err)` is the one line the CLI prints."""
+    exit_code = 1
+
+
+class ConfigError(PatchRelayError):
+    exit_code = 2
+
+
+class UsageError(PatchRelayError):
+    exit_code = 2
+
+
+class StoreError(PatchRelayError):
+    pass
+
+
+class LinearError(PatchRelayError):
+    """A Linear API failure. `transient` errors (transport, 5xx, rate limits) never
+    change what we believe about an issue; they only postpone work."""
+
+    def __init__(self, message: str, transient: bool = False, code: str | None = None):
+        super().__init__(message)
+        self.transient = transient
+        self.code = code
+
+
+class LinearRateLimited(LinearError):
+    def __init__(self, message: str, until: float):
+        super().__init__(message, transient=True, code="RATELIMITED")
+        self.until = until
+
+
+class GitHubError(PatchRelayError):
+    pass
+
+
+class CodexError(PatchRelayError):
+    pass
+
+
+class GitError(PatchRelayError):
+    pass
+
+
+class HookError(PatchRelayError):
+    pass
+
+
+class IllegalTransition(PatchRelayError):
+    """A factory state change the transition table forbids: always a bug."""
+
+
+RUN_TYPES = ("implementation", "ci_repair", "review_fix", "queue_repair")
+FINAL_STATES = frozenset({"done", "canceled", "failed", "escalated"})
+CLOSED_STATES = frozenset({"done", "canceled"})
+ACTIVE_RUN_STATUSES = ("claimed", "running")
+TOKEN_ENV_ALWAYS_STRIPPED = ("LINEAR_API_KEY", "GITHUB_TOKEN", "GH_TOKEN", "GH_ENTERPRISE_TOKEN",
+                             "GITHUB_ENTERPRISE_TOKEN")
+ISSUE_KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]*-\d+$")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def iso(t: dt.datetime | None = None) -> str:
+    t = t or utcnow()
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+def parse_iso(s: str | None) -> dt.datetime | None:
+    if not s:
+        return None
+    try:
+        return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def age_seconds(s: str | None, now: dt.datetime | None = None) -> float | None:
+    t = parse_iso(s)
+    return None if t is None else max(0.0, ((now or utcnow()) - t).total_seconds())
+
+
+def one_line(text: str | None, limit: int = 240) -> str:
+    s = " ".join((text or "").split())
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def tail(text: str | None, lines: int = 20, limit: int = 2000) -> str:
+    t = "\n".join((text or "").strip().splitlines()[-lines:])
+    return t[-limit:]
+
+
+_SECRET_PATTERNS = [
+    (re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"), r"\1[redacted]"),
+    (re.compile(r"(?i)\b(lin_(?:api|oauth)_[A-Za-z0-9]+)"), "[redacted]"),
+    (re.compile(r"\b(gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})"), "[redacted]"),
+    (re.compile(r"(?i)((?:token|secret|password|api[_-]?key|authorization)[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
+     r"\1[redacted]"),
+]
+
+
+def redact(text: str | None, secrets: Iterable[str] = ()) -> str:
+    """Remove known secrets and token-shaped strings from text bound for logs, SQLite or Linear."""
+    out = text or ""
+    for s in secrets:
+        if s and len(s) >= 6:
+            out = out.replace(s, "[redacted]")
+    for pat, rep in _SECRET_PATTERNS:
+        out = pat.sub(rep, out)
+    return out
+
+
+# ============================================================== config
+# YAML -> frozen dataclasses. Every error names its key path in one line and
+# exits 2. Unknown keys are errors. Tokens only ever come from the environment
+# (or `gh auth token`), never from the file.
+
+def _xdg(var: str, fallback: str) -> Path:
+    v = os.environ.get(var)
+    return Path(v) if v else Path.home() / fallback
+
+
+def default_config_path() -> Path:
+    return _xdg("XDG_CONFIG_HOME", ".config") / "patchrelay" / "patchrelay.yaml"
+
+
+def default_state_dir() -> Path:
+    return _xdg("XDG_STATE_HOME", ".local/state") / "patchrelay"
+
+
+def default_data_dir() -> Path:
+    return _xdg("XDG_DATA_HOME", ".local/share") / "patchrelay"
+
+
+@dataclass(frozen=True)
+class TrustedActors:
+    ids: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()
+    emails: tuple[str, ...] = ()
+    email_domains: tuple[str, ...] = ()
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.ids or self.names or self.emails or self.email_domains)
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    id: str
+    repo_path: Path
+    github_repo: str
+    base_branch: str
+    worktree_root: Path
+    branch_prefix: str
+    issue_key_prefixes: tuple[str, ...]
+    linear_team_keys: tuple[str, ...]
+    linear_team_ids: tuple[str, ...]
+    trusted_actors: TrustedActors
+
+    @property
+    def has_routing(self) -> bool:
+        return bool(self.issue_key_prefixes or self.linear_team_keys or self.linear_team_ids)
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    api_url: str = "https://api.linear.app/graphql"
+    token_env: str = "LINEAR_API_KEY"
+    mode: str = "auto"                      # auto | app | user
+    delegation: tuple[str, ...] = ("delegate", "assignee", "label")
+    delegation_label: str = "patchrelay"
+    poll_overlap: float = 60.0
+    timeout: float = 30.0
+    retry_attempts: int = 4
+    retry_max_wait: float = 30.0
+
+
+@dataclass(frozen=True)
+class GitHubConfig:
+    api_url: str = "https://api.github.com"
+    graphql_url: str = "https://api.github.com/graphql"
+    token_env: str = "GITHUB_TOKEN"
+    use_gh_cli: bool = True
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class CodexConfig:
+    bin: str = "codex"
+    args: tuple[str, ...] = ("app-server",)
+    home: Path | None = None
+    model: str | None = None
+    model_provider: str | None = None
+    approval_policy: str = "never"
+    approval_decision: str = "decline"
+    sandbox: str = "workspace-write"
+    developer_instructions: str | None = None
+    request_timeout: float = 60.0
+    stall_timeout: float = 600.0
+    turn_timeout: float = 3600.0
+    max_follow_up_turns: int = 5
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    max_concurrent_runs: int = 2
+    paused: bool = False
+    retry_budget: int = 2
+    retry_backoff: float = 60.0
+    hook_timeout: float = 300.0
+    inbox_poll_interval: float = 1.0
+    git_author_name: str = "PatchRelay"
+    git_author_email: str = "patchrelay@localhost"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    linear: LinearConfig
+    github: GitHubConfig
+    codex: CodexConfig
+    database_path: Path
+    runner: RunnerConfig
+    projects: tuple[ProjectConfig, ...]
+
+    def project(self, project_id: str) -> ProjectConfig:
+        for p in self.projects:
+            if p.id == project_id:
+                return p
+        raise ConfigError(f"projects: no project with id {project_id!r} (the database refers to it)")
+
+    @property
+    def state_dir(self) -> Path:
+        return self.database_path.parent
+
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: Any) -> Any:
+    """Expand ${VAR} and ${VAR:-default} in every string value of a YAML tree."""
+    if isinstance(value, str):
+        return _ENV_RE.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
+    if isinstance(value, list):
+        return [expand_env(v) for v in value]
+    if isinstance(value, dict):
+        return {k: expand_env(v) for k, v in value.items()}
+    return value
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number"}.get(type(v), type(v).__name__)
+
+
+class _Section:
+    """Reads one mapping of the config, naming the key path in every error."""
+
+    def __init__(self, raw: Any, path: str, known: Iterable[str]):
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path or 'config'}: expected a mapping, got {_kind(raw)}")
+        known = list(known)
+        for k in raw:
+            if k not in known:
+                raise ConfigError(f"{self._p(path, k)}: unknown key (expected one of: {', '.join(known)})")
+        self.raw, self.path = raw, path
+
+    @staticmethod
+    def _p(path: str, key: Any) -> str:
+        return f"{path}.{key}" if path else str(key)
+
+    def key(self, k: str) -> str:
+        return self._p(self.path, k)
+
+    def str(self, k: str, default: Any = None, required: bool = False, choices: Iterable[str] | None = None,
+            allow_empty: bool = False) -> Any:
+        v = self.raw.get(k)
+        if v is None:
+            if required:
+                raise ConfigError(f"{self.key(k)}: required")
+            return default
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)
+        if not isinstance(v, str):
+            raise ConfigError(f"{self.key(k)}: expected a string, got {_kind(v)}")
+        if not v.strip() and not allow_empty:
+            if required:
+                raise ConfigError(f"{self.key(k)}: must not be empty")
+            return default
+        if choices is not None and v not in choices:
+            raise ConfigError(f"{self.key(k)}: expected one of {', '.join(choices)}, got {v!r}")
+        return v
+
+    def num(self, k: str, default: float, minimum: float | None = None, integer: bool = False) -> Any:
+        v = self.raw.get(k)
+        if v is None:
+            return default
+        if isinstance(v, str):
+            try:
+                v = float(v) if not integer else int(v)
+            except ValueError:
+                raise ConfigError(f"{self.key(k)}: expected a number, got {v!r}") from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{self.key(k)}: expected a number, got {_kind(v)}")
+        if integer and int(v) != v:
+            raise ConfigError(f"{self.key(k)}: expected a whole number, got {v}")
+        if minimum is not None and v < minimum:
+            raise ConfigError(f"{self.key(k)}: must be at least {minimum:g}, got {v}")
+        return int(v) if integer else float(v)
+
+    def bool(self, k: str, default: bool) -> bool:
+        v = self.raw.get(k)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise ConfigError(f"{self.key(k)}: expected true or false, got {_kind(v)}")
+        return v
+
+    def strlist(self, k: str, default: tuple = ()) -> tuple[str, ...]:
+        v = self.raw.get(k)
+        if v is None:
+            return tuple(default)
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list):
+            raise ConfigError(f"{self.key(k)}: expected a list of strings, got {_kind(v)}")
+        out = []
+        for i, item in enumerate(v):
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                item = str(item)
+            if not isinstance(item, str) or not item.strip():
+                raise ConfigError(f"{self.key(k)}[{i}]: expected a non-empty string, got {_kind(item)}")
+            out.append(item.strip())
+        return tuple(out)
+
+    def sub(self, k: str, known: Iterable[str]) -> "_Section":
+        return _Section(self.raw.get(k), self.key(k), known)
+
+
+def _path(v: str, base: Path | None) -> Path:
+    p = Path(os.path.expanduser(v))
+    if not p.is_absolute() and base is not None:
+        p = base / p
+    return p
+
+
+def _slug(text: str, limit: int = 60) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", (text or "").lower()).strip("-")[:limit].strip("-")
+
+
+def parse_config(raw: Any, path: Path | None = None) -> Config:
+    """Validate a parsed YAML document and return a Config, or raise ConfigError."""
+    raw = expand_env(raw)
+    base = path.parent if path else None
+    top = _Section(raw, "", ["linear", "github", "codex", "database", "runner", "projects"])
+
+    ls = top.sub("linear", ["api_url", "token_env", "mode", "delegation", "delegation_label", "poll_overlap",
+                            "timeout", "retry"])
+    lr = ls.sub("retry", ["attempts", "max_wait"])
+    delegation = ls.strlist("delegation", LinearConfig.delegation)
+    for i, d in enumerate(delegation):
+        if d not in ("delegate", "assignee", "label"):
+            raise ConfigError(f"linear.delegation[{i}]: expected delegate, assignee or label, got {d!r}")
+    linear = LinearConfig(
+        api_url=_url(ls, "api_url", LinearConfig.api_url),
+        token_env=_envname(ls, "token_env", LinearConfig.token_env),
+        mode=ls.str("mode", "auto", choices=("auto", "app", "user")),
+        delegation=delegation,
+        delegation_label=ls.str("delegation_label", LinearConfig.delegation_label),
+        poll_overlap=ls.num("poll_overlap", 60.0, minimum=0),
+        timeout=ls.num("timeout", 30.0, minimum=0.1),
+        retry_attempts=lr.num("attempts", 4, minimum=1, integer=True),
+        retry_max_wait=lr.num("max_wait", 30.0, minimum=0),
+    )
+
+    gs = top.sub("github", ["api_url", "graphql_url", "token_env", "use_gh_cli", "timeout"])
+    gh_api = _url(gs, "api_url", GitHubConfig.api_url).rstrip("/")
+    github = GitHubConfig(
+        api_url=gh_api,
+        graphql_url=_url(gs, "graphql_url", gh_api + "/graphql"),
+        token_env=_envname(gs, "token_env", GitHubConfig.token_env),
+        use_gh_cli=gs.bool("use_gh_cli", True),
+        timeout=gs.num("timeout", 30.0, minimum=0.1),
+    )
+
+    cs = top.sub("codex", ["bin", "args", "home", "model", "model_provider", "approval_policy",
+                           "approval_decision", "sandbox", "developer_instructions", "request_timeout",
+                           "stall_timeout", "turn_timeout", "max_follow_up_turns"])
+    home = cs.str("home")
+    codex = CodexConfig(
+        bin=cs.str("bin", "codex"),
+        args=cs.strlist("args", ("app-server",)),
+        home=_path(home, base) if home else None,
+        model=cs.str("model"),
+        model_provider=cs.str("model_provider"),
+        approval_policy=cs.str("approval_policy", "never", choices=("never", "on-request", "untrusted")),
+        approval_decision=cs.str("approval_decision", "decline", choices=("accept", "decline", "cancel")),
+        sandbox=cs.str("sandbox", "workspace-write", choices=("read-only", "workspace-write", "danger-full-access")),
+        developer_instructions=cs.str("developer_instructions"),
+        request_timeout=cs.num("request_timeout", 60.0, minimum=1),
+        stall_timeout=cs.num("stall_timeout", 600.0, minimum=1),
+        turn_timeout=cs.num("turn_timeout", 3600.0, minimum=1),
+        max_follow_up_turns=cs.num("max_follow_up_turns", 5, minimum=0, integer=True),
+    )
+
+    ds = top.sub("database", ["path"])
+    db = ds.str("path")
+    database_path = _path(db, base) if db else default_state_dir() / "patchrelay.sqlite"
+
+    rs = top.sub("runner", ["max_concurrent_runs", "paused", "retry_budget", "retry_backoff", "hook_timeout",
+                            "inbox_poll_interval", "git_author_name", "git_author_email"])
+    runner = RunnerConfig(
+        max_concurrent_runs=rs.num("max_concurrent_runs", 2, minimum=1, integer=True),
+        paused=rs.bool("paused", False),
+        retry_budget=rs.num("retry_budget", 2, minimum=0, integer=True),
+        retry_backoff=rs.num("retry_backoff", 60.0, minimum=0),
+        hook_timeout=rs.num("hook_timeout", 300.0, minimum=1),
+        inbox_poll_interval=rs.num("inbox_poll_interval", 1.0, minimum=0.05),
+        git_author_name=rs.str("git_author_name", RunnerConfig.git_author_name),
+        git_author_email=rs.str("git_author_email", RunnerConfig.git_author_email),
+    )
+
+    projects_raw = top.raw.get("projects")
+    if projects_raw is None:
+        projects_raw = []
+    if not isinstance(projects_raw, list):
+        raise ConfigError(f"projects: expected a list, got {_kind(projects_raw)}")
+    projects = tuple(_parse_project(p, f"projects[{i}]", base) for i, p in enumerate(projects_raw))
+    _check_routing(projects)
+    return Config(path=path, linear=linear, github=github, codex=codex, database_path=database_path,
+                  runner=runner, projects=projects)
+
+
+def _url(s: _Section, k: str, default: str) -> str:
+    v = s.str(k, default)
+    if not re.match(r"^https?://[^\s/]+", v):
+        raise ConfigError(f"{s.key(k)}: expected an http(s) URL, got {v!r}")
+    return v
+
+
+def _envname(s: _Section, k: str, default: str) -> str:
+    v = s.str(k, default)
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
+        raise ConfigError(f"{s.key(k)}: expected the NAME of an environment variable, got a value that is not one"
+                          " (tokens are never read from the config file)")
+    return v
+
+
+def _parse_project(raw: Any, path: str, base: Path | None) -> ProjectConfig:
+    s = _Section(raw, path, ["id", "repo_path", "github_repo", "base_branch", "worktree_root", "branch_prefix",
+                             "issue_key_prefixes", "linear_team_keys", "linear_team_ids", "trusted_actors"])
+    pid = s.str("id", required=True)
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", pid):
+        raise ConfigError(f"{path}.id: expected letters, digits, '.', '_' or '-', got {pid!r}")
+    repo_path = _path(s.str("repo_path", required=True), base)
+    gh = s.str("github_repo", required=True)
+    if not re.match(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$", gh):
+        raise ConfigError(f'{path}.github_repo: expected "owner/name", got {gh!r}')
+    base_branch = s.str("base_branch", "main")
+    if not _valid_ref_component(base_branch):
+        raise ConfigError(f"{path}.base_branch: not a valid branch name: {base_branch!r}")
+    wt = s.str("worktree_root")
+    worktree_root = _path(wt, base) if wt else default_data_dir() / "worktrees" / pid
+    prefix = s.str("branch_prefix") or _slug(pid) or "patchrelay"
+    if not _valid_ref_component(prefix):
+        raise ConfigError(f"{path}.branch_prefix: not a valid branch name prefix: {prefix!r}")
+    ta = s.sub("trusted_actors", ["ids", "names", "emails", "email_domains"])
+    emails = ta.strlist("emails")
+    for i, e in enumerate(emails):
+        if "@" not in e:
+            raise ConfigError(f"{path}.trusted_actors.emails[{i}]: expected an email address, got {e!r}")
+    return ProjectConfig(
+        id=pid, repo_path=repo_path, github_repo=gh, base_branch=base_branch, worktree_root=worktree_root,
+        branch_prefix=prefix,
+        issue_key_prefixes=tuple(x.upper() for x in s.strlist("issue_key_prefixes")),
+        linear_team_keys=tuple(x.upper() for x in s.strlist("linear_team_keys")),
+        linear_team_ids=s.strlist("linear_team_ids"),
+        trusted_actors=TrustedActors(ids=ta.strlist("ids"), names=ta.strlist("names"), emails=emails,
+                                     email_domains=tuple(d.lstrip("@") for d in ta.strlist("email_domains"))),
+    )
+
+
+def _valid_ref_component(name: str) -> bool:
+    return bool(re.match(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$", name)) and ".." not in name \
+        and not name.endswith((".", "/", ".lock")) and "//" not in name
+
+
+def _check_routing(projects: tuple[ProjectConfig, ...]) -> None:
+    seen_ids: dict[str, int] = {}
+    for i, p in enumerate(projects):
+        if p.id in seen_ids:
+            raise ConfigError(f"projects[{i}].id: {p.id!r} is already used by projects[{seen_ids[p.id]}]")
+        seen_ids[p.id] = i
+    if len(projects) > 1:
+        for i, p in enumerate(projects):
+            if not p.has_routing:
+                raise ConfigError(f"projects[{i}]: with several projects each needs issue_key_prefixes, "
+                                  "linear_team_keys or linear_team_ids")
+    # A prefix or team key routes the same way (Linear identifiers are TEAMKEY-N), so they share a namespace.
+    claims: dict[tuple[str, str], str] = {}
+    for i, p in enumerate(projects):
+        for field_name, kind, values in (("issue_key_prefixes", "key", p.issue_key_prefixes),
+                                         ("linear_team_keys", "key", p.linear_team_keys),
+                                         ("linear_team_ids", "id", p.linear_team_ids)):
+            for j, v in enumerate(values):
+                owner = claims.get((kind, v))
+                if owner is not None and not owner.startswith(f"projects[{i}]."):
+                    raise ConfigError(f"projects[{i}].{field_name}[{j}]: {v!r} is already routed by {owner}")
+                claims.setdefault((kind, v), f"projects[{i}].{field_name}[{j}]")
+
+
+def find_config_path(explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get("PATCHRELAY_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    return default_config_path()
+
+
+def load_config(explicit: str | None = None) -> Config:
+    path = find_config_path(explicit)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found (run `patchrelay init` to write one)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML: {getattr(e, 'problem', e)}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    return parse_config(raw, path.resolve())
+
+
+def resolve_project(cfg: Config, issue_key: str | None, team_key: str | None, team_id: str | None
+                    ) -> ProjectConfig | None:
+    """Exactly one matching project, else None. A lone project without routing keys matches all (G-L1)."""
+    prefix = (issue_key or "").split("-", 1)[0].upper()
+    tk = (team_key or "").upper()
+    matches = []
+    for p in cfg.projects:
+        if not p.has_routing:
+            if len(cfg.projects) == 1:
+                matches.append(p)
+            continue
+        if (prefix and prefix in p.issue_key_prefixes) or (tk and tk in p.linear_team_keys) \
+                or (team_id and team_id in p.linear_team_ids):
+            matches.append(p)
+    return matches[0] if len(matches) == 1 else None
+
+
+def actor_trusted(ta: TrustedActors, actor_id: str | None, name: str | None, email: str | None) -> bool:
+    if not ta.configured:
+        return True
+    if actor_id and actor_id.strip() in ta.ids:
+        return True
+    if name and name.lower() in (n.lower() for n in ta.names):
+        return True
+    if email:
+        e = email.lower()
+        if e in (x.lower() for x in ta.emails):
+            return True
+        if e.rsplit("@", 1)[-1] in (d.lower() for d in ta.email_domains):
+            return True
+    return False
+
+
+def token_from_env(env_name: str) -> str | None:
+    v = os.environ.get(env_name)
+    return v.strip() if v and v.strip() else None
+
+
+def github_token(cfg: Config) -> str | None:
+    tok = token_from_env(cfg.github.token_env)
+    if tok or not cfg.github.use_gh_cli or not shutil.which("gh"):
+        return tok
+    try:
+        out = subprocess.run(["gh", "auth", "token"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def stripped_child_env(cfg: Config, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for Codex and repo hooks: PatchRelay's own tokens removed."""
+    env = dict(os.environ)
+    for name in {cfg.linear.token_env, cfg.github.token_env, *TOKEN_ENV_ALWAYS_STRIPPED}:
+        env.pop(name, None)
+    env.update(extra or {})
+    return env
+
+
+# ============================================================== store
+# SQLite on disk (WAL, busy timeout, foreign keys), schema versioned with
+# PRAGMA user_version and forward migrations. Every SQL statement of the
+# program lives in this section. Rows come back as plain dicts.
+
+SCHEMA_V1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE issues (
+  id INTEGER PRIMARY KEY,
+  project_id TEXT NOT NULL,
+  linear_id TEXT NOT NULL UNIQUE,
+  key TEXT NOT NULL,
+  title TEXT NOT NULL DEFAULT '',
+  description TEXT NOT NULL DEFAULT '',
+  url TEXT,
+  team_id TEXT,
+  team_key TEXT,
+  linear_state TEXT,
+  linear_state_type TEXT,
+  delegated INTEGER NOT NULL DEFAULT 0,
+  factory_state TEXT NOT NULL,
+  pending_run_type TEXT,
+  pending_context TEXT,
+  pending_since TEXT,
+  not_before TEXT,
+  active_run_id INTEGER,
+  agent_session_id TEXT,
+  branch TEXT,
+  worktree TEXT,
+  thread_id TEXT,
+  pr_number INTEGER,
+  pr_url TEXT,
+  pr_state TEXT,
+  ci_repair_attempts INTEGER NOT NULL DEFAULT 0,
+  queue_repair_attempts INTEGER NOT NULL DEFAULT 0,
+  retries INTEGER NOT NULL DEFAULT 0,
+  created_at TEXT NOT NULL,
+  updated_at TEXT NOT NULL
+);
+CREATE INDEX issues_key ON issues(key COLLATE NOCASE);
+CREATE INDEX issues_pending ON issues(pending_run_type, active_run_id);
+CREATE TABLE runs (
+  id INTEGER PRIMARY KEY,
+  issue_id INTEGER NOT NULL REFERENCES issues(id),
+  run_type TEXT NOT NULL,
+  status TEXT NOT NULL,
+  trigger TEXT,
+  context TEXT,
+  prompt TEXT,
+  attempt INTEGER NOT NULL DEFAULT 1,
+  worker_pid INTEGER,
+  worker_started TEXT,
+  appserver_pid INTEGER,
+  appserver_started TEXT,
+  thread_id TEXT,
+  turn_ids TEXT NOT NULL DEFAULT '[]',
+  head_before TEXT,
+  claimed_at TEXT NOT NULL,
+  started_at TEXT,
+  turn_started_at TEXT,
+  heartbeat_at TEXT,
+  ended_at TEXT,
+  failure_reason TEXT,
+  summary TEXT,
+  report TEXT,
+  tokens TEXT
+);
+CREATE INDEX runs_issue ON runs(issue_id, id);
+CREATE INDEX runs_status ON runs(status);
+CREATE TABLE inbox (
+  id INTEGER PRIMARY KEY,
+  issue_id INTEGER NOT NULL REFERENCES issues(id),
+  kind TEXT NOT NULL,
+  body TEXT NOT NULL DEFAULT '',
+  author TEXT,
+  source TEXT NOT NULL,
+  source_id TEXT UNIQUE,
+  created_at TEXT NOT NULL,
+  delivered_at TEXT,
+  delivered_run_id INTEGER,
+  delivery TEXT
+);
+CREATE INDEX inbox_pending ON inbox(issue_id, delivered_at);
+CREATE TABLE outbox (
+  id INTEGER PRIMARY KEY,
+  issue_id INTEGER REFERENCES issues(id),
+  kind TEXT NOT NULL,
+  session_id TEXT,
+  client_id TEXT NOT NULL UNIQUE,
+  payload TEXT NOT NULL,
+  status TEXT NOT NULL DEFAULT 'queued',
+  attempts INTEGER NOT NULL DEFAULT 0,
+  last_error TEXT,
+  lease_until REAL,
+  created_at TEXT NOT NULL,
+  sent_at TEXT
+);
+CREATE INDEX outbox_status ON outbox(status, id);
+CREATE TABLE sessions (
+  id TEXT PRIMARY KEY,
+  issue_id INTEGER REFERENCES issues(id),
+  creator TEXT,
+  trusted INTEGER NOT NULL,
+  activity_cursor TEXT,
+  created_at TEXT NOT NULL
+);
+CREATE TABLE seen (source_id TEXT PRIMARY KEY, at TEXT NOT NULL);
+CREATE TABLE cursors (stream TEXT PRIMARY KEY, value TEXT, updated_at TEXT NOT NULL);
+CREATE TABLE events (
+  id INTEGER PRIMARY KEY,
+  issue_id INTEGER,
+  run_id INTEGER,
+  at TEXT NOT NULL,
+  level TEXT NOT NULL,
+  kind TEXT NOT NULL,
+  message TEXT NOT NULL
+);
+CREATE INDEX events_issue ON events(issue_id, id);
+CREATE TABLE api_budget (
+  api TEXT PRIMARY KEY,
+  requests_limit INTEGER,
+  requests_remaining INTEGER,
+  complexity_limit INTEGER,
+  complexity_remaining INTEGER,
+  reset_at TEXT,
+  limited_until TEXT,
+  last_error TEXT,
+  updated_at TEXT NOT NULL
+);
+CREATE TABLE ticks (
+  id INTEGER PRIMARY KEY,
+  started_at TEXT NOT NULL,
+  ended_at TEXT,
+  result TEXT,
+  summary TEXT
+);
+"""
+
+# Forward migrations: index i upgrades user_version i -> i+1. Never edit a shipped entry; append.
+MIGRATIONS: list[str] = [SCHEMA_V1]
+
+ISSUE_COLUMNS = frozenset({
+    "project_id", "linear_id", "key", "title", "description", "url", "team_id", "team_key", "linear_state",
+    "linear_state_type", "delegated", "factory_state", "pending_run_type", "pending_context", "pending_since",
+    "not_before", "active_run_id", "agent_session_id", "branch", "worktree", "thread_id", "pr_number", "pr_url",
+    "pr_state", "ci_repair_attempts", "queue_repair_attempts", "retries"})
+RUN_COLUMNS = frozenset({
+    "status", "trigger", "context", "prompt", "attempt", "worker_pid", "worker_started", "appserver_pid",
+    "appserver_started", "thread_id", "turn_ids", "head_before", "started_at", "turn_started_at", "heartbeat_at",
+    "ended_at", "failure_reason", "summary", "report", "tokens"})
+
+
+def _secure_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+class Store:
+    def __init__(self, path: Path, readonly: bool = False):
+        self.path = Path(path)
+        try:
+            if not readonly:
+                _secure_dir(self.path.parent)
+                if not self.path.exists():
+                    fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
+                    os.close(fd)
+            elif not self.path.exists():
+                raise StoreError(f"database.path: {self.path} does not exist yet (run `patchrelay tick` first)")
+            self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None,
+                                      check_same_thread=False)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"database.path: cannot open {self.path}: {e}") from None
+        self.db.row_factory = sqlite3.Row
+        self._depth = 0
+        try:
+            self.db.execute("PRAGMA busy_timeout = 30000")
+            self.db.execute("PRAGMA foreign_keys = ON")
+            if not readonly:
+                self.db.execute("PRAGMA journal_mode = WAL")
+                self.db.execute("PRAGMA synchronous = NORMAL")
+                self.migrate()
+        except sqlite3.Error as e:
+            raise StoreError(f"database.path: {self.path}: {e}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- schema
+    def schema_version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def migrate(self) -> None:
+        version = self.schema_version()
+        if version > len(MIGRATIONS):
+            raise StoreError(f"database.path: {self.path} has schema version {version}, newer than this "
+                             f"PatchRelay understands ({len(MIGRATIONS)}); upgrade PatchRelay")
+        for i in range(version, len(MIGRATIONS)):
+            with self.tx():
+                for stmt in [s.strip() for s in MIGRATIONS[i].split(";") if s.strip()]:
+                    self.db.execute(stmt)
+                self.db.execute(f"PRAGMA user_version = {i + 1}")
+        for suffix in ("", "-wal", "-shm"):
+            p = Path(str(self.path) + suffix)
+            if p.exists():
+                with contextlib.suppress(OSError):
+                    os.chmod(p, 0o600)
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE); nested calls join the outer one."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self.db
+            finally:
+                self._depth -= 1
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield self.db
+        except BaseException:
+            self._depth = 0
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            self._depth = 0
+            self.db.execute("COMMIT")
+
+    def _one(self, sql: str, args: tuple = ()) -> dict | None:
+        r = self.db.execute(sql, args).fetchone()
+        return dict(r) if r else None
+
+    def _all(self, sql: str, args: tuple = ()) -> list[dict]:
+        return [dict(r) for r in self.db.execute(sql, args).fetchall()]
+
+    # ---- meta and cursors
+    def meta_get(self, key: str) -> str | None:
+        r = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return r["value"] if r else None
+
+    def meta_set(self, key: str, value: str | None) -> None:
+        self.db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                        (key, value))
+
+    def cursor_get(self, stream: str) -> str | None:
+        r = self._one("SELECT value FROM cursors WHERE stream = ?", (stream,))
+        return r["value"] if r else None
+
+    def cursor_set(self, stream: str, value: str) -> None:
+        self.db.execute("INSERT INTO cursors(stream, value, updated_at) VALUES (?, ?, ?) "
+                        "ON CONFLICT(stream) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                        (stream, value, iso()))
+
+    # ---- issues
+    def issue_by_id(self, issue_id: int) -> dict | None:
+        return self._one("SELECT * FROM issues WHERE id = ?", (issue_id,))
+
+    def issue_by_linear_id(self, linear_id: str) -> dict | None:
+        return self._one("SELECT * FROM issues WHERE linear_id = ?", (linear_id,))
+
+    def issue_by_key(self, key: str) -> dict | None:
+        return self._one("SELECT * FROM issues WHERE key = ? COLLATE NOCASE ORDER BY id DESC LIMIT 1", (key,))
+
+    def issues_all(self) -> list[dict]:
+        return self._all("SELECT * FROM issues ORDER BY updated_at DESC, id DESC")
+
+    def tracked_open_linear_ids(self) -> list[str]:
+        return [r["linear_id"] for r in self._all(
+            "SELECT linear_id FROM issues WHERE factory_state NOT IN ('done', 'canceled') ORDER BY id")]
+
+    def insert_issue(self, fields: Mapping[str, Any]) -> int:
+        bad = set(fields) - ISSUE_COLUMNS
+        if bad:
+            raise StoreError(f"unknown issue columns {sorted(bad)}")
+        now = iso()
+        cols = list(fields) + ["created_at", "updated_at"]
+        cur = self.db.execute(f"INSERT INTO issues ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                              [*fields.values(), now, now])
+        return cur.lastrowid
+
+    def update_issue(self, issue_id: int, fields: Mapping[str, Any]) -> None:
+        if not fields:
+            return
+        bad = set(fields) - ISSUE_COLUMNS
+        if bad:
+            raise StoreError(f"unknown issue columns {sorted(bad)}")
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self.db.execute(f"UPDATE issues SET {sets}, updated_at = ? WHERE id = ?", [*fields.values(), iso(), issue_id])
+
+    def runnable_issues(self, now: str) -> list[dict]:
+        return self._all(
+            "SELECT * FROM issues WHERE pending_run_type IS NOT NULL AND active_run_id IS NULL "
+            "AND (not_before IS NULL OR not_before <= ?) AND factory_state NOT IN ('done', 'canceled') "
+            "ORDER BY pending_since, id", (now,))
+
+    # ---- runs
+    def run_by_id(self, run_id: int) -> dict | None:
+        return self._one("SELECT * FROM runs WHERE id = ?", (run_id,))
+
+    def runs_for_issue(self, issue_id: int) -> list[dict]:
+        return self._all("SELECT * FROM runs WHERE issue_id = ? ORDER BY id DESC", (issue_id,))
+
+    def active_runs(self) -> list[dict]:
+        return self._all("SELECT * FROM runs WHERE status IN ('claimed', 'running') ORDER BY id")
+
+    def count_active_runs(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM runs WHERE status IN ('claimed', 'running')").fetchone()[0]
+
+    def claim_run(self, issue_id: int, expected_type: str | None = None) -> int | None:
+        """Atomically move the issue's pending run to a new `claimed` run row. None if lost the race."""
+        with self.tx():
+            issue = self.issue_by_id(issue_id)
+            if not issue or issue["pending_run_type"] is None or issue["active_run_id"] is not None:
+                return None
+            if expected_type and issue["pending_run_type"] != expected_type:
+                return None
+            ctx = json.loads(issue["pending_context"] or "{}")
+            cur = self.db.execute(
+                "INSERT INTO runs (issue_id, run_type, status, trigger, context, attempt, claimed_at) "
+                "VALUES (?, ?, 'claimed', ?, ?, ?, ?)",
+                (issue_id, issue["pending_run_type"], ctx.get("trigger"), issue["pending_context"],
+                 int(ctx.get("attempt", 1)), iso()))
+            run_id = cur.lastrowid
+            n = self.db.execute(
+                "UPDATE issues SET active_run_id = ?, pending_run_type = NULL, pending_context = NULL, "
+                "pending_since = NULL, not_before = NULL, updated_at = ? "
+                "WHERE id = ? AND active_run_id IS NULL AND pending_run_type IS NOT NULL",
+                (run_id, iso(), issue_id)).rowcount
+            if n != 1:
+                raise StoreError(f"claim of issue {issue_id} raced")  # rolls back; cannot happen under BEGIN IMMEDIATE
+            return run_id
+
+    def update_run(self, run_id: int, fields: Mapping[str, Any]) -> None:
+        if not fields:
+            return
+        bad = set(fields) - RUN_COLUMNS
+        if bad:
+            raise StoreError(f"unknown run columns {sorted(bad)}")
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self.db.execute(f"UPDATE runs SET {sets} WHERE id = ?", [*fields.values(), run_id])
+
+    def add_turn_id(self, run_id: int, turn_id: str) -> None:
+        with self.tx():
+            run = self.run_by_id(run_id)
+            turns = json.loads(run["turn_ids"] or "[]")
+            if turn_id not in turns:
+                turns.append(turn_id)
+            self.update_run(run_id, {"turn_ids": json.dumps(turns), "status": "running",
+                                     "turn_started_at": run["turn_started_at"] or iso(), "heartbeat_at": iso()})
+
+    # ---- inbox (tick -> worker mailbox: follow-up prompts and stop requests)
+    def add_inbox(self, issue_id: int, kind: str, body: str, author: str | None, source: str,
+                  source_id: str | None) -> bool:
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO inbox (issue_id, kind, body, author, source, source_id, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)", (issue_id, kind, body, author, source, source_id, iso()))
+        return cur.rowcount == 1
+
+    def pending_inbox(self, issue_id: int) -> list[dict]:
+        return self._all("SELECT * FROM inbox WHERE issue_id = ? AND delivered_at IS NULL ORDER BY id", (issue_id,))
+
+    def mark_inbox(self, inbox_id: int, run_id: int | None, delivery: str) -> None:
+        self.db.execute("UPDATE inbox SET delivered_at = ?, delivered_run_id = ?, delivery = ? WHERE id = ?",
+                        (iso(), run_id, delivery, inbox_id))
+
+    def inbox_for_issue(self, issue_id: int) -> list[dict]:
+        return self._all("SELECT * FROM inbox WHERE issue_id = ? ORDER BY id", (issue_id,))
+
+    # ---- outbox (decisions -> Linear)
+    def add_outbox(self, issue_id: int | None, kind: str, session_id: str | None, payload: Mapping) -> int:
+        cur = self.db.execute(
+            "INSERT INTO outbox (issue_id, kind, session_id, client_id, payload, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (issue_id, kind, session_id, str(uuid.uuid4()), json.dumps(payload), iso()))
+        return cur.lastrowid
+
+    def outbox_queued(self, issue_id: int | None = None) -> list[dict]:
+        if issue_id is None:
+            return self._all("SELECT * FROM outbox WHERE status = 'queued' ORDER BY id")
+        return self._all("SELECT * FROM outbox WHERE status = 'queued' AND issue_id = ? ORDER BY id", (issue_id,))
+
+    def outbox_for_issue(self, issue_id: int) -> list[dict]:
+        return self._all("SELECT * FROM outbox WHERE issue_id = ? ORDER BY id", (issue_id,))
+
+    def lease_outbox(self, outbox_id: int, seconds: float = 120) -> bool:
+        now = time.time()
+        with self.tx():
+            return self.db.execute(
+                "UPDATE outbox SET lease_until = ? WHERE id = ? AND status = 'queued' "
+                "AND (lease_until IS NULL OR lease_until < ?)", (now + seconds, outbox_id, now)).rowcount == 1
+
+    def outbox_result(self, outbox_id: int, status: str, error: str | None = None) -> None:
+        with self.tx():
+            self.db.execute(
+                "UPDATE outbox SET status = ?, attempts = attempts + 1, last_error = ?, lease_until = NULL, "
+                "sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ?",
+                (status, error, status, iso(), outbox_id))
+
+    # ---- sessions
+    def session(self, session_id: str) -> dict | None:
+        return self._one("SELECT * FROM sessions WHERE id = ?", (session_id,))
+
+    def upsert_session(self, session_id: str, issue_id: int | None, creator: str, trusted: bool,
+                       activity_cursor: str | None) -> None:
+        self.db.execute(
+            "INSERT INTO sessions (id, issue_id, creator, trusted, activity_cursor, created_at) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET issue_id = COALESCE(excluded.issue_id, sessions.issue_id), "
+            "activity_cursor = COALESCE(excluded.activity_cursor, sessions.activity_cursor)",
+            (session_id, issue_id, creator, int(trusted), activity_cursor, iso()))
+
+    def seen(self, source_id: str) -> bool:
+        return self._one("SELECT 1 AS x FROM seen WHERE source_id = ?", (source_id,)) is not None
+
+    def mark_seen(self, source_id: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO seen (source_id, at) VALUES (?, ?)", (source_id, iso()))
+
+    # ---- events
+    def add_event(self, issue_id: int | None, kind: str, message: str, level: str = "info",
+                  run_id: int | None = None) -> None:
+        self.db.execute("INSERT INTO events (issue_id, run_id, at, level, kind, message) VALUES (?, ?, ?, ?, ?, ?)",
+                        (issue_id, run_id, iso(), level, kind, message))
+
+    def events_for_issue(self, issue_id: int, after_id: int = 0) -> list[dict]:
+        return self._all("SELECT * FROM events WHERE issue_id = ? AND id > ? ORDER BY id", (issue_id, after_id))
+
+    # ---- API budget and ticks
+    def record_budget(self, api: str, fields: Mapping[str, Any]) -> None:
+        cols = ["requests_limit", "requests_remaining", "complexity_limit", "complexity_remaining", "reset_at",
+                "limited_until", "last_error"]
+        vals = {k: fields.get(k) for k in cols if k in fields}
+        self.db.execute("INSERT INTO api_budget (api, updated_at) VALUES (?, ?) ON CONFLICT(api) DO NOTHING",
+                        (api, iso()))
+        if vals:
+            sets = ", ".join(f"{k} = ?" for k in vals)
+            self.db.execute(f"UPDATE api_budget SET {sets}, updated_at = ? WHERE api = ?",
+                            [*vals.values(), iso(), api])
+
+    def budgets(self) -> list[dict]:
+        return self._all("SELECT * FROM api_budget ORDER BY api")
+
+    def budget(self, api: str) -> dict | None:
+        return self._one("SELECT * FROM api_budget WHERE api = ?", (api,))
+
+    def start_tick(self) -> int:
+        with self.tx():
+            tick_id = self.db.execute("INSERT INTO ticks (started_at) VALUES (?)", (iso(),)).lastrowid
+            self.db.execute("DELETE FROM ticks WHERE id < ?", (tick_id - 1000,))
+            return tick_id
+
+    def end_tick(self, tick_id: int, result: str, summary: Mapping) -> None:
+        with self.tx():
+            self.db.execute("UPDATE ticks SET ended_at = ?, result = ?, summary = ? WHERE id = ?",
+                            (iso(), result, json.dumps(summary), tick_id))
+
+    def last_tick(self) -> dict | None:
+        return self._one("SELECT * FROM ticks ORDER BY id DESC LIMIT 1")
+
+
+# ============================================================== linear
+# The Linear GraphQL client (requests + tenacity): timeouts on every call,
+# bounded retries on transport errors, 5xx and rate limits, rate-limit headers
+# recorded for `status`. Returns plain observations; decides nothing.
+
+@dataclass(frozen=True)
+class Actor:
+    id: str | None
+    name: str | None = None
+    email: str | None = None
+    app: bool = False
+
+    def label(self) -> str:
+        return self.name or self.email or self.id or "unknown"
+
+
+@dataclass(frozen=True)
+class LinearIssue:
+    id: str
+    key: str
+    title: str
+    description: str
+    url: str | None
+    team_id: str | None
+    team_key: str | None
+    state_name: str | None
+    state_type: str | None
+    delegate_id: str | None
+    assignee_id: str | None
+    labels: tuple[str, ...]
+    updated_at: str | None
+
+
+@dataclass(frozen=True)
+class LinearSession:
+    id: str
+    issue: LinearIssue | None
+    app_user_id: str | None
+    creator: Actor
+    created_at: str
+    updated_at: str
+    comment_body: str | None
+
+
+@dataclass(frozen=True)
+class LinearActivity:
+    id: str
+    session_id: str
+    created_at: str
+    type: str               # prompt | thought | response | ...
+    body: str
+    signal: str | None
+    user: Actor
+
+
+@dataclass(frozen=True)
+class LinearComment:
+    id: str
+    issue_linear_id: str
+    body: str
+    user: Actor
+    created_at: str
+    session_id: str | None
+
+
+@dataclass(frozen=True)
+class Viewer:
+    id: str
+    name: str
+    app: bool
+
+
+ISSUE_FIELDS = """id identifier title description url updatedAt
+      state { id name type } team { id key } delegate { id } assignee { id }
+      labels(first: 20) { nodes { name } }"""
+
+Q_ISSUES = """query PatchRelayIssues($filter: IssueFilter, $after: String) {
+  issues(first: 50, after: $after, filter: $filter, orderBy: updatedAt) {
+    pageInfo { hasNextPage endCursor }
+    nodes { %s }
+  }
+}""" % ISSUE_FIELDS
+
+Q_SESSIONS = """query PatchRelaySessions($after: String) {
+  viewer { id name app }
+  agentSessions(first: 25, after: $after, orderBy: updatedAt) {
+    pageInfo { hasNextPage endCursor }
+    nodes {
+      id createdAt updatedAt
+      appUser { id }
+      creator { id name email app }
+      comment { id body }
+      issue { %s }
+    }
+  }
+}""" % ISSUE_FIELDS
+
+Q_ACTIVITIES = """query PatchRelaySessionActivities($id: String!, $filter: AgentActivityFilter, $after: String) {
+  agentSession(id: $id) {
+    id
+    activities(first: 50, after: $after, filter: $filter, orderBy: createdAt) {
+      pageInfo { hasNextPage endCursor }
+      nodes {
+        id createdAt signal
+        user { id name email app }
+        content {
+          __typename
+          ... on AgentActivityPromptContent { body }
+          ... on AgentActivityThoughtContent { body }
+          ... on AgentActivityResponseContent { body }
+          ... on AgentActivityErrorContent { body }
+          ... on AgentActivityElicitationContent { body }
+        }
+      }
+    }
+  }
+}"""
+
+Q_COMMENTS = """query PatchRelayComments($filter: CommentFilter, $after: String) {
+  comments(first: 50, after: $after, filter: $filter, orderBy: createdAt) {
+    pageInfo { hasNextPage endCursor }
+    nodes { id body createdAt user { id name email app } issue { id } agentSession { id } }
+  }
+}"""
+
+Q_VIEWER = "query PatchRelayViewer { viewer { id name app } }"
+
+Q_ISSUE = """query PatchRelayIssue($id: String!) { issue(id: $id) { %s } }""" % ISSUE_FIELDS
+
+Q_ISSUE_STATES = """query PatchRelayIssueStates($id: String!) {
+  issue(id: $id) {
+    id state { id type }
+    team { id states(first: 100) { nodes { id name type position } } }
+  }
+}"""
+
+Q_ACTIVITY_EXISTS = "query PatchRelayActivityExists($id: String!) { agentActivity(id: $id) { id } }"
+
+M_ACTIVITY = """mutation PatchRelayActivity($input: AgentActivityCreateInput!) {
+  agentActivityCreate(input: $input) { success agentActivity { id } }
+}"""
+
+M_PLAN = """mutation PatchRelayPlan($id: String!, $input: AgentSessionUpdateInput!) {
+  agentSessionUpdate(id: $id, input: $input) { success }
+}"""
+
+M_ISSUE_STATE = """mutation PatchRelayMoveIssue($id: String!, $stateId: String!) {
+  issueUpdate(id: $id, input: { stateId: $stateId }) { success issue { id state { id name type } } }
+}"""
+
+M_COMMENT = """mutation PatchRelayComment($input: CommentCreateInput!) {
+  commentCreate(input: $input) { success comment { id } }
+}"""
+
+
+class _Transient(Exception):
+    def __init__(self, err: LinearError, wait: float | None = None):
+        super().__init__(str(err))
+        self.err, self.wait = err, wait
+
+
+class LinearClient:
+    def __init__(self, cfg: LinearConfig, token: str, on_budget: Callable[[dict], None] | None = None):
+        self.cfg, self.token, self.on_budget = cfg, token, on_budget
+        self.http = requests.Session()
+        self.http.headers.update({"Content-Type": "application/json", "User-Agent": f"patchrelay/{__version__}",
+                                  # personal API keys go bare, OAuth tokens as Bearer
+                                  "Authorization": token if token.startswith("lin_api_") else f"Bearer {token}"})
+        self.requests_made = 0
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        base = min(self.cfg.retry_max_wait, 0.5 * (2 ** (state.attempt_number - 1)))
+        if isinstance(exc, _Transient) and exc.wait is not None:
+            return min(max(exc.wait, 0.0), self.cfg.retry_max_wait)
+        return base
+
+    def query(self, document: str, variables: Mapping[str, Any] | None = None) -> dict:
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.cfg.retry_attempts),
+            wait=self._wait,
+            retry=tenacity.retry_if_exception_type(_Transient),
+            reraise=True,
+        )
+        try:
+            return retrying(self._post, document, dict(variables or {}))
+        except _Transient as t:
+            raise t.err from None
+
+    def _post(self, document: str, variables: dict) -> dict:
+        op = re.search(r"(?:query|mutation)\s+(\w+)", document)
+        op_name = op.group(1) if op else "query"
+        self.requests_made += 1
+        try:
+            resp = self.http.post(self.cfg.api_url, json={"query": document, "variables": variables,
+                                                          "operationName": op_name}, timeout=self.cfg.timeout)
+        except requests.RequestException as e:
+            raise _Transient(LinearError(f"Linear {op_name}: transport error: {type(e).__name__}",
+                                         transient=True)) from None
+        self._record_headers(resp)
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        errors = (body or {}).get("errors") or []
+        codes = {((e or {}).get("extensions") or {}).get("code") for e in errors} | \
+                {str(((e or {}).get("extensions") or {}).get("type", "")).upper() for e in errors}
+        retry_after = _retry_after(resp.headers)
+        if resp.status_code == 429 or "RATELIMITED" in codes:
+            until = time.time() + (retry_after if retry_after is not None else 60.0)
+            reset = _int_header(resp.headers, "x-ratelimit-requests-reset")
+            if retry_after is None and reset:
+                until = max(until, reset / 1000.0)
+            err = LinearRateLimited(f"Linear {op_name}: rate limited (HTTP {resp.status_code})", until)
+            if self.on_budget:
+                self.on_budget({"limited_until": iso(dt.datetime.fromtimestamp(until, dt.timezone.utc)),
+                                "last_error": str(err)})
+            wait = until - time.time()
+            if wait > self.cfg.retry_max_wait:
+                raise err  # longer than we may block a tick: give up now, `status` shows the wait
+            raise _Transient(err, wait)
+        if resp.status_code >= 500:
+            raise _Transient(LinearError(f"Linear {op_name}: HTTP {resp.status_code}", transient=True), retry_after)
+        if errors:
+            msg = "; ".join(one_line(str((e or {}).get("message")), 200) for e in errors)
+            auth = "AUTHENTICATION_ERROR" in codes or resp.status_code == 401
+            raise LinearError(f"Linear {op_name}: {msg}" + (" (check the Linear token)" if auth else ""),
+                              code=next(iter(c for c in codes if c), None))
+        if resp.status_code >= 400 or body is None or "data" not in body:
+            raise LinearError(f"Linear {op_name}: HTTP {resp.status_code} without data")
+        if self.on_budget:
+            self.on_budget({"limited_until": None, "last_error": None})
+        return body["data"]
+
+    def _record_headers(self, resp: requests.Response) -> None:
+        if not self.on_budget:
+            return
+        h = resp.headers
+        fields = {}
+        for col, name in (("requests_limit", "x-ratelimit-requests-limit"),
+                          ("requests_remaining", "x-ratelimit-requests-remaining"),
+                          ("complexity_limit", "x-ratelimit-complexity-limit"),
+                          ("complexity_remaining", "x-ratelimit-complexity-remaining")):
+            v = _int_header(h, name)
+            if v is not None:
+                fields[col] = v
+        reset = _int_header(h, "x-ratelimit-requests-reset")
+        if reset:
+            fields["reset_at"] = iso(dt.datetime.fromtimestamp(reset / 1000.0, dt.timezone.utc))
+        if fields:
+            self.on_budget(fields)
+
+    # ---- reads
+    def viewer(self) -> Viewer:
+        v = self.query(Q_VIEWER)["viewer"]
+        return Viewer(id=v["id"], name=v.get("name") or "", app=bool(v.get("app")))
+
+    def _paged(self, document: str, variables: dict, path: str, max_pages: int = 40,
+               stop: Callable[[list], bool] | None = None) -> tuple[list, dict]:
+        out, after, data = [], None, {}
+        for _ in range(max_pages):
+            data = self.query(document, {**variables, "after": after})
+            conn = data
+            for part in path.split("."):
+                conn = (conn or {}).get(part) or {}
+            nodes = conn.get("nodes") or []
+            out.extend(nodes)
+            info = conn.get("pageInfo") or {}
+            if not info.get("hasNextPage") or not info.get("endCursor") or (stop and stop(nodes)):
+                break
+            after = info["endCursor"]
+        return out, data
+
+    def issue(self, id_or_key: str) -> LinearIssue | None:
+        n = self.query(Q_ISSUE, {"id": id_or_key}).get("issue")
+        return _issue(n) if n else None
+
+    def issues(self, filt: dict) -> list[LinearIssue]:
+        nodes, _ = self._paged(Q_ISSUES, {"filter": filt}, "issues")
+        return [_issue(n) for n in nodes]
+
+    def sessions_since(self, since: str | None) -> tuple[Viewer, list[LinearSession]]:
+        """Agent sessions, newest first, paging until one is older than `since`."""
+        def older(nodes: list) -> bool:
+            return bool(since) and any((n.get("updatedAt") or "") < since for n in nodes)
+        nodes, data = self._paged(Q_SESSIONS, {}, "agentSessions", max_pages=10, stop=older)
+        v = data["viewer"]
+        viewer = Viewer(id=v["id"], name=v.get("name") or "", app=bool(v.get("app")))
+        out = []
+        for n in nodes:
+            if since and (n.get("updatedAt") or "") < since:
+                continue
+            c = n.get("creator") or {}
+            out.append(LinearSession(
+                id=n["id"], issue=_issue(n["issue"]) if n.get("issue") else None,
+                app_user_id=(n.get("appUser") or {}).get("id"),
+                creator=Actor(c.get("id"), c.get("name"), c.get("email"), bool(c.get("app"))),
+                created_at=n.get("createdAt") or "", updated_at=n.get("updatedAt") or "",
+                comment_body=(n.get("comment") or {}).get("body")))
+        return viewer, out
+
+    def activities(self, session_id: str, since: str | None) -> list[LinearActivity]:
+        filt = {"createdAt": {"gt": since}} if since else None
+        nodes, _ = self._paged(Q_ACTIVITIES, {"id": session_id, "filter": filt}, "agentSession.activities")
+        out = []
+        for n in nodes:
+            content = n.get("content") or {}
+            kind = re.sub(r"^AgentActivity(\w+)Content$", r"\1", content.get("__typename") or "").lower()
+            u = n.get("user") or {}
+            out.append(LinearActivity(id=n["id"], session_id=session_id, created_at=n.get("createdAt") or "",
+                                      type=kind, body=content.get("body") or "", signal=n.get("signal"),
+                                      user=Actor(u.get("id"), u.get("name"), u.get("email"), bool(u.get("app")))))
+        out.sort(key=lambda a: (a.created_at, a.id))
+        return out
+
+    def comments(self, issue_ids: list[str], since: str | None) -> list[LinearComment]:
+        if not issue_ids:
+            return []
+        filt: dict[str, Any] = {"issue": {"id": {"in": issue_ids}}}
+        if since:
+            filt["createdAt"] = {"gt": since}
+        nodes, _ = self._paged(Q_COMMENTS, {"filter": filt}, "comments")
+        out = []
+        for n in nodes:
+            u = n.get("user") or {}
+            out.append(LinearComment(id=n["id"], issue_linear_id=(n.get("issue") or {}).get("id") or "",
+                                     body=n.get("body") or "", created_at=n.get("createdAt") or "",
+                                     user=Actor(u.get("id"), u.get("name"), u.get("email"), bool(u.get("app"))),
+                                     session_id=(n.get("agentSession") or {}).get("id")))
+        out.sort(key=lambda c: (c.created_at, c.id))
+        return out
+
+    # ---- writes
+    def create_activity(self, client_id: str, session_id: str, content: dict, ephemeral: bool) -> None:
+        """Idempotent by client id: a resend after a crash or a lost response is not a duplicate."""
+        try:
+            data = self.query(M_ACTIVITY, {"input": {"id": client_id, "agentSessionId": session_id,
+                                                     "content": content, "ephemeral": ephemeral}})
+        except LinearError as e:
+            if e.transient:
+                raise
+            if self.query(Q_ACTIVITY_EXISTS, {"id": client_id}).get("agentActivity"):
+                return  # an earlier attempt already created it
+            raise
+        if not (data.get("agentActivityCreate") or {}).get("success"):
+            raise LinearError("Linear agentActivityCreate: success=false")
+
+    def update_plan(self, session_id: str, plan: list[dict]) -> None:
+        data = self.query(M_PLAN, {"id": session_id, "input": {"plan": plan}})
+        if not (data.get("agentSessionUpdate") or {}).get("success"):
+            raise LinearError("Linear agentSessionUpdate: success=false")
+
+    def move_to_started(self, issue_linear_id: str) -> str | None:
+        """Move the issue to its team's first `started` state unless it is already started or closed."""
+        issue = self.query(Q_ISSUE_STATES, {"id": issue_linear_id}).get("issue")
+        if not issue:
+            raise LinearError(f"Linear issue {issue_linear_id}: not found")
+        if (issue.get("state") or {}).get("type") in ("started", "completed", "canceled"):
+            return None
+        states = [s for s in ((issue.get("team") or {}).get("states") or {}).get("nodes") or []
+                  if s.get("type") == "started"]
+        if not states:
+            return None
+        target = min(states, key=lambda s: s.get("position") or 0)
+        data = self.query(M_ISSUE_STATE, {"id": issue_linear_id, "stateId": target["id"]})
+        if not (data.get("issueUpdate") or {}).get("success"):
+            raise LinearError("Linear issueUpdate: success=false")
+        return target["name"]
+
+    def create_comment(self, issue_linear_id: str, body: str) -> None:
+        data = self.query(M_COMMENT, {"input": {"issueId": issue_linear_id, "body": body}})
+        if not (data.get("commentCreate") or {}).get("success"):
+            raise LinearError("Linear commentCreate: success=false")
+
+
+def _issue(n: dict) -> LinearIssue:
+    state, team = n.get("state") or {}, n.get("team") or {}
+    return LinearIssue(
+        id=n["id"], key=n.get("identifier") or n["id"], title=n.get("title") or "",
+        description=n.get("description") or "", url=n.get("url"), team_id=team.get("id"),
+        team_key=team.get("key"), state_name=state.get("name"), state_type=state.get("type"),
+        delegate_id=(n.get("delegate") or {}).get("id"), assignee_id=(n.get("assignee") or {}).get("id"),
+        labels=tuple(x.get("name") or "" for x in ((n.get("labels") or {}).get("nodes") or [])),
+        updated_at=n.get("updatedAt"))
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    v = headers.get("retry-after")
+    if v is None:
+        return None
+    try:
+        return max(0.0, float(v))
+    except ValueError:
+        t = parse_iso(v)
+        return max(0.0, (t - utcnow()).total_seconds()) if t else None
+
+
+def _int_header(headers: Mapping[str, str], name: str) -> int | None:
+    v = headers.get(name)
+    try:
+        return int(float(v)) if v is not None else None
+    except ValueError:
+        return None
+
+
+# ============================================================== github
+# GitHub access: the token (environment or `gh auth token`) and a REST check
+# used by `doctor`. Pull-request observation builds on this client.
+
+class GitHubClient:
+    def __init__(self, cfg: GitHubConfig, token: str | None):
+        self.cfg = cfg
+        self.http = requests.Session()
+        self.http.headers.update({"Accept": "application/vnd.github+json", "User-Agent": f"patchrelay/{__version__}",
+                                  "X-GitHub-Api-Version": "2022-11-28"})
+        if token:
+            self.http.headers["Authorization"] = f"Bearer {token}"
+
+    def viewer_login(self) -> str:
+        try:
+            r = self.http.get(self.cfg.api_url + "/user", timeout=self.cfg.timeout)
+        except requests.RequestException as e:
+            raise GitHubError(f"GitHub GET /user: transport error: {type(e).__name__}") from None
+        if r.status_code != 200:
+            raise GitHubError(f"GitHub GET /user: HTTP {r.status_code}")
+        return (r.json() or {}).get("login") or "?"
+
+
+def git_push_env(cfg: Config, remote_url: str) -> dict[str, str]:
+    """Credentials for PatchRelay's own `git push` to an https GitHub remote, passed through git's
+    GIT_CONFIG_* environment (never on a command line, never to Codex)."""
+    if not remote_url.startswith("https://"):
+        return {}
+    host = re.match(r"https://([^/]+)/", remote_url + "/")
+    tok = github_token(cfg)
+    if not tok or not host:
+        return {}
+    import base64
+    basic = base64.b64encode(f"x-access-token:{tok}".encode()).decode()
+    return {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": f"http.https://{host.group(1)}/.extraheader",
+            "GIT_CONFIG_VALUE_0": f"AUTHORIZATION: basic {basic}"}
+
+
+# ============================================================== codex
+# A blocking JSON-RPC client for `codex app-server` over stdio (one JSON object
+# per line). A reader thread only moves lines into a queue; every decision is
+# made by the caller's thread. Server-to-client requests are answered at once.
+
+def proc_start_time(pid: int | None) -> str | None:
+    """The kernel's start time of a process (clock ticks since boot), or None if it is gone or a zombie."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()
+    if fields and fields[0] in ("Z", "X"):
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)  # reap our own zombie children (watch mode)
+        return None
+    return fields[19] if len(fields) > 19 else None
+
+
+def process_alive(pid: int | None, started: str | None) -> bool:
+    return bool(pid) and started is not None and proc_start_time(pid) == started
+
+
+def kill_process_group(pid: int | None, started: str | None, grace: float = 3.0) -> bool:
+    """Terminate the process group led by pid if pid is still the same process."""
+    if not process_alive(pid, started):
+        return False
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        deadline = time.time() + grace
+        while time.time() < deadline:
+            if not process_alive(pid, started):
+                return True
+            time.sleep(0.05)
+    return not process_alive(pid, started)
+
+
+class AppServer:
+    """One `codex app-server` child. `request` blocks for its response; notifications that
+    arrive meanwhile are kept for `next_message`."""
+
+    def __init__(self, cfg: Config, cwd: Path | None, stderr_path: Path,
+                 on_server_request: Callable[[dict], Any] | None = None):
+        self.cfg = cfg
+        self.on_server_request = on_server_request or (lambda msg: (_ for _ in ()).throw(
+            CodexError(f"unsupported server request {msg.get('method')}")))
+        extra = {"CODEX_HOME": str(cfg.codex.home)} if cfg.codex.home else {}
+        if cfg.codex.home:
+            cfg.codex.home.mkdir(parents=True, exist_ok=True)
+        self.stderr_path = stderr_path
+        stderr_path.parent.mkdir(parents=True, exist_ok=True)
+        self._stderr = open(stderr_path, "ab")
+        argv = [cfg.codex.bin, *cfg.codex.args]
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                                         env=stripped_child_env(cfg, extra), cwd=str(cwd) if cwd else None,
+                                         start_new_session=True)
+        except OSError as e:
+            self._stderr.close()
+            raise CodexError(f"codex.bin: cannot start {shlex.join(argv)}: {e.strerror}") from None
+        self.pid = self.proc.pid
+        self.started = proc_start_time(self.pid)
+        self._q: queue.Queue = queue.Queue()
+        self._backlog: list[dict] = []
+        self._next_id = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._reader, daemon=True).start()
+
+    def _reader(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace").strip()
+            if not line:
+                continue
+            try:
+                self._q.put(json.loads(line))
+            except ValueError:
+                self._q.put({"__invalid__": line[:500]})
+        self._q.put(None)
+
+    def stderr_tail(self, lines: int = 15) -> str:
+        try:
+            self._stderr.flush()
+            data = self.stderr_path.read_bytes()[-8000:].decode("utf-8", "replace")
+        except OSError:
+            return ""
+        keep = [ln for ln in data.splitlines() if "Refusing to create helper binaries" not in ln]
+        return redact(tail("\n".join(keep), lines))
+
+    def _send(self, msg: dict) -> None:
+        data = (json.dumps(msg) + "\n").encode()
+        try:
+            assert self.proc.stdin is not None
+            with self._lock:
+                self.proc.stdin.write(data)
+                self.proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            raise CodexError(self.exit_message("app-server closed its input")) from None
+
+    def exit_message(self, what: str) -> str:
+        code = self.proc.poll()
+        t = self.stderr_tail()
+        return f"{what}" + (f" (exit code {code})" if code is not None else "") + (f": {one_line(t, 600)}" if t else "")
+
+    def notify(self, method: str, params: dict | None = None) -> None:
+        self._send({"method": method} if params is None else {"method": method, "params": params})
+
+    def _read(self, timeout: float) -> dict | None:
+        """Next raw message, answering server requests on the way. None on timeout."""
+        try:
+            msg = self._q.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+        if msg is None:
+            self._q.put(None)  # keep the EOF visible to later reads
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=2)
+            raise CodexError(self.exit_message("app-server exited"))
+        if "__invalid__" in msg:
+            raise CodexError(f"app-server wrote invalid JSON: {one_line(redact(msg['__invalid__']), 200)}")
+        if "id" in msg and "method" in msg:
+            self._answer(msg)
+            return {"__server_request__": msg}
+        return msg
+
+    def _answer(self, msg: dict) -> None:
+        try:
+            result = self.on_server_request(msg)
+            self._send({"id": msg["id"], "result": result})
+        except CodexError as e:
+            self._send({"id": msg["id"], "error": {"code": -32601, "message": str(e)}})
+
+    def request(self, method: str, params: dict, timeout: float | None = None) -> dict:
+        self._next_id += 1
+        rid = self._next_id
+        self._send({"id": rid, "method": method, "params": params})
+        deadline = time.time() + (timeout or self.cfg.codex.request_timeout)
+        while True:
+            left = deadline - time.time()
+            if left <= 0:
+                raise CodexError(f"{method}: no answer from app-server within {timeout or self.cfg.codex.request_timeout:g} s")
+            msg = self._read(left)
+            if msg is None:
+                continue
+            if msg.get("id") == rid and "method" not in msg:
+                if "error" in msg:
+                    err = msg["error"] or {}
+                    raise CodexError(f"{method}: {one_line(str(err.get('message') or err), 300)}")
+                return msg.get("result") or {}
+            self._backlog.append(msg)
+
+    def next_message(self, timeout: float) -> dict | None:
+        if self._backlog:
+            return self._backlog.pop(0)
+        return self._read(timeout)
+
+    def initialize(self) -> dict:
+        r = self.request("initialize", {"clientInfo": {"name": "patchrelay", "title": "PatchRelay",
+                                                       "version": __version__}, "capabilities": None})
+        self.notify("initialized")
+        return r
+
+    def thread_params(self, cwd: Path) -> dict:
+        c = self.cfg.codex
+        p: dict[str, Any] = {"cwd": str(cwd), "approvalPolicy": c.approval_policy, "sandbox": c.sandbox}
+        if c.model:
+            p["model"] = c.model
+        if c.model_provider:
+            p["modelProvider"] = c.model_provider
+        if c.developer_instructions:
+            p["developerInstructions"] = c.developer_instructions
+        return p
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            if self.proc.stdin:
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)  # tool processes the server left behind
+        self._stderr.close()
+
+
+def text_input(text: str) -> list[dict]:
+    return [{"type": "text", "text": text, "text_elements": []}]
+
+
+# ============================================================== git
+# Worktrees, branches, commits and pushes with real git. Paths and branch names
+# that come from Linear are sanitised here. Every failure carries git's message.
+
+def run_git(args: list[str], cwd: Path, env: Mapping[str, str] | None = None, timeout: float = 120,
+            check: bool = True) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, GIT_TERMINAL_PROMPT="0", **(env or {}))
+    try:
+        p = subprocess.run(["git", *args], cwd=str(cwd), env=full_env, capture_output=True, text=True,
+                           timeout=timeout)
+    except FileNotFoundError:
+        raise GitError("git: not found on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise GitError(f"git {args[0]}: timed out after {timeout:g} s in {cwd}") from None
+    except NotADirectoryError:
+        raise GitError(f"git {args[0]}: {cwd} is not a directory") from None
+    if check and p.returncode != 0:
+        msg = one_line(redact(p.stderr or p.stdout), 500) or f"exit code {p.returncode}"
+        raise GitError(f"git {args[0]} failed in {cwd}: {msg}")
+    return p
+
+
+def safe_key(key: str) -> str:
+    """An issue key reduced to a safe path segment / ref component."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "-", key or "")
+    s = re.sub(r"\.{2,}", ".", s).strip(".-")
+    s = re.sub(r"\.lock$", "", s)[:64].strip(".-")
+    return s or "issue"
+
+
+def branch_for(project: ProjectConfig, key: str, title: str) -> str:
+    slug = _slug(title, 40)
+    name = f"{project.branch_prefix}/{safe_key(key)}" + (f"-{slug}" if slug else "")
+    if not _valid_ref_component(name):
+        name = f"{project.branch_prefix}/{safe_key(key)}"
+    return name
+
+
+def worktree_for(project: ProjectConfig, key: str) -> Path:
+    root = project.worktree_root.resolve()
+    path = (root / safe_key(key)).resolve()
+    if path.parent != root:
+        raise GitError(f"issue {key!r}: worktree path {path} escapes worktree_root {root}")
+    return path
+
+
+def ensure_worktree(project: ProjectConfig, branch: str, path: Path) -> str:
+    """Create or reuse the issue's worktree; never reset a branch that holds work (G-W2).
+    Returns how: 'reused', 'checked out local branch', 'tracked remote branch' or 'created'."""
+    repo = project.repo_path
+    if not (repo / ".git").exists() and not (repo / "HEAD").exists():
+        raise GitError(f"projects[{project.id}].repo_path: {repo} is not a git repository")
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise GitError(f"worktree {path} exists but is not a directory")
+    listed = run_git(["worktree", "list", "--porcelain"], repo).stdout
+    registered = {Path(line[9:]).resolve() for line in listed.splitlines() if line.startswith("worktree ")}
+    if path.exists():
+        if path.resolve() not in registered:
+            raise GitError(f"worktree {path} exists but is not a worktree of {repo}; move it away")
+        return "reused"
+    run_git(["worktree", "prune"], repo)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_git(["fetch", "--quiet", "origin", project.base_branch], repo, timeout=300)
+    if run_git(["rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"], repo, check=False).returncode == 0:
+        run_git(["worktree", "add", str(path), branch], repo)
+        return "checked out local branch"
+    remote = run_git(["ls-remote", "--heads", "origin", branch], repo, timeout=120).stdout.strip()
+    if remote:
+        run_git(["fetch", "--quiet", "origin", f"+refs/heads/{branch}:refs/remotes/origin/{branch}"], repo,
+                timeout=300)
+        run_git(["worktree", "add", "--no-track", "-b", branch, str(path), f"origin/{branch}"], repo)
+        return "tracked remote branch"
+    run_git(["worktree", "add", "--no-track", "-b", branch, str(path), f"origin/{project.base_branch}"], repo)
+    return "created"
+
+
+def git_head(path: Path) -> str | None:
+    p = run_git(["rev-parse", "--verify", "--quiet", "HEAD"], path, check=False)
+    return p.stdout.strip() or None
+
+
+def commit_all(path: Path, message: str, runner: RunnerConfig) -> bool:
+    """Commit whatever the agent changed. False when the tree was clean."""
+    if not run_git(["status", "--porcelain"], path).stdout.strip():
+        return False
+    run_git(["add", "-A"], path)
+    ident = ["-c", f"user.name={runner.git_author_name}", "-c", f"user.email={runner.git_author_email}"]
+    has_ident = run_git(["config", "user.email"], path, check=False).returncode == 0
+    p = subprocess.run(["git", *([] if has_ident else ident), "commit", "--no-verify", "-q", "-F", "-"],
+                       cwd=str(path), input=message, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, GIT_TERMINAL_PROMPT="0"))
+    if p.returncode != 0:
+        raise GitError(f"git commit failed in {path}: {one_line(p.stderr or p.stdout, 500)}")
+    return True
+
+
+def unpushed(path: Path, branch: str) -> bool:
+    remote = run_git(["rev-parse", "--verify", "--quiet", f"refs/remotes/origin/{branch}"], path, check=False)
+    head = git_head(path)
+    return bool(head) and remote.stdout.strip() != head
+
+
+def push_branch(cfg: Config, path: Path, branch: str) -> None:
+    url = run_git(["remote", "get-url", "origin"], path).stdout.strip()
+    run_git(["push", "--quiet", "origin", f"HEAD:refs/heads/{branch}"], path, env=git_push_env(cfg, url),
+            timeout=300)
+    run_git(["update-ref", f"refs/remotes/origin/{branch}", "HEAD"], path)
+
+
+def changed_files(path: Path, base: str | None, head: str | None) -> list[str]:
+    if not base or not head or base == head:
+        return []
+    out = run_git(["diff", "--name-only", f"{base}..{head}"], path, check=False).stdout
+    return [ln for ln in out.splitlines() if ln]
+
+
+def run_hook(project: ProjectConfig, cfg: Config, name: str, worktree: Path, env: Mapping[str, str]) -> bool:
+    """Run `.patchrelay/hooks/<name>` from the repo, in the worktree. False when there is no hook."""
+    hook = project.repo_path / ".patchrelay" / "hooks" / name
+    if not hook.exists():
+        return False
+    if not os.access(hook, os.X_OK):
+        raise HookError(f"{name} hook {hook} is not executable")
+    try:
+        p = subprocess.run([str(hook)], cwd=str(worktree), env=stripped_child_env(cfg, env), capture_output=True,
+                           text=True, timeout=cfg.runner.hook_timeout, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise HookError(f"{name} hook timed out after {cfg.runner.hook_timeout:g} s") from None
+    except OSError as e:
+        raise HookError(f"{name} hook could not start: {e.strerror}") from None
+    if p.returncode != 0:
+        raise HookError(f"{name} hook failed (exit {p.returncode}): {one_line(redact(tail(p.stderr, 10)), 500)}")
+    return True
+
+
+# ============================================================== factory
+# The transition table and every decision. Pure: takes rows (dicts) and
+# observations, returns a Decision (issue fields, inbox and outbox messages,
+# events). No SQL, no HTTP, no subprocesses.
+
+TRANSITIONS: dict[str, frozenset[str]] = {k: frozenset(v) for k, v in {
+    "delegated": {"implementing", "repairing_ci", "changes_requested", "repairing_queue", "awaiting_input",
+                  "failed", "escalated", "done", "canceled"},
+    "implementing": {"ready_for_pr", "pr_open", "awaiting_input", "delegated", "failed", "escalated", "done",
+                     "canceled"},
+    "ready_for_pr": {"pr_open", "delegated", "implementing", "awaiting_input", "failed", "done", "canceled"},
+    "pr_open": {"repairing_ci", "changes_requested", "awaiting_queue", "delegated", "implementing", "failed",
+                "escalated", "done", "canceled"},
+    "changes_requested": {"pr_open", "awaiting_queue", "awaiting_input", "delegated", "implementing", "failed",
+                          "escalated", "done", "canceled"},
+    "repairing_ci": {"pr_open", "awaiting_input", "delegated", "failed", "escalated", "done", "canceled"},
+    "awaiting_queue": {"done", "repairing_queue", "repairing_ci", "pr_open", "changes_requested", "delegated",
+                       "failed", "canceled"},
+    "repairing_queue": {"pr_open", "awaiting_queue", "awaiting_input", "delegated", "failed", "escalated", "done",
+                        "canceled"},
+    "awaiting_input": {"delegated", "implementing", "ready_for_pr", "pr_open", "failed", "done", "canceled"},
+    "escalated": {"delegated", "done", "canceled"},
+    "failed": {"delegated", "done", "canceled"},
+    "done": {"delegated"},
+    "canceled": {"delegated"},
+}.items()}
+FACTORY_STATES = tuple(TRANSITIONS)
+CLAIM_STATE = {"implementation": "implementing", "ci_repair": "repairing_ci", "review_fix": "changes_requested",
+               "queue_repair": "repairing_queue"}
+
+
+def transition(current: str, new: str) -> str:
+    """The one gate for factory state changes. Raises IllegalTransition on a move the table forbids."""
+    if current == new:
+        return new
+    if new not in TRANSITIONS.get(current, ()):
+        raise IllegalTransition(f"illegal factory transition {current} -> {new}")
+    return new
+
+
+@dataclass(frozen=True)
+class Outbound:
+    kind: str                 # activity | plan | issue_state | comment
+    payload: dict
+
+
+@dataclass(frozen=True)
+class Decision:
+    fields: dict = field(default_factory=dict)
+    outbox: tuple[Outbound, ...] = ()
+    inbox: tuple[tuple[str, str, str | None, str, str | None], ...] = ()  # kind, body, author, source, source_id
+    events: tuple[tuple[str, str, str], ...] = ()                          # level, kind, message
+    track: bool = True
+
+
+@dataclass(frozen=True)
+class Identity:
+    viewer_id: str
+    app_mode: bool
+    delegation: tuple[str, ...] = ("delegate", "assignee", "label")
+    label: str = "patchrelay"
+
+
+def run_label(run_type: str) -> str:
+    return run_type.replace("_", " ")
+
+
+def activity(kind: str, body: str, ephemeral: bool = False) -> Outbound:
+    return Outbound("activity", {"content": {"type": kind, "body": body}, "ephemeral": ephemeral})
+
+
+def plan(run_type: str, phase: str) -> Outbound:
+    """The three-step plan shown in the Linear agent session."""
+    steps = ["Prepare workspace", f"Run {run_label(run_type)}", "Review outcome"]
+    status = {"preparing": ("inProgress", "pending", "pending"),
+              "running": ("completed", "inProgress", "pending"),
+              "completed": ("completed", "completed", "completed"),
+              "awaiting_input": ("completed", "completed", "inProgress"),
+              "failed": ("completed", "canceled", "canceled")}[phase]
+    return Outbound("plan", {"plan": [{"content": c, "status": s} for c, s in zip(steps, status)]})
+
+
+def is_delegated(issue: LinearIssue, ident: Identity) -> bool:
+    """App token: the issue's delegate is our app user. Personal key: delegated to, assigned to, or
+    labelled for the key's user, as configured in linear.delegation."""
+    if issue.delegate_id and issue.delegate_id == ident.viewer_id:
+        return True
+    if ident.app_mode:
+        return False
+    if "assignee" in ident.delegation and issue.assignee_id and issue.assignee_id == ident.viewer_id:
+        return True
+    if "label" in ident.delegation and ident.label.lower() in (x.lower() for x in issue.labels):
+        return True
+    return False
+
+
+def closed_state(state_type: str | None) -> str | None:
+    return {"completed": "done", "canceled": "canceled", "duplicate": "canceled"}.get(state_type or "")
+
+
+def observed_fields(obs: LinearIssue, delegated: bool | None) -> dict:
+    f = {"key": obs.key, "title": obs.title, "description": obs.description, "url": obs.url,
+         "team_id": obs.team_id, "team_key": obs.team_key, "linear_state": obs.state_name,
+         "linear_state_type": obs.state_type}
+    if delegated is not None:
+        f["delegated"] = int(delegated)
+    return f
+
+
+def start_work(row: dict | None, trigger: str, prompt: str | None, key: str, now: str) -> Decision:
+    """Record a pending implementation run and acknowledge it in Linear."""
+    current = row["factory_state"] if row else "delegated"
+    state = transition(current, "delegated")
+    ctx = {"trigger": trigger, "attempt": 1}
+    if prompt:
+        ctx["prompt"] = prompt
+    fields = {"factory_state": state, "pending_run_type": "implementation", "pending_context": json.dumps(ctx),
+              "pending_since": now, "not_before": None, "retries": 0}
+    return Decision(
+        fields=fields,
+        outbox=(activity("thought", f"Picked up {key}. Preparing a worktree and starting the implementation run."),
+                plan("implementation", "preparing"),
+                Outbound("issue_state", {})),
+        events=(("info", "intake", f"implementation queued ({trigger})"),))
+
+
+def _merge(*ds: Decision) -> Decision:
+    fields: dict = {}
+    for d in ds:
+        fields.update(d.fields)
+    return Decision(fields=fields, outbox=sum((d.outbox for d in ds), ()), inbox=sum((d.inbox for d in ds), ()),
+                    events=sum((d.events for d in ds), ()), track=all(d.track for d in ds))
+
+
+def _busy(row: dict) -> bool:
+    return bool(row.get("active_run_id") or row.get("pending_run_type"))
+
+
+def decide_issue(row: dict | None, obs: LinearIssue, ident: Identity, project_id: str, now: str) -> Decision:
+    """An issue seen by the issues poll: new delegation, un-delegation, closing, or just new fields.
+    A status change or edit of an issue already being worked starts nothing (G-L2)."""
+    delegated = is_delegated(obs, ident)
+    fields = observed_fields(obs, delegated)
+    closed = closed_state(obs.state_type)
+    if row is None:
+        if not delegated or closed:
+            return Decision(track=False)
+        base = Decision(fields={**fields, "project_id": project_id, "linear_id": obs.id,
+                                "factory_state": "delegated"})
+        return _merge(base, start_work(None, "delegation", None, obs.key, now))
+    if closed:
+        if row["factory_state"] == closed:
+            return Decision(fields=fields)
+        return _merge(Decision(fields=fields), close_issue(row, closed, obs.state_name or closed))
+    if delegated and not row["delegated"]:
+        if not _busy(row) and row["factory_state"] in FINAL_STATES | {"delegated", "awaiting_input"}:
+            return _merge(Decision(fields=fields), start_work(row, "delegation", None, obs.key, now))
+        return Decision(fields=fields, events=(("info", "intake", f"delegated again while {row['factory_state']}"),))
+    if not delegated and row["delegated"]:
+        return _merge(Decision(fields=fields), stop_issue(row, "the issue was un-delegated"))
+    return Decision(fields=fields)
+
+
+def close_issue(row: dict, final: str, state_name: str) -> Decision:
+    fields = {"factory_state": transition(row["factory_state"], final), "pending_run_type": None,
+              "pending_context": None, "pending_since": None, "not_before": None}
+    inbox = (("stop", f"the Linear issue moved to {state_name}", None, "linear", None),) \
+        if row.get("active_run_id") else ()
+    return Decision(fields=fields, inbox=inbox,
+                    events=(("info", "intake", f"Linear state {state_name}: issue is {final}"),))
+
+
+def stop_issue(row: dict, reason: str) -> Decision:
+    """A stop request: interrupts an active run, drops a pending one."""
+    inbox = (("stop", reason, None, "linear", None),) if row.get("active_run_id") else ()
+    fields: dict = {"pending_run_type": None, "pending_context": None, "pending_since": None, "not_before": None}
+    out: tuple[Outbound, ...] = ()
+    if not row.get("active_run_id") and row.get("pending_run_type"):
+        out = (activity("response", f"Stopped: {reason}. No run was started."),)
+        fields["factory_state"] = transition(row["factory_state"], "awaiting_input")
+    return Decision(fields=fields, inbox=inbox, outbox=out, events=(("info", "stop", f"stop requested: {reason}"),))
+
+
+def decide_session(row: dict | None, s: LinearSession, trusted: bool, project_id: str, prompt: str | None,
+                   ident: Identity, now: str) -> Decision:
+    """A new agent session on a routed issue (delegation or mention)."""
+    key = s.issue.key if s.issue else "?"
+    if not trusted:
+        return Decision(track=row is not None,
+                        events=(("warn", "trust", f"ignored agent session from untrusted actor "
+                                                  f"{s.creator.label()}"),))
+    obs = s.issue
+    fields = observed_fields(obs, is_delegated(obs, ident)) if obs else {}
+    fields["agent_session_id"] = s.id
+    closed = closed_state(obs.state_type) if obs else None
+    if row is None:
+        if closed:
+            return Decision(track=False, events=(("info", "intake", f"session on closed issue {key} ignored"),))
+        base = Decision(fields={**fields, "project_id": project_id, "linear_id": obs.id,
+                                "factory_state": "delegated"})
+        return _merge(base, start_work(None, "agent session", prompt, key, now))
+    if closed or row["factory_state"] in CLOSED_STATES:
+        return Decision(fields=fields, outbox=(activity(
+            "response", f"{key} is already {row['factory_state'] if not closed else closed}; "
+                        "I am not starting new work on it. Reopen the issue and delegate it again to continue."),))
+    if _busy(row):
+        inbox = ((("prompt", prompt, s.creator.label(), "agent_session", f"session:{s.id}"),) if prompt else ())
+        return Decision(fields=fields, inbox=inbox, outbox=(activity(
+            "thought", f"Already working on {key} ({row['factory_state'].replace('_', ' ')}); "
+                       "I'll include your message."),))
+    return _merge(Decision(fields=fields), start_work(row, "agent session", prompt, key, now))
+
+
+def decide_prompt(row: dict, a: LinearActivity, trusted: bool, now: str) -> Decision:
+    """A new prompt activity in a known session: steer, queue, stop, or start a follow-up run."""
+    if a.type != "prompt" or a.user.app:
+        return Decision()
+    if not trusted:
+        return Decision(events=(("warn", "trust", f"ignored prompt from untrusted actor {a.user.label()}"),))
+    if a.signal == "stop":
+        return stop_issue(row, f"stop requested in Linear by {a.user.label()}")
+    if row["factory_state"] in CLOSED_STATES:
+        return Decision(outbox=(activity("response", f"{row['key']} is {row['factory_state']}; "
+                                                     "I am not starting new work on it."),),
+                        events=(("info", "intake", "prompt on closed issue ignored"),))
+    msg = (("prompt", a.body, a.user.label(), "agent_prompt", a.id),)
+    if row.get("active_run_id"):
+        return Decision(inbox=msg, outbox=(activity("thought", "Passing your message to the running agent.",
+                                                    ephemeral=True),))
+    if row.get("pending_run_type"):
+        return Decision(inbox=msg)
+    return _merge(Decision(inbox=msg), start_work(row, "follow-up prompt", None, row["key"], now))
+
+
+def decide_comment(row: dict, c: LinearComment, trusted: bool, viewer_id: str) -> Decision:
+    """A new comment on a tracked issue: input for the agent, never a reason to start a run."""
+    if c.user.id == viewer_id or c.user.app or c.session_id:
+        return Decision()   # our own, another app's, or an agent-session thread (arrives as a prompt)
+    if not trusted:
+        return Decision(events=(("warn", "trust", f"ignored comment from untrusted actor {c.user.label()}"),))
+    if row["factory_state"] in CLOSED_STATES:
+        return Decision(events=(("info", "intake", f"comment by {c.user.label()} on {row['factory_state']} "
+                                                   "issue ignored; no run started"),))
+    return Decision(inbox=(("prompt", c.body, c.user.label(), "comment", c.id),),
+                    events=(("info", "intake", f"comment by {c.user.label()} queued for the agent"),))
+
+
+def decide_claim(row: dict, run_type: str, branch: str, worktree: str) -> Decision:
+    fields = {"factory_state": transition(row["factory_state"], CLAIM_STATE[run_type])}
+    if not row.get("branch"):
+        fields["branch"] = branch
+    if not row.get("worktree"):
+        fields["worktree"] = worktree
+    return Decision(fields=fields, events=(("info", "run", f"{run_label(run_type)} run claimed"),))
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    status: str                 # completed | failed | interrupted | stopped | awaiting_input
+    new_commits: int = 0
+    has_work: bool = False      # the branch on origin is ahead of the base branch
+    summary: str = ""
+    reason: str = ""
+
+
+def decide_run_end(row: dict, run: dict, out: RunOutcome, runner: RunnerConfig, now: dt.datetime) -> Decision:
+    """Every run ends in a defined state and moves the factory state explicitly (spec §13)."""
+    rt, key, branch = run["run_type"], row["key"], row.get("branch") or "?"
+    label = run_label(rt).capitalize()
+    fields: dict = {"active_run_id": None}
+    state = row["factory_state"]
+    if state in CLOSED_STATES:
+        return Decision(fields=fields, events=(("info", "run", f"{label} run ended ({out.status}) after the "
+                                                               f"issue became {state}"),))
+    if out.status == "interrupted":
+        attempt = int(run.get("attempt") or 1)
+        if attempt <= runner.retry_budget:
+            delay = runner.retry_backoff * attempt
+            ctx = json.loads(run.get("context") or "{}")
+            ctx.update(attempt=attempt + 1, trigger=f"retry after: {out.reason}")
+            fields.update(pending_run_type=rt, pending_context=json.dumps(ctx), pending_since=iso(now),
+                          not_before=iso(now + dt.timedelta(seconds=delay)), retries=attempt,
+                          factory_state=transition(state, "delegated" if rt == "implementation" else state))
+            return Decision(fields=fields, outbox=(activity(
+                "thought", f"{label} run was interrupted ({out.reason}); retrying"
+                           f"{f' in {delay:g} s' if delay else ''} (retry {attempt} of {runner.retry_budget})."),),
+                events=(("warn", "run", f"{label} run interrupted: {out.reason}; requeued "
+                                        f"(retry {attempt} of {runner.retry_budget})"),))
+        out = dataclasses.replace(out, status="failed",
+                                  reason=f"{out.reason}; retry budget of {runner.retry_budget} used up")
+    if out.status == "failed":
+        fields["factory_state"] = transition(state, "failed")
+        return Decision(fields=fields, outbox=(activity("error", f"{label} run failed: {out.reason}"),
+                                               plan(rt, "failed")),
+                        events=(("error", "run", f"{label} run failed: {out.reason}"),))
+    summary = (out.summary or "").strip()
+    if out.status == "stopped":
+        fields["factory_state"] = transition(state, "ready_for_pr" if out.has_work and rt == "implementation"
+                                             else "awaiting_input")
+        return Decision(fields=fields, outbox=(activity("response", f"Stopped as requested ({out.reason})."
+                                                        + (f" Work so far is on `{branch}`." if out.has_work else "")),
+                                               plan(rt, "awaiting_input")),
+                        events=(("info", "run", f"{label} run stopped: {out.reason}"),))
+    if out.status == "completed" and out.has_work:
+        target = "pr_open" if row.get("pr_number") else "ready_for_pr"
+        fields["factory_state"] = transition(state, target)
+        pushed = (f"Pushed {out.new_commits} commit{'s' if out.new_commits != 1 else ''} to `{branch}`."
+                  if out.new_commits else f"No new commits; `{branch}` is unchanged.")
+        return Decision(fields=fields, outbox=(activity("response", f"{label} run completed. {pushed}"
+                                                        + (f"\n\n{summary[:2000]}" if summary else "")),
+                                               plan(rt, "completed")),
+                        events=(("info", "run", f"{label} run completed; {pushed}"),))
+    # completed without any work on the branch, or Codex asked for input
+    fields["factory_state"] = transition(state, "awaiting_input")
+    body = summary[:2000] or "I finished without changing anything."
+    if out.status == "completed":
+        body += "\n\nI made no changes. Reply here to tell me how to proceed."
+    return Decision(fields=fields, outbox=(activity("elicitation", body), plan(rt, "awaiting_input")),
+                    events=(("info", "run", f"{label} run needs input"),))
+
+
+DEFAULT_WORKFLOW = {
+    "workspace-write": (
+        "Implement the issue in this working tree. Keep the change focused, follow the repository's "
+        "conventions, and run the relevant tests. Do not run `git commit` or `git push`: PatchRelay commits "
+        "your changes and pushes the branch when you finish. End with a short summary of what you changed and "
+        "how you verified it. If the request is unclear or needs a human decision, change nothing and ask your "
+        "question in your final message."),
+    "danger-full-access": (
+        "Implement the issue in this working tree. Keep the change focused, follow the repository's "
+        "conventions, run the relevant tests and commit your work with a clear message; PatchRelay pushes the "
+        "branch when you finish (and commits anything you left uncommitted). End with a short summary. If the "
+        "request is unclear or needs a human decision, change nothing and ask your question in your final message."),
+}
+
+
+def build_prompt(issue: dict, run: dict, project: ProjectConfig, sandbox: str, workflow: str | None,
+                 follow_ups: list[dict]) -> str:
+    """The turn input: issue, request, follow-ups, where to work, and how (spec 2.4, G-P1/G-P2 fixed)."""
+    ctx = json.loads(run.get("context") or "{}")
+    lines = [f"Linear issue {issue['key']}: {issue['title']}"]
+    if issue.get("url"):
+        lines.append(f"URL: {issue['url']}")
+    lines += [f"Repository: {project.github_repo} (base branch `{project.base_branch}`)",
+              f"Branch: `{issue['branch']}` (checked out in your working directory)",
+              f"Run type: {run_label(run['run_type'])}"]
+    if issue.get("pr_number"):
+        lines.append(f"Pull request: #{issue['pr_number']} {issue.get('pr_url') or ''}".rstrip())
+    lines += ["", "## Issue description", "", (issue.get("description") or "").strip() or "(no description)"]
+    if ctx.get("prompt"):
+        lines += ["", "## Request", "", str(ctx["prompt"]).strip()]
+    if follow_ups:
+        lines += ["", "## Follow-up messages", ""]
+        lines += [f"- {m.get('author') or 'someone'}: {m['body'].strip()}" for m in follow_ups]
+    lines += ["", "## How to work", "", (workflow or DEFAULT_WORKFLOW.get(sandbox)
+                                         or DEFAULT_WORKFLOW["workspace-write"]).strip()]
+    return "\n".join(lines) + "\n"
+
+
+def follow_up_text(msgs: list[dict]) -> str:
+    parts = ["New messages arrived while you were working. Address them, then summarise again:"]
+    parts += [f"- {m.get('author') or 'someone'}: {m['body'].strip()}" for m in msgs]
+    return "\n".join(parts)
+
+
+def steer_text(msg: dict) -> str:
+    return f"New message from {msg.get('author') or 'the requester'} while you are working:\n\n{msg['body'].strip()}"
+
+
+def build_report(items: list[dict], changed: list[str], tokens: dict | None, duration: float | None,
+                 turn_ids: list[str]) -> dict:
+    """A run's report, scoped to the run's own turns (G-R4)."""
+    messages, commands, files = [], [], []
+    for it in items:
+        t = it.get("type")
+        if t == "agentMessage" and it.get("text"):
+            messages.append(it["text"])
+        elif t == "commandExecution":
+            commands.append({"command": it.get("command"), "exit_code": it.get("exitCode"),
+                             "status": it.get("status"), "duration_ms": it.get("durationMs")})
+        elif t == "fileChange":
+            for ch in it.get("changes") or []:
+                if ch.get("path") and ch["path"] not in files:
+                    files.append(ch["path"])
+    for f in changed:
+        if f not in files:
+            files.append(f)
+    return {"turns": turn_ids, "messages": messages, "commands": commands, "changed_files": files,
+            "tokens": tokens or {}, "duration_seconds": round(duration, 3) if duration is not None else None}
+
+
+# ============================================================== tick
+# One pass: reconcile runs, poll Linear and decide, launch workers, publish the
+# outbox. Holds an exclusive lock; each step's failure is reported and the
+# other steps still run. Decisions come from the factory section.
+
+class TickLocked(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def tick_lock(cfg: Config) -> Iterator[None]:
+    _secure_dir(cfg.state_dir)
+    path = Path(str(cfg.database_path) + ".tick.lock")
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise TickLocked() from None
+            raise
+        yield
+    finally:
+        os.close(fd)
+
+
+def linear_client(cfg: Config, store: Store | None) -> LinearClient:
+    token = token_from_env(cfg.linear.token_env)
+    if not token:
+        raise ConfigError(f"linear.token_env: environment variable {cfg.linear.token_env} is not set")
+
+    def on_budget(fields: dict) -> None:
+        if store is not None:
+            with store.tx():
+                store.record_budget("linear", fields)
+    return LinearClient(cfg.linear, token, on_budget)
+
+
+def apply_decision(store: Store, row: dict | None, d: Decision, run_id: int | None = None) -> int | None:
+    """Write one decision: issue fields, inbox, outbox and events, inside the caller's transaction."""
+    issue_id = row["id"] if row else None
+    if row is None and d.track and d.fields.get("linear_id"):
+        issue_id = store.insert_issue(d.fields)
+    elif row is not None:
+        store.update_issue(row["id"], d.fields)
+    if issue_id is not None:
+        for kind, body, author, source, source_id in d.inbox:
+            store.add_inbox(issue_id, kind, body, author, source, source_id)
+        session = d.fields.get("agent_session_id") or (row or {}).get("agent_session_id")
+        for ob in d.outbox:
+            if ob.kind in ("activity", "plan"):
+                if session:
+                    store.add_outbox(issue_id, ob.kind, session, ob.payload)
+                elif ob.kind == "activity" and ob.payload["content"]["type"] != "thought":
+                    store.add_outbox(issue_id, "comment", None, {"body": ob.payload["content"]["body"]})
+            else:
+                store.add_outbox(issue_id, ob.kind, None, ob.payload)
+    for level, kind, message in d.events:
+        store.add_event(issue_id, kind, message, level, run_id)
+        getattr(log, "warning" if level == "warn" else level, log.info)(
+            "%s%s", f"{(row or d.fields).get('key', '')}: " if (row or d.fields).get("key") else "", message)
+    return issue_id
+
+
+def _minus(ts: str | None, seconds: float) -> str | None:
+    t = parse_iso(ts)
+    return iso(t - dt.timedelta(seconds=seconds)) if t else None
+
+
+def issue_filter(cfg: Config, ident: Identity, tracked: list[str], since: str | None) -> dict:
+    """What changed for us: delegated issues and issues we already track, in the routed teams."""
+    who: list[dict] = [{"delegate": {"isMe": {"eq": True}}}]
+    if not ident.app_mode:
+        if "assignee" in ident.delegation:
+            who.append({"assignee": {"isMe": {"eq": True}}})
+        if "label" in ident.delegation:
+            who.append({"labels": {"some": {"name": {"eqIgnoreCase": ident.label}}}})
+    if tracked:
+        who.append({"id": {"in": tracked}})
+    filt: dict[str, Any] = {"or": who}
+    if since:
+        filt["updatedAt"] = {"gte": since}
+    else:
+        filt["state"] = {"type": {"nin": ["completed", "canceled"]}}
+    if all(p.has_routing for p in cfg.projects):
+        keys = sorted({k for p in cfg.projects for k in (*p.issue_key_prefixes, *p.linear_team_keys)})
+        ids = sorted({i for p in cfg.projects for i in p.linear_team_ids})
+        scope = ([{"key": {"in": keys}}] if keys else []) + ([{"id": {"in": ids}}] if ids else [])
+        filt["team"] = scope[0] if len(scope) == 1 else {"or": scope}
+    return filt
+
+
+class TickContext:
+    def __init__(self, cfg: Config, store: Store, dry_run: bool = False):
+        self.cfg, self.store, self.dry_run = cfg, store, dry_run
+        self.actions: list[str] = []
+        self._linear: LinearClient | None = None
+
+    def linear(self) -> LinearClient:
+        if self._linear is None:
+            self._linear = linear_client(self.cfg, None if self.dry_run else self.store)
+        return self._linear
+
+    def note(self, message: str) -> None:
+        self.actions.append(message)
+        log.info("%s", message)
+
+
+def intake(ctx: TickContext) -> dict:
+    cfg, store = ctx.cfg, ctx.store
+    budget = store.budget("linear")
+    until = parse_iso((budget or {}).get("limited_until"))
+    if until and until > utcnow():
+        ctx.note(f"Linear rate limit: skipping intake until {iso(until)}")
+        return {"skipped": "rate limited", "until": iso(until)}
+    lc = ctx.linear()
+    overlap = cfg.linear.poll_overlap
+    sess_cursor = store.cursor_get("linear.sessions")
+    viewer, sessions = lc.sessions_since(_minus(sess_cursor, overlap))
+    app_mode = viewer.app if cfg.linear.mode == "auto" else cfg.linear.mode == "app"
+    ident = Identity(viewer.id, app_mode, cfg.linear.delegation, cfg.linear.delegation_label)
+    ours = [s for s in sessions if s.app_user_id == viewer.id]
+
+    # Reads first (no transaction held across HTTP): activities of our new or changed sessions.
+    session_acts: dict[str, list[LinearActivity]] = {}
+    for s in ours:
+        known = store.session(s.id)
+        since = _minus(known["activity_cursor"], overlap) if known and known["activity_cursor"] else None
+        session_acts[s.id] = lc.activities(s.id, since)
+    tracked = store.tracked_open_linear_ids()
+    issue_cursor = store.cursor_get("linear.issues")
+    issues = lc.issues(issue_filter(cfg, ident, tracked, _minus(issue_cursor, overlap)))
+    comment_cursor = store.cursor_get("linear.comments")
+    comments = lc.comments(tracked, _minus(comment_cursor, overlap)) if tracked else []
+    started = iso()
+
+    summary = {"sessions": len(ours), "issues": len(issues), "comments": len(comments), "queued": []}
+    with store.tx():
+        now = iso()
+        for s in sorted(ours, key=lambda x: x.created_at):
+            known = store.session(s.id)
+            acts = session_acts.get(s.id, [])
+            obs = s.issue
+            project = resolve_project(cfg, obs.key, obs.team_key, obs.team_id) if obs else None
+            if project is None:
+                if not known:
+                    store.upsert_session(s.id, None, s.creator.label(), False, s.updated_at)
+                    store.add_event(None, "intake", f"session {s.id} on {obs.key if obs else '?'}: no project routes it")
+                continue
+            row = store.issue_by_linear_id(obs.id)
+            if known is None:
+                trusted = actor_trusted(project.trusted_actors, s.creator.id, s.creator.name, s.creator.email)
+                prompts = [a for a in acts if a.type == "prompt" and not a.user.app]
+                prompt = "\n\n".join(a.body for a in prompts if a.body.strip()) or (s.comment_body or None)
+                d = decide_session(row, s, trusted, project.id, prompt, ident, now)
+                issue_id = apply_decision(store, row, d)
+                for a in acts:
+                    store.mark_seen(f"activity:{a.id}")
+                store.upsert_session(s.id, issue_id, s.creator.label(), trusted,
+                                     max([a.created_at for a in acts] + [s.created_at]))
+                if d.fields.get("pending_run_type"):
+                    summary["queued"].append(obs.key)
+                    ctx.note(f"{obs.key}: new agent session -> implementation queued")
+                elif not trusted:
+                    ctx.note(f"{obs.key}: ignored session from untrusted {s.creator.label()}")
+                continue
+            for a in acts:
+                if store.seen(f"activity:{a.id}"):
+                    continue
+                store.mark_seen(f"activity:{a.id}")
+                row = store.issue_by_linear_id(obs.id)
+                if row is None:
+                    continue
+                trusted = actor_trusted(project.trusted_actors, a.user.id, a.user.name, a.user.email)
+                d = decide_prompt(row, a, trusted, now)
+                apply_decision(store, row, d)
+                if d.fields.get("pending_run_type"):
+                    summary["queued"].append(row["key"])
+                    ctx.note(f"{row['key']}: follow-up prompt -> implementation queued")
+            if acts:
+                store.upsert_session(s.id, None, s.creator.label(), bool(known["trusted"]),
+                                     max(a.created_at for a in acts))
+        for obs in sorted(issues, key=lambda i: i.updated_at or ""):
+            row = store.issue_by_linear_id(obs.id)
+            project = cfg.project(row["project_id"]) if row and any(p.id == row["project_id"] for p in cfg.projects) \
+                else resolve_project(cfg, obs.key, obs.team_key, obs.team_id)
+            if project is None:
+                if row is None and is_delegated(obs, ident):
+                    key = f"unrouted:{obs.id}"
+                    if not store.seen(key):
+                        store.mark_seen(key)
+                        store.add_event(None, "intake", f"{obs.key}: delegated but no project routes it "
+                                                        "(check issue_key_prefixes / linear_team_keys)", "warn")
+                        ctx.note(f"{obs.key}: delegated but no project routes it")
+                continue
+            d = decide_issue(row, obs, ident, project.id, now)
+            apply_decision(store, row, d)
+            if d.fields.get("pending_run_type"):
+                summary["queued"].append(obs.key)
+                ctx.note(f"{obs.key}: delegated -> implementation queued")
+        by_linear = {}
+        for c in comments:
+            if store.seen(f"comment:{c.id}"):
+                continue
+            store.mark_seen(f"comment:{c.id}")
+            row = by_linear.get(c.issue_linear_id) or store.issue_by_linear_id(c.issue_linear_id)
+            if row is None:
+                continue
+            project = cfg.project(row["project_id"])
+            trusted = actor_trusted(project.trusted_actors, c.user.id, c.user.name, c.user.email)
+            apply_decision(store, row, decide_comment(row, c, trusted, viewer.id))
+        # Cursors advance in the same transaction that stored what was read.
+        store.cursor_set("linear.sessions",
+                         max([s.updated_at for s in sessions if s.updated_at] + [sess_cursor or ""]) or started)
+        store.cursor_set("linear.issues", max([i.updated_at or "" for i in issues] + [issue_cursor or "", ""]) or
+                         _minus(started, 0))
+        if comments or comment_cursor:
+            store.cursor_set("linear.comments", max([c.created_at for c in comments] + [comment_cursor or ""]))
+        elif tracked:
+            store.cursor_set("linear.comments", started)
+        store.meta_set("linear.viewer_id", viewer.id)
+        store.meta_set("linear.mode", "app" if app_mode else "user")
+        if ctx.dry_run:
+            raise _DryRunRollback()
+    return summary
+
+
+class _DryRunRollback(Exception):
+    pass
+
+
+def reconcile(ctx: TickContext) -> dict:
+    """A run is running only while its worker lives. Dead workers' runs are resolved here (G-R3, G-R5)."""
+    cfg, store = ctx.cfg, ctx.store
+    result = {"alive": 0, "relaunched": [], "recovered": [], "interrupted": []}
+    for run in store.active_runs():
+        if process_alive(run["worker_pid"], run["worker_started"]):
+            result["alive"] += 1
+            continue
+        issue = store.issue_by_id(run["issue_id"])
+        if run["status"] == "claimed" and not run["worker_pid"] and (age_seconds(run["claimed_at"]) or 0) < 15:
+            continue  # a claim whose worker is being spawned right now
+        if ctx.dry_run:
+            ctx.note(f"{issue['key']}: would resolve run {run['id']} (worker gone)")
+            continue
+        if kill_process_group(run["appserver_pid"], run["appserver_started"]):
+            store.add_event(issue["id"], "reconcile", f"killed app-server left by run {run['id']}", "warn", run["id"])
+        if run["status"] == "claimed":
+            finish_run(cfg, store, run["id"], RunOutcome("interrupted", reason="worker exited before the turn started"))
+            result["relaunched"].append(issue["key"])
+            ctx.note(f"{issue['key']}: run {run['id']} never started; requeued")
+            continue
+        outcome = recover_run(cfg, store, run)
+        result["recovered" if outcome == "completed" else "interrupted"].append(issue["key"])
+        ctx.note(f"{issue['key']}: run {run['id']} worker gone; {outcome}")
+    return result
+
+
+def launch(ctx: TickContext) -> dict:
+    cfg, store = ctx.cfg, ctx.store
+    if cfg.runner.paused:
+        return {"paused": True, "launched": [], "waiting": [i["key"] for i in store.runnable_issues(iso())]}
+    free = cfg.runner.max_concurrent_runs - store.count_active_runs()
+    launched, waiting = [], []
+    for issue in store.runnable_issues(iso()):
+        if free <= 0:
+            waiting.append(issue["key"])
+            continue
+        try:
+            project = cfg.project(issue["project_id"])
+        except ConfigError:
+            waiting.append(issue["key"])
+            continue
+        if ctx.dry_run:
+            ctx.note(f"{issue['key']}: would launch a {run_label(issue['pending_run_type'])} run")
+            free -= 1
+            continue
+        run_id = claim(cfg, store, issue["id"], project)
+        if run_id is None:
+            continue
+        pid = spawn_worker(cfg, run_id)
+        with store.tx():
+            store.update_run(run_id, {"worker_pid": pid, "worker_started": proc_start_time(pid)})
+            store.add_event(issue["id"], "run", f"worker {pid} launched for run {run_id}", run_id=run_id)
+        launched.append({"issue": issue["key"], "run_id": run_id, "pid": pid})
+        ctx.note(f"{issue['key']}: launched run {run_id} (pid {pid})")
+        free -= 1
+    return {"launched": launched, "waiting": waiting}
+
+
+def claim(cfg: Config, store: Store, issue_id: int, project: ProjectConfig) -> int | None:
+    """Atomic claim: the pending run becomes a `claimed` run row and the factory state moves."""
+    with store.tx():
+        row = store.issue_by_id(issue_id)
+        if not row:
+            return None
+        branch = row["branch"] or branch_for(project, row["key"], row["title"])
+        worktree = row["worktree"] or str(worktree_for(project, row["key"]))
+        run_id = store.claim_run(issue_id)
+        if run_id is None:
+            return None
+        run = store.run_by_id(run_id)
+        apply_decision(store, store.issue_by_id(issue_id), decide_claim(row, run["run_type"], branch, worktree),
+                       run_id)
+        return run_id
+
+
+def spawn_worker(cfg: Config, run_id: int) -> int:
+    """Start `patchrelay run --run-id N` detached, in its own process group; returns its pid."""
+    logs = cfg.state_dir / "logs"
+    _secure_dir(logs)
+    argv = [sys.executable, os.path.abspath(__file__)]
+    if cfg.path:
+        argv += ["--config", str(cfg.path)]
+    argv += ["run", "--run-id", str(run_id)]
+    with open(logs / f"run-{run_id}.log", "ab") as out:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True, close_fds=True)
+    return p.pid
+
+
+def publish(cfg: Config, store: Store, client: LinearClient | None, issue_id: int | None = None) -> dict:
+    """Send queued Linear writes in order. Transport errors leave them queued; a session whose
+    message failed is skipped for the rest of the pass to keep its messages in order."""
+    sent, failed, blocked = 0, 0, set()
+    rows = store.outbox_queued(issue_id)
+    if rows and client is None:
+        return {"sent": 0, "queued": len(rows), "failed": 0}
+    for row in rows:
+        lane = row["session_id"] or f"issue:{row['issue_id']}"
+        if lane in blocked or not store.lease_outbox(row["id"]):
+            continue
+        payload = json.loads(row["payload"])
+        issue = store.issue_by_id(row["issue_id"]) if row["issue_id"] else None
+        try:
+            if row["kind"] == "activity":
+                client.create_activity(row["client_id"], row["session_id"], payload["content"],
+                                       bool(payload.get("ephemeral")))
+            elif row["kind"] == "plan":
+                client.update_plan(row["session_id"], payload["plan"])
+            elif row["kind"] == "issue_state":
+                moved = client.move_to_started(issue["linear_id"]) if issue else None
+                if moved:
+                    with store.tx():
+                        store.add_event(issue["id"], "linear", f"moved the Linear issue to {moved}")
+            elif row["kind"] == "comment":
+                client.create_comment(issue["linear_id"], payload["body"])
+            else:
+                raise LinearError(f"unknown outbox kind {row['kind']}")
+        except LinearError as e:
+            blocked.add(lane)
+            give_up = not e.transient and row["attempts"] + 1 >= 5
+            store.outbox_result(row["id"], "failed" if give_up else "queued", redact(str(e)))
+            failed += 1
+            if isinstance(e, LinearRateLimited):
+                break
+            continue
+        store.outbox_result(row["id"], "sent")
+        sent += 1
+    return {"sent": sent, "failed": failed, "queued": len(store.outbox_queued(issue_id))}
+
+
+def publish_quietly(cfg: Config, store: Store, issue_id: int) -> None:
+    """Best-effort immediate publish from a worker; the next tick retries whatever is left."""
+    try:
+        client = linear_client(cfg, store)
+    except ConfigError:
+        return
+    try:
+        publish(cfg, store, client, issue_id)
+    except Exception as e:  # noqa: BLE001 - the tick's publish step retries
+        log.warning("publish deferred to the next tick: %s", redact(str(e)))
+
+
+def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
+    ctx = TickContext(cfg, store, dry_run)
+    report: dict[str, Any] = {"result": "ok", "dry_run": dry_run, "steps": {}, "errors": []}
+    tick_id = None if dry_run else store.start_tick()
+
+    def step(name: str, fn: Callable[[TickContext], dict]) -> None:
+        try:
+            report["steps"][name] = fn(ctx)
+        except _DryRunRollback:
+            report["steps"][name] = {"dry_run": True}
+        except PatchRelayError as e:
+            report["result"] = "failed"
+            report["errors"].append(f"{name}: {e}")
+            report["steps"][name] = {"error": str(e)}
+            log.error("%s: %s", name, e)
+        except Exception as e:  # noqa: BLE001 - a step's bug must not stop the other steps
+            report["result"] = "failed"
+            report["errors"].append(f"{name}: {type(e).__name__}: {redact(str(e))}")
+            report["steps"][name] = {"error": f"{type(e).__name__}: {e}"}
+            log.exception("%s failed", name)
+
+    step("reconcile", reconcile)
+    step("intake", intake)
+    step("launch", launch)
+    if dry_run:
+        report["steps"]["publish"] = {"would_send": len(store.outbox_queued())}
+        if store.outbox_queued():
+            ctx.note(f"would send {len(store.outbox_queued())} queued Linear message(s)")
+    else:
+        step("publish", lambda c: publish(cfg, store, c.linear(), None) if store.outbox_queued() else
+             {"sent": 0, "failed": 0, "queued": 0})
+    report["actions"] = ctx.actions
+    if tick_id is not None:
+        store.end_tick(tick_id, report["result"], {k: v for k, v in report.items() if k != "actions"})
+    return report
+
+
+# ============================================================== worker
+# Drives one run: worktree, hook, app-server, turns (steering and stopping from
+# the SQLite inbox), then git bookkeeping, report and the run's final state.
+# Also resolves the runs of dead workers for reconcile.
+
+@dataclass
+class TurnResult:
+    turn_id: str
+    status: str                       # completed | interrupted | failed
+    error: str | None = None
+    items: list[dict] = field(default_factory=list)
+
+
+class TurnDriver:
+    def __init__(self, cfg: Config, store: Store, run_id: int, issue: dict,
+                 echo: Callable[[str], None] | None = None):
+        self.cfg, self.store, self.run_id, self.issue = cfg, store, run_id, issue
+        self.echo = echo or (lambda s: None)
+        self.app: AppServer | None = None
+        self.stop_reason: str | None = None
+        self.interrupt_reason: str | None = None
+        self.question: str | None = None
+        self.items: list[dict] = []
+        self.tokens: dict | None = None
+        self.last_error: str | None = None
+
+    # -- server -> client requests (answered at once; never stall a run)
+    def server_request(self, msg: dict) -> Any:
+        method, params = msg.get("method"), msg.get("params") or {}
+        decision = self.cfg.codex.approval_decision
+        if method in ("item/commandExecution/requestApproval", "item/fileChange/requestApproval"):
+            self._event(f"approval request ({method.split('/')[1]}) answered {decision}")
+            return {"decision": decision}
+        if method in ("execCommandApproval", "applyPatchApproval"):
+            self._event(f"legacy approval request {method} answered {decision}")
+            return {"decision": {"accept": "approved", "cancel": "abort"}.get(
+                decision, {"denied": {"rejection": "PatchRelay declines approvals in unattended runs"}})}
+        if method == "item/tool/requestUserInput":
+            qs = [q.get("question") or q.get("header") or "" for q in params.get("questions") or []]
+            self.question = "\n".join(q for q in qs if q) or "The agent asked for input."
+            self.interrupt_reason = "the agent asked for input"
+            self._event("agent asked for user input; ending the turn as awaiting input")
+            return {"answers": {}}
+        raise CodexError(f"PatchRelay does not handle {method}")
+
+    def _event(self, message: str, level: str = "info") -> None:
+        with self.store.tx():
+            self.store.add_event(self.issue["id"], "codex", message, level, self.run_id)
+        self.echo(message)
+
+    def run_turn(self, thread_id: str, text: str) -> TurnResult:
+        assert self.app is not None
+        c = self.cfg.codex
+        turn = self.app.request("turn/start", {"threadId": thread_id, "input": text_input(text)})["turn"]
+        turn_id = turn["id"]
+        self.store.add_turn_id(self.run_id, turn_id)
+        self.echo(f"turn {turn_id} started")
+        started = last_output = last_inbox = last_beat = time.time()
+        interrupt_at: float | None = None
+        items: list[dict] = []
+        poll = self.cfg.runner.inbox_poll_interval
+        while True:
+            msg = self.app.next_message(timeout=poll)
+            now = time.time()
+            if msg is not None:
+                last_output = now
+                method, params = msg.get("method"), msg.get("params") or {}
+                if method == "turn/completed" and (params.get("turn") or {}).get("id") == turn_id:
+                    t = params["turn"]
+                    err = (t.get("error") or {}).get("message") or self.last_error
+                    self.items.extend(items)
+                    return TurnResult(turn_id, t.get("status") or "failed", err, items)
+                if method == "item/completed" and params.get("turnId") == turn_id:
+                    item = params.get("item") or {}
+                    items.append(item)
+                    self._echo_item(item)
+                elif method == "thread/tokenUsage/updated":
+                    self.tokens = (params.get("tokenUsage") or {}).get("total")
+                    with self.store.tx():
+                        self.store.update_run(self.run_id, {"tokens": json.dumps(self.tokens)})
+                elif method == "error" and not params.get("willRetry"):
+                    self.last_error = one_line(str((params.get("error") or {}).get("message")), 300)
+            if now - last_inbox >= poll and interrupt_at is None:
+                last_inbox = now
+                self._check_inbox(thread_id, turn_id)
+            if now - last_beat >= 5:
+                last_beat = now
+                with self.store.tx():
+                    self.store.update_run(self.run_id, {"heartbeat_at": iso()})
+            if interrupt_at is None:
+                reason = self.interrupt_reason or self.stop_reason
+                if reason is None and now - last_output > c.stall_timeout:
+                    reason = self.interrupt_reason = f"stalled: no output from Codex for {c.stall_timeout:g} s"
+                elif reason is None and now - started > c.turn_timeout:
+                    reason = self.interrupt_reason = f"turn timed out after {c.turn_timeout:g} s"
+                if reason:
+                    self.echo(f"interrupting turn: {reason}")
+                    interrupt_at = now
+                    try:
+                        self.app.request("turn/interrupt", {"threadId": thread_id, "turnId": turn_id}, timeout=15)
+                    except CodexError as e:
+                        raise CodexError(f"{reason}; turn/interrupt failed: {e}") from None
+            elif now - interrupt_at > 30:
+                raise CodexError(f"{self.interrupt_reason or self.stop_reason}; the turn did not end after "
+                                 "turn/interrupt")
+
+    def _echo_item(self, item: dict) -> None:
+        t = item.get("type")
+        if t == "commandExecution":
+            self.echo(f"$ {one_line(str(item.get('command')), 160)}  (exit {item.get('exitCode')})")
+        elif t == "agentMessage":
+            self.echo(f"agent: {one_line(item.get('text'), 300)}")
+        elif t == "fileChange":
+            self.echo("changed: " + ", ".join(ch.get("path", "?") for ch in item.get("changes") or []))
+
+    def _check_inbox(self, thread_id: str, turn_id: str) -> None:
+        assert self.app is not None
+        for m in self.store.pending_inbox(self.issue["id"]):
+            if m["kind"] == "stop":
+                self.stop_reason = m["body"] or "stop requested"
+                with self.store.tx():
+                    self.store.mark_inbox(m["id"], self.run_id, "interrupted the turn")
+                    self.store.add_event(self.issue["id"], "stop", f"stop: {self.stop_reason}", run_id=self.run_id)
+                return
+        for m in self.store.pending_inbox(self.issue["id"]):
+            if m["kind"] != "prompt":
+                continue
+            try:
+                self.app.request("turn/steer", {"threadId": thread_id, "expectedTurnId": turn_id,
+                                                "input": text_input(steer_text(m))}, timeout=15)
+            except CodexError as e:
+                log.info("steer not accepted (%s); the message becomes the next turn's input", e)
+                return
+            with self.store.tx():
+                self.store.mark_inbox(m["id"], self.run_id, "steered into the running turn")
+                self.store.add_event(self.issue["id"], "codex", f"steered a message from {m['author'] or '?'} "
+                                                                "into the running turn", run_id=self.run_id)
+            self.echo(f"steered message from {m['author'] or '?'}")
+
+
+def _load_run(store: Store, cfg: Config, run_id: int) -> tuple[dict, dict, ProjectConfig]:
+    run = store.run_by_id(run_id)
+    if not run:
+        raise UsageError(f"run {run_id}: no such run")
+    issue = store.issue_by_id(run["issue_id"])
+    return run, issue, cfg.project(issue["project_id"])
+
+
+def read_workflow(project: ProjectConfig, run_type: str) -> str | None:
+    name = "REVIEW_WORKFLOW.md" if run_type == "review_fix" else "IMPLEMENTATION_WORKFLOW.md"
+    try:
+        text = (project.repo_path / name).read_text(errors="replace").strip()
+    except OSError:
+        return None
+    return text or None
+
+
+def start_thread(app: AppServer, issue: dict, worktree: Path, echo: Callable[[str], None]) -> str:
+    """Resume the issue's thread (G-C3) or start a new one."""
+    if issue.get("thread_id"):
+        try:
+            params = {**app.thread_params(worktree), "threadId": issue["thread_id"], "excludeTurns": True}
+            app.request("thread/resume", params)
+            echo(f"resumed thread {issue['thread_id']}")
+            return issue["thread_id"]
+        except CodexError as e:
+            echo(f"could not resume thread {issue['thread_id']} ({e}); starting a new one")
+    thread = app.request("thread/start", app.thread_params(worktree))["thread"]
+    echo(f"started thread {thread['id']}")
+    return thread["id"]
+
+
+def drive_run(cfg: Config, store: Store, run_id: int, echo: Callable[[str], None] | None = None) -> dict:
+    """The worker: claim → worktree → hook → Codex turns → commit, push, report → final state."""
+    echo = echo or (lambda s: None)
+    run, issue, project = _load_run(store, cfg, run_id)
+    if run["status"] != "claimed":
+        raise UsageError(f"run {run_id}: is {run['status']}, not claimed")
+    me = os.getpid()
+    with store.tx():
+        store.update_run(run_id, {"worker_pid": me, "worker_started": proc_start_time(me), "started_at": iso(),
+                                  "heartbeat_at": iso()})
+        apply_decision(store, issue, Decision(outbox=(
+            activity("thought", f"Started the {run_label(run['run_type'])} run on branch `{issue['branch']}`.",
+                     ephemeral=True), plan(run["run_type"], "running"))), run_id)
+    publish_quietly(cfg, store, issue["id"])
+    echo(f"{issue['key']}: {run_label(run['run_type'])} run {run_id} on {issue['branch']}")
+    driver = TurnDriver(cfg, store, run_id, issue, echo)
+    worktree = Path(issue["worktree"])
+    status, reason, t0 = "failed", "", time.time()
+    try:
+        how = ensure_worktree(project, issue["branch"], worktree)
+        with store.tx():
+            store.add_event(issue["id"], "git", f"worktree {worktree} ({how})", run_id=run_id)
+        echo(f"worktree {worktree} ({how})")
+        hook_env = {"PATCHRELAY_ISSUE_KEY": issue["key"], "PATCHRELAY_BRANCH": issue["branch"],
+                    "PATCHRELAY_RUN_TYPE": run["run_type"], "PATCHRELAY_WORKTREE": str(worktree)}
+        if run_hook(project, cfg, "prepare-worktree", worktree, hook_env):
+            echo("prepare-worktree hook passed")
+        follow_ups = [m for m in store.pending_inbox(issue["id"]) if m["kind"] == "prompt"]
+        prompt = build_prompt(issue, run, project, cfg.codex.sandbox, read_workflow(project, run["run_type"]),
+                              follow_ups)
+        with store.tx():
+            store.update_run(run_id, {"prompt": prompt, "head_before": git_head(worktree)})
+            for m in follow_ups:
+                store.mark_inbox(m["id"], run_id, "included in the run's prompt")
+        app = driver.app = AppServer(cfg, worktree, cfg.state_dir / "logs" / f"run-{run_id}.codex.log",
+                                     driver.server_request)
+        try:
+            with store.tx():
+                store.update_run(run_id, {"appserver_pid": app.pid, "appserver_started": app.started})
+            app.initialize()
+            thread_id = start_thread(app, issue, worktree, echo)
+            with store.tx():
+                store.update_issue(issue["id"], {"thread_id": thread_id})
+                store.update_run(run_id, {"thread_id": thread_id})
+            text = prompt
+            for n in range(cfg.codex.max_follow_up_turns + 1):
+                result = driver.run_turn(thread_id, text)
+                echo(f"turn {result.turn_id} {result.status}")
+                if result.status != "completed" or driver.stop_reason or driver.question:
+                    break
+                more = [m for m in store.pending_inbox(issue["id"]) if m["kind"] == "prompt"]
+                if not more or n == cfg.codex.max_follow_up_turns:
+                    break
+                text = follow_up_text(more)
+                with store.tx():
+                    for m in more:
+                        store.mark_inbox(m["id"], run_id, "sent as a follow-up turn")
+            if driver.stop_reason:
+                status, reason = "stopped", driver.stop_reason
+            elif driver.question:
+                status = "awaiting_input"
+            elif result.status == "completed":
+                status = "completed"
+            else:
+                status = "failed"
+                reason = driver.interrupt_reason or f"turn {result.status}" + \
+                    (f": {result.error}" if result.error else "")
+        finally:
+            app.close()
+    except (GitError, HookError, CodexError) as e:
+        status, reason = "failed", str(e)
+    summary = next((i.get("text") for i in reversed(driver.items) if i.get("type") == "agentMessage"), "") or ""
+    if driver.question:
+        summary = driver.question + (f"\n\n{summary}" if summary else "")
+    return finish_run(cfg, store, run_id, RunOutcome(status, summary=summary, reason=redact(reason)),
+                      items=driver.items, tokens=driver.tokens, duration=time.time() - t0, echo=echo)
+
+
+def finish_run(cfg: Config, store: Store, run_id: int, outcome: RunOutcome, items: list[dict] | None = None,
+               tokens: dict | None = None, duration: float | None = None,
+               echo: Callable[[str], None] | None = None) -> dict:
+    """Git bookkeeping (commit what the agent changed, push the branch), report, final state, Linear."""
+    echo = echo or (lambda s: None)
+    run, issue, project = _load_run(store, cfg, run_id)
+    worktree = Path(issue["worktree"]) if issue.get("worktree") else None
+    new_commits, has_work, changed = 0, False, []
+    if worktree and worktree.is_dir() and outcome.status != "interrupted":
+        try:
+            title = one_line(issue["title"], 72)
+            body = one_line(outcome.summary, 1500)
+            committed = commit_all(worktree, f"{issue['key']}: {title}\n\n{body}\n\nRun-Type: {run['run_type']}\n"
+                                             f"PatchRelay-Run: {run_id}\n", cfg.runner)
+            head = git_head(worktree)
+            changed = changed_files(worktree, run["head_before"], head)
+            if run["head_before"] and head and head != run["head_before"]:
+                new_commits = int(run_git(["rev-list", "--count", f"{run['head_before']}..{head}"], worktree)
+                                  .stdout.strip() or 0)
+            if committed:
+                echo("committed the agent's changes")
+            if outcome.status in ("completed", "stopped", "awaiting_input") and unpushed(worktree, issue["branch"]):
+                push_branch(cfg, worktree, issue["branch"])
+                echo(f"pushed {issue['branch']}")
+            ahead = run_git(["rev-list", "--count", f"origin/{project.base_branch}..HEAD"], worktree, check=False)
+            has_work = ahead.returncode == 0 and int(ahead.stdout.strip() or 0) > 0 and \
+                not unpushed(worktree, issue["branch"])
+        except GitError as e:
+            outcome = dataclasses.replace(outcome, status="failed", reason=str(e))
+    outcome = dataclasses.replace(outcome, new_commits=new_commits, has_work=has_work)
+    report = build_report(items or [], changed, tokens, duration, json.loads(run["turn_ids"] or "[]"))
+    run_status = {"awaiting_input": "completed"}.get(outcome.status, outcome.status)
+    with store.tx():
+        row = store.issue_by_id(issue["id"])
+        store.update_run(run_id, {"status": run_status, "ended_at": iso(), "summary": outcome.summary or None,
+                                  "failure_reason": outcome.reason or None, "report": json.dumps(report),
+                                  **({"tokens": json.dumps(tokens)} if tokens else {})})
+        d = decide_run_end(row, run, outcome, cfg.runner, utcnow())
+        apply_decision(store, row, d, run_id)
+    publish_quietly(cfg, store, issue["id"])
+    echo(f"run {run_id} {run_status}" + (f": {outcome.reason}" if outcome.reason else ""))
+    return {"run_id": run_id, "status": run_status, "outcome": outcome.status, "reason": outcome.reason,
+            "new_commits": new_commits}
+
+
+def recover_run(cfg: Config, store: Store, run: dict) -> str:
+    """A running run whose worker died: read its turn back on a fresh app-server. Completed → finish
+    it normally; in progress, interrupted or unreadable → interrupted (requeued within budget)."""
+    issue = store.issue_by_id(run["issue_id"])
+    turn_ids = json.loads(run["turn_ids"] or "[]")
+    status, items, reason = None, [], "worker died mid-turn"
+    if run["thread_id"] and turn_ids and issue.get("worktree") and Path(issue["worktree"]).is_dir():
+        app = None
+        try:
+            app = AppServer(cfg, Path(issue["worktree"]), cfg.state_dir / "logs" / f"run-{run['id']}.codex.log")
+            app.initialize()
+            app.request("thread/resume", {**app.thread_params(Path(issue["worktree"])),
+                                          "threadId": run["thread_id"], "excludeTurns": True})
+            turns = app.request("thread/turns/list", {"threadId": run["thread_id"], "limit": 20,
+                                                       "itemsView": "full"}).get("data") or []
+            mine = [t for t in turns if t.get("id") in turn_ids]
+            last = next((t for t in mine if t.get("id") == turn_ids[-1]), None)
+            if last is not None:
+                status = last.get("status")
+                for t in sorted(mine, key=lambda t: turn_ids.index(t["id"])):
+                    items.extend(t.get("items") or [])
+                if status != "completed":
+                    reason = f"worker died; its turn is {status}"
+        except CodexError as e:
+            reason = f"worker died; thread unreadable: {e}"
+        finally:
+            if app:
+                app.close()
+    if status == "completed":
+        summary = next((i.get("text") for i in reversed(items) if i.get("type") == "agentMessage"), "") or ""
+        finish_run(cfg, store, run["id"], RunOutcome("completed", summary=summary), items=items,
+                   tokens=json.loads(run["tokens"]) if run["tokens"] else None)
+        return "completed"
+    finish_run(cfg, store, run["id"], RunOutcome("interrupted", reason=reason))
+    return "interrupted"
+
+
+# ============================================================== cli
+# click commands. Parse, call, print (tabulate or --json). Errors become one
+# line on stderr and an exit code: 1 for a failed step or run, 2 for usage and
+# config errors.
+
+EXAMPLE_CONFIG = """\
+# PatchRelay configuration. Every key is shown with its default; uncomment to change.
+# Strings may use ${VAR} and ${VAR:-default}. Tokens are never written here: they come from
+# the environment variables named by *.token_env (GitHub may also use `gh auth token`).
+
+linear:
+  # api_url: https://api.linear.app/graphql
+  # token_env: LINEAR_API_KEY          # OAuth app-actor token (app mode) or personal API key (user mode)
+  # mode: auto                         # auto (app if the token's viewer is an app user) | app | user
+  # delegation: [delegate, assignee, label]   # user mode: what counts as "delegated to me"
+  # delegation_label: patchrelay       # user mode: issues with this label count as delegated
+  # poll_overlap: 60                   # seconds re-read behind each cursor
+  # timeout: 30                        # seconds per HTTP request
+  # retry: {attempts: 4, max_wait: 30} # transport errors, 5xx and short rate limits
+
+github:
+  # api_url: https://api.github.com
+  # graphql_url: https://api.github.com/graphql   # default: <api_url>/graphql
+  # token_env: GITHUB_TOKEN
+  # use_gh_cli: true                   # fall back to `gh auth token`
+  # timeout: 30
+
+codex:
+  # bin: codex
+  # args: [app-server]
+  # home: ~/.codex                     # CODEX_HOME for the app-server (default: inherited / ~/.codex)
+  # model: null                        # default: Codex's configured model
+  # model_provider: null
+  # approval_policy: never             # never | on-request | untrusted
+  # approval_decision: decline         # answer to approval requests: accept | decline | cancel
+  # sandbox: workspace-write           # read-only | workspace-write | danger-full-access
+  # developer_instructions: null
+  # request_timeout: 60                # seconds per JSON-RPC request
+  # stall_timeout: 600                 # a turn silent this long is interrupted
+  # turn_timeout: 3600                 # a turn running this long is interrupted
+  # max_follow_up_turns: 5             # turns for messages that arrive after a turn ends
+
+database:
+  # path: ~/.local/state/patchrelay/patchrelay.sqlite   # $XDG_STATE_HOME/patchrelay/...
+
+runner:
+  # max_concurrent_runs: 2
+  # paused: false                      # true: track and acknowledge issues, launch no runs
+  # retry_budget: 2                    # requeues of an interrupted run before it fails
+  # retry_backoff: 60                  # seconds, times the attempt number
+  # hook_timeout: 300                  # .patchrelay/hooks/prepare-worktree
+  # inbox_poll_interval: 1.0           # how often a worker checks for steer/stop messages
+  # git_author_name: PatchRelay        # used when the repo has no user.name/user.email
+  # git_author_email: patchrelay@localhost
+
+projects:
+  - id: app
+    repo_path: ~/src/app               # a clone whose `origin` is the GitHub repository
+    github_repo: acme/app              # owner/name
+    # base_branch: main
+    # worktree_root: ~/.local/share/patchrelay/worktrees/app
+    # branch_prefix: app               # default: the project id, slugged
+    issue_key_prefixes: [APP]          # routing; a single project with no routing keys takes every issue
+    # linear_team_keys: []
+    # linear_team_ids: []
+    # trusted_actors:                  # empty = everyone in the workspace
+    #   ids: []
+    #   names: []
+    #   emails: []
+    #   email_domains: []
+"""
+
+
+def _dump(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    log.propagate = False
+
+
+class Ctx:
+    def __init__(self, config_path: str | None, verbose: bool):
+        self.config_path, self.verbose = config_path, verbose
+        self._cfg: Config | None = None
+        self._store: Store | None = None
+
+    @property
+    def cfg(self) -> Config:
+        if self._cfg is None:
+            self._cfg = load_config(self.config_path)
+        return self._cfg
+
+    def store(self, readonly: bool = False) -> Store:
+        if self._store is None:
+            self._store = Store(self.cfg.database_path, readonly=readonly)
+        return self._store
+
+
+def _issue_or_fail(store: Store, key: str) -> dict:
+    row = store.issue_by_key(key)
+    if not row:
+        raise UsageError(f"issue {key}: not tracked by PatchRelay (see `patchrelay status`)")
+    return row
+
+
+class CLI(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PatchRelayError as e:
+            click.echo(f"patchrelay: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except TickLocked:
+            click.echo("patchrelay: another tick is running; skipped")
+            ctx.exit(0)
+
+
+@click.group(cls=CLI)
+@click.option("--config", "config_path", metavar="PATH", help="Config file (default: $PATCHRELAY_CONFIG, then "
+              "$XDG_CONFIG_HOME/patchrelay/patchrelay.yaml).")
+@click.option("-v", "--verbose", is_flag=True, help="Log what happens to stderr.")
+@click.version_option(__version__, prog_name="patchrelay")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
+    """PatchRelay: delegate a Linear issue, get back a pushed branch."""
+    _setup_logging(verbose)
+    ctx.obj = Ctx(config_path, verbose)
+    ctx.call_on_close(lambda: ctx.obj._store and ctx.obj._store.close())
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Poll and print what would happen; change nothing.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def tick(c: Ctx, dry_run: bool, as_json: bool) -> None:
+    """One pass: reconcile, poll Linear, decide, launch workers, publish."""
+    with tick_lock(c.cfg):
+        report = run_tick(c.cfg, c.store(), dry_run)
+    if as_json:
+        _dump(report)
+    else:
+        for a in report["actions"]:
+            click.echo(("would: " if dry_run and not a.startswith("would") else "") + a)
+        for e in report["errors"]:
+            click.echo(f"failed: {e}", err=True)
+        if not report["actions"] and not report["errors"]:
+            click.echo("nothing to do")
+    if report["result"] != "ok":
+        raise click.exceptions.Exit(1)
+
+
+@cli.command()
+@click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(min=0.2), help="Seconds between ticks.")
+@click.pass_obj
+def watch(c: Ctx, interval: float) -> None:
+    """Tick in a loop in the foreground; Ctrl-C stops between ticks."""
+    stop = {"now": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop["now"] = True
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    cfg, store = c.cfg, c.store()
+    click.echo(f"watching every {interval:g} s; Ctrl-C to stop")
+    while not stop["now"]:
+        try:
+            with tick_lock(cfg):
+                report = run_tick(cfg, store)
+            for a in report["actions"]:
+                click.echo(f"{time.strftime('%H:%M:%S')} {a}")
+            for e in report["errors"]:
+                click.echo(f"{time.strftime('%H:%M:%S')} failed: {e}", err=True)
+        except TickLocked:
+            pass
+        deadline = time.time() + interval
+        while not stop["now"] and time.time() < deadline:
+            time.sleep(0.1)
+    click.echo("stopped")
+
+
+def _active_run(store: Store, row: dict) -> dict | None:
+    return store.run_by_id(row["active_run_id"]) if row.get("active_run_id") else None
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def status(c: Ctx, as_json: bool) -> None:
+    """Tracked issues, queued Linear messages, API budget, last tick (from SQLite only)."""
+    store = c.store()
+    issues = []
+    for r in store.issues_all():
+        run = _active_run(store, r)
+        issues.append({"key": r["key"], "title": r["title"], "project": r["project_id"],
+                       "linear_state": r["linear_state"], "factory_state": r["factory_state"],
+                       "pending_run": r["pending_run_type"],
+                       "active_run": {"id": run["id"], "type": run["run_type"], "status": run["status"]} if run else None,
+                       "age_seconds": round(age_seconds(r["created_at"]) or 0), "updated_at": r["updated_at"]})
+    keys = {r["id"]: r["key"] for r in store.issues_all()}
+    outbox = [{"id": o["id"], "issue": keys.get(o["issue_id"]), "kind": o["kind"], "status": o["status"],
+               "attempts": o["attempts"], "last_error": o["last_error"]}
+              for o in store.outbox_queued() + [x for x in store._all("SELECT * FROM outbox WHERE status = 'failed'")]]
+    api = [{"api": b["api"], "requests_remaining": b["requests_remaining"], "requests_limit": b["requests_limit"],
+            "complexity_remaining": b["complexity_remaining"], "reset_at": b["reset_at"],
+            "limited_until": b["limited_until"], "last_error": b["last_error"]} for b in store.budgets()]
+    t = store.last_tick()
+    last = {"started_at": t["started_at"], "ended_at": t["ended_at"], "result": t["result"]} if t else None
+    if as_json:
+        _dump({"issues": issues, "outbox": outbox, "api": api, "last_tick": last})
+        return
+    if issues:
+        click.echo(tabulate([[i["key"], one_line(i["title"], 40), i["linear_state"] or "", i["factory_state"],
+                              i["pending_run"] or "",
+                              f"{i['active_run']['type']} #{i['active_run']['id']} {i['active_run']['status']}"
+                              if i["active_run"] else "", _age(i["age_seconds"])] for i in issues],
+                            headers=["issue", "title", "linear", "state", "pending", "active run", "age"]))
+    else:
+        click.echo("No tracked issues yet.")
+    click.echo()
+    if outbox:
+        click.echo(tabulate([[o["id"], o["issue"] or "", o["kind"], o["status"], o["attempts"],
+                              one_line(o["last_error"], 60)] for o in outbox],
+                            headers=["outbox", "issue", "kind", "status", "attempts", "last error"]))
+    else:
+        click.echo("Linear outbox: empty")
+    for b in api:
+        line = f"{b['api']} API: {b['requests_remaining'] if b['requests_remaining'] is not None else '?'}" \
+               f"/{b['requests_limit'] or '?'} requests left"
+        if b["complexity_remaining"] is not None:
+            line += f", {b['complexity_remaining']} complexity points left"
+        if b["limited_until"] and (parse_iso(b["limited_until"]) or utcnow()) > utcnow():
+            line += f"; rate limited until {b['limited_until']}"
+        click.echo(line)
+    click.echo(f"last tick: {last['started_at']} {last['result'] or 'running'}" if last else "last tick: never")
+
+
+def _age(seconds: float | None) -> str:
+    s = int(seconds or 0)
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h" if s < 172800 else f"{s // 86400}d"
+
+
+@cli.command()
+@click.argument("issue")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def show(c: Ctx, issue: str, as_json: bool) -> None:
+    """Everything known about one issue, and its event log."""
+    store = c.store()
+    row = _issue_or_fail(store, issue)
+    runs = [{k: r[k] for k in ("id", "run_type", "status", "attempt", "trigger", "thread_id", "claimed_at",
+                               "started_at", "ended_at", "failure_reason", "summary", "worker_pid")}
+            for r in store.runs_for_issue(row["id"])]
+    events = [{"at": e["at"], "level": e["level"], "kind": e["kind"], "message": e["message"], "run_id": e["run_id"]}
+              for e in store.events_for_issue(row["id"])]
+    outbox = [{"id": o["id"], "kind": o["kind"], "status": o["status"], "attempts": o["attempts"],
+               "payload": json.loads(o["payload"]), "last_error": o["last_error"]}
+              for o in store.outbox_for_issue(row["id"])]
+    inbox = [{"id": m["id"], "kind": m["kind"], "author": m["author"], "source": m["source"], "body": m["body"],
+              "delivered_at": m["delivered_at"], "delivery": m["delivery"]} for m in store.inbox_for_issue(row["id"])]
+    if as_json:
+        _dump({"issue": row, "runs": runs, "events": events, "outbox": outbox, "inbox": inbox})
+        return
+    click.echo(f"{row['key']}  {row['title']}")
+    for k in ("url", "project_id", "linear_state", "factory_state", "delegated", "pending_run_type",
+              "agent_session_id", "branch", "worktree", "thread_id", "pr_url", "retries"):
+        if row.get(k) not in (None, ""):
+            click.echo(f"  {k}: {row[k]}")
+    if runs:
+        click.echo("\nRuns:")
+        click.echo(tabulate([[r["id"], r["run_type"], r["status"], r["started_at"] or r["claimed_at"],
+                              one_line(r["failure_reason"] or r["summary"], 70)] for r in runs],
+                            headers=["run", "type", "status", "started", "summary / reason"]))
+    if inbox:
+        click.echo("\nMessages for the agent:")
+        for m in inbox:
+            click.echo(f"  [{m['kind']}] {m['author'] or m['source']}: {one_line(m['body'], 80)}"
+                       f"  ({m['delivery'] or 'pending'})")
+    click.echo("\nEvents:")
+    for e in events:
+        click.echo(f"  {e['at']} {e['level']:5} {e['kind']:9} {e['message']}")
+
+
+@cli.command()
+@click.argument("issue", required=False)
+@click.option("--run-id", type=int, hidden=True, help="Worker mode: drive this claimed run (used by tick).")
+@click.pass_obj
+def run(c: Ctx, issue: str | None, run_id: int | None) -> None:
+    """Run ISSUE's pending run (or a new implementation run) in the foreground."""
+    cfg, store = c.cfg, c.store()
+    if run_id is not None:
+        result = drive_run(cfg, store, run_id)
+        raise click.exceptions.Exit(0 if result["status"] == "completed" else 1)
+    if not issue:
+        raise UsageError("run: give an ISSUE key")
+    row = store.issue_by_key(issue)
+    if row is None:
+        if not ISSUE_KEY_RE.match(issue):
+            raise UsageError(f"issue {issue}: not an issue key like APP-123")
+        obs = linear_client(cfg, store).issue(issue)
+        if obs is None:
+            raise UsageError(f"issue {issue}: not found in Linear")
+        project = resolve_project(cfg, obs.key, obs.team_key, obs.team_id)
+        if project is None:
+            raise UsageError(f"issue {obs.key}: no project routes it (check issue_key_prefixes / linear_team_keys)")
+        with store.tx():
+            d = _merge(Decision(fields={**observed_fields(obs, None), "project_id": project.id,
+                                        "linear_id": obs.id, "factory_state": "delegated"}),
+                       start_work(None, "patchrelay run", None, obs.key, iso()))
+            apply_decision(store, None, d)
+        row = store.issue_by_key(obs.key)
+    if row["active_run_id"]:
+        raise UsageError(f"issue {row['key']}: run {row['active_run_id']} is already active")
+    if not row["pending_run_type"]:
+        if row["factory_state"] in CLOSED_STATES:
+            raise UsageError(f"issue {row['key']}: is {row['factory_state']}; use `patchrelay retry` to reopen it")
+        with store.tx():
+            apply_decision(store, row, start_work(row, "patchrelay run", None, row["key"], iso()))
+    run_id = claim(cfg, store, row["id"], cfg.project(row["project_id"]))
+    if run_id is None:
+        raise UsageError(f"issue {row['key']}: another worker claimed it first")
+    result = drive_run(cfg, store, run_id, echo=click.echo)
+    raise click.exceptions.Exit(0 if result["status"] == "completed" else 1)
+
+
+@cli.command()
+@click.argument("issue")
+@click.pass_obj
+def stop(c: Ctx, issue: str) -> None:
+    """Interrupt ISSUE's active run (or drop its pending run)."""
+    store = c.store()
+    row = _issue_or_fail(store, issue)
+    if not row["active_run_id"] and not row["pending_run_type"]:
+        raise UsageError(f"issue {row['key']}: nothing is running or pending")
+    with store.tx():
+        apply_decision(store, row, stop_issue(row, "stopped with `patchrelay stop`"))
+    click.echo(f"{row['key']}: stop requested" + (f" (run {row['active_run_id']} will be interrupted)"
+                                                  if row["active_run_id"] else "; pending run dropped"))
+
+
+@cli.command()
+@click.argument("issue")
+@click.option("--type", "run_type", type=click.Choice(RUN_TYPES), default="implementation", show_default=True)
+@click.option("--reason", default="", help="Why; stored with the run.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def retry(c: Ctx, issue: str, run_type: str, reason: str, as_json: bool) -> None:
+    """Queue a new run for ISSUE; the next tick launches it."""
+    store = c.store()
+    row = _issue_or_fail(store, issue)
+    if row["active_run_id"]:
+        raise UsageError(f"issue {row['key']}: run {row['active_run_id']} is active; `patchrelay stop` it first")
+    ctx = {"trigger": "patchrelay retry" + (f": {reason}" if reason else ""), "attempt": 1, "reason": reason}
+    target = "delegated" if run_type == "implementation" or row["factory_state"] in FINAL_STATES \
+        else row["factory_state"]
+    with store.tx():
+        fields = {"pending_run_type": run_type, "pending_context": json.dumps(ctx), "pending_since": iso(),
+                  "not_before": None, "retries": 0, "factory_state": transition(row["factory_state"], target)}
+        apply_decision(store, row, Decision(fields=fields, events=(
+            ("info", "retry", f"{run_label(run_type)} run queued by operator" + (f": {reason}" if reason else "")),)))
+    out = {"issue": row["key"], "queued": run_type, "reason": reason, "factory_state": fields["factory_state"]}
+    if as_json:
+        _dump(out)
+    else:
+        click.echo(f"{row['key']}: {run_label(run_type)} run queued; the next tick launches it")
+
+
+@cli.command()
+@click.argument("issue")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def report(c: Ctx, issue: str, as_json: bool) -> None:
+    """Per-run reports: agent messages, commands, changed files, tokens."""
+    store = c.store()
+    row = _issue_or_fail(store, issue)
+    runs = []
+    for r in store.runs_for_issue(row["id"]):
+        runs.append({"id": r["id"], "run_type": r["run_type"], "status": r["status"], "started_at": r["started_at"],
+                     "ended_at": r["ended_at"], "failure_reason": r["failure_reason"], "summary": r["summary"],
+                     "thread_id": r["thread_id"], "report": json.loads(r["report"]) if r["report"] else None,
+                     "tokens": json.loads(r["tokens"]) if r["tokens"] else None})
+    if as_json:
+        _dump({"issue": row["key"], "runs": runs})
+        return
+    if not runs:
+        click.echo(f"{row['key']}: no runs yet")
+    for r in runs:
+        rep = r["report"] or {}
+        click.echo(f"{r['run_type']} #{r['id']} {r['status']}  {r['started_at'] or ''} -> {r['ended_at'] or ''}")
+        if r["failure_reason"]:
+            click.echo(f"  reason: {r['failure_reason']}")
+        if r["summary"]:
+            click.echo(f"  summary: {one_line(r['summary'], 300)}")
+        for cmd in rep.get("commands") or []:
+            click.echo(f"  $ {one_line(str(cmd['command']), 120)}  (exit {cmd['exit_code']})")
+        if rep.get("changed_files"):
+            click.echo(f"  changed: {', '.join(rep['changed_files'])}")
+        tok = rep.get("tokens") or r["tokens"] or {}
+        if tok:
+            click.echo(f"  tokens: {tok.get('totalTokens', '?')} total ({tok.get('inputTokens', '?')} in, "
+                       f"{tok.get('outputTokens', '?')} out)")
+        if rep.get("duration_seconds") is not None:
+            click.echo(f"  duration: {rep['duration_seconds']:.1f} s")
+
+
+@cli.command()
+@click.argument("issue")
+@click.option("--follow", is_flag=True, help="Keep printing new events.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def events(c: Ctx, issue: str, follow: bool, as_json: bool) -> None:
+    """ISSUE's event log."""
+    store = c.store()
+    row = _issue_or_fail(store, issue)
+    last = 0
+    while True:
+        for e in store.events_for_issue(row["id"], last):
+            last = e["id"]
+            if as_json:
+                click.echo(json.dumps({k: e[k] for k in ("id", "at", "level", "kind", "message", "run_id")}))
+            else:
+                click.echo(f"{e['at']} {e['level']:5} {e['kind']:9} {e['message']}")
+        if not follow:
+            return
+        time.sleep(1.0)
+
+
+@cli.command()
+@click.argument("issue")
+@click.option("--cd", "cd_only", is_flag=True, help="Print only the path (for `cd $(patchrelay worktree X --cd)`).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def worktree(c: Ctx, issue: str, cd_only: bool, as_json: bool) -> None:
+    """Where ISSUE's worktree and branch are."""
+    row = _issue_or_fail(c.store(), issue)
+    if not row["worktree"]:
+        raise UsageError(f"issue {row['key']}: has no worktree yet")
+    if as_json:
+        _dump({"issue": row["key"], "worktree": row["worktree"], "branch": row["branch"],
+               "project": row["project_id"], "exists": Path(row["worktree"]).is_dir()})
+    elif cd_only:
+        click.echo(row["worktree"])
+    else:
+        click.echo(f"issue: {row['key']}\nworktree: {row['worktree']}\nbranch: {row['branch']}\n"
+                   f"project: {row['project_id']}")
+
+
+@cli.command(name="open")
+@click.argument("issue")
+@click.option("--print", "print_only", is_flag=True, help="Print the command instead of running it.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def open_cmd(c: Ctx, issue: str, print_only: bool, as_json: bool) -> None:
+    """Resume ISSUE's Codex thread interactively in its worktree."""
+    cfg = c.cfg
+    row = _issue_or_fail(c.store(), issue)
+    if not row["worktree"] or not Path(row["worktree"]).is_dir():
+        raise UsageError(f"issue {row['key']}: has no worktree yet")
+    argv = [cfg.codex.bin, "-C", row["worktree"]] + (["resume", row["thread_id"]] if row["thread_id"] else [])
+    env_prefix = f"CODEX_HOME={shlex.quote(str(cfg.codex.home))} " if cfg.codex.home else ""
+    if as_json:
+        _dump({"issue": row["key"], "worktree": row["worktree"], "thread_id": row["thread_id"], "argv": argv,
+               "codex_home": str(cfg.codex.home) if cfg.codex.home else None})
+        return
+    if print_only:
+        click.echo(f"cd {shlex.quote(row['worktree'])} && {env_prefix}{shlex.join(argv)}")
+        return
+    if row["active_run_id"]:
+        raise UsageError(f"issue {row['key']}: run {row['active_run_id']} is active; `patchrelay stop` it first")
+    env = stripped_child_env(cfg, {"CODEX_HOME": str(cfg.codex.home)} if cfg.codex.home else None)
+    os.chdir(row["worktree"])
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as e:
+        raise CodexError(f"codex.bin: cannot run {argv[0]}: {e.strerror}") from None
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def doctor(c: Ctx, as_json: bool) -> None:
+    """Check config, database, tokens, repos, git and codex."""
+    checks: list[tuple[str, str, str]] = []
+
+    def add(level: str, scope: str, msg: str) -> None:
+        checks.append((level, scope, msg))
+    try:
+        cfg = c.cfg
+        add("PASS", "config", f"{cfg.path} is valid ({len(cfg.projects)} project(s))")
+    except ConfigError as e:
+        add("FAIL", "config", str(e))
+        cfg = None
+    if cfg:
+        try:
+            store = Store(cfg.database_path)
+            with store.tx():
+                store.meta_set("doctor.checked_at", iso())
+            add("PASS", "database", f"{cfg.database_path} writable (schema v{store.schema_version()})")
+            store.close()
+        except StoreError as e:
+            add("FAIL", "database", str(e))
+        token = token_from_env(cfg.linear.token_env)
+        if not token:
+            add("FAIL", "linear", f"${cfg.linear.token_env} is not set")
+        else:
+            try:
+                v = LinearClient(cfg.linear, token).viewer()
+                mode = ("app" if v.app else "user") if cfg.linear.mode == "auto" else cfg.linear.mode
+                add("PASS", "linear", f"token accepted: viewer {v.name or v.id} ({mode} mode)")
+            except LinearError as e:
+                add("FAIL", "linear", str(e))
+        gtok = github_token(cfg)
+        if not gtok:
+            add("WARN", "github", f"no GitHub token (${cfg.github.token_env} or `gh auth token`)")
+        else:
+            try:
+                add("PASS", "github", f"token accepted: {GitHubClient(cfg.github, gtok).viewer_login()}")
+            except GitHubError as e:
+                add("FAIL", "github", str(e))
+        add("PASS" if shutil.which("git") else "FAIL", "git", shutil.which("git") or "git not found on PATH")
+        codex_path = shutil.which(cfg.codex.bin)
+        if not codex_path:
+            add("FAIL", "codex", f"codex.bin: {cfg.codex.bin} not found")
+        else:
+            try:
+                ver = subprocess.run([codex_path, "--version"], capture_output=True, text=True, timeout=30)
+                add("PASS", "codex", f"{codex_path}: {ver.stdout.strip() or ver.stderr.strip()}")
+            except (OSError, subprocess.TimeoutExpired) as e:
+                add("FAIL", "codex", f"{codex_path} --version failed: {e}")
+        if cfg.codex.sandbox == "danger-full-access":
+            add("WARN", "codex", "sandbox danger-full-access: the agent can reach anything this user can")
+        for i, p in enumerate(cfg.projects):
+            scope = f"projects[{i}]"
+            try:
+                if not p.repo_path.is_dir():
+                    raise GitError(f"repo_path {p.repo_path} does not exist")
+                run_git(["rev-parse", "--git-dir"], p.repo_path)
+                has_base = run_git(["rev-parse", "--verify", "--quiet", f"refs/remotes/origin/{p.base_branch}"],
+                                   p.repo_path, check=False).returncode == 0 or \
+                    run_git(["rev-parse", "--verify", "--quiet", f"refs/heads/{p.base_branch}"], p.repo_path,
+                            check=False).returncode == 0
+                if has_base:
+                    add("PASS", scope, f"{p.repo_path} is a git repo with {p.base_branch}")
+                else:
+                    add("FAIL", scope, f"{p.repo_path} has no branch {p.base_branch} (base_branch)")
+            except GitError as e:
+                add("FAIL", scope, str(e))
+            if not p.has_routing and len(cfg.projects) == 1:
+                add("WARN", scope, "no routing keys: every delegated issue goes to this project")
+    failed = any(level == "FAIL" for level, _, _ in checks)
+    if as_json:
+        _dump({"ok": not failed, "checks": [{"level": lv, "scope": s, "message": m} for lv, s, m in checks]})
+    else:
+        for lv, s, m in checks:
+            click.echo(f"{lv:4} [{s}] {m}")
+        click.echo("\nready" if not failed else "\nnot ready")
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+@cli.command()
+@click.option("--force", is_flag=True, help="Overwrite an existing config.")
+@click.pass_obj
+def init(c: Ctx, force: bool) -> None:
+    """Write a commented config to the default location."""
+    path = find_config_path(c.config_path)
+    if path.exists() and not force:
+        raise UsageError(f"{path}: already exists (use --force to overwrite)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(EXAMPLE_CONFIG)
+    click.echo(f"wrote {path}\n\nNext steps:\n"
+               f"  1. edit {path}: set projects[0].repo_path, github_repo and issue_key_prefixes\n"
+               "  2. export LINEAR_API_KEY=...   (OAuth app-actor token, or a personal API key)\n"
+               "  3. patchrelay doctor\n"
+               "  4. patchrelay tick   (then run it from cron / a systemd timer, or `patchrelay watch`)")
+
+
+def main() -> None:
+    cli(prog_name="patchrelay")
+
+
+if __name__ == "__main__":
+    main()

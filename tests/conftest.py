@@ -1,0 +1,147 @@
+"""Shared fixtures: a world of real parts around the real `patchrelay` CLI.
+
+`world` gives a temp directory with a fake Linear (schema-validating GraphQL), a git
+repository whose `origin` is a bare repo, a fake model provider for the real Codex CLI,
+a config file, and `world.cli(...)` which runs `patchrelay.py` as a subprocess exactly
+as cron would.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fakes.linear import FakeLinear
+from fakes.model import FakeModel
+from fakes import world as worldlib
+
+ROOT = Path(__file__).resolve().parent.parent
+PATCHRELAY = ROOT / "patchrelay.py"
+APP_TOKEN = "lin_oauth_apptoken123"
+
+
+class World:
+    def __init__(self, tmp_path: Path, linear: FakeLinear):
+        self.tmp = tmp_path
+        self.linear = linear
+        self.model = None
+        self.app = linear.add_user("PatchRelay", app=True, token=APP_TOKEN)
+        self.alice = linear.add_user("Alice Smith", email="alice@acme.test")
+        self.mallory = linear.add_user("Mallory", email="mallory@evil.test")
+        self.team = linear.add_team("APP")
+        self.bare, self.repo = worldlib.make_origin(tmp_path)
+        self.state = tmp_path / "state"
+        self.config_path = tmp_path / "patchrelay.yaml"
+        self.config = {
+            "linear": {"api_url": linear.url, "retry": {"attempts": 2, "max_wait": 0.2}, "poll_overlap": 5},
+            "database": {"path": str(self.state / "patchrelay.sqlite")},
+            "codex": {"bin": "codex-not-configured", "home": str(tmp_path / "codex-home")},
+            "runner": {"max_concurrent_runs": 2, "retry_backoff": 0, "inbox_poll_interval": 0.2},
+            "projects": [{
+                "id": "app", "repo_path": str(self.repo), "github_repo": "acme/app", "base_branch": "main",
+                "worktree_root": str(tmp_path / "worktrees"), "issue_key_prefixes": ["APP"],
+            }],
+        }
+        self.write_config()
+
+    # ---- config
+    def write_config(self, **sections):
+        for k, v in sections.items():
+            self.config[k] = v
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+
+    def use_codex(self, script=(), **codex_overrides):
+        """Point PatchRelay at the real Codex CLI and a fake model with this script."""
+        if self.model is None:
+            self.model = FakeModel(list(script)).start()
+        else:
+            self.model.push(*script)
+        home = self.tmp / "codex-home"
+        self.codex_env = worldlib.write_codex_home(home, self.model.base_url)
+        self.config["codex"] = {"bin": worldlib.codex_bin(), "home": str(home), **codex_overrides}
+        self.write_config()
+        return self.model
+
+    # ---- running the CLI
+    def env(self, **extra):
+        env = dict(os.environ)
+        env.update({"LINEAR_API_KEY": APP_TOKEN, "XDG_CONFIG_HOME": str(self.tmp / "xdg-config"),
+                    "XDG_STATE_HOME": str(self.tmp / "xdg-state"), "XDG_DATA_HOME": str(self.tmp / "xdg-data"),
+                    "FAKE_API_KEY": "fake-key", "GITHUB_TOKEN": "ghp_testtoken0000000000000000000000"})
+        env.pop("PATCHRELAY_CONFIG", None)
+        env.update(extra)
+        return {k: v for k, v in env.items() if v is not None}
+
+    def cli(self, *args, env=None, timeout=120, check=None, config=True):
+        argv = [sys.executable, str(PATCHRELAY)] + (["--config", str(self.config_path)] if config else []) \
+            + [str(a) for a in args]
+        p = subprocess.run(argv, capture_output=True, text=True, env=self.env(**(env or {})), timeout=timeout)
+        if check is not None and p.returncode != check:
+            raise AssertionError(f"patchrelay {' '.join(map(str, args))} exited {p.returncode}, wanted {check}\n"
+                                 f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+        return p
+
+    def tick(self, *args, check=0):
+        return self.cli("tick", *args, check=check)
+
+    def status(self):
+        return json.loads(self.cli("status", "--json", check=0).stdout)
+
+    def show(self, key):
+        return json.loads(self.cli("show", key, "--json", check=0).stdout)
+
+    def issue_state(self, key):
+        return self.show(key)["issue"]["factory_state"]
+
+    def wait_for(self, predicate, timeout=60, interval=0.3, what="condition"):
+        deadline = time.time() + timeout
+        last = None
+        while time.time() < deadline:
+            last = predicate()
+            if last:
+                return last
+            time.sleep(interval)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value {last!r}")
+
+    def wait_run_done(self, key, timeout=90):
+        """Tick until the issue has no active or pending run (workers are detached)."""
+        def done():
+            s = self.show(key)
+            return s if not s["issue"]["active_run_id"] and not s["issue"]["pending_run_type"] else None
+        return self.wait_for(done, timeout=timeout, what=f"{key} run to finish")
+
+    # ---- Linear helpers
+    def delegate(self, title="Add a greeting", description="Please add hello.txt", body="please do it",
+                 creator=None):
+        """Delegate an issue to the app the way Linear does: delegate set + a new agent session."""
+        creator = creator or self.alice
+        issue = self.linear.add_issue(self.team, title, description=description, delegate=self.app,
+                                      creator=creator)
+        session = self.linear.add_session(issue, creator, self.app, body=body)
+        return issue, session
+
+    def activity_types(self, session):
+        return [a["content"]["type"] for a in self.linear.activities(session)]
+
+
+@pytest.fixture
+def linear():
+    fake = FakeLinear().start()
+    yield fake
+    assert fake.validation_errors == [], f"GraphQL documents the real Linear API would reject: " \
+                                         f"{fake.validation_errors}"
+    fake.stop()
+
+
+@pytest.fixture
+def world(tmp_path, linear):
+    w = World(tmp_path, linear)
+    yield w
+    # Never leave detached workers or app-servers behind.
+    subprocess.run(["pkill", "-f", str(tmp_path)], capture_output=True)
+    if w.model is not None:
+        w.model.stop()
