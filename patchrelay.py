@@ -1451,7 +1451,13 @@ class LinearClient:
         except LinearError as e:
             if e.transient:
                 raise
-            if self.query(Q_ACTIVITY_EXISTS, {"id": client_id}).get("agentActivity"):
+            try:
+                exists = self.query(Q_ACTIVITY_EXISTS, {"id": client_id}).get("agentActivity")
+            except LinearError as lookup:
+                if lookup.transient:
+                    raise
+                exists = None  # "Entity not found": it really was not created
+            if exists:
                 return  # an earlier attempt already created it
             raise
         if not (data.get("agentActivityCreate") or {}).get("success"):

@@ -163,7 +163,10 @@ def test_examples_validate_and_execute(w):
     assert f.comments_for(w.i1)[-1]["userId"] == w.app["id"]
     d = data(f, m["StartSessionOnIssue"], {"issueId": "APP-2", "externalUrl": "http://x/run"})
     assert d["agentSessionCreateOnIssue"]["agentSession"]["status"] == "pending"
-    assert f.validation_errors == []
+    assert f.validation_errors == [] and f.deprecations == []
+    # teams (default first 50) x (states first 100 + labels first 250) is ~22k estimated points, over
+    # Linear's reported 10k per-query cap: PatchRelay should pass `first` on teams and smaller label pages.
+    assert [x["operation"] for x in f.complexity_warnings] == ["TeamsAndStates"]
 
 
 # --------------------------------------------------------------------------- filters

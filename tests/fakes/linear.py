@@ -238,7 +238,7 @@ class FakeLinear:
         self._seq = 0
         self._sync_id = 1000
         self._clock_offset = timedelta(0)
-        self._last_ts = datetime.fromtimestamp(0, timezone.utc)
+        self._last_ts = self._last_read = datetime.fromtimestamp(0, timezone.utc)
         self._stopping = threading.Event()
         self._budget = {"requests_limit": 5000, "complexity_limit": 2_000_000,
                         "requests_remaining": 5000, "complexity_remaining": 2_000_000, "reset_ms": None}
@@ -250,6 +250,7 @@ class FakeLinear:
     # ------------------------------------------------------------------ server lifecycle
     def start(self):
         get_schema()
+        self._stopping.clear()
         self._httpd = _Server((self.host, self.port), _Handler)
         self._httpd.fake = self
         self.port = self._httpd.server_address[1]
@@ -280,16 +281,22 @@ class FakeLinear:
         self.stop()
 
     # ------------------------------------------------------------------ clock / ids
+    def _real_now(self):
+        t = datetime.now(timezone.utc) + self._clock_offset
+        return t.replace(microsecond=t.microsecond // 1000 * 1000)
+
     def now(self):
-        """Current fake time (real UTC now + advance()), without consuming a tick."""
-        return max(datetime.now(timezone.utc) + self._clock_offset, self._last_ts)
+        """Current fake time (real UTC now + advance(), whole ms). Every later write is strictly after it."""
+        with self.lock:
+            t = max(self._real_now(), self._last_ts)
+            self._last_read = t
+            return t
 
     def _stamp(self):
         with self.lock:
-            t = datetime.now(timezone.utc) + self._clock_offset
-            t = t.replace(microsecond=t.microsecond // 1000 * 1000)
-            if t <= self._last_ts:
-                t = self._last_ts + timedelta(milliseconds=1)
+            t = self._real_now()
+            if t <= self._last_ts or t <= self._last_read:
+                t = max(self._last_ts, self._last_read) + timedelta(milliseconds=1)
             self._last_ts = t
             return _iso(t)
 
@@ -835,7 +842,7 @@ class FakeLinear:
                 out.append(f)
             with self.lock:
                 self.validation_errors.extend({"operation": rec["operation"], **f} for f in out)
-            return reply(400, {"errors": out})
+            return reply(400, {"errors": out}, self._budget_headers())
 
         try:
             doc = parse(query)

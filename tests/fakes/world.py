@@ -55,7 +55,10 @@ def codex_bin():
 def write_codex_home(home_dir, model_base_url, stream_idle_timeout_ms=10000, sandbox="workspace-write",
                      extra_toml=""):
     """Write `home_dir`/config.toml for a fake model at `model_base_url` ("http://127.0.0.1:PORT/v1").
-    Returns the environment additions the codex child needs: {"CODEX_HOME": ..., "FAKE_API_KEY": ...}."""
+    `sandbox` is only the default; thread/start's "sandbox" overrides it. `extra_toml` is appended at the end,
+    i.e. after the [features] table, so it should start with its own [table] header.
+    Returns the environment additions the codex child needs: {"CODEX_HOME": ..., "FAKE_API_KEY": ...}.
+    (Codex itself later appends [projects."<cwd>"] trust entries to this file.)"""
     home = Path(home_dir)
     home.mkdir(parents=True, exist_ok=True)
     text = CODEX_CONFIG.format(base_url=model_base_url, sandbox=sandbox,
