@@ -757,6 +757,7 @@ CREATE TABLE sessions (
   creator TEXT,
   trusted INTEGER NOT NULL,
   activity_cursor TEXT,
+  seen_updated_at TEXT,
   created_at TEXT NOT NULL
 );
 CREATE TABLE seen (source_id TEXT PRIMARY KEY, at TEXT NOT NULL);
@@ -1055,12 +1056,14 @@ class Store:
         return self._one("SELECT * FROM sessions WHERE id = ?", (session_id,))
 
     def upsert_session(self, session_id: str, issue_id: int | None, creator: str, trusted: bool,
-                       activity_cursor: str | None) -> None:
+                       activity_cursor: str | None, seen_updated_at: str | None = None) -> None:
         self.db.execute(
-            "INSERT INTO sessions (id, issue_id, creator, trusted, activity_cursor, created_at) VALUES (?, ?, ?, ?, ?, ?) "
+            "INSERT INTO sessions (id, issue_id, creator, trusted, activity_cursor, seen_updated_at, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(id) DO UPDATE SET issue_id = COALESCE(excluded.issue_id, sessions.issue_id), "
-            "activity_cursor = COALESCE(excluded.activity_cursor, sessions.activity_cursor)",
-            (session_id, issue_id, creator, int(trusted), activity_cursor, iso()))
+            "activity_cursor = COALESCE(excluded.activity_cursor, sessions.activity_cursor), "
+            "seen_updated_at = COALESCE(excluded.seen_updated_at, sessions.seen_updated_at)",
+            (session_id, issue_id, creator, int(trusted), activity_cursor, seen_updated_at, iso()))
 
     def seen(self, source_id: str) -> bool:
         return self._one("SELECT 1 AS x FROM seen WHERE source_id = ?", (source_id,)) is not None
@@ -2409,6 +2412,8 @@ def intake(ctx: TickContext) -> dict:
     session_acts: dict[str, list[LinearActivity]] = {}
     for s in ours:
         known = store.session(s.id)
+        if known and known["seen_updated_at"] and s.updated_at <= known["seen_updated_at"]:
+            continue  # nothing new in this session since we last read it
         since = _minus(known["activity_cursor"], overlap) if known and known["activity_cursor"] else None
         session_acts[s.id] = lc.activities(s.id, since)
     tracked = store.tracked_open_linear_ids()
@@ -2423,7 +2428,9 @@ def intake(ctx: TickContext) -> dict:
         now = iso()
         for s in sorted(ours, key=lambda x: x.created_at):
             known = store.session(s.id)
-            acts = session_acts.get(s.id, [])
+            if s.id not in session_acts:
+                continue
+            acts = session_acts[s.id]
             obs = s.issue
             project = resolve_project(cfg, obs.key, obs.team_key, obs.team_id) if obs else None
             if project is None:
@@ -2441,7 +2448,7 @@ def intake(ctx: TickContext) -> dict:
                 for a in acts:
                     store.mark_seen(f"activity:{a.id}")
                 store.upsert_session(s.id, issue_id, s.creator.label(), trusted,
-                                     max([a.created_at for a in acts] + [s.created_at]))
+                                     max([a.created_at for a in acts] + [s.created_at]), s.updated_at)
                 if d.fields.get("pending_run_type"):
                     summary["queued"].append(obs.key)
                     ctx.note(f"{obs.key}: new agent session -> implementation queued")
@@ -2461,9 +2468,9 @@ def intake(ctx: TickContext) -> dict:
                 if d.fields.get("pending_run_type"):
                     summary["queued"].append(row["key"])
                     ctx.note(f"{row['key']}: follow-up prompt -> implementation queued")
-            if acts:
-                store.upsert_session(s.id, None, s.creator.label(), bool(known["trusted"]),
-                                     max(a.created_at for a in acts))
+            store.upsert_session(s.id, None, s.creator.label(), bool(known["trusted"]),
+                                 max([a.created_at for a in acts] + [known["activity_cursor"] or ""]) or None,
+                                 s.updated_at)
         for obs in sorted(issues, key=lambda i: i.updated_at or ""):
             row = store.issue_by_linear_id(obs.id)
             project = cfg.project(row["project_id"]) if row and any(p.id == row["project_id"] for p in cfg.projects) \
