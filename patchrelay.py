@@ -2032,14 +2032,17 @@ def _busy(row: dict) -> bool:
     return bool(row.get("active_run_id") or row.get("pending_run_type"))
 
 
-def decide_issue(row: dict | None, obs: LinearIssue, ident: Identity, project_id: str, now: str) -> Decision:
+def decide_issue(row: dict | None, obs: LinearIssue, ident: Identity, project_id: str, now: str,
+                 session_required: bool = False) -> Decision:
     """An issue seen by the issues poll: new delegation, un-delegation, closing, or just new fields.
-    A status change or edit of an issue already being worked starts nothing (G-L2)."""
+    A status change or edit of an issue already being worked starts nothing (G-L2).
+    `session_required` (app mode with trusted_actors): only a trusted agent session starts work,
+    because the issue itself does not say who delegated it."""
     delegated = is_delegated(obs, ident)
     fields = observed_fields(obs, delegated)
     closed = closed_state(obs.state_type)
     if row is None:
-        if not delegated or closed:
+        if not delegated or closed or session_required:
             return Decision(track=False)
         base = Decision(fields={**fields, "project_id": project_id, "linear_id": obs.id,
                                 "factory_state": "delegated"})
@@ -2049,7 +2052,8 @@ def decide_issue(row: dict | None, obs: LinearIssue, ident: Identity, project_id
             return Decision(fields=fields)
         return _merge(Decision(fields=fields), close_issue(row, closed, obs.state_name or closed))
     if delegated and not row["delegated"]:
-        if not _busy(row) and row["factory_state"] in FINAL_STATES | {"delegated", "awaiting_input"}:
+        if not _busy(row) and not session_required and \
+                row["factory_state"] in FINAL_STATES | {"delegated", "awaiting_input"}:
             return _merge(Decision(fields=fields), start_work(row, "delegation", None, obs.key, now))
         return Decision(fields=fields, events=(("info", "intake", f"delegated again while {row['factory_state']}"),))
     if not delegated and row["delegated"]:
@@ -2484,7 +2488,8 @@ def intake(ctx: TickContext) -> dict:
                                                         "(check issue_key_prefixes / linear_team_keys)", "warn")
                         ctx.note(f"{obs.key}: delegated but no project routes it")
                 continue
-            d = decide_issue(row, obs, ident, project.id, now)
+            d = decide_issue(row, obs, ident, project.id, now,
+                             session_required=ident.app_mode and project.trusted_actors.configured)
             apply_decision(store, row, d)
             if d.fields.get("pending_run_type"):
                 summary["queued"].append(obs.key)
