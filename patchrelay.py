@@ -500,8 +500,14 @@ def _url(s: _Section, k: str, default: str) -> str:
     return v
 
 
+_TOKEN_SHAPED = re.compile(r"^(lin_(api|oauth)_|gh[pousr]_|github_pat_)")
+
+
 def _envname(s: _Section, k: str, default: str) -> str:
     v = s.str(k, default)
+    if _TOKEN_SHAPED.search(v):
+        raise ConfigError(f"{s.key(k)}: looks like a token, not the NAME of an environment variable "
+                          "(tokens are never read from the config file; remove it from the file)")
     if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
         raise ConfigError(f"{s.key(k)}: expected the NAME of an environment variable, got a value that is not one"
                           " (tokens are never read from the config file)")
@@ -517,7 +523,7 @@ def _parse_project(raw: Any, path: str, base: Path | None) -> ProjectConfig:
     repo_path = _path(s.str("repo_path", required=True), base)
     gh = s.str("github_repo", required=True)
     if not re.match(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$", gh):
-        raise ConfigError(f'{path}.github_repo: expected "owner/name", got {gh!r}')
+        raise ConfigError(f'{path}.github_repo: expected "owner/name", got "{gh}"')
     base_branch = s.str("base_branch", "main")
     if not _valid_ref_component(base_branch):
         raise ConfigError(f"{path}.base_branch: not a valid branch name: {base_branch!r}")
@@ -689,6 +695,7 @@ CREATE TABLE issues (
   ci_repair_attempts INTEGER NOT NULL DEFAULT 0,
   queue_repair_attempts INTEGER NOT NULL DEFAULT 0,
   retries INTEGER NOT NULL DEFAULT 0,
+  comments_synced INTEGER NOT NULL DEFAULT 0,
   created_at TEXT NOT NULL,
   updated_at TEXT NOT NULL
 );
@@ -799,7 +806,7 @@ ISSUE_COLUMNS = frozenset({
     "project_id", "linear_id", "key", "title", "description", "url", "team_id", "team_key", "linear_state",
     "linear_state_type", "delegated", "factory_state", "pending_run_type", "pending_context", "pending_since",
     "not_before", "active_run_id", "agent_session_id", "branch", "worktree", "thread_id", "pr_number", "pr_url",
-    "pr_state", "ci_repair_attempts", "queue_repair_attempts", "retries"})
+    "pr_state", "ci_repair_attempts", "queue_repair_attempts", "retries", "comments_synced"})
 RUN_COLUMNS = frozenset({
     "status", "trigger", "context", "prompt", "attempt", "worker_pid", "worker_started", "appserver_pid",
     "appserver_started", "thread_id", "turn_ids", "head_before", "started_at", "turn_started_at", "heartbeat_at",
@@ -920,9 +927,13 @@ class Store:
     def issues_all(self) -> list[dict]:
         return self._all("SELECT * FROM issues ORDER BY updated_at DESC, id DESC")
 
-    def tracked_open_linear_ids(self) -> list[str]:
+    def tracked_open_linear_ids(self, comments_synced: bool | None = None) -> list[str]:
+        extra = "" if comments_synced is None else f" AND comments_synced = {int(comments_synced)}"
         return [r["linear_id"] for r in self._all(
-            "SELECT linear_id FROM issues WHERE factory_state NOT IN ('done', 'canceled') ORDER BY id")]
+            f"SELECT linear_id FROM issues WHERE factory_state NOT IN ('done', 'canceled'){extra} ORDER BY id")]
+
+    def mark_comments_synced(self, linear_ids: list[str]) -> None:
+        self.db.executemany("UPDATE issues SET comments_synced = 1 WHERE linear_id = ?", [(i,) for i in linear_ids])
 
     def insert_issue(self, fields: Mapping[str, Any]) -> int:
         bad = set(fields) - ISSUE_COLUMNS
@@ -1428,12 +1439,16 @@ class LinearClient:
         out.sort(key=lambda a: (a.created_at, a.id))
         return out
 
-    def comments(self, issue_ids: list[str], since: str | None) -> list[LinearComment]:
-        if not issue_ids:
+    def comments(self, issue_ids: list[str], since: str | None, new_issue_ids: list[str] = ()) -> list[LinearComment]:
+        """New comments on tracked issues since the cursor, and every comment of newly tracked issues."""
+        parts: list[dict] = []
+        if issue_ids:
+            parts.append({"issue": {"id": {"in": issue_ids}}, **({"createdAt": {"gt": since}} if since else {})})
+        if new_issue_ids:
+            parts.append({"issue": {"id": {"in": list(new_issue_ids)}}})
+        if not parts:
             return []
-        filt: dict[str, Any] = {"issue": {"id": {"in": issue_ids}}}
-        if since:
-            filt["createdAt"] = {"gt": since}
+        filt = parts[0] if len(parts) == 1 else {"or": parts}
         nodes, _ = self._paged(Q_COMMENTS, {"filter": filt}, "comments")
         out = []
         for n in nodes:
@@ -1905,7 +1920,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {k: frozenset(v) for k, v in {
     "implementing": {"ready_for_pr", "pr_open", "awaiting_input", "delegated", "failed", "escalated", "done",
                      "canceled"},
     "ready_for_pr": {"pr_open", "delegated", "implementing", "awaiting_input", "failed", "done", "canceled"},
-    "pr_open": {"repairing_ci", "changes_requested", "awaiting_queue", "delegated", "implementing", "failed",
+    "pr_open": {"repairing_ci", "changes_requested", "awaiting_queue", "repairing_queue", "delegated", "implementing", "failed",
                 "escalated", "done", "canceled"},
     "changes_requested": {"pr_open", "awaiting_queue", "awaiting_input", "delegated", "implementing", "failed",
                           "escalated", "done", "canceled"},
@@ -1915,8 +1930,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {k: frozenset(v) for k, v in {
     "repairing_queue": {"pr_open", "awaiting_queue", "awaiting_input", "delegated", "failed", "escalated", "done",
                         "canceled"},
     "awaiting_input": {"delegated", "implementing", "ready_for_pr", "pr_open", "failed", "done", "canceled"},
-    "escalated": {"delegated", "done", "canceled"},
-    "failed": {"delegated", "done", "canceled"},
+    "escalated": {"delegated", "pr_open", "done", "canceled"},
+    "failed": {"delegated", "pr_open", "done", "canceled"},
     "done": {"delegated"},
     "canceled": {"delegated"},
 }.items()}
@@ -2424,7 +2439,9 @@ def intake(ctx: TickContext) -> dict:
     issue_cursor = store.cursor_get("linear.issues")
     issues = lc.issues(issue_filter(cfg, ident, tracked, _minus(issue_cursor, overlap)))
     comment_cursor = store.cursor_get("linear.comments")
-    comments = lc.comments(tracked, _minus(comment_cursor, overlap)) if tracked else []
+    unsynced = store.tracked_open_linear_ids(comments_synced=False)
+    synced = [i for i in tracked if i not in set(unsynced)]
+    comments = lc.comments(synced, _minus(comment_cursor, overlap), unsynced) if tracked else []
     started = iso()
 
     summary = {"sessions": len(ours), "issues": len(issues), "comments": len(comments), "queued": []}
@@ -2439,8 +2456,11 @@ def intake(ctx: TickContext) -> dict:
             project = resolve_project(cfg, obs.key, obs.team_key, obs.team_id) if obs else None
             if project is None:
                 if not known:
-                    store.upsert_session(s.id, None, s.creator.label(), False, s.updated_at)
-                    store.add_event(None, "intake", f"session {s.id} on {obs.key if obs else '?'}: no project routes it")
+                    store.upsert_session(s.id, None, s.creator.label(), False, s.updated_at, s.updated_at)
+                    msg = f"{obs.key if obs else '?'}: agent session but no project routes it " \
+                          "(check issue_key_prefixes / linear_team_keys / linear_team_ids)"
+                    store.add_event(None, "intake", msg, "warn")
+                    ctx.note(msg)
                 continue
             row = store.issue_by_linear_id(obs.id)
             if known is None:
@@ -2514,6 +2534,7 @@ def intake(ctx: TickContext) -> dict:
             store.cursor_set("linear.comments", max([c.created_at for c in comments] + [comment_cursor or ""]))
         elif tracked:
             store.cursor_set("linear.comments", started)
+        store.mark_comments_synced(unsynced)
         store.meta_set("linear.viewer_id", viewer.id)
         store.meta_set("linear.mode", "app" if app_mode else "user")
         if ctx.dry_run:
@@ -2571,7 +2592,15 @@ def launch(ctx: TickContext) -> dict:
             ctx.note(f"{issue['key']}: would launch a {run_label(issue['pending_run_type'])} run")
             free -= 1
             continue
-        run_id = claim(cfg, store, issue["id"], project)
+        try:
+            run_id = claim(cfg, store, issue["id"], project)
+        except IllegalTransition as e:
+            with store.tx():  # never let one bad pending run block the others
+                store.update_issue(issue["id"], {"pending_run_type": None, "pending_context": None,
+                                                 "pending_since": None})
+                store.add_event(issue["id"], "run", f"pending {issue['pending_run_type']} run dropped: {e}", "error")
+            ctx.note(f"{issue['key']}: pending run dropped: {e}")
+            continue
         if run_id is None:
             continue
         pid = spawn_worker(cfg, run_id)
@@ -2682,7 +2711,7 @@ def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
             report["result"] = "failed"
             report["errors"].append(f"{name}: {e}")
             report["steps"][name] = {"error": str(e)}
-            log.error("%s: %s", name, e)
+            log.info("%s failed: %s", name, e)  # the CLI prints the error once
         except Exception as e:  # noqa: BLE001 - a step's bug must not stop the other steps
             report["result"] = "failed"
             report["errors"].append(f"{name}: {type(e).__name__}: {redact(str(e))}")
@@ -3394,11 +3423,22 @@ def retry(c: Ctx, issue: str, run_type: str, reason: str, as_json: bool) -> None
     if row["active_run_id"]:
         raise UsageError(f"issue {row['key']}: run {row['active_run_id']} is active; `patchrelay stop` it first")
     ctx = {"trigger": "patchrelay retry" + (f": {reason}" if reason else ""), "attempt": 1, "reason": reason}
-    target = "delegated" if run_type == "implementation" or row["factory_state"] in FINAL_STATES \
-        else row["factory_state"]
+    if run_type == "implementation":
+        target = "delegated"
+    elif not row["pr_number"]:
+        raise UsageError(f"issue {row['key']}: a {run_label(run_type)} run needs a pull request, and "
+                         f"{row['key']} has none; use --type implementation")
+    else:
+        target = "pr_open"
+    try:
+        transition(target, CLAIM_STATE[run_type])
+        new_state = transition(row["factory_state"], target)
+    except IllegalTransition:
+        raise UsageError(f"issue {row['key']}: cannot queue a {run_label(run_type)} run from state "
+                         f"{row['factory_state']}") from None
     with store.tx():
         fields = {"pending_run_type": run_type, "pending_context": json.dumps(ctx), "pending_since": iso(),
-                  "not_before": None, "retries": 0, "factory_state": transition(row["factory_state"], target)}
+                  "not_before": None, "retries": 0, "factory_state": new_state}
         apply_decision(store, row, Decision(fields=fields, events=(
             ("info", "retry", f"{run_label(run_type)} run queued by operator" + (f": {reason}" if reason else "")),)))
     out = {"issue": row["key"], "queued": run_type, "reason": reason, "factory_state": fields["factory_state"]}

@@ -1,0 +1,299 @@
+"""Resilience: rate limits, Linear outages, concurrent ticks, dry runs and the tick report.
+
+The runner is paused unless a test needs a launch. The fixture's config retries Linear calls twice
+with waits capped at 0.2 s. Commands run the real click CLI in this process (same argv, environment,
+exit codes and output) to keep the suite fast, except where the process itself is the point (the
+concurrent tick, the stderr of a failing tick), which use real subprocesses;
+PATCHRELAY_TEST_SUBPROCESS=1 runs every tick as a subprocess.
+"""
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import patchrelay  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- helpers
+SUBPROCESS_TICKS = os.environ.get("PATCHRELAY_TEST_SUBPROCESS") == "1"
+
+
+def cli_inproc(world, *args, env=None):
+    """A patchrelay command: the same click CLI, run in this process (a click Result)."""
+    return CliRunner().invoke(patchrelay.cli, ["--config", str(world.config_path), *map(str, args)],
+                              env=world.env(**(env or {})))
+
+
+def tick(world, *args, env=None, check=0):
+    """`patchrelay tick ARGS` -> CompletedProcess; fails unless it exits `check`."""
+    if SUBPROCESS_TICKS:
+        return world.cli("tick", *args, env=env, check=check)
+    r = cli_inproc(world, "tick", *args, env=env)
+    if r.exception and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    assert check is None or r.exit_code == check, f"tick exited {r.exit_code}, wanted {check}\n{r.output}"
+    return subprocess.CompletedProcess(["tick", *args], r.exit_code, r.stdout, r.stderr)
+
+
+def status(world):
+    r = cli_inproc(world, "status", "--json")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def show(world, key):
+    r = cli_inproc(world, "show", key, "--json")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def pause(world):
+    world.config["runner"]["paused"] = True
+    world.write_config()
+
+
+def linear_api(world):
+    [api] = [a for a in status(world)["api"] if a["api"] == "linear"]
+    return api
+
+
+def db_path(world):
+    return Path(world.config["database"]["path"])
+
+
+def faults(world):
+    return [r["fault"] for r in world.linear.requests if r["fault"]]
+
+
+# ----------------------------------------------------------------------------- rate limits
+@pytest.mark.parametrize("style", ["400", "429"])
+def test_short_rate_limit_is_waited_out_within_the_tick(world, style):
+    pause(world)
+    issue, session = world.delegate()
+    world.linear.rate_limit_next(style=style, retry_after=0.1)
+
+    tick(world, check=0)
+    assert faults(world) == [f"ratelimit{style}"]
+    st = status(world)
+    assert [(i["key"], i["factory_state"]) for i in st["issues"]] == [("APP-1", "delegated")]
+    assert world.activity_types(session) == ["thought"]
+    assert st["api"][0]["limited_until"] is None and st["api"][0]["last_error"] is None
+
+
+def test_long_rate_limit_fails_the_tick_records_the_wait_and_loses_nothing(world):
+    pause(world)
+    issue, session = world.delegate()
+    world.linear.rate_limit_next(style="400", retry_after=3600)
+
+    t0 = time.time()
+    p = tick(world, check=1)
+    assert time.time() - t0 < 10                    # no blocking on a one-hour Retry-After
+    assert "failed: intake: Linear PatchRelaySessions: rate limited" in p.stderr
+
+    api = linear_api(world)
+    until = patchrelay.parse_iso(api["limited_until"]).timestamp()
+    assert 3500 < until - time.time() <= 3600
+    assert "rate limited" in api["last_error"]
+    assert status(world)["issues"] == []
+    text = cli_inproc(world, "status").stdout
+    assert f"rate limited until {api['limited_until']}" in text
+
+    # while limited, a tick does not call Linear at all and says why
+    n = len(world.linear.requests)
+    p = tick(world, check=0)
+    assert f"skipping intake until {api['limited_until']}" in p.stdout
+    assert len(world.linear.requests) == n
+
+    # time passes (the limit expires): the delegation made during the limit is picked up
+    with sqlite3.connect(db_path(world)) as db:
+        db.execute("UPDATE api_budget SET limited_until = '2000-01-01T00:00:00.000Z' WHERE api = 'linear'")
+    p = tick(world, check=0)
+    assert "APP-1: new agent session -> implementation queued" in p.stdout
+    assert world.activity_types(session) == ["thought"]
+    assert linear_api(world)["limited_until"] is None
+
+
+def test_rate_limited_tick_reports_exactly_one_error_line(world):
+    """README/CLI contract: "Errors become one line on stderr"."""
+    pause(world)
+    world.delegate()
+    world.linear.rate_limit_next(style="429", retry_after=3600)
+
+    p = world.cli("tick", check=1)                  # a real process: its whole stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    assert "rate limited" in lines[0]
+
+
+def test_rate_limit_headers_are_shown_in_status(world):
+    pause(world)
+    world.delegate()
+    world.linear.set_budget(requests_remaining=777, complexity_remaining=123456)
+    n0 = len(world.linear.requests)
+
+    tick(world)
+    made = len(world.linear.requests) - n0
+    api = linear_api(world)
+    assert api["requests_limit"] == 5000
+    assert api["requests_remaining"] == 777 - made
+    assert 0 < api["complexity_remaining"] < 123456
+    assert patchrelay.parse_iso(api["reset_at"]).timestamp() > time.time()
+    text = cli_inproc(world, "status").stdout
+    assert f"linear API: {777 - made}/5000 requests left, {api['complexity_remaining']} complexity points left" \
+        in text
+
+
+def test_exhausted_request_budget_is_treated_as_a_rate_limit(world):
+    pause(world)
+    world.delegate()
+    world.linear.set_budget(requests_remaining=0, reset_in=1800)
+
+    p = tick(world, check=1)
+    assert "rate limited" in p.stderr
+    api = linear_api(world)
+    assert 1700 < patchrelay.parse_iso(api["limited_until"]).timestamp() - time.time() <= 1800
+    assert status(world)["issues"] == []
+
+
+# ----------------------------------------------------------------------------- outages
+def test_linear_outage_keeps_tracked_issues_and_queued_outbox_rows(world):
+    pause(world)
+    issue, session = world.delegate()
+    world.linear.fail_next(2, status=500, operation="agentActivityCreate")
+    tick(world)                                    # tracked; the thought (and the plan behind it) stay queued
+    before = show(world, "APP-1")["issue"]
+    queued = status(world)["outbox"]
+    assert [(o["kind"], o["status"]) for o in queued] == [("activity", "queued"), ("plan", "queued")]
+
+    # Linear is unreachable for a whole tick (connection refused)
+    world.linear.stop()
+    try:
+        p = tick(world, check=1)
+    finally:
+        world.linear.start()
+    assert "transport error" in p.stderr
+    st = status(world)
+    assert [(i["key"], i["factory_state"], i["pending_run"]) for i in st["issues"]] == \
+        [("APP-1", "delegated", "implementation")]
+    after = show(world, "APP-1")["issue"]
+    assert {k: after[k] for k in ("factory_state", "pending_run_type", "pending_context", "agent_session_id",
+                                  "delegated")} == \
+        {k: before[k] for k in ("factory_state", "pending_run_type", "pending_context", "agent_session_id",
+                                "delegated")}
+    rows = st["outbox"]
+    assert [(o["kind"], o["status"]) for o in rows] == [("activity", "queued"), ("plan", "queued")]
+    assert rows[0]["attempts"] == 2 and "transport error" in rows[0]["last_error"]
+    assert world.activity_types(session) == []
+
+    # healthy again: everything queued is sent, exactly once
+    tick(world, check=0)
+    assert status(world)["outbox"] == []
+    assert world.activity_types(session) == ["thought"]
+    assert len(world.linear.plans_for(session)) == 1
+    assert status(world)["issues"][0]["factory_state"] == "delegated"
+
+
+def test_http_500s_during_intake_drop_nothing(world):
+    pause(world)
+    issue, session = world.delegate()
+    tick(world)
+    world.linear.add_comment(issue, world.alice, "one more detail")
+    world.linear.fail_next(2, status=503, operation="PatchRelayComments")
+
+    p = tick(world, check=1)
+    assert "HTTP 503" in p.stderr
+    assert show(world, "APP-1")["inbox"] == []          # nothing half-read, cursors not advanced
+    assert status(world)["issues"][0]["pending_run"] == "implementation"
+
+    tick(world, check=0)
+    assert [m["body"] for m in show(world, "APP-1")["inbox"]] == ["one more detail"]
+
+
+# ----------------------------------------------------------------------------- concurrency
+def test_concurrent_tick_exits_zero_with_a_one_line_notice(world):
+    pause(world)
+    world.delegate()
+    world.linear.hang_next(2.5)                     # the first tick's first Linear request takes 2.5 s
+    argv = [sys.executable, str(ROOT / "patchrelay.py"), "--config", str(world.config_path), "tick"]
+    first = subprocess.Popen(argv, env=world.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        world.wait_for(lambda: world.linear.requests, timeout=20, interval=0.05,
+                       what="the first tick to reach Linear (it holds the lock)")
+        second = world.cli("tick", check=0)
+        assert second.stdout.strip().splitlines() == ["patchrelay: another tick is running; skipped"]
+        assert second.stderr == ""
+        assert len(world.linear.requests) == 1      # the second tick did not poll
+    finally:
+        out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    assert "APP-1: new agent session -> implementation queued" in out
+    assert [i["key"] for i in status(world)["issues"]] == ["APP-1"]
+
+
+# ----------------------------------------------------------------------------- dry run and --json
+def test_dry_run_prints_what_it_would_do_and_changes_nothing(world):
+    pause(world)
+    issue, session = world.delegate()
+
+    p = tick(world, "--dry-run", check=0)
+    assert "would: APP-1: new agent session -> implementation queued" in p.stdout
+
+    assert status(world) == {"issues": [], "outbox": [], "api": [], "last_tick": None}
+    assert world.activity_types(session) == [] and world.linear.plans_for(session) == []
+    assert world.linear.issue_updates == [] and world.linear.state_of(issue)["name"] == "Todo"
+    assert not {"PatchRelayActivity", "PatchRelayPlan", "PatchRelayMoveIssue", "PatchRelayComment"} \
+        & set(world.linear.operations())
+
+    # cursors did not move either: the real tick still sees the delegation
+    p = tick(world, check=0)
+    assert "APP-1: new agent session -> implementation queued" in p.stdout
+    assert world.activity_types(session) == ["thought"]
+
+
+def test_tick_json_report_shape(world):
+    pause(world)
+    world.delegate()
+
+    report = json.loads(tick(world, "--json").stdout)
+    assert set(report) == {"result", "dry_run", "steps", "errors", "actions"}
+    assert report["result"] == "ok" and report["dry_run"] is False and report["errors"] == []
+    assert set(report["steps"]) == {"reconcile", "intake", "launch", "publish"}
+    assert report["steps"]["intake"] == {"sessions": 1, "issues": 1, "comments": 0, "queued": ["APP-1"]}
+    assert report["steps"]["launch"] == {"paused": True, "launched": [], "waiting": ["APP-1"]}
+    assert report["steps"]["publish"] == {"sent": 3, "failed": 0, "queued": 0}
+    assert report["actions"] == ["APP-1: new agent session -> implementation queued"]
+
+    world.linear.rate_limit_next(style="429", retry_after=3600)
+    p = tick(world, "--json", check=1)
+    report = json.loads(p.stdout)
+    assert report["result"] == "failed"
+    assert report["errors"] == ["intake: Linear PatchRelaySessions: rate limited (HTTP 429)"]
+    assert report["steps"]["intake"] == {"error": "Linear PatchRelaySessions: rate limited (HTTP 429)"}
+
+
+# ----------------------------------------------------------------------------- one bad issue
+def test_a_queued_run_that_cannot_be_claimed_does_not_wedge_launching(world):
+    """`patchrelay retry APP-1 --type ci_repair` on an issue awaiting input is accepted ("the next tick
+    launches it"); the claim must then work, or the retry must be refused - it must not make every
+    later tick fail and keep other issues from being launched."""
+    pause(world)
+    world.delegate()
+    tick(world)
+    assert cli_inproc(world, "stop", "APP-1").exit_code == 0            # APP-1 awaiting_input
+    cli_inproc(world, "retry", "APP-1", "--type", "ci_repair")           # accepted or refused
+    world.delegate(title="second")
+    world.config["runner"]["paused"] = False
+    world.write_config()
+
+    p = tick(world, "--json", check=None)
+    report = json.loads(p.stdout)
+    assert report["errors"] == [] and p.returncode == 0
+    assert "APP-2" in [x["issue"] for x in report["steps"]["launch"]["launched"]]
