@@ -2647,13 +2647,17 @@ def spawn_worker(cfg: Config, run_id: int) -> int:
 def publish(cfg: Config, store: Store, client: LinearClient | None, issue_id: int | None = None) -> dict:
     """Send queued Linear writes in order. Transport errors leave them queued; a session whose
     message failed is skipped for the rest of the pass to keep its messages in order."""
-    sent, failed, blocked = 0, 0, set()
+    sent, failed, blocked, busy = 0, 0, set(), 0
     rows = store.outbox_queued(issue_id)
     if rows and client is None:
         return {"sent": 0, "queued": len(rows), "failed": 0}
     for row in rows:
         lane = row["session_id"] or f"issue:{row['issue_id']}"
-        if lane in blocked or not store.lease_outbox(row["id"]):
+        if lane in blocked:
+            continue
+        if not store.lease_outbox(row["id"]):
+            blocked.add(lane)  # another process is sending this lane; keep its order
+            busy += 1
             continue
         payload = json.loads(row["payload"])
         issue = store.issue_by_id(row["issue_id"]) if row["issue_id"] else None
@@ -2682,7 +2686,7 @@ def publish(cfg: Config, store: Store, client: LinearClient | None, issue_id: in
             continue
         store.outbox_result(row["id"], "sent")
         sent += 1
-    return {"sent": sent, "failed": failed, "queued": len(store.outbox_queued(issue_id))}
+    return {"sent": sent, "failed": failed, "queued": len(store.outbox_queued(issue_id)), "busy": busy}
 
 
 def publish_quietly(cfg: Config, store: Store, issue_id: int) -> None:
@@ -2692,7 +2696,9 @@ def publish_quietly(cfg: Config, store: Store, issue_id: int) -> None:
     except ConfigError:
         return
     try:
-        publish(cfg, store, client, issue_id)
+        deadline = time.time() + 20
+        while publish(cfg, store, client, issue_id).get("busy") and time.time() < deadline:
+            time.sleep(0.3)  # a tick is sending this session's earlier messages; then send ours in order
     except Exception as e:  # noqa: BLE001 - the tick's publish step retries
         log.warning("publish deferred to the next tick: %s", redact(str(e)))
 
@@ -3005,15 +3011,19 @@ def finish_run(cfg: Config, store: Store, run_id: int, outcome: RunOutcome, item
                                   .stdout.strip() or 0)
             if committed:
                 echo("committed the agent's changes")
-            if outcome.status in ("completed", "stopped", "awaiting_input") and unpushed(worktree, issue["branch"]):
+            ahead = run_git(["rev-list", "--count", f"origin/{project.base_branch}..HEAD"], worktree, check=False)
+            ahead_of_base = ahead.returncode == 0 and int(ahead.stdout.strip() or 0) > 0
+            if ahead_of_base and outcome.status in ("completed", "stopped", "awaiting_input") \
+                    and unpushed(worktree, issue["branch"]):
                 push_branch(cfg, worktree, issue["branch"])
                 echo(f"pushed {issue['branch']}")
-            ahead = run_git(["rev-list", "--count", f"origin/{project.base_branch}..HEAD"], worktree, check=False)
-            has_work = ahead.returncode == 0 and int(ahead.stdout.strip() or 0) > 0 and \
-                not unpushed(worktree, issue["branch"])
+            has_work = ahead_of_base and not unpushed(worktree, issue["branch"])
         except GitError as e:
             outcome = dataclasses.replace(outcome, status="failed", reason=str(e))
     outcome = dataclasses.replace(outcome, new_commits=new_commits, has_work=has_work)
+    if outcome.status == "interrupted" and int(run.get("attempt") or 1) > cfg.runner.retry_budget:
+        outcome = dataclasses.replace(outcome, status="failed", reason=f"{outcome.reason}; retry budget of "
+                                                                        f"{cfg.runner.retry_budget} used up")
     report = build_report(items or [], changed, tokens, duration, json.loads(run["turn_ids"] or "[]"))
     run_status = {"awaiting_input": "completed"}.get(outcome.status, outcome.status)
     with store.tx():
