@@ -78,8 +78,8 @@ def wait_done(world, key="APP-1", timeout=45):
     while time.time() < deadline:
         r = issue_row(world, key)
         if r and not r["active_run_id"] and not r["pending_run_type"] and not any(
-                alive(x["worker_pid"]) for x in db(world, "SELECT worker_pid FROM runs WHERE issue_id = ?",
-                                                   (r["id"],)) if x["worker_pid"]):
+                patchrelay.process_alive(x["worker_pid"], x["worker_started"])
+                for x in db(world, "SELECT worker_pid, worker_started FROM runs WHERE issue_id = ?", (r["id"],))):
             return world.show(key)
         time.sleep(0.2)
     raise AssertionError(f"{key}: run not finished within {timeout}s\nruns: {runs(world)}\n{logs(world)}")
