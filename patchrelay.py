@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""PatchRelay: delegate a Linear issue to a coding agent, get back a pushed branch.
+"""PatchRelay: delegate a Linear issue to a coding agent, get back a merged pull request.
 
 A synchronous CLI run by cron, a systemd timer or `patchrelay watch`. Each
-`patchrelay tick` reconciles runs, polls Linear, decides, launches detached
-workers that drive `codex app-server` over stdio JSON-RPC, and publishes a
-Linear outbox. SQLite (WAL) holds all state and is the mailbox between tick
-and workers. See README.md for usage and docs/DESIGN notes in the README.
+`patchrelay tick` reconciles runs, polls Linear and GitHub, decides, launches
+detached workers that drive `codex app-server` over stdio JSON-RPC, and
+publishes a Linear outbox. SQLite (WAL) holds all state and is the mailbox
+between tick and workers. README.md explains how to run it and how it works.
 
 Sections, in dependency order:
   1. errors and constants     5. github              9. tick
@@ -800,7 +800,13 @@ CREATE TABLE ticks (
 """
 
 # Forward migrations: index i upgrades user_version i -> i+1. Never edit a shipped entry; append.
-MIGRATIONS: list[str] = [SCHEMA_V1]
+SCHEMA_V2 = """
+ALTER TABLE inbox ADD COLUMN run_id INTEGER;
+ALTER TABLE events ADD COLUMN issue_key TEXT;
+CREATE INDEX events_key ON events(issue_key COLLATE NOCASE, id);
+"""
+
+MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2]
 
 ISSUE_COLUMNS = frozenset({
     "project_id", "linear_id", "key", "title", "description", "url", "team_id", "team_key", "linear_state",
@@ -868,8 +874,9 @@ class Store:
                     os.chmod(p, 0o600)
 
     @contextlib.contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE); nested calls join the outer one."""
+    def tx(self, deferred: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE, or DEFERRED: the write lock is taken at the first
+        write); nested calls join the outer one."""
         if self._depth:
             self._depth += 1
             try:
@@ -877,7 +884,7 @@ class Store:
             finally:
                 self._depth -= 1
             return
-        self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("BEGIN DEFERRED" if deferred else "BEGIN IMMEDIATE")
         self._depth = 1
         try:
             yield self.db
@@ -888,6 +895,23 @@ class Store:
         else:
             self._depth = 0
             self.db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested unit inside the current transaction: on error only this unit is undone."""
+        self._sp = getattr(self, "_sp", 0) + 1
+        name = f"sp{self._sp}"
+        self.db.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            self.db.execute(f"ROLLBACK TO {name}")
+            self.db.execute(f"RELEASE {name}")
+            raise
+        else:
+            self.db.execute(f"RELEASE {name}")
+        finally:
+            self._sp -= 1
 
     def _one(self, sql: str, args: tuple = ()) -> dict | None:
         r = self.db.execute(sql, args).fetchone()
@@ -926,6 +950,9 @@ class Store:
 
     def issues_all(self) -> list[dict]:
         return self._all("SELECT * FROM issues ORDER BY updated_at DESC, id DESC")
+
+    def tracked_linear_ids(self) -> list[str]:
+        return [r["linear_id"] for r in self._all("SELECT linear_id FROM issues ORDER BY id")]
 
     def tracked_open_linear_ids(self, comments_synced: bool | None = None) -> list[str]:
         extra = "" if comments_synced is None else f" AND comments_synced = {int(comments_synced)}"
@@ -1017,14 +1044,26 @@ class Store:
 
     # ---- inbox (tick -> worker mailbox: follow-up prompts and stop requests)
     def add_inbox(self, issue_id: int, kind: str, body: str, author: str | None, source: str,
-                  source_id: str | None) -> bool:
+                  source_id: str | None, run_id: int | None = None) -> bool:
         cur = self.db.execute(
-            "INSERT OR IGNORE INTO inbox (issue_id, kind, body, author, source, source_id, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)", (issue_id, kind, body, author, source, source_id, iso()))
+            "INSERT OR IGNORE INTO inbox (issue_id, kind, body, author, source, source_id, created_at, run_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (issue_id, kind, body, author, source, source_id, iso(), run_id))
         return cur.rowcount == 1
 
     def pending_inbox(self, issue_id: int) -> list[dict]:
         return self._all("SELECT * FROM inbox WHERE issue_id = ? AND delivered_at IS NULL ORDER BY id", (issue_id,))
+
+    def pending_stops(self, issue_id: int, run_id: int) -> list[dict]:
+        """Stops addressed to this run (a stop never outlives the run it was meant for)."""
+        return self._all("SELECT * FROM inbox WHERE issue_id = ? AND kind = 'stop' AND delivered_at IS NULL "
+                         "AND run_id = ? ORDER BY id", (issue_id, run_id))
+
+    def drop_stops(self, issue_id: int, run_id: int | None) -> int:
+        """When a run ends, undelivered stops for it (or for no run) are closed: they never reach a later run."""
+        return self.db.execute(
+            "UPDATE inbox SET delivered_at = ?, delivered_run_id = ?, delivery = 'dropped: the run had ended' "
+            "WHERE issue_id = ? AND kind = 'stop' AND delivered_at IS NULL AND (run_id IS NULL OR run_id = ?)",
+            (iso(), run_id, issue_id, run_id)).rowcount
 
     def mark_inbox(self, inbox_id: int, run_id: int | None, delivery: str) -> None:
         self.db.execute("UPDATE inbox SET delivered_at = ?, delivered_run_id = ?, delivery = ? WHERE id = ?",
@@ -1040,10 +1079,16 @@ class Store:
             (issue_id, kind, session_id, str(uuid.uuid4()), json.dumps(payload), iso()))
         return cur.lastrowid
 
+    def outbox_client_id(self, outbox_id: int) -> str:
+        return self._one("SELECT client_id FROM outbox WHERE id = ?", (outbox_id,))["client_id"]
+
     def outbox_queued(self, issue_id: int | None = None) -> list[dict]:
         if issue_id is None:
             return self._all("SELECT * FROM outbox WHERE status = 'queued' ORDER BY id")
         return self._all("SELECT * FROM outbox WHERE status = 'queued' AND issue_id = ? ORDER BY id", (issue_id,))
+
+    def outbox_failed(self) -> list[dict]:
+        return self._all("SELECT * FROM outbox WHERE status = 'failed' ORDER BY id")
 
     def outbox_for_issue(self, issue_id: int) -> list[dict]:
         return self._all("SELECT * FROM outbox WHERE issue_id = ? ORDER BY id", (issue_id,))
@@ -1084,12 +1129,20 @@ class Store:
 
     # ---- events
     def add_event(self, issue_id: int | None, kind: str, message: str, level: str = "info",
-                  run_id: int | None = None) -> None:
-        self.db.execute("INSERT INTO events (issue_id, run_id, at, level, kind, message) VALUES (?, ?, ?, ?, ?, ?)",
-                        (issue_id, run_id, iso(), level, kind, message))
+                  run_id: int | None = None, issue_key: str | None = None) -> None:
+        if issue_key is None and issue_id is not None:
+            r = self._one("SELECT key FROM issues WHERE id = ?", (issue_id,))
+            issue_key = r["key"] if r else None
+        self.db.execute("INSERT INTO events (issue_id, run_id, at, level, kind, message, issue_key) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)", (issue_id, run_id, iso(), level, kind, message, issue_key))
 
     def events_for_issue(self, issue_id: int, after_id: int = 0) -> list[dict]:
         return self._all("SELECT * FROM events WHERE issue_id = ? AND id > ? ORDER BY id", (issue_id, after_id))
+
+    def events_for_key(self, key: str, after_id: int = 0) -> list[dict]:
+        """Events about an issue PatchRelay does not track (ignored sessions, unrouted delegations)."""
+        return self._all("SELECT * FROM events WHERE issue_key = ? COLLATE NOCASE AND id > ? ORDER BY id",
+                         (key, after_id))
 
     # ---- API budget and ticks
     def record_budget(self, api: str, fields: Mapping[str, Any]) -> None:
@@ -1261,6 +1314,8 @@ Q_ISSUE_STATES = """query PatchRelayIssueStates($id: String!) {
 }"""
 
 Q_ACTIVITY_EXISTS = "query PatchRelayActivityExists($id: String!) { agentActivity(id: $id) { id } }"
+
+Q_COMMENT_EXISTS = "query PatchRelayCommentExists($id: String!) { comment(id: $id) { id } }"
 
 M_ACTIVITY = """mutation PatchRelayActivity($input: AgentActivityCreateInput!) {
   agentActivityCreate(input: $input) { success agentActivity { id } }
@@ -1503,8 +1558,22 @@ class LinearClient:
             raise LinearError("Linear issueUpdate: success=false")
         return target["name"]
 
-    def create_comment(self, issue_linear_id: str, body: str) -> None:
-        data = self.query(M_COMMENT, {"input": {"issueId": issue_linear_id, "body": body}})
+    def create_comment(self, client_id: str, issue_linear_id: str, body: str) -> None:
+        """Idempotent by client id, like activities: a lost response is looked up, never re-posted."""
+        try:
+            data = self.query(M_COMMENT, {"input": {"id": client_id, "issueId": issue_linear_id, "body": body}})
+        except LinearError as e:
+            if e.transient:
+                raise
+            try:
+                exists = self.query(Q_COMMENT_EXISTS, {"id": client_id}).get("comment")
+            except LinearError as lookup:
+                if lookup.transient:
+                    raise
+                exists = None
+            if exists:
+                return
+            raise
         if not (data.get("commentCreate") or {}).get("success"):
             raise LinearError("Linear commentCreate: success=false")
 
@@ -1914,26 +1983,28 @@ def run_hook(project: ProjectConfig, cfg: Config, name: str, worktree: Path, env
 # observations, returns a Decision (issue fields, inbox and outbox messages,
 # events). No SQL, no HTTP, no subprocesses.
 
+# Every move any actor can cause, from every state. Linear can close an issue (done / canceled) from
+# anywhere, move it between the two closed states, reopen it (-> awaiting_input) or delegate it again
+# (-> delegated); runs move the working states; GitHub moves the pull-request states. A move not listed
+# here is a bug in a decision and raises.
+_CLOSE = {"done", "canceled"}
+_REACTIVE = {"repairing_ci", "changes_requested", "repairing_queue"}
+_PR_IDLE = {"pr_open", "awaiting_queue"}
 TRANSITIONS: dict[str, frozenset[str]] = {k: frozenset(v) for k, v in {
-    "delegated": {"implementing", "repairing_ci", "changes_requested", "repairing_queue", "awaiting_input",
-                  "failed", "escalated", "done", "canceled"},
-    "implementing": {"ready_for_pr", "pr_open", "awaiting_input", "delegated", "failed", "escalated", "done",
-                     "canceled"},
-    "ready_for_pr": {"pr_open", "delegated", "implementing", "awaiting_input", "failed", "done", "canceled"},
-    "pr_open": {"repairing_ci", "changes_requested", "awaiting_queue", "repairing_queue", "delegated", "implementing", "failed",
-                "escalated", "done", "canceled"},
-    "changes_requested": {"pr_open", "awaiting_queue", "awaiting_input", "delegated", "implementing", "failed",
-                          "escalated", "done", "canceled"},
-    "repairing_ci": {"pr_open", "awaiting_input", "delegated", "failed", "escalated", "done", "canceled"},
-    "awaiting_queue": {"done", "repairing_queue", "repairing_ci", "pr_open", "changes_requested", "delegated",
-                       "failed", "canceled"},
-    "repairing_queue": {"pr_open", "awaiting_queue", "awaiting_input", "delegated", "failed", "escalated", "done",
-                        "canceled"},
-    "awaiting_input": {"delegated", "implementing", "ready_for_pr", "pr_open", "failed", "done", "canceled"},
-    "escalated": {"delegated", "pr_open", "done", "canceled"},
-    "failed": {"delegated", "pr_open", "done", "canceled"},
-    "done": {"delegated"},
-    "canceled": {"delegated"},
+    "delegated": {"implementing", *_REACTIVE, "awaiting_input", "failed", "escalated", *_CLOSE},
+    "implementing": {"ready_for_pr", "pr_open", "awaiting_input", "delegated", "failed", "escalated", *_CLOSE},
+    "ready_for_pr": {"pr_open", "delegated", "implementing", "awaiting_input", "failed", *_CLOSE},
+    "pr_open": {*_REACTIVE, "awaiting_queue", "delegated", "awaiting_input", "failed", "escalated", *_CLOSE},
+    "changes_requested": {*_PR_IDLE, "ready_for_pr", "awaiting_input", "delegated", "failed", "escalated", *_CLOSE},
+    "repairing_ci": {*_PR_IDLE, "ready_for_pr", "awaiting_input", "delegated", "failed", "escalated", *_CLOSE},
+    "repairing_queue": {*_PR_IDLE, "ready_for_pr", "awaiting_input", "delegated", "failed", "escalated", *_CLOSE},
+    "awaiting_queue": {"pr_open", *_REACTIVE, "delegated", "awaiting_input", "failed", "escalated", *_CLOSE},
+    "awaiting_input": {"delegated", "implementing", "ready_for_pr", *_PR_IDLE, *_REACTIVE, "failed", "escalated",
+                       *_CLOSE},
+    "escalated": {"delegated", *_PR_IDLE, *_REACTIVE, "awaiting_input", "failed", *_CLOSE},
+    "failed": {"delegated", *_PR_IDLE, *_REACTIVE, "awaiting_input", "escalated", *_CLOSE},
+    "done": {"canceled", "delegated", "awaiting_input"},
+    "canceled": {"done", "delegated", "awaiting_input"},
 }.items()}
 FACTORY_STATES = tuple(TRANSITIONS)
 CLAIM_STATE = {"implementation": "implementing", "ci_repair": "repairing_ci", "review_fix": "changes_requested",
@@ -1959,7 +2030,7 @@ class Outbound:
 class Decision:
     fields: dict = field(default_factory=dict)
     outbox: tuple[Outbound, ...] = ()
-    inbox: tuple[tuple[str, str, str | None, str, str | None], ...] = ()  # kind, body, author, source, source_id
+    inbox: tuple[tuple, ...] = ()     # (kind, body, author, source, source_id, run_id): run_id addresses a stop
     events: tuple[tuple[str, str, str], ...] = ()                          # level, kind, message
     track: bool = True
 
@@ -2049,8 +2120,8 @@ def _busy(row: dict) -> bool:
 
 def decide_issue(row: dict | None, obs: LinearIssue, ident: Identity, project_id: str, now: str,
                  session_required: bool = False) -> Decision:
-    """An issue seen by the issues poll: new delegation, un-delegation, closing, or just new fields.
-    A status change or edit of an issue already being worked starts nothing (G-L2).
+    """An issue seen by the issues poll: new delegation, un-delegation, closing, reopening, or just new
+    fields. A status change or edit of an issue already being worked starts nothing (G-L2).
     `session_required` (app mode with trusted_actors): only a trusted agent session starts work,
     because the issue itself does not say who delegated it."""
     delegated = is_delegated(obs, ident)
@@ -2062,67 +2133,96 @@ def decide_issue(row: dict | None, obs: LinearIssue, ident: Identity, project_id
         base = Decision(fields={**fields, "project_id": project_id, "linear_id": obs.id,
                                 "factory_state": "delegated"})
         return _merge(base, start_work(None, "delegation", None, obs.key, now))
+    state = row["factory_state"]
     if closed:
-        if row["factory_state"] == closed:
+        if state == closed:
             return Decision(fields=fields)
         return _merge(Decision(fields=fields), close_issue(row, closed, obs.state_name or closed))
+    if closed_state(row.get("linear_state_type")) and state in CLOSED_STATES:
+        # Reopened in Linear: delegated to us -> work again; otherwise tracked, idle, until delegated.
+        if delegated and not session_required:
+            return _merge(Decision(fields=fields), start_work(row, "reopened in Linear", None, obs.key, now))
+        return Decision(fields={**fields, "factory_state": transition(state, "awaiting_input")},
+                        events=(("info", "intake", f"reopened in Linear ({obs.state_name}); waiting for a "
+                                                   "delegation or a prompt"),))
     if delegated and not row["delegated"]:
         if not _busy(row) and not session_required and \
-                row["factory_state"] in FINAL_STATES | {"delegated", "awaiting_input"}:
+                state in FINAL_STATES | {"delegated", "awaiting_input"}:
             return _merge(Decision(fields=fields), start_work(row, "delegation", None, obs.key, now))
-        return Decision(fields=fields, events=(("info", "intake", f"delegated again while {row['factory_state']}"),))
+        return Decision(fields=fields, events=(("info", "intake", f"delegated again while {state}"),))
     if not delegated and row["delegated"]:
         return _merge(Decision(fields=fields), stop_issue(row, "the issue was un-delegated"))
     return Decision(fields=fields)
 
 
+def stop_message(row: dict, reason: str) -> tuple:
+    """An inbox stop addressed to the issue's active run: it can never reach a later run."""
+    return ("stop", reason, None, "linear", None, row.get("active_run_id"))
+
+
 def close_issue(row: dict, final: str, state_name: str) -> Decision:
     fields = {"factory_state": transition(row["factory_state"], final), "pending_run_type": None,
               "pending_context": None, "pending_since": None, "not_before": None}
-    inbox = (("stop", f"the Linear issue moved to {state_name}", None, "linear", None),) \
-        if row.get("active_run_id") else ()
+    inbox = (stop_message(row, f"the Linear issue moved to {state_name}"),) if row.get("active_run_id") else ()
     return Decision(fields=fields, inbox=inbox,
                     events=(("info", "intake", f"Linear state {state_name}: issue is {final}"),))
 
 
 def stop_issue(row: dict, reason: str) -> Decision:
-    """A stop request: interrupts an active run, drops a pending one."""
-    inbox = (("stop", reason, None, "linear", None),) if row.get("active_run_id") else ()
+    """A stop request: interrupts an active run, drops a pending one, and is a no-op otherwise."""
+    if not row.get("active_run_id") and not row.get("pending_run_type"):
+        return Decision(events=(("info", "stop", f"stop requested ({reason}); nothing was running"),))
+    inbox = (stop_message(row, reason),) if row.get("active_run_id") else ()
     fields: dict = {"pending_run_type": None, "pending_context": None, "pending_since": None, "not_before": None}
     out: tuple[Outbound, ...] = ()
-    if not row.get("active_run_id") and row.get("pending_run_type"):
+    if not row.get("active_run_id"):
         out = (activity("response", f"Stopped: {reason}. No run was started."),)
-        fields["factory_state"] = transition(row["factory_state"], "awaiting_input")
+        if row["factory_state"] not in CLOSED_STATES:
+            fields["factory_state"] = transition(row["factory_state"], "awaiting_input")
     return Decision(fields=fields, inbox=inbox, outbox=out, events=(("info", "stop", f"stop requested: {reason}"),))
+
+
+def _prompt_message(body: str, author: str | None, source: str, source_id: str | None) -> tuple:
+    return ("prompt", body, author, source, source_id, None)
 
 
 def decide_session(row: dict | None, s: LinearSession, trusted: bool, project_id: str, prompt: str | None,
                    ident: Identity, now: str) -> Decision:
-    """A new agent session on a routed issue (delegation or mention)."""
+    """A new agent session on a routed issue. Linear opens one on delegation and on a mention. A session
+    on an issue delegated to us asks for work; a mention on an issue that is not delegated is answered
+    in the session (the message is kept for the agent) and starts nothing: work starts only on delegation."""
     key = s.issue.key if s.issue else "?"
     if not trusted:
-        return Decision(track=row is not None,
+        return Decision(track=row is not None, fields=observed_fields(s.issue, None) if s.issue else {},
                         events=(("warn", "trust", f"ignored agent session from untrusted actor "
                                                   f"{s.creator.label()}"),))
     obs = s.issue
-    fields = observed_fields(obs, is_delegated(obs, ident)) if obs else {}
+    delegated = is_delegated(obs, ident) if obs else False
+    fields = observed_fields(obs, delegated) if obs else {}
     fields["agent_session_id"] = s.id
     closed = closed_state(obs.state_type) if obs else None
-    if row is None:
-        if closed:
-            return Decision(track=False, events=(("info", "intake", f"session on closed issue {key} ignored"),))
-        base = Decision(fields={**fields, "project_id": project_id, "linear_id": obs.id,
-                                "factory_state": "delegated"})
-        return _merge(base, start_work(None, "agent session", prompt, key, now))
-    if closed or row["factory_state"] in CLOSED_STATES:
-        return Decision(fields=fields, outbox=(activity(
-            "response", f"{key} is already {row['factory_state'] if not closed else closed}; "
-                        "I am not starting new work on it. Reopen the issue and delegate it again to continue."),))
-    if _busy(row):
-        inbox = ((("prompt", prompt, s.creator.label(), "agent_session", f"session:{s.id}"),) if prompt else ())
+    if closed:
+        return Decision(fields=fields, track=row is not None, outbox=(activity(
+            "response", f"{key} is {closed} in Linear; I am not starting new work on it. Reopen the issue "
+                        "(and delegate it to me) to continue."),),
+            events=(("info", "intake", f"agent session on {closed} issue {key}: no run started"),))
+    inbox = (_prompt_message(prompt, s.creator.label(), "agent_session", f"session:{s.id}"),) if prompt else ()
+    if row is not None and _busy(row):
         return Decision(fields=fields, inbox=inbox, outbox=(activity(
             "thought", f"Already working on {key} ({row['factory_state'].replace('_', ' ')}); "
                        "I'll include your message."),))
+    if not delegated:
+        answer = activity("response", f"I only work on issues delegated to me. Delegate {key} to me to have me "
+                                      "implement it" + ("; I'll include your message." if prompt else "."))
+        if row is None:
+            return Decision(fields=fields, track=False, outbox=(answer,),
+                            events=(("info", "intake", f"mention on {key} (not delegated): answered, no run"),))
+        return Decision(fields=fields, inbox=inbox, outbox=(answer,),
+                        events=(("info", "intake", "mention (not delegated): answered, no run started"),))
+    if row is None:
+        base = Decision(fields={**fields, "project_id": project_id, "linear_id": obs.id,
+                                "factory_state": "delegated"})
+        return _merge(base, start_work(None, "agent session", prompt, key, now))
     return _merge(Decision(fields=fields), start_work(row, "agent session", prompt, key, now))
 
 
@@ -2135,10 +2235,11 @@ def decide_prompt(row: dict, a: LinearActivity, trusted: bool, now: str) -> Deci
     if a.signal == "stop":
         return stop_issue(row, f"stop requested in Linear by {a.user.label()}")
     if row["factory_state"] in CLOSED_STATES:
-        return Decision(outbox=(activity("response", f"{row['key']} is {row['factory_state']}; "
-                                                     "I am not starting new work on it."),),
+        return Decision(outbox=(activity("response", f"{row['key']} is {row['factory_state']}; I am not starting "
+                                                     "new work on it. Reopen the issue or delegate it to me "
+                                                     "again to continue."),),
                         events=(("info", "intake", "prompt on closed issue ignored"),))
-    msg = (("prompt", a.body, a.user.label(), "agent_prompt", a.id),)
+    msg = (_prompt_message(a.body, a.user.label(), "agent_prompt", a.id),)
     if row.get("active_run_id"):
         return Decision(inbox=msg, outbox=(activity("thought", "Passing your message to the running agent.",
                                                     ephemeral=True),))
@@ -2147,17 +2248,22 @@ def decide_prompt(row: dict, a: LinearActivity, trusted: bool, now: str) -> Deci
     return _merge(Decision(inbox=msg), start_work(row, "follow-up prompt", None, row["key"], now))
 
 
-def decide_comment(row: dict, c: LinearComment, trusted: bool, viewer_id: str) -> Decision:
-    """A new comment on a tracked issue: input for the agent, never a reason to start a run."""
-    if c.user.id == viewer_id or c.user.app or c.session_id:
-        return Decision()   # our own, another app's, or an agent-session thread (arrives as a prompt)
+def decide_comment(row: dict, c: LinearComment, trusted: bool, ident: Identity, now: str) -> Decision:
+    """A new comment on a tracked issue: input for the agent. It starts a run only where comments are the
+    conversation (user mode, no agent session) and the agent is waiting for an answer (awaiting_input)."""
+    if c.user.app or c.session_id or (ident.app_mode and c.user.id == ident.viewer_id):
+        return Decision()   # an app's (ours included) or an agent-session thread (arrives as a prompt)
     if not trusted:
         return Decision(events=(("warn", "trust", f"ignored comment from untrusted actor {c.user.label()}"),))
     if row["factory_state"] in CLOSED_STATES:
         return Decision(events=(("info", "intake", f"comment by {c.user.label()} on {row['factory_state']} "
                                                    "issue ignored; no run started"),))
-    return Decision(inbox=(("prompt", c.body, c.user.label(), "comment", c.id),),
-                    events=(("info", "intake", f"comment by {c.user.label()} queued for the agent"),))
+    msg = Decision(inbox=(_prompt_message(c.body, c.user.label(), "comment", c.id),),
+                   events=(("info", "intake", f"comment by {c.user.label()} queued for the agent"),))
+    if not ident.app_mode and not row.get("agent_session_id") and row["factory_state"] == "awaiting_input" \
+            and row.get("delegated") and not _busy(row):
+        return _merge(msg, start_work(row, "reply in a comment", None, row["key"], now))
+    return msg
 
 
 def decide_claim(row: dict, run_type: str, branch: str, worktree: str) -> Decision:
@@ -2343,28 +2449,31 @@ def linear_client(cfg: Config, store: Store | None) -> LinearClient:
 
 
 def apply_decision(store: Store, row: dict | None, d: Decision, run_id: int | None = None) -> int | None:
-    """Write one decision: issue fields, inbox, outbox and events, inside the caller's transaction."""
+    """Write one decision: issue fields, inbox, outbox and events, inside the caller's transaction.
+    A decision about an issue PatchRelay does not track may still answer in its agent session."""
     issue_id = row["id"] if row else None
     if row is None and d.track and d.fields.get("linear_id"):
         issue_id = store.insert_issue(d.fields)
     elif row is not None:
         store.update_issue(row["id"], d.fields)
     if issue_id is not None:
-        for kind, body, author, source, source_id in d.inbox:
-            store.add_inbox(issue_id, kind, body, author, source, source_id)
-        session = d.fields.get("agent_session_id") or (row or {}).get("agent_session_id")
-        for ob in d.outbox:
-            if ob.kind in ("activity", "plan"):
-                if session:
-                    store.add_outbox(issue_id, ob.kind, session, ob.payload)
-                elif ob.kind == "activity" and ob.payload["content"]["type"] != "thought":
-                    store.add_outbox(issue_id, "comment", None, {"body": ob.payload["content"]["body"]})
-            else:
-                store.add_outbox(issue_id, ob.kind, None, ob.payload)
+        for kind, body, author, source, source_id, *rest in d.inbox:
+            store.add_inbox(issue_id, kind, body, author, source, source_id, rest[0] if rest else None)
+    session = d.fields.get("agent_session_id") or (row or {}).get("agent_session_id")
+    for ob in d.outbox:
+        if ob.kind in ("activity", "plan"):
+            if session:
+                store.add_outbox(issue_id, ob.kind, session, ob.payload)
+            elif issue_id is not None and ob.kind == "activity" and ob.payload["content"]["type"] != "thought":
+                cid = store.add_outbox(issue_id, "comment", None, {"body": ob.payload["content"]["body"]})
+                # our own comment (user mode posts as the key's owner): intake must never read it as input
+                store.mark_seen(f"comment:{store.outbox_client_id(cid)}")
+        elif issue_id is not None:
+            store.add_outbox(issue_id, ob.kind, None, ob.payload)
+    key = (row or d.fields).get("key")
     for level, kind, message in d.events:
-        store.add_event(issue_id, kind, message, level, run_id)
-        getattr(log, "warning" if level == "warn" else level, log.info)(
-            "%s%s", f"{(row or d.fields).get('key', '')}: " if (row or d.fields).get("key") else "", message)
+        store.add_event(issue_id, kind, message, level, run_id, issue_key=key)
+        getattr(log, "warning" if level == "warn" else level, log.info)("%s%s", f"{key}: " if key else "", message)
     return issue_id
 
 
@@ -2435,96 +2544,55 @@ def intake(ctx: TickContext) -> dict:
             continue  # nothing new in this session since we last read it
         since = _minus(known["activity_cursor"], overlap) if known and known["activity_cursor"] else None
         session_acts[s.id] = lc.activities(s.id, since)
-    tracked = store.tracked_open_linear_ids()
+    tracked = store.tracked_linear_ids()          # done and canceled too: reopen / un-delegate must be seen
     issue_cursor = store.cursor_get("linear.issues")
     issues = lc.issues(issue_filter(cfg, ident, tracked, _minus(issue_cursor, overlap)))
     comment_cursor = store.cursor_get("linear.comments")
+    open_ids = store.tracked_open_linear_ids()
     unsynced = store.tracked_open_linear_ids(comments_synced=False)
-    synced = [i for i in tracked if i not in set(unsynced)]
-    comments = lc.comments(synced, _minus(comment_cursor, overlap), unsynced) if tracked else []
+    unsynced_set = set(unsynced)
+    synced = [i for i in open_ids if i not in unsynced_set]
+    comments = lc.comments(synced, _minus(comment_cursor, overlap), unsynced) if open_ids else []
     started = iso()
 
-    summary = {"sessions": len(ours), "issues": len(issues), "comments": len(comments), "queued": []}
-    with store.tx():
+    summary: dict[str, Any] = {"sessions": len(ours), "issues": len(issues), "comments": len(comments),
+                               "queued": [], "errors": []}
+    notes: list[str] = []   # printed only once the transaction that stored them has committed
+
+    def guarded(key: str | None, issue_linear_id: str | None, fn: Callable[[], None]) -> None:
+        """Apply one observation. A decision that fails (an illegal transition is a bug) is undone on its
+        own, recorded on its issue, and reported; every other issue's intake and the cursors still commit."""
+        mark = len(notes)
+        try:
+            with store.savepoint():
+                fn()
+        except (IllegalTransition, StoreError) as e:
+            del notes[mark:]
+            row = store.issue_by_linear_id(issue_linear_id) if issue_linear_id else None
+            store.add_event(row["id"] if row else None, "intake", f"could not apply a Linear change: {e}", "error",
+                            issue_key=key)
+            summary["errors"].append(f"{key or '?'}: {e}")
+            log.error("%s: could not apply a Linear change: %s", key or "?", e)
+
+    with store.tx(deferred=ctx.dry_run):
         now = iso()
         for s in sorted(ours, key=lambda x: x.created_at):
-            known = store.session(s.id)
             if s.id not in session_acts:
                 continue
-            acts = session_acts[s.id]
             obs = s.issue
-            project = resolve_project(cfg, obs.key, obs.team_key, obs.team_id) if obs else None
-            if project is None:
-                if not known:
-                    store.upsert_session(s.id, None, s.creator.label(), False, s.updated_at, s.updated_at)
-                    msg = f"{obs.key if obs else '?'}: agent session but no project routes it " \
-                          "(check issue_key_prefixes / linear_team_keys / linear_team_ids)"
-                    store.add_event(None, "intake", msg, "warn")
-                    ctx.note(msg)
-                continue
-            row = store.issue_by_linear_id(obs.id)
-            if known is None:
-                trusted = actor_trusted(project.trusted_actors, s.creator.id, s.creator.name, s.creator.email)
-                prompts = [a for a in acts if a.type == "prompt" and not a.user.app]
-                prompt = "\n\n".join(a.body for a in prompts if a.body.strip()) or (s.comment_body or None)
-                d = decide_session(row, s, trusted, project.id, prompt, ident, now)
-                issue_id = apply_decision(store, row, d)
-                for a in acts:
-                    store.mark_seen(f"activity:{a.id}")
-                store.upsert_session(s.id, issue_id, s.creator.label(), trusted,
-                                     max([a.created_at for a in acts] + [s.created_at]), s.updated_at)
-                if d.fields.get("pending_run_type"):
-                    summary["queued"].append(obs.key)
-                    ctx.note(f"{obs.key}: new agent session -> implementation queued")
-                elif not trusted:
-                    ctx.note(f"{obs.key}: ignored session from untrusted {s.creator.label()}")
-                continue
-            for a in acts:
-                if store.seen(f"activity:{a.id}"):
-                    continue
-                store.mark_seen(f"activity:{a.id}")
-                row = store.issue_by_linear_id(obs.id)
-                if row is None:
-                    continue
-                trusted = actor_trusted(project.trusted_actors, a.user.id, a.user.name, a.user.email)
-                d = decide_prompt(row, a, trusted, now)
-                apply_decision(store, row, d)
-                if d.fields.get("pending_run_type"):
-                    summary["queued"].append(row["key"])
-                    ctx.note(f"{row['key']}: follow-up prompt -> implementation queued")
-            store.upsert_session(s.id, None, s.creator.label(), bool(known["trusted"]),
-                                 max([a.created_at for a in acts] + [known["activity_cursor"] or ""]) or None,
-                                 s.updated_at)
+            guarded(obs.key if obs else None, obs.id if obs else None,
+                    lambda s=s, obs=obs: _intake_session(ctx, s, obs, session_acts[s.id], ident, now, summary, notes))
         for obs in sorted(issues, key=lambda i: i.updated_at or ""):
-            row = store.issue_by_linear_id(obs.id)
-            project = cfg.project(row["project_id"]) if row and any(p.id == row["project_id"] for p in cfg.projects) \
-                else resolve_project(cfg, obs.key, obs.team_key, obs.team_id)
-            if project is None:
-                if row is None and is_delegated(obs, ident):
-                    key = f"unrouted:{obs.id}"
-                    if not store.seen(key):
-                        store.mark_seen(key)
-                        store.add_event(None, "intake", f"{obs.key}: delegated but no project routes it "
-                                                        "(check issue_key_prefixes / linear_team_keys)", "warn")
-                        ctx.note(f"{obs.key}: delegated but no project routes it")
-                continue
-            d = decide_issue(row, obs, ident, project.id, now,
-                             session_required=ident.app_mode and project.trusted_actors.configured)
-            apply_decision(store, row, d)
-            if d.fields.get("pending_run_type"):
-                summary["queued"].append(obs.key)
-                ctx.note(f"{obs.key}: delegated -> implementation queued")
-        by_linear = {}
+            guarded(obs.key, obs.id, lambda obs=obs: _intake_issue(ctx, obs, ident, now, summary, notes))
         for c in comments:
             if store.seen(f"comment:{c.id}"):
                 continue
             store.mark_seen(f"comment:{c.id}")
-            row = by_linear.get(c.issue_linear_id) or store.issue_by_linear_id(c.issue_linear_id)
+            row = store.issue_by_linear_id(c.issue_linear_id)
             if row is None:
                 continue
-            project = cfg.project(row["project_id"])
-            trusted = actor_trusted(project.trusted_actors, c.user.id, c.user.name, c.user.email)
-            apply_decision(store, row, decide_comment(row, c, trusted, viewer.id))
+            guarded(row["key"], row["linear_id"], lambda c=c, row=row: _intake_comment(ctx, c, row, ident, now, summary,
+                                                                                       notes))
         # Cursors advance in the same transaction that stored what was read.
         store.cursor_set("linear.sessions",
                          max([s.updated_at for s in sessions if s.updated_at] + [sess_cursor or ""]) or started)
@@ -2532,14 +2600,99 @@ def intake(ctx: TickContext) -> dict:
                          _minus(started, 0))
         if comments or comment_cursor:
             store.cursor_set("linear.comments", max([c.created_at for c in comments] + [comment_cursor or ""]))
-        elif tracked:
+        elif open_ids:
             store.cursor_set("linear.comments", started)
         store.mark_comments_synced(unsynced)
         store.meta_set("linear.viewer_id", viewer.id)
         store.meta_set("linear.mode", "app" if app_mode else "user")
-        if ctx.dry_run:
-            raise _DryRunRollback()
+    for n in notes:
+        ctx.note(n)
     return summary
+
+
+def _intake_session(ctx: TickContext, s: LinearSession, obs: LinearIssue | None, acts: list[LinearActivity],
+                    ident: Identity, now: str, summary: dict, notes: list[str]) -> None:
+    cfg, store = ctx.cfg, ctx.store
+    known = store.session(s.id)
+    project = resolve_project(cfg, obs.key, obs.team_key, obs.team_id) if obs else None
+    if project is None:
+        if not known:
+            store.upsert_session(s.id, None, s.creator.label(), False, s.updated_at, s.updated_at)
+            msg = f"{obs.key if obs else '?'}: agent session but no project routes it " \
+                  "(check issue_key_prefixes / linear_team_keys / linear_team_ids)"
+            store.add_event(None, "intake", msg, "warn", issue_key=obs.key if obs else None)
+            notes.append(msg)
+        return
+    row = store.issue_by_linear_id(obs.id)
+    if known is None:
+        trusted = actor_trusted(project.trusted_actors, s.creator.id, s.creator.name, s.creator.email)
+        prompts = [a for a in acts if a.type == "prompt" and not a.user.app]
+        prompt = "\n\n".join(a.body for a in prompts if a.body.strip()) or (s.comment_body or None)
+        d = decide_session(row, s, trusted, project.id, prompt, ident, now)
+        issue_id = apply_decision(store, row, d)
+        for a in acts:
+            store.mark_seen(f"activity:{a.id}")
+        store.upsert_session(s.id, issue_id, s.creator.label(), trusted,
+                             max([a.created_at for a in acts] + [s.created_at]), s.updated_at)
+        if d.fields.get("pending_run_type"):
+            summary["queued"].append(obs.key)
+            notes.append(f"{obs.key}: new agent session -> implementation queued")
+        elif not trusted:
+            notes.append(f"{obs.key}: ignored session from untrusted {s.creator.label()}")
+        elif d.outbox:
+            notes.append(f"{obs.key}: agent session answered, no run started")
+        return
+    for a in acts:
+        if store.seen(f"activity:{a.id}"):
+            continue
+        store.mark_seen(f"activity:{a.id}")
+        row = store.issue_by_linear_id(obs.id)
+        if row is None:
+            continue
+        trusted = actor_trusted(project.trusted_actors, a.user.id, a.user.name, a.user.email)
+        d = decide_prompt(row, a, trusted, now)
+        apply_decision(store, row, d)
+        if d.fields.get("pending_run_type"):
+            summary["queued"].append(row["key"])
+            notes.append(f"{row['key']}: follow-up prompt -> implementation queued")
+    store.upsert_session(s.id, None, s.creator.label(), bool(known["trusted"]),
+                         max([a.created_at for a in acts] + [known["activity_cursor"] or ""]) or None, s.updated_at)
+
+
+def _intake_issue(ctx: TickContext, obs: LinearIssue, ident: Identity, now: str, summary: dict,
+                  notes: list[str]) -> None:
+    cfg, store = ctx.cfg, ctx.store
+    row = store.issue_by_linear_id(obs.id)
+    project = cfg.project(row["project_id"]) if row and any(p.id == row["project_id"] for p in cfg.projects) \
+        else resolve_project(cfg, obs.key, obs.team_key, obs.team_id)
+    if project is None:
+        if row is None and is_delegated(obs, ident):
+            key = f"unrouted:{obs.id}"
+            if not store.seen(key):
+                store.mark_seen(key)
+                store.add_event(None, "intake", f"{obs.key}: delegated but no project routes it "
+                                                "(check issue_key_prefixes / linear_team_keys)", "warn",
+                                issue_key=obs.key)
+                notes.append(f"{obs.key}: delegated but no project routes it")
+        return
+    d = decide_issue(row, obs, ident, project.id, now,
+                     session_required=ident.app_mode and project.trusted_actors.configured)
+    apply_decision(store, row, d)
+    if d.fields.get("pending_run_type"):
+        summary["queued"].append(obs.key)
+        trigger = json.loads(d.fields["pending_context"])["trigger"]
+        notes.append(f"{obs.key}: {'delegated' if trigger == 'delegation' else trigger} -> implementation queued")
+
+
+def _intake_comment(ctx: TickContext, c: LinearComment, row: dict, ident: Identity, now: str, summary: dict,
+                    notes: list[str]) -> None:
+    project = ctx.cfg.project(row["project_id"])
+    trusted = actor_trusted(project.trusted_actors, c.user.id, c.user.name, c.user.email)
+    d = decide_comment(row, c, trusted, ident, now)
+    apply_decision(ctx.store, row, d)
+    if d.fields.get("pending_run_type"):
+        summary["queued"].append(row["key"])
+        notes.append(f"{row['key']}: reply in a comment -> implementation queued")
 
 
 class _DryRunRollback(Exception):
@@ -2673,7 +2826,7 @@ def publish(cfg: Config, store: Store, client: LinearClient | None, issue_id: in
                     with store.tx():
                         store.add_event(issue["id"], "linear", f"moved the Linear issue to {moved}")
             elif row["kind"] == "comment":
-                client.create_comment(issue["linear_id"], payload["body"])
+                client.create_comment(row["client_id"], issue["linear_id"], payload["body"])
             else:
                 raise LinearError(f"unknown outbox kind {row['kind']}")
         except LinearError as e:
@@ -2704,36 +2857,59 @@ def publish_quietly(cfg: Config, store: Store, issue_id: int) -> None:
 
 
 def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
+    """One pass. A dry run takes every step against a transaction that is rolled back at the end, so it
+    shows what the pass would do (launches of the runs its own intake would queue included) and what it
+    would cost in API requests, and changes nothing."""
     ctx = TickContext(cfg, store, dry_run)
     report: dict[str, Any] = {"result": "ok", "dry_run": dry_run, "steps": {}, "errors": []}
     tick_id = None if dry_run else store.start_tick()
 
     def step(name: str, fn: Callable[[TickContext], dict]) -> None:
         try:
-            report["steps"][name] = fn(ctx)
-        except _DryRunRollback:
-            report["steps"][name] = {"dry_run": True}
+            result = report["steps"][name] = fn(ctx)
         except PatchRelayError as e:
             report["result"] = "failed"
             report["errors"].append(f"{name}: {e}")
             report["steps"][name] = {"error": str(e)}
             log.info("%s failed: %s", name, e)  # the CLI prints the error once
+            return
         except Exception as e:  # noqa: BLE001 - a step's bug must not stop the other steps
             report["result"] = "failed"
             report["errors"].append(f"{name}: {type(e).__name__}: {redact(str(e))}")
             report["steps"][name] = {"error": f"{type(e).__name__}: {e}"}
             log.exception("%s failed", name)
+            return
+        for err in (result or {}).get("errors") or ():   # a step that went on past one issue's failure
+            report["result"] = "failed"
+            report["errors"].append(f"{name}: {err}")
 
-    step("reconcile", reconcile)
-    step("intake", intake)
-    step("launch", launch)
+    def steps() -> None:
+        step("reconcile", reconcile)
+        step("intake", intake)
+        step("launch", launch)
+        if dry_run:
+            queued = store.outbox_queued()
+            writes = sum(2 if o["kind"] == "issue_state" else 1 for o in queued)
+            reads = ctx._linear.requests_made if ctx._linear else 0
+            report["steps"]["publish"] = {"would_send": len(queued)}
+            report["api_cost"] = {"linear_reads": reads, "linear_writes": writes, "linear_requests": reads + writes}
+            if queued:
+                ctx.note(f"would send {len(queued)} queued Linear message(s)")
+            ctx.note(f"would cost {reads + writes} Linear request(s): {reads} read(s) made, "
+                     f"up to {writes} write(s) to send")
+        else:
+            step("publish", lambda c: publish(cfg, store, c.linear(), None) if store.outbox_queued() else
+                 {"sent": 0, "failed": 0, "queued": 0})
+
     if dry_run:
-        report["steps"]["publish"] = {"would_send": len(store.outbox_queued())}
-        if store.outbox_queued():
-            ctx.note(f"would send {len(store.outbox_queued())} queued Linear message(s)")
+        try:
+            with store.tx(deferred=True):
+                steps()
+                raise _DryRunRollback()
+        except _DryRunRollback:
+            pass
     else:
-        step("publish", lambda c: publish(cfg, store, c.linear(), None) if store.outbox_queued() else
-             {"sent": 0, "failed": 0, "queued": 0})
+        steps()
     report["actions"] = ctx.actions
     if tick_id is not None:
         store.end_tick(tick_id, report["result"], {k: v for k, v in report.items() if k != "actions"})
@@ -2857,7 +3033,7 @@ class TurnDriver:
 
     def _check_inbox(self, thread_id: str, turn_id: str) -> None:
         assert self.app is not None
-        for m in self.store.pending_inbox(self.issue["id"]):
+        for m in self.store.pending_stops(self.issue["id"], self.run_id):
             if m["kind"] == "stop":
                 self.stop_reason = m["body"] or "stop requested"
                 with self.store.tx():
@@ -3033,6 +3209,7 @@ def finish_run(cfg: Config, store: Store, run_id: int, outcome: RunOutcome, item
                                   **({"tokens": json.dumps(tokens)} if tokens else {})})
         d = decide_run_end(row, run, outcome, cfg.runner, utcnow())
         apply_decision(store, row, d, run_id)
+        store.drop_stops(issue["id"], run_id)
     publish_quietly(cfg, store, issue["id"])
     echo(f"run {run_id} {run_status}" + (f": {outcome.reason}" if outcome.reason else ""))
     return {"run_id": run_id, "status": run_status, "outcome": outcome.status, "reason": outcome.reason,
@@ -3282,7 +3459,7 @@ def status(c: Ctx, as_json: bool) -> None:
     keys = {r["id"]: r["key"] for r in store.issues_all()}
     outbox = [{"id": o["id"], "issue": keys.get(o["issue_id"]), "kind": o["kind"], "status": o["status"],
                "attempts": o["attempts"], "last_error": o["last_error"]}
-              for o in store.outbox_queued() + [x for x in store._all("SELECT * FROM outbox WHERE status = 'failed'")]]
+              for o in store.outbox_queued() + store.outbox_failed()]
     api = [{"api": b["api"], "requests_remaining": b["requests_remaining"], "requests_limit": b["requests_limit"],
             "complexity_remaining": b["complexity_remaining"], "reset_at": b["reset_at"],
             "limited_until": b["limited_until"], "last_error": b["last_error"]} for b in store.budgets()]
@@ -3329,7 +3506,20 @@ def _age(seconds: float | None) -> str:
 def show(c: Ctx, issue: str, as_json: bool) -> None:
     """Everything known about one issue, and its event log."""
     store = c.store()
-    row = _issue_or_fail(store, issue)
+    row = store.issue_by_key(issue)
+    if row is None:
+        # Not tracked: what PatchRelay saw of it (ignored sessions, unrouted delegations), if anything.
+        evs = [{"at": e["at"], "level": e["level"], "kind": e["kind"], "message": e["message"]}
+               for e in store.events_for_key(issue)]
+        if not evs:
+            raise UsageError(f"issue {issue}: not tracked by PatchRelay and never seen (see `patchrelay status`)")
+        if as_json:
+            _dump({"issue": None, "key": issue.upper(), "tracked": False, "events": evs})
+            return
+        click.echo(f"{issue.upper()}: not tracked by PatchRelay\n\nEvents:")
+        for e in evs:
+            click.echo(f"  {e['at']} {e['level']:5} {e['kind']:9} {e['message']}")
+        return
     runs = [{k: r[k] for k in ("id", "run_type", "status", "attempt", "trigger", "thread_id", "claimed_at",
                                "started_at", "ended_at", "failure_reason", "summary", "worker_pid")}
             for r in store.runs_for_issue(row["id"])]

@@ -172,7 +172,7 @@ def test_closing_an_issue_with_an_active_run_interrupts_it():
     r = row(factory_state="implementing", active_run_id=3)
     d = pr.decide_issue(r, obs(state_type="completed", state_name="Done"), APP_IDENT, "app", NOW)
     assert d.fields["factory_state"] == "done"
-    assert [(k, src) for k, _, _, src, _ in d.inbox] == [("stop", "linear")]
+    assert [(k, src, run) for k, _, _, src, _, run in d.inbox] == [("stop", "linear", 3)]   # addressed to run 3
 
 
 def test_undelegation_drops_a_pending_run_and_says_so():
@@ -226,16 +226,23 @@ def test_trusted_new_session_starts_work_with_its_request():
 
 def test_session_on_a_closed_issue_is_answered_not_worked():
     d = pr.decide_session(None, session(obs(state_type="completed")), True, "app", "x", APP_IDENT, NOW)
-    assert d.track is False and d.outbox == ()
-    d = pr.decide_session(row(factory_state="done"), session(), True, "app", "x", APP_IDENT, NOW)
+    assert d.track is False and kinds(d) == [("activity", "response")] and "pending_run_type" not in d.fields
+    d = pr.decide_session(row(factory_state="done"), session(obs(state_type="completed")), True, "app", "x",
+                          APP_IDENT, NOW)
     assert "pending_run_type" not in d.fields and kinds(d) == [("activity", "response")]
+    assert "Reopen the issue" in body(d, "response")
+
+
+def test_session_on_a_done_issue_that_linear_reopened_starts_work():
+    d = pr.decide_session(row(factory_state="done"), session(), True, "app", "x", APP_IDENT, NOW)
+    assert d.fields["factory_state"] == "delegated" and d.fields["pending_run_type"] == "implementation"
 
 
 def test_session_on_a_busy_issue_becomes_a_message():
     d = pr.decide_session(row(factory_state="implementing", active_run_id=3), session(), True, "app",
                           "and tests", APP_IDENT, NOW)
     assert "pending_run_type" not in d.fields
-    assert [(k, b, src) for k, b, _, src, _ in d.inbox] == [("prompt", "and tests", "agent_session")]
+    assert [(k, b, src) for k, b, _, src, _, _ in d.inbox] == [("prompt", "and tests", "agent_session")]
     assert kinds(d) == [("activity", "thought")]
 
 
@@ -286,20 +293,20 @@ def test_prompt_on_an_idle_issue_starts_a_follow_up_run():
                                comment(user=Actor("bot", "Other bot", None, app=True)),
                                comment(session_id="sess-1")], ids=["own", "other-app", "session-thread"])
 def test_comments_that_are_not_for_the_agent_are_ignored(c):
-    assert pr.decide_comment(row(), c, True, APP) == Decision()
+    assert pr.decide_comment(row(), c, True, APP_IDENT, NOW) == Decision()
 
 
 def test_comment_becomes_a_message_and_never_starts_a_run():
     for state in ("delegated", "awaiting_input", "implementing", "failed"):
-        d = pr.decide_comment(row(factory_state=state), comment(), True, APP)
-        assert [(k, b, a, src, sid) for k, b, a, src, sid in d.inbox] == \
+        d = pr.decide_comment(row(factory_state=state), comment(), True, APP_IDENT, NOW)
+        assert [(k, b, a, src, sid) for k, b, a, src, sid, _ in d.inbox] == \
             [("prompt", "a detail", "Alice Smith", "comment", "c-1")]
         assert d.fields == {} and d.outbox == ()
 
 
 @pytest.mark.parametrize("trusted, state", [(False, "delegated"), (True, "done"), (True, "canceled")])
 def test_untrusted_comment_or_comment_on_a_closed_issue_is_only_logged(trusted, state):
-    d = pr.decide_comment(row(factory_state=state), comment(), trusted, APP)
+    d = pr.decide_comment(row(factory_state=state), comment(), trusted, APP_IDENT, NOW)
     assert d.inbox == () and d.outbox == () and d.fields == {} and len(d.events) == 1
 
 

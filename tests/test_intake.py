@@ -63,6 +63,14 @@ def show_fails(world, key):
     return r.stderr
 
 
+def show_untracked(world, key):
+    """`show KEY` for an issue PatchRelay saw but does not track: exit 0, "not tracked", and what it saw."""
+    r = cli_inproc(world, "show", key)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith(f"{key}: not tracked by PatchRelay"), r.stdout
+    return r.stdout
+
+
 def pause(world):
     """Track and acknowledge, launch nothing (the config as edited so far is written)."""
     world.config["runner"]["paused"] = True
@@ -220,7 +228,8 @@ def test_issue_of_an_unrouted_team_is_not_tracked_in_a_multi_project_config(worl
     assert tracked(world) == {}
     assert world.activity_types(session) == []
     assert world.linear.state_of(issue)["name"] == "Todo"
-    assert show_fails(world, "ZZZ-1").startswith("patchrelay: issue ZZZ-1: not tracked")
+    assert "no project routes it" in show_untracked(world, "ZZZ-1")
+    assert show_fails(world, "ZZZ-2").startswith("patchrelay: issue ZZZ-2: not tracked")
 
 
 def test_unrouted_delegation_is_reported_to_the_operator(world):
@@ -244,7 +253,7 @@ def test_session_from_untrusted_actor_starts_nothing_and_posts_nothing(world):
     out = tick(world)
     assert "APP-1: ignored session from untrusted Mallory" in out.stdout
     assert status(world)["issues"] == []
-    assert show_fails(world, "APP-1").startswith("patchrelay: issue APP-1: not tracked")
+    assert "ignored agent session from untrusted actor Mallory" in show_untracked(world, "APP-1")
     assert world.activity_types(session) == []
     assert world.linear.plans_for(session) == []
     assert world.linear.issue_updates == [] and world.linear.state_of(issue)["name"] == "Todo"

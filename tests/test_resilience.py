@@ -266,7 +266,8 @@ def test_tick_json_report_shape(world):
     assert set(report) == {"result", "dry_run", "steps", "errors", "actions"}
     assert report["result"] == "ok" and report["dry_run"] is False and report["errors"] == []
     assert set(report["steps"]) == {"reconcile", "intake", "launch", "publish"}
-    assert report["steps"]["intake"] == {"sessions": 1, "issues": 1, "comments": 0, "queued": ["APP-1"]}
+    assert report["steps"]["intake"] == {"sessions": 1, "issues": 1, "comments": 0, "queued": ["APP-1"],
+                                              "errors": []}
     assert report["steps"]["launch"] == {"paused": True, "launched": [], "waiting": ["APP-1"]}
     assert report["steps"]["publish"] == {"sent": 3, "failed": 0, "queued": 0, "busy": 0}
     assert report["actions"] == ["APP-1: new agent session -> implementation queued"]
