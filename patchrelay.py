@@ -2193,7 +2193,7 @@ def decide_session(row: dict | None, s: LinearSession, trusted: bool, project_id
     in the session (the message is kept for the agent) and starts nothing: work starts only on delegation."""
     key = s.issue.key if s.issue else "?"
     if not trusted:
-        return Decision(track=row is not None, fields=observed_fields(s.issue, None) if s.issue else {},
+        return Decision(track=row is not None,
                         events=(("warn", "trust", f"ignored agent session from untrusted actor "
                                                   f"{s.creator.label()}"),))
     obs = s.issue
@@ -2448,7 +2448,8 @@ def linear_client(cfg: Config, store: Store | None) -> LinearClient:
     return LinearClient(cfg.linear, token, on_budget)
 
 
-def apply_decision(store: Store, row: dict | None, d: Decision, run_id: int | None = None) -> int | None:
+def apply_decision(store: Store, row: dict | None, d: Decision, run_id: int | None = None,
+                   key: str | None = None) -> int | None:
     """Write one decision: issue fields, inbox, outbox and events, inside the caller's transaction.
     A decision about an issue PatchRelay does not track may still answer in its agent session."""
     issue_id = row["id"] if row else None
@@ -2470,7 +2471,7 @@ def apply_decision(store: Store, row: dict | None, d: Decision, run_id: int | No
                 store.mark_seen(f"comment:{store.outbox_client_id(cid)}")
         elif issue_id is not None:
             store.add_outbox(issue_id, ob.kind, None, ob.payload)
-    key = (row or d.fields).get("key")
+    key = (row or d.fields).get("key") or key
     for level, kind, message in d.events:
         store.add_event(issue_id, kind, message, level, run_id, issue_key=key)
         getattr(log, "warning" if level == "warn" else level, log.info)("%s%s", f"{key}: " if key else "", message)
@@ -2629,7 +2630,7 @@ def _intake_session(ctx: TickContext, s: LinearSession, obs: LinearIssue | None,
         prompts = [a for a in acts if a.type == "prompt" and not a.user.app]
         prompt = "\n\n".join(a.body for a in prompts if a.body.strip()) or (s.comment_body or None)
         d = decide_session(row, s, trusted, project.id, prompt, ident, now)
-        issue_id = apply_decision(store, row, d)
+        issue_id = apply_decision(store, row, d, key=obs.key)
         for a in acts:
             store.mark_seen(f"activity:{a.id}")
         store.upsert_session(s.id, issue_id, s.creator.label(), trusted,
