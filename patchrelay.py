@@ -214,6 +214,7 @@ class ProjectConfig:
     linear_team_keys: tuple[str, ...]
     linear_team_ids: tuple[str, ...]
     trusted_actors: TrustedActors
+    trusted_reviewers: tuple[str, ...] = ()
 
     @property
     def has_routing(self) -> bool:
@@ -231,6 +232,7 @@ class LinearConfig:
     timeout: float = 30.0
     retry_attempts: int = 4
     retry_max_wait: float = 30.0
+    review_state: str = "In Review"
 
 
 @dataclass(frozen=True)
@@ -240,6 +242,15 @@ class GitHubConfig:
     token_env: str = "GITHUB_TOKEN"
     use_gh_cli: bool = True
     timeout: float = 30.0
+    retry_attempts: int = 3
+    retry_max_wait: float = 30.0
+    poll_interval: float = 30.0
+    draft_prs: bool = False
+    auto_merge: bool = False
+    review_quiet_seconds: float = 60.0
+    ci_repair_budget: int = 2
+    queue_repair_budget: int = 2
+    review_fix_budget: int = 3
 
 
 @dataclass(frozen=True)
@@ -417,7 +428,7 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
     top = _Section(raw, "", ["linear", "github", "codex", "database", "runner", "projects"])
 
     ls = top.sub("linear", ["api_url", "token_env", "mode", "delegation", "delegation_label", "poll_overlap",
-                            "timeout", "retry"])
+                            "timeout", "retry", "review_state"])
     lr = ls.sub("retry", ["attempts", "max_wait"])
     delegation = ls.strlist("delegation", LinearConfig.delegation)
     for i, d in enumerate(delegation):
@@ -433,9 +444,13 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
         timeout=ls.num("timeout", 30.0, minimum=0.1),
         retry_attempts=lr.num("attempts", 4, minimum=1, integer=True),
         retry_max_wait=lr.num("max_wait", 30.0, minimum=0),
+        review_state=ls.str("review_state", LinearConfig.review_state),
     )
 
-    gs = top.sub("github", ["api_url", "graphql_url", "token_env", "use_gh_cli", "timeout"])
+    gs = top.sub("github", ["api_url", "graphql_url", "token_env", "use_gh_cli", "timeout", "retry", "poll_interval",
+                            "draft_prs", "auto_merge", "review_quiet_seconds", "ci_repair_budget",
+                            "queue_repair_budget", "review_fix_budget"])
+    gr = gs.sub("retry", ["attempts", "max_wait"])
     gh_api = _url(gs, "api_url", GitHubConfig.api_url).rstrip("/")
     github = GitHubConfig(
         api_url=gh_api,
@@ -443,6 +458,15 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
         token_env=_envname(gs, "token_env", GitHubConfig.token_env),
         use_gh_cli=gs.bool("use_gh_cli", True),
         timeout=gs.num("timeout", 30.0, minimum=0.1),
+        retry_attempts=gr.num("attempts", 3, minimum=1, integer=True),
+        retry_max_wait=gr.num("max_wait", 30.0, minimum=0),
+        poll_interval=gs.num("poll_interval", 30.0, minimum=0),
+        draft_prs=gs.bool("draft_prs", False),
+        auto_merge=gs.bool("auto_merge", False),
+        review_quiet_seconds=gs.num("review_quiet_seconds", 60.0, minimum=0),
+        ci_repair_budget=gs.num("ci_repair_budget", 2, minimum=0, integer=True),
+        queue_repair_budget=gs.num("queue_repair_budget", 2, minimum=0, integer=True),
+        review_fix_budget=gs.num("review_fix_budget", 3, minimum=0, integer=True),
     )
 
     cs = top.sub("codex", ["bin", "args", "home", "model", "model_provider", "approval_policy",
@@ -516,7 +540,8 @@ def _envname(s: _Section, k: str, default: str) -> str:
 
 def _parse_project(raw: Any, path: str, base: Path | None) -> ProjectConfig:
     s = _Section(raw, path, ["id", "repo_path", "github_repo", "base_branch", "worktree_root", "branch_prefix",
-                             "issue_key_prefixes", "linear_team_keys", "linear_team_ids", "trusted_actors"])
+                             "issue_key_prefixes", "linear_team_keys", "linear_team_ids", "trusted_actors",
+                             "trusted_reviewers"])
     pid = s.str("id", required=True)
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", pid):
         raise ConfigError(f"{path}.id: expected letters, digits, '.', '_' or '-', got {pid!r}")
@@ -545,6 +570,7 @@ def _parse_project(raw: Any, path: str, base: Path | None) -> ProjectConfig:
         linear_team_ids=s.strlist("linear_team_ids"),
         trusted_actors=TrustedActors(ids=ta.strlist("ids"), names=ta.strlist("names"), emails=emails,
                                      email_domains=tuple(d.lstrip("@") for d in ta.strlist("email_domains"))),
+        trusted_reviewers=tuple(x.lstrip("@").lower() for x in s.strlist("trusted_reviewers")),
     )
 
 
@@ -806,13 +832,29 @@ ALTER TABLE events ADD COLUMN issue_key TEXT;
 CREATE INDEX events_key ON events(issue_key COLLATE NOCASE, id);
 """
 
-MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2]
+SCHEMA_V3 = """
+ALTER TABLE issues ADD COLUMN pr_node_id TEXT;
+ALTER TABLE issues ADD COLUMN pr_head_sha TEXT;
+ALTER TABLE issues ADD COLUMN pr_review TEXT;
+ALTER TABLE issues ADD COLUMN pr_ci TEXT;
+ALTER TABLE issues ADD COLUMN pr_queue TEXT;
+ALTER TABLE issues ADD COLUMN gh_snapshot TEXT;
+ALTER TABLE issues ADD COLUMN gh_observed_at TEXT;
+ALTER TABLE issues ADD COLUMN gh_action TEXT;
+ALTER TABLE issues ADD COLUMN pushed_sha TEXT;
+ALTER TABLE issues ADD COLUMN pushed_at TEXT;
+ALTER TABLE issues ADD COLUMN repair_counts TEXT NOT NULL DEFAULT '{}';
+"""
+
+MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3]
 
 ISSUE_COLUMNS = frozenset({
     "project_id", "linear_id", "key", "title", "description", "url", "team_id", "team_key", "linear_state",
     "linear_state_type", "delegated", "factory_state", "pending_run_type", "pending_context", "pending_since",
     "not_before", "active_run_id", "agent_session_id", "branch", "worktree", "thread_id", "pr_number", "pr_url",
-    "pr_state", "ci_repair_attempts", "queue_repair_attempts", "retries", "comments_synced"})
+    "pr_state", "ci_repair_attempts", "queue_repair_attempts", "retries", "comments_synced", "pr_node_id",
+    "pr_head_sha", "pr_review", "pr_ci", "pr_queue", "gh_snapshot", "gh_observed_at", "gh_action", "pushed_sha",
+    "pushed_at", "repair_counts"})
 RUN_COLUMNS = frozenset({
     "status", "trigger", "context", "prompt", "attempt", "worker_pid", "worker_started", "appserver_pid",
     "appserver_started", "thread_id", "turn_ids", "head_before", "started_at", "turn_started_at", "heartbeat_at",
@@ -980,6 +1022,11 @@ class Store:
             raise StoreError(f"unknown issue columns {sorted(bad)}")
         sets = ", ".join(f"{k} = ?" for k in fields)
         self.db.execute(f"UPDATE issues SET {sets}, updated_at = ? WHERE id = ?", [*fields.values(), iso(), issue_id])
+
+    def github_watched(self) -> list[dict]:
+        """Issues GitHub is observed for: a pull request, or a pushed branch that needs one."""
+        return self._all("SELECT * FROM issues WHERE factory_state NOT IN ('done', 'canceled') AND branch IS NOT NULL "
+                         "AND (pr_number IS NOT NULL OR factory_state = 'ready_for_pr') ORDER BY id")
 
     def runnable_issues(self, now: str) -> list[dict]:
         return self._all(
@@ -1536,23 +1583,39 @@ class LinearClient:
         if not (data.get("agentActivityCreate") or {}).get("success"):
             raise LinearError("Linear agentActivityCreate: success=false")
 
+    def add_session_link(self, session_id: str, label: str, url: str) -> None:
+        data = self.query(M_PLAN, {"id": session_id, "input": {"addedExternalUrls": [{"label": label, "url": url}]}})
+        if not (data.get("agentSessionUpdate") or {}).get("success"):
+            raise LinearError("Linear agentSessionUpdate: success=false")
+
     def update_plan(self, session_id: str, plan: list[dict]) -> None:
         data = self.query(M_PLAN, {"id": session_id, "input": {"plan": plan}})
         if not (data.get("agentSessionUpdate") or {}).get("success"):
             raise LinearError("Linear agentSessionUpdate: success=false")
 
-    def move_to_started(self, issue_linear_id: str) -> str | None:
-        """Move the issue to its team's first `started` state unless it is already started or closed."""
+    def move_issue(self, issue_linear_id: str, name: str | None = None, type: str = "started") -> str | None:
+        """Move the issue to its team's state called `name` (when the team has one), else to the team's first
+        state of `type`. Never moves a closed issue, nor backwards: an issue already started is not
+        "started" again, an issue already completed is not completed again."""
         issue = self.query(Q_ISSUE_STATES, {"id": issue_linear_id}).get("issue")
         if not issue:
             raise LinearError(f"Linear issue {issue_linear_id}: not found")
-        if (issue.get("state") or {}).get("type") in ("started", "completed", "canceled"):
+        current = issue.get("state") or {}
+        if current.get("type") in ("completed", "canceled"):
             return None
-        states = [s for s in ((issue.get("team") or {}).get("states") or {}).get("nodes") or []
-                  if s.get("type") == "started"]
-        if not states:
-            return None
-        target = min(states, key=lambda s: s.get("position") or 0)
+        states = ((issue.get("team") or {}).get("states") or {}).get("nodes") or []
+        if name:
+            named = [s for s in states if (s.get("name") or "").lower() == name.lower()]
+            if not named or named[0].get("id") == current.get("id"):
+                return None
+            target = named[0]
+        else:
+            if current.get("type") == type:
+                return None
+            typed = [s for s in states if s.get("type") == type]
+            if not typed:
+                return None
+            target = min(typed, key=lambda s: s.get("position") or 0)
         data = self.query(M_ISSUE_STATE, {"id": issue_linear_id, "stateId": target["id"]})
         if not (data.get("issueUpdate") or {}).get("success"):
             raise LinearError("Linear issueUpdate: success=false")
@@ -1609,26 +1672,398 @@ def _int_header(headers: Mapping[str, str], name: str) -> int | None:
 
 
 # ============================================================== github
-# GitHub access: the token (environment or `gh auth token`) and a REST check
-# used by `doctor`. Pull-request observation builds on this client.
+# The GitHub client (requests + tenacity): one batched GraphQL query per
+# repository and up to 50 branches / pull requests, REST only where GraphQL has
+# nothing (opening a PR, job logs, reruns). Primary and secondary rate limits,
+# 5xx and timeouts are handled here. Returns frozen observations; decides nothing.
+
+class GitHubRateLimited(GitHubError):
+    def __init__(self, message: str, until: float):
+        super().__init__(message)
+        self.until = until
+
+
+@dataclass(frozen=True)
+class CheckObs:
+    name: str
+    status: str                 # COMPLETED | IN_PROGRESS | QUEUED | ... (statuses: PENDING or COMPLETED)
+    conclusion: str | None      # SUCCESS | FAILURE | ... (statuses mapped to SUCCESS / FAILURE)
+    required: bool = False
+    url: str | None = None
+    job_id: int | None = None   # the GitHub Actions job id (REST check-run id)
+    app: str | None = None
+    title: str | None = None
+    summary: str | None = None
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class ReviewObs:
+    id: str
+    state: str
+    body: str
+    author: str
+    association: str
+    submitted_at: str
+    commit: str | None
+    comments: tuple[tuple[str, int | None, str], ...] = ()     # (path, line, body)
+
+
+@dataclass(frozen=True)
+class PullRequestObs:
+    number: int
+    node_id: str
+    url: str
+    state: str                  # OPEN | CLOSED | MERGED
+    merged: bool
+    draft: bool
+    head_ref: str
+    head_sha: str
+    base_ref: str
+    head_repo: str | None
+    author: str | None
+    mergeable: str | None       # MERGEABLE | CONFLICTING | UNKNOWN
+    review_decision: str | None
+    in_queue: bool
+    queue_state: str | None
+    checks: tuple[CheckObs, ...] = ()
+    base_checks: tuple[CheckObs, ...] = ()
+    reviews: tuple[ReviewObs, ...] = ()
+    threads: tuple[tuple[str, int | None, str, str, str], ...] = ()     # unresolved: (path, line, body, author, assoc)
+    comments: tuple[tuple[str, str, str, str, str], ...] = ()          # (id, author, assoc, body, created_at)
+    removals: tuple[tuple[str, str, str], ...] = ()                   # merge-queue removals: (id, at, reason)
+
+
+_CHECK_NODES = """__typename
+          ... on CheckRun { databaseId name status conclusion detailsUrl title summary text%s
+                            checkSuite { app { slug } } }
+          ... on StatusContext { context state targetUrl description%s }"""
+
+_PR_FIELDS = """id number url state merged isDraft headRefName headRefOid baseRefName mergeable reviewDecision
+    headRepository { nameWithOwner } author { login } isInMergeQueue mergeQueueEntry { state position }
+    reviews(last: 30) { nodes { id state body submittedAt authorAssociation author { login } commit { oid }
+      comments(first: 50) { nodes { path line originalLine body } } } }
+    reviewThreads(first: 50) { nodes { isResolved path line
+      comments(first: 10) { nodes { body authorAssociation author { login } } } } }
+    comments(last: 30) { nodes { id body createdAt authorAssociation author { login } } }
+    timelineItems(last: 10, itemTypes: [REMOVED_FROM_MERGE_QUEUE_EVENT]) {
+      nodes { __typename ... on RemovedFromMergeQueueEvent { id createdAt reason } } }"""
+
+
+def _pr_selection(number: int | None) -> str:
+    """The fields read for one pull request. Checks (with `isRequired`, which needs the PR number) only
+    when the number is known; a PR found by branch is read again by number on the next observation."""
+    if number is None:
+        return _PR_FIELDS
+    req = f" isRequired(pullRequestNumber: {int(number)})"
+    return _PR_FIELDS + """
+    commits(last: 1) { nodes { commit { oid statusCheckRollup { state contexts(first: 100) { nodes {
+          %s } } } } } }
+    baseRef { target { ... on Commit { oid statusCheckRollup { contexts(first: 100) { nodes {
+          %s } } } } } }""" % (_CHECK_NODES % (req, req), _CHECK_NODES % ("", ""))
+
+
+def observe_document(items: list[tuple[str, str, int | None]]) -> tuple[str, dict]:
+    """One GraphQL document for (alias, branch, pr_number) items of one repository (and whether the base
+    branch has a merge queue)."""
+    var_defs, variables, parts = ["$owner: String!", "$name: String!", "$base: String!"], {}, []
+    parts.append("    mergeQueue(branch: $base) { id }")
+    for alias, branch, number in items:
+        if number is not None:
+            parts.append(f"    {alias}: pullRequest(number: {int(number)}) {{ {_pr_selection(number)} }}")
+        else:
+            var_defs.append(f"${alias}: String!")
+            variables[alias] = branch
+            parts.append(f"    {alias}: pullRequests(headRefName: ${alias}, first: 5, states: [OPEN, MERGED, CLOSED], "
+                         f"orderBy: {{field: CREATED_AT, direction: DESC}}) {{ nodes {{ {_pr_selection(None)} }} }}")
+    doc = ("query PatchRelayPullRequests(" + ", ".join(var_defs) + ") {\n"
+           "  rateLimit { limit cost remaining resetAt }\n"
+           "  repository(owner: $owner, name: $name) {\n" + "\n".join(parts) + "\n  }\n}")
+    return doc, variables
+
+
+M_ENQUEUE = """mutation PatchRelayEnqueue($id: ID!) {
+  enqueuePullRequest(input: {pullRequestId: $id}) { mergeQueueEntry { id state } }
+}"""
+M_AUTO_MERGE = """mutation PatchRelayAutoMerge($id: ID!) {
+  enablePullRequestAutoMerge(input: {pullRequestId: $id}) { pullRequest { id } }
+}"""
+Q_GH_VIEWER = "query PatchRelayGitHubViewer { viewer { login } }"
+Q_GH_REPO = """query PatchRelayRepository($owner: String!, $name: String!) {
+  repository(owner: $owner, name: $name) { nameWithOwner viewerPermission mergeQueue { url } }
+}"""
+
 
 class GitHubClient:
-    def __init__(self, cfg: GitHubConfig, token: str | None):
-        self.cfg = cfg
+    def __init__(self, cfg: GitHubConfig, token: str | None, on_budget: Callable[[dict], None] | None = None):
+        self.cfg, self.on_budget = cfg, on_budget
         self.http = requests.Session()
         self.http.headers.update({"Accept": "application/vnd.github+json", "User-Agent": f"patchrelay/{__version__}",
                                   "X-GitHub-Api-Version": "2022-11-28"})
         if token:
             self.http.headers["Authorization"] = f"Bearer {token}"
+        self.requests_made = 0
+        self.host = re.sub(r"^https?://", "", cfg.api_url).split("/")[0]
 
-    def viewer_login(self) -> str:
+    # ---- transport
+    def _send(self, method: str, url: str, what: str, **kw: Any) -> requests.Response:
+        def attempt() -> requests.Response:
+            self.requests_made += 1
+            try:
+                resp = self.http.request(method, url, timeout=self.cfg.timeout, **kw)
+            except requests.RequestException as e:
+                raise _Transient(GitHubError(f"GitHub {what} ({self.host}): transport error: {type(e).__name__}"))
+            self._record(resp)
+            limited = self._rate_limit(resp, what)
+            if limited is not None:
+                if self.on_budget:
+                    self.on_budget({"limited_until": iso(dt.datetime.fromtimestamp(limited.until, dt.timezone.utc)),
+                                    "last_error": str(limited)})
+                wait = limited.until - time.time()
+                if wait > self.cfg.retry_max_wait:
+                    raise limited
+                raise _Transient(limited, wait)
+            if resp.status_code >= 500:
+                raise _Transient(GitHubError(f"GitHub {what} ({self.host}): HTTP {resp.status_code}"),
+                                 _retry_after(resp.headers))
+            return resp
+        retrying = tenacity.Retrying(stop=tenacity.stop_after_attempt(self.cfg.retry_attempts),
+                                     wait=self._wait, retry=tenacity.retry_if_exception_type(_Transient),
+                                     reraise=True)
         try:
-            r = self.http.get(self.cfg.api_url + "/user", timeout=self.cfg.timeout)
-        except requests.RequestException as e:
-            raise GitHubError(f"GitHub GET /user: transport error: {type(e).__name__}") from None
-        if r.status_code != 200:
-            raise GitHubError(f"GitHub GET /user: HTTP {r.status_code}")
+            return retrying(attempt)
+        except _Transient as t:
+            raise t.err from None
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, _Transient) and exc.wait is not None:
+            return min(max(exc.wait, 0.0), self.cfg.retry_max_wait)
+        return min(self.cfg.retry_max_wait, 0.5 * (2 ** (state.attempt_number - 1)))
+
+    def _rate_limit(self, resp: requests.Response, what: str) -> GitHubRateLimited | None:
+        """Primary (remaining 0 -> until reset) and secondary limits (403/429 with retry-after or the
+        secondary-limit message -> at least a minute)."""
+        if resp.status_code not in (403, 429):
+            return None
+        text = resp.text[:2000].lower() if resp.content else ""
+        retry_after = _retry_after(resp.headers)
+        if retry_after is not None or "secondary rate limit" in text or resp.status_code == 429:
+            return GitHubRateLimited(f"GitHub {what} ({self.host}): secondary rate limit",
+                                     time.time() + max(60.0, retry_after or 0.0))
+        if resp.headers.get("x-ratelimit-remaining") == "0" or "rate limit" in text:
+            reset = _int_header(resp.headers, "x-ratelimit-reset")
+            return GitHubRateLimited(f"GitHub {what} ({self.host}): rate limit exhausted",
+                                     float(reset) if reset and reset > time.time() else time.time() + 60.0)
+        return None
+
+    def _record(self, resp: requests.Response) -> None:
+        if not self.on_budget:
+            return
+        h, fields = resp.headers, {}
+        for col, name in (("requests_limit", "x-ratelimit-limit"), ("requests_remaining", "x-ratelimit-remaining")):
+            v = _int_header(h, name)
+            if v is not None:
+                fields[col] = v
+        reset = _int_header(h, "x-ratelimit-reset")
+        if reset:
+            fields["reset_at"] = iso(dt.datetime.fromtimestamp(reset, dt.timezone.utc))
+        if fields:
+            self.on_budget(fields)
+
+    def graphql(self, document: str, variables: Mapping[str, Any] | None = None) -> dict:
+        op = re.search(r"(?:query|mutation)\s+(\w+)", document)
+        what = op.group(1) if op else "graphql"
+        resp = self._send("POST", self.cfg.graphql_url, what, json={"query": document, "variables": dict(variables or {})})
+        try:
+            body = resp.json()
+        except ValueError:
+            raise GitHubError(f"GitHub {what} ({self.host}): HTTP {resp.status_code}, not JSON") from None
+        if not isinstance(body, dict):
+            raise GitHubError(f"GitHub {what} ({self.host}): unexpected response shape")
+        errors = body.get("errors") or []
+        if errors and not isinstance(errors, list):
+            errors = [{"message": str(errors)}]
+        if any(isinstance(e, dict) and e.get("type") == "RATE_LIMITED" for e in errors):
+            reset = _int_header(resp.headers, "x-ratelimit-reset")
+            err = GitHubRateLimited(f"GitHub {what} ({self.host}): GraphQL rate limit",
+                                    float(reset) if reset and reset > time.time() else time.time() + 60.0)
+            if self.on_budget:
+                self.on_budget({"limited_until": iso(dt.datetime.fromtimestamp(err.until, dt.timezone.utc)),
+                                "last_error": str(err)})
+            raise err
+        if resp.status_code == 401:
+            raise GitHubError(f"GitHub {what} ({self.host}): bad credentials (check the GitHub token)")
+        if errors and not body.get("data"):
+            msg = "; ".join(one_line(str((e or {}).get("message") if isinstance(e, dict) else e), 200) for e in errors)
+            raise GitHubError(f"GitHub {what} ({self.host}): {msg}")
+        if resp.status_code >= 400 or not isinstance(body.get("data"), dict):
+            raise GitHubError(f"GitHub {what} ({self.host}): HTTP {resp.status_code} without data")
+        if self.on_budget:
+            self.on_budget({"limited_until": None, "last_error": None})
+        return body["data"]
+
+    def rest(self, method: str, path: str, ok: Iterable[int] = (200,), **kw: Any) -> requests.Response:
+        what = f"{method} {re.sub(r'/[0-9a-f]{40}', '/<sha>', path)}"
+        resp = self._send(method, self.cfg.api_url + path, what, **kw)
+        if resp.status_code == 401:
+            raise GitHubError(f"GitHub {what} ({self.host}): bad credentials (check the GitHub token)")
+        if resp.status_code not in tuple(ok):
+            try:
+                detail = (resp.json() or {}).get("message") or ""
+            except ValueError:
+                detail = ""
+            raise GitHubError(f"GitHub {what} ({self.host}): HTTP {resp.status_code}"
+                              + (f": {one_line(detail, 200)}" if detail else ""))
+        return resp
+
+    # ---- reads
+    def viewer_login(self) -> str:
+        r = self.rest("GET", "/user")
         return (r.json() or {}).get("login") or "?"
+
+    def repository(self, full_name: str) -> dict | None:
+        owner, name = full_name.split("/", 1)
+        try:
+            return self.graphql(Q_GH_REPO, {"owner": owner, "name": name}).get("repository")
+        except GitHubError as e:
+            if "Could not resolve" in str(e) or "NOT_FOUND" in str(e):
+                return None
+            raise
+
+    def observe(self, full_name: str, base: str, items: list[tuple[str, int | None]]
+                ) -> tuple[dict[str, PullRequestObs | None], bool]:
+        """The pull request of each (branch, pr_number) item, keyed by branch, one request per 50 items;
+        and whether `base` has a merge queue."""
+        owner, name = full_name.split("/", 1)
+        out: dict[str, PullRequestObs | None] = {}
+        has_queue = False
+        for start in range(0, len(items), 50):
+            chunk = items[start:start + 50]
+            aliased = [(f"i{n}", b, num) for n, (b, num) in enumerate(chunk)]
+            doc, variables = observe_document(aliased)
+            data = self.graphql(doc, {"owner": owner, "name": name, "base": base, **variables})
+            repo = data.get("repository")
+            if not isinstance(repo, dict):
+                raise GitHubError(f"GitHub PatchRelayPullRequests ({self.host}): repository {full_name} not found")
+            has_queue = bool(repo.get("mergeQueue"))
+            for alias, branch, number in aliased:
+                if alias not in repo:
+                    raise GitHubError(f"GitHub PatchRelayPullRequests ({self.host}): response without {alias}")
+                node = repo[alias]
+                if number is None:
+                    nodes = [n for n in ((node or {}).get("nodes") or []) if isinstance(n, dict)
+                             and (n.get("headRepository") or {}).get("nameWithOwner", full_name).lower()
+                             == full_name.lower()]
+                    nodes.sort(key=lambda n: {"OPEN": 0, "MERGED": 1}.get(n.get("state"), 2))
+                    node = nodes[0] if nodes else None
+                out[branch] = _pr_obs(node) if node else None
+        return out, has_queue
+
+    def find_open_pr(self, full_name: str, branch: str) -> dict | None:
+        owner = full_name.split("/", 1)[0]
+        r = self.rest("GET", f"/repos/{full_name}/pulls", params={"head": f"{owner}:{branch}", "state": "open"})
+        prs = r.json() if isinstance(r.json(), list) else []
+        return prs[0] if prs else None
+
+    def job_log(self, full_name: str, job_id: int) -> str:
+        r = self.rest("GET", f"/repos/{full_name}/actions/jobs/{int(job_id)}/logs")
+        return r.text
+
+    # ---- writes
+    def create_pr(self, full_name: str, head: str, base: str, title: str, body: str, draft: bool) -> dict:
+        """Open the PR, or return the open PR that already exists for this head (a resend after a crash or
+        a lost response, or one a person opened): never a second PR."""
+        resp = self.rest("POST", f"/repos/{full_name}/pulls", ok=(201, 422),
+                         json={"title": title, "head": head, "base": base, "body": body, "draft": draft})
+        if resp.status_code == 201:
+            return resp.json()
+        existing = self.find_open_pr(full_name, head)
+        if existing:
+            return existing
+        try:
+            detail = json.dumps((resp.json() or {}).get("errors") or resp.json())
+        except ValueError:
+            detail = resp.text
+        raise GitHubError(f"GitHub POST /repos/{full_name}/pulls ({self.host}): HTTP 422: {one_line(detail, 300)}")
+
+    def rerun_job(self, full_name: str, job_id: int) -> None:
+        self.rest("POST", f"/repos/{full_name}/actions/jobs/{int(job_id)}/rerun", ok=(201,))
+
+    def merge_when_ready(self, node_id: str, queue: bool) -> None:
+        self.graphql(M_ENQUEUE if queue else M_AUTO_MERGE, {"id": node_id})
+
+
+def _pr_obs(n: dict) -> PullRequestObs:
+    """A pull request node -> observation. A node without the fields asked for is a GitHubError."""
+    try:
+        def checks(commit: dict | None) -> tuple[CheckObs, ...]:
+            roll = (commit or {}).get("statusCheckRollup") or {}
+            out = []
+            for c in ((roll.get("contexts") or {}).get("nodes") or []):
+                if not isinstance(c, dict):
+                    continue
+                if c.get("__typename") == "StatusContext":
+                    st = c.get("state")
+                    out.append(CheckObs(name=c.get("context") or "?",
+                                        status="PENDING" if st in ("PENDING", "EXPECTED") else "COMPLETED",
+                                        conclusion=None if st in ("PENDING", "EXPECTED") else
+                                        ("SUCCESS" if st == "SUCCESS" else "FAILURE"),
+                                        required=bool(c.get("isRequired")), url=c.get("targetUrl"),
+                                        summary=c.get("description")))
+                else:
+                    out.append(CheckObs(name=c.get("name") or "?", status=c.get("status") or "COMPLETED",
+                                        conclusion=c.get("conclusion"), required=bool(c.get("isRequired")),
+                                        url=c.get("detailsUrl"), job_id=c.get("databaseId"),
+                                        app=((c.get("checkSuite") or {}).get("app") or {}).get("slug"),
+                                        title=c.get("title"), summary=c.get("summary"), text=c.get("text")))
+            return tuple(out)
+        head_commit = None
+        for cn in ((n.get("commits") or {}).get("nodes") or []):
+            head_commit = (cn or {}).get("commit")
+        base_commit = ((n.get("baseRef") or {}).get("target") or None)
+        reviews = tuple(ReviewObs(
+            id=r["id"], state=r.get("state") or "", body=r.get("body") or "",
+            author=((r.get("author") or {}).get("login") or "").lower(), association=r.get("authorAssociation") or "",
+            submitted_at=r.get("submittedAt") or "", commit=(r.get("commit") or {}).get("oid"),
+            comments=tuple((c.get("path") or "", c.get("line") or c.get("originalLine"), c.get("body") or "")
+                           for c in ((r.get("comments") or {}).get("nodes") or []) if isinstance(c, dict)))
+            for r in ((n.get("reviews") or {}).get("nodes") or []) if isinstance(r, dict))
+        threads = []
+        for t in ((n.get("reviewThreads") or {}).get("nodes") or []):
+            if not isinstance(t, dict) or t.get("isResolved"):
+                continue
+            for c in ((t.get("comments") or {}).get("nodes") or []):
+                threads.append((t.get("path") or "", t.get("line"), c.get("body") or "",
+                                ((c.get("author") or {}).get("login") or "").lower(), c.get("authorAssociation") or ""))
+        comments = tuple((c.get("id") or "", ((c.get("author") or {}).get("login") or "").lower(),
+                          c.get("authorAssociation") or "", c.get("body") or "", c.get("createdAt") or "")
+                         for c in ((n.get("comments") or {}).get("nodes") or []) if isinstance(c, dict))
+        removals = tuple((e.get("id") or "", e.get("createdAt") or "", e.get("reason") or "removed")
+                         for e in ((n.get("timelineItems") or {}).get("nodes") or [])
+                         if isinstance(e, dict) and e.get("__typename") == "RemovedFromMergeQueueEvent")
+        entry = n.get("mergeQueueEntry") or {}
+        return PullRequestObs(
+            number=int(n["number"]), node_id=n["id"], url=n["url"], state=n["state"], merged=bool(n.get("merged")),
+            draft=bool(n.get("isDraft")), head_ref=n["headRefName"], head_sha=n["headRefOid"],
+            base_ref=n.get("baseRefName") or "", head_repo=(n.get("headRepository") or {}).get("nameWithOwner"),
+            author=((n.get("author") or {}).get("login") or "").lower() or None, mergeable=n.get("mergeable"),
+            review_decision=n.get("reviewDecision"), in_queue=bool(n.get("isInMergeQueue")),
+            queue_state=entry.get("state"), checks=checks(head_commit), base_checks=checks(base_commit),
+            reviews=reviews, threads=tuple(threads), comments=comments, removals=removals)
+    except (KeyError, TypeError, ValueError) as e:
+        raise GitHubError(f"GitHub PatchRelayPullRequests: unexpected pull request shape ({type(e).__name__}: {e})") \
+            from None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_LOG_TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z ?", re.M)
+
+
+def log_tail(text: str, secrets: Iterable[str] = (), lines: int = 150, limit: int = 8000) -> str:
+    """The end of a CI log, as the agent needs it: no ANSI colours, no timestamps, secrets redacted."""
+    clean = _LOG_TS.sub("", _ANSI.sub("", text or ""))
+    return redact(tail(clean, lines, limit), secrets)
 
 
 def git_push_env(cfg: Config, remote_url: str) -> dict[str, str]:
@@ -1937,6 +2372,51 @@ def commit_all(path: Path, message: str, runner: RunnerConfig) -> bool:
     if p.returncode != 0:
         raise GitError(f"git commit failed in {path}: {one_line(p.stderr or p.stdout, 500)}")
     return True
+
+
+def merge_base_into(path: Path, base: str, runner: RunnerConfig) -> list[str]:
+    """Fetch the base branch and merge it into the worktree's branch (no rebase, so no force-push is ever
+    needed). Returns the conflicted paths; on conflicts the markers stay for the agent to resolve."""
+    run_git(["fetch", "--quiet", "origin", base], path, timeout=300)
+    ident = ["-c", f"user.name={runner.git_author_name}", "-c", f"user.email={runner.git_author_email}"]
+    has_ident = run_git(["config", "user.email"], path, check=False).returncode == 0
+    p = run_git([*([] if has_ident else ident), "merge", "--no-edit", "--no-ff", f"origin/{base}"], path, check=False,
+                timeout=300)
+    conflicts = [ln for ln in run_git(["diff", "--name-only", "--diff-filter=U"], path).stdout.splitlines() if ln]
+    if p.returncode != 0 and not conflicts:
+        raise GitError(f"git merge origin/{base} failed in {path}: {one_line(p.stderr or p.stdout, 400)}")
+    return conflicts
+
+
+_CONFLICT_MARKER = re.compile(r"^(<{7}|>{7})( |$)", re.M)
+
+
+def unresolved_conflicts(path: Path) -> list[str]:
+    """Unmerged or changed files that still hold conflict markers (the agent cannot `git add`, so an
+    unmerged path whose markers are gone counts as resolved; PatchRelay stages it when it commits)."""
+    out = set()
+    candidates = set(ln for ln in run_git(["diff", "--name-only", "--diff-filter=U"], path).stdout.splitlines() if ln)
+    candidates |= {ln[3:] for ln in run_git(["status", "--porcelain", "--no-renames"], path).stdout.splitlines()}
+    for f in candidates:
+        p = path / f
+        try:
+            if p.is_file() and p.stat().st_size < 5_000_000 and _CONFLICT_MARKER.search(p.read_text(errors="replace")):
+                out.add(f)
+        except OSError:
+            pass
+    return sorted(out)
+
+
+def remove_worktree(project: ProjectConfig, path: Path, branch: str | None) -> str:
+    """After a merge: remove the worktree and the local branch, unless anything in it is uncommitted."""
+    if not path.is_dir():
+        return "no worktree"
+    if run_git(["status", "--porcelain"], path, check=False).stdout.strip():
+        return "kept: it has uncommitted changes"
+    run_git(["worktree", "remove", str(path)], project.repo_path)
+    if branch:
+        run_git(["branch", "-D", branch], project.repo_path, check=False)
+    return "removed"
 
 
 def unpushed(path: Path, branch: str) -> bool:
@@ -2322,6 +2802,13 @@ def decide_run_end(row: dict, run: dict, out: RunOutcome, runner: RunnerConfig, 
                                                         + (f" Work so far is on `{branch}`." if out.has_work else "")),
                                                plan(rt, "awaiting_input")),
                         events=(("info", "run", f"{label} run stopped: {out.reason}"),))
+    if out.status == "completed" and rt != "implementation" and not out.new_commits:
+        fields["factory_state"] = transition(state, "awaiting_input")
+        body = (summary[:2000] or "I did not change anything.") + \
+            f"\n\nThe {run_label(rt)} run pushed nothing, so the pull request is unchanged. Reply here to tell me " \
+            "how to proceed, or push a fix yourself."
+        return Decision(fields=fields, outbox=(activity("elicitation", body), plan(rt, "awaiting_input")),
+                        events=(("warn", "run", f"{label} run pushed nothing; awaiting input"),))
     if out.status == "completed" and out.has_work:
         target = "pr_open" if row.get("pr_number") else "ready_for_pr"
         fields["factory_state"] = transition(state, target)
@@ -2338,6 +2825,207 @@ def decide_run_end(row: dict, run: dict, out: RunOutcome, runner: RunnerConfig, 
         body += "\n\nI made no changes. Reply here to tell me how to proceed."
     return Decision(fields=fields, outbox=(activity("elicitation", body), plan(rt, "awaiting_input")),
                     events=(("info", "run", f"{label} run needs input"),))
+
+
+# ---- GitHub: pull-request decisions. Pure: the issue row, the stored snapshot and a fresh observation in;
+# a Decision (state, pending reactive run, Linear messages, new snapshot) out.
+
+PASSING = frozenset({"SUCCESS", "NEUTRAL", "SKIPPED"})
+TRUSTED_ASSOCIATIONS = frozenset({"OWNER", "MEMBER", "COLLABORATOR"})
+
+
+def ci_state(checks: Iterable[CheckObs]) -> tuple[str, tuple[CheckObs, ...]]:
+    """(none | pending | failure | success, failing checks) over the required checks, or all when the
+    branch has none required. Nothing is decided until every counted check has completed."""
+    checks = tuple(checks)
+    relevant = tuple(c for c in checks if c.required) or checks
+    if not relevant:
+        return "none", ()
+    if any(c.status != "COMPLETED" for c in relevant):
+        return "pending", ()
+    failing = tuple(c for c in relevant if (c.conclusion or "") not in PASSING)
+    return ("failure" if failing else "success"), failing
+
+
+def reviewer_trusted(login: str, association: str, trusted_reviewers: tuple[str, ...]) -> bool:
+    if trusted_reviewers:
+        return login.lower() in trusted_reviewers
+    return association in TRUSTED_ASSOCIATIONS
+
+
+@dataclass(frozen=True)
+class PullRequestDecision:
+    decision: Decision
+    snapshot: dict
+    failing: tuple[CheckObs, ...] = ()       # checks whose logs the ci_repair prompt needs
+    merge_when_ready: bool = False
+    cleanup: bool = False
+
+
+def pr_fields(obs: PullRequestObs, ci: str) -> dict:
+    return {"pr_number": obs.number, "pr_url": obs.url, "pr_node_id": obs.node_id, "pr_head_sha": obs.head_sha,
+            "pr_state": obs.state.lower(), "pr_review": obs.review_decision, "pr_ci": ci,
+            "pr_queue": (obs.queue_state or "QUEUED") if obs.in_queue else None}
+
+
+def decide_pr_opened(row: dict, obs: PullRequestObs | dict, review_state: str, adopted_from: str | None) -> Decision:
+    """A PR opened by PatchRelay (or a person's PR for the issue branch, adopted): record it, tell Linear."""
+    number = obs.number if isinstance(obs, PullRequestObs) else obs["number"]
+    url = obs.url if isinstance(obs, PullRequestObs) else obs["html_url"]
+    fields = {"pr_number": number, "pr_url": url, "pr_state": "open",
+              "factory_state": transition(row["factory_state"], "pr_open")
+              if row["factory_state"] == "ready_for_pr" else row["factory_state"]}
+    if isinstance(obs, PullRequestObs):
+        fields.update(pr_node_id=obs.node_id, pr_head_sha=obs.head_sha)
+    else:
+        fields.update(pr_node_id=obs.get("node_id"), pr_head_sha=(obs.get("head") or {}).get("sha"))
+    said = f"Found pull request #{number}, opened by {adopted_from}; I'll watch it: {url}" if adopted_from \
+        else f"Opened pull request #{number}: {url}"
+    return Decision(fields=fields, outbox=(activity("response", said),
+                                           Outbound("session_link", {"label": f"Pull request #{number}", "url": url}),
+                                           Outbound("issue_state", {"name": review_state})),
+                    events=(("info", "github", said),))
+
+
+def decide_pull_request(row: dict, snap: dict, obs: PullRequestObs, gh: GitHubConfig,
+                        trusted_reviewers: tuple[str, ...], now: dt.datetime) -> PullRequestDecision:
+    """What a fresh observation of the issue's PR means. Reactive runs are decided only while the issue
+    is idle (no active or pending run); what changed meanwhile is decided from the snapshot after it."""
+    state, head, n = row["factory_state"], obs.head_sha, obs.number
+    ci, failing = ci_state(obs.checks)
+    fields = pr_fields(obs, ci)
+    active = bool(row.get("active_run_id"))
+    if obs.merged or obs.state == "MERGED":
+        fields.update(factory_state=transition(state, "done"), pending_run_type=None, pending_context=None,
+                      pending_since=None, not_before=None)
+        inbox = (stop_message(row, f"pull request #{n} was merged"),) if active else ()
+        return PullRequestDecision(Decision(
+            fields=fields, inbox=inbox,
+            outbox=(activity("response", f"Pull request #{n} was merged. Done."), plan("implementation", "completed"),
+                    Outbound("issue_state", {"type": "completed"})),
+            events=(("info", "github", f"pull request #{n} merged: done"),)), {**snap, "head": head, "state": "MERGED"},
+            cleanup=True)
+    if obs.state == "CLOSED":
+        fields.update(factory_state=transition(state, "failed"), pending_run_type=None, pending_context=None,
+                      pending_since=None, not_before=None)
+        inbox = (stop_message(row, f"pull request #{n} was closed"),) if active else ()
+        return PullRequestDecision(Decision(
+            fields=fields, inbox=inbox,
+            outbox=(activity("error", f"Pull request #{n} was closed without merging. I stopped working on it; the "
+                                      f"worktree and branch `{row.get('branch')}` are kept. Reopen the pull request "
+                                      "and run `patchrelay retry`, or delegate the issue again."),),
+            events=(("warn", "github", f"pull request #{n} closed without merging: failed"),)),
+            {**snap, "head": head, "state": "CLOSED"})
+    if active or row.get("pending_run_type"):
+        return PullRequestDecision(Decision(fields=fields), snap)   # decided from the fresh snapshot after the run
+
+    acted = {k: (list(v) if isinstance(v, list) else v) for k, v in (snap.get("acted") or {}).items()}
+    counts = json.loads(row.get("repair_counts") or "{}")
+    events: list[tuple[str, str, str]] = []
+    if snap.get("head") and snap["head"] != head and head != row.get("pushed_sha"):
+        if counts:
+            events.append(("info", "github", f"head {head[:8]} was pushed by someone else: repair budgets reset"))
+        counts = {}
+    if ci == "success":
+        counts = {k: v for k, v in counts.items() if not k.startswith("ci:")}
+    new_snap = {"head": head, "state": obs.state, "ci": ci, "in_queue": obs.in_queue,
+                "checks": {c.name: c.conclusion or c.status for c in obs.checks}, "acted": acted}
+
+    def done(d: Decision, **kw: Any) -> PullRequestDecision:
+        d = _merge(Decision(fields={**fields, "repair_counts": json.dumps(counts, sort_keys=True)},
+                            events=tuple(events)), d)
+        return PullRequestDecision(d, new_snap, **kw)
+
+    def reactive(run_type: str, budget_key: str, budget: int, what: str, context: dict, **kw: Any
+                 ) -> PullRequestDecision:
+        used = counts.get(budget_key, 0)
+        label = run_label(run_type)
+        if used >= budget:
+            target = transition(state, "escalated")
+            return done(Decision(fields={"factory_state": target}, outbox=(activity(
+                "error", f"{what} on pull request #{n}, and {used} {label} run(s) did not fix it (budget "
+                         f"{budget}). A person needs to look: fix it on `{row.get('branch')}` and push, or run "
+                         f"`patchrelay retry {row['key']} --type {run_type}` to give me another try."),),
+                events=(("warn", "github", f"{what}: {label} budget of {budget} used up; escalated"),)), **kw)
+        counts[budget_key] = used + 1
+        ctx = {"trigger": what, "attempt": 1, "head": head, **context}
+        return done(Decision(
+            fields={"pending_run_type": run_type, "pending_context": json.dumps(ctx), "pending_since": iso(now),
+                    "not_before": None, "retries": 0,
+                    **({"factory_state": transition(state, "pr_open")} if state in ("ready_for_pr",) else {})},
+            outbox=(activity("thought", f"{what} on pull request #{n}; starting a {label} run "
+                                        f"({used + 1} of {budget})."),),
+            events=(("info", "github", f"{what}: {label} queued ({used + 1} of {budget})"),)), **kw)
+
+    removals = [r for r in obs.removals if r[0] not in acted.get("removals", [])]
+    if removals and not obs.in_queue:
+        acted["removals"] = acted.get("removals", []) + [r[0] for r in removals]
+        reason = removals[-1][2]
+        return reactive("queue_repair", f"queue:{reason}", gh.queue_repair_budget,
+                        f"removed from the merge queue ({reason})", {"queue_reason": reason})
+    if obs.mergeable == "CONFLICTING" and acted.get("conflict_head") != head and not obs.in_queue:
+        acted["conflict_head"] = head
+        return reactive("queue_repair", "queue:conflict", gh.queue_repair_budget,
+                        "merge conflict with the base branch", {"queue_reason": "conflicts with the base branch"})
+    if obs.in_queue:
+        if state != "awaiting_queue" and "awaiting_queue" in TRANSITIONS.get(state, ()):
+            return done(Decision(fields={"factory_state": "awaiting_queue"}))
+        return done(Decision())
+    if ci == "failure" and acted.get("ci_head") != head:
+        acted["ci_head"] = head
+        names = sorted({c.name for c in failing})
+        base_ci, base_failing = ci_state(obs.base_checks)
+        if base_ci == "failure" and set(names) <= {c.name for c in base_failing}:
+            return done(Decision(outbox=(activity(
+                "response", f"CI fails on pull request #{n} ({', '.join(names)}), but the same checks fail on "
+                            f"`{obs.base_ref}` too. That is not this change: I am not repairing it and will wait "
+                            "for the base branch to be fixed."),),
+                events=(("warn", "github", f"base branch red ({', '.join(names)}): no repair"),)))
+        return reactive("ci_repair", "ci:" + ",".join(names), gh.ci_repair_budget,
+                        f"CI failed ({', '.join(names)})",
+                        {"checks": [{"name": c.name, "conclusion": c.conclusion, "url": c.url, "job_id": c.job_id,
+                                     "app": c.app, "title": c.title, "summary": c.summary, "text": c.text}
+                                    for c in failing]}, failing=failing)
+    seen_reviews = set(acted.get("reviews", []))
+    new_reviews = [r for r in obs.reviews if r.id not in seen_reviews and r.state == "CHANGES_REQUESTED"]
+    untrusted = [r for r in new_reviews if not reviewer_trusted(r.author, r.association, trusted_reviewers)]
+    trusted = [r for r in new_reviews if r not in untrusted]
+    if untrusted:
+        acted["reviews"] = sorted(seen_reviews | {r.id for r in untrusted})
+        seen_reviews = set(acted["reviews"])
+        for r in untrusted:
+            events.append(("warn", "trust", f"ignored review by {r.author} ({r.association or 'no association'}): "
+                                            "not a trusted reviewer"))
+    if trusted:
+        newest = max(parse_iso(r.submitted_at) or now for r in trusted)
+        if (now - newest).total_seconds() < gh.review_quiet_seconds:
+            return done(Decision())          # a review being written lands as one run
+        acted["reviews"] = sorted(seen_reviews | {r.id for r in trusted})
+        since = acted.get("comments_at") or ""
+        comments = [{"author": a, "body": b} for _, a, assoc, b, at in obs.comments
+                    if at > since and reviewer_trusted(a, assoc, trusted_reviewers)]
+        acted["comments_at"] = max([at for *_, at in obs.comments] + [since])
+        threads = [{"path": p, "line": ln, "author": a, "body": b} for p, ln, b, a, assoc in obs.threads
+                   if reviewer_trusted(a, assoc, trusted_reviewers)]
+        return reactive("review_fix", "review", gh.review_fix_budget,
+                        f"changes requested by {', '.join(sorted({r.author for r in trusted}))}",
+                        {"reviews": [{"author": r.author, "body": r.body, "commit": r.commit,
+                                      "comments": [{"path": p, "line": ln, "body": b} for p, ln, b in r.comments]}
+                                     for r in trusted],
+                         "threads": threads, "pr_comments": comments})
+    if obs.review_decision == "APPROVED" and ci in ("success", "none"):
+        if state != "awaiting_queue" and "awaiting_queue" in TRANSITIONS.get(state, ()):
+            ask = gh.auto_merge and acted.get("merge_head") != head
+            if ask:
+                acted["merge_head"] = head
+            return done(Decision(fields={"factory_state": "awaiting_queue"}, outbox=(activity(
+                "response", f"Pull request #{n} is approved and green"
+                            + ("; I asked GitHub to merge it when ready." if ask else "; it is ready to merge.")),),
+                events=(("info", "github", f"pull request #{n} approved and green"),)), merge_when_ready=ask)
+        return done(Decision())
+    if state == "awaiting_queue" or state == "ready_for_pr":
+        return done(Decision(fields={"factory_state": transition(state, "pr_open")}))
+    return done(Decision())
 
 
 DEFAULT_WORKFLOW = {
@@ -2370,12 +3058,67 @@ def build_prompt(issue: dict, run: dict, project: ProjectConfig, sandbox: str, w
     lines += ["", "## Issue description", "", (issue.get("description") or "").strip() or "(no description)"]
     if ctx.get("prompt"):
         lines += ["", "## Request", "", str(ctx["prompt"]).strip()]
+    lines += reactive_context(run["run_type"], ctx, project)
     if follow_ups:
         lines += ["", "## Follow-up messages", ""]
         lines += [f"- {m.get('author') or 'someone'}: {m['body'].strip()}" for m in follow_ups]
     lines += ["", "## How to work", "", (workflow or DEFAULT_WORKFLOW.get(sandbox)
                                          or DEFAULT_WORKFLOW["workspace-write"]).strip()]
     return "\n".join(lines) + "\n"
+
+
+REACTIVE_WORKFLOW = {
+    "ci_repair": "Find the cause of each failing check below, fix the code (not the test's expectations, unless "
+                 "the test is wrong), and run the relevant tests. If you conclude the failure is unrelated to this "
+                 "change, change nothing and explain why in your final message.",
+    "review_fix": "Address every point of the review below, each inline comment at its path and line, and run the "
+                  "relevant tests. If you disagree with a point, leave it and explain why in your final message.",
+    "queue_repair": "Bring the branch up to date with the base branch. PatchRelay has already merged the base into "
+                    "your working tree; where it stopped on conflicts, the files contain conflict markers "
+                    "(<<<<<<<, =======, >>>>>>>): resolve every one of them keeping the intent of both sides, and "
+                    "run the relevant tests. PatchRelay refuses to commit while any marker remains.",
+}
+
+
+def reactive_context(run_type: str, ctx: dict, project: ProjectConfig) -> list[str]:
+    """The run-specific part of a reactive run's prompt: failing checks with their log tails, the review
+    with its inline comments, or the merge-queue removal."""
+    if run_type == "ci_repair":
+        out = ["", "## Failing checks", ""]
+        for c in ctx.get("checks") or []:
+            out.append(f"### {c.get('name')}: {str(c.get('conclusion') or 'failed').lower()}"
+                       + (f" ({c['url']})" if c.get("url") else ""))
+            for k in ("title", "summary", "text"):
+                if c.get(k):
+                    out.append(one_line(c[k], 600))
+            if c.get("log"):
+                out += ["", "Last lines of its log:", "```", c["log"], "```"]
+            out.append("")
+        return out + ["## What to do", "", REACTIVE_WORKFLOW["ci_repair"]]
+    if run_type == "review_fix":
+        out = ["", "## Review", ""]
+        for r in ctx.get("reviews") or []:
+            out.append(f"{r.get('author')} requested changes" + (f" on {str(r['commit'])[:8]}" if r.get("commit") else "")
+                       + ":")
+            if (r.get("body") or "").strip():
+                out += ["", r["body"].strip(), ""]
+            for c in r.get("comments") or []:
+                out.append(f"- `{c.get('path')}` line {c.get('line')}: {c.get('body', '').strip()}")
+        if ctx.get("threads"):
+            out += ["", "Unresolved review threads:"]
+            out += [f"- `{t.get('path')}` line {t.get('line')} ({t.get('author')}): {t.get('body', '').strip()}"
+                    for t in ctx["threads"]]
+        if ctx.get("pr_comments"):
+            out += ["", "Comments on the pull request:"]
+            out += [f"- {c.get('author')}: {c.get('body', '').strip()}" for c in ctx["pr_comments"]]
+        return out + ["", "## What to do", "", REACTIVE_WORKFLOW["review_fix"]]
+    if run_type == "queue_repair":
+        out = ["", "## Merge queue", "", f"The pull request left the merge queue without merging: "
+                                         f"{ctx.get('queue_reason') or 'removed'}."]
+        if ctx.get("merge"):
+            out += ["", ctx["merge"]]
+        return out + ["", "## What to do", "", REACTIVE_WORKFLOW["queue_repair"]]
+    return []
 
 
 def follow_up_text(msgs: list[dict]) -> str:
@@ -2448,6 +3191,19 @@ def linear_client(cfg: Config, store: Store | None) -> LinearClient:
     return LinearClient(cfg.linear, token, on_budget)
 
 
+def github_client(cfg: Config, store: Store | None) -> GitHubClient:
+    token = github_token(cfg)
+    if not token:
+        raise ConfigError(f"github.token_env: environment variable {cfg.github.token_env} is not set "
+                          "(and `gh auth token` gave nothing)")
+
+    def on_budget(fields: dict) -> None:
+        if store is not None:
+            with store.tx():
+                store.record_budget("github", fields)
+    return GitHubClient(cfg.github, token, on_budget)
+
+
 def apply_decision(store: Store, row: dict | None, d: Decision, run_id: int | None = None,
                    key: str | None = None) -> int | None:
     """Write one decision: issue fields, inbox, outbox and events, inside the caller's transaction.
@@ -2462,7 +3218,10 @@ def apply_decision(store: Store, row: dict | None, d: Decision, run_id: int | No
             store.add_inbox(issue_id, kind, body, author, source, source_id, rest[0] if rest else None)
     session = d.fields.get("agent_session_id") or (row or {}).get("agent_session_id")
     for ob in d.outbox:
-        if ob.kind in ("activity", "plan"):
+        if ob.kind == "session_link":
+            if session:
+                store.add_outbox(issue_id, ob.kind, session, ob.payload)
+        elif ob.kind in ("activity", "plan"):
             if session:
                 store.add_outbox(issue_id, ob.kind, session, ob.payload)
             elif issue_id is not None and ob.kind == "activity" and ob.payload["content"]["type"] != "thought":
@@ -2511,11 +3270,18 @@ class TickContext:
         self.cfg, self.store, self.dry_run = cfg, store, dry_run
         self.actions: list[str] = []
         self._linear: LinearClient | None = None
+        self._github: GitHubClient | None = None
+        self.merge_queue: dict[str, bool] = {}
 
     def linear(self) -> LinearClient:
         if self._linear is None:
             self._linear = linear_client(self.cfg, None if self.dry_run else self.store)
         return self._linear
+
+    def github(self) -> GitHubClient:
+        if self._github is None:
+            self._github = github_client(self.cfg, None if self.dry_run else self.store)
+        return self._github
 
     def note(self, message: str) -> None:
         self.actions.append(message)
@@ -2727,6 +3493,125 @@ def reconcile(ctx: TickContext) -> dict:
     return result
 
 
+def observe(ctx: TickContext) -> dict:
+    """Poll GitHub for every issue with a pull request (or a pushed branch that needs one): one batched
+    request per repository and 50 issues, at most every github.poll_interval seconds per repository and
+    at once after our own push. Opens missing pull requests, then decides from each observation."""
+    cfg, store = ctx.cfg, ctx.store
+    budget = store.budget("github")
+    until = parse_iso((budget or {}).get("limited_until"))
+    if until and until > utcnow():
+        ctx.note(f"GitHub rate limit: not observing until {iso(until)}")
+        return {"skipped": "rate limited", "until": iso(until)}
+    by_repo: dict[str, list[dict]] = {}
+    for row in store.github_watched():
+        try:
+            by_repo.setdefault(cfg.project(row["project_id"]).github_repo, []).append(row)
+        except ConfigError:
+            continue
+    result: dict[str, Any] = {"repos": 0, "observed": 0, "opened": [], "errors": []}
+    now = utcnow()
+    for repo, rows in by_repo.items():
+        due = [r for r in rows if not r["gh_observed_at"] or (r["pushed_at"] or "") > r["gh_observed_at"]
+               or (age_seconds(r["gh_observed_at"], now) or 0) >= cfg.github.poll_interval]
+        if not due:
+            continue
+        gh = ctx.github()
+        base = cfg.project(rows[0]["project_id"]).base_branch
+        observed, has_queue = gh.observe(repo, base, [(r["branch"], r["pr_number"]) for r in rows])
+        ctx.merge_queue[repo] = has_queue
+        result["repos"] += 1
+        result["observed"] += len(rows)
+        for row in rows:
+            try:
+                _observe_issue(ctx, gh, repo, row, observed.get(row["branch"]), result)
+            except (GitHubError, GitError, IllegalTransition) as e:
+                if isinstance(e, GitHubRateLimited):
+                    raise
+                result["errors"].append(f"{row['key']}: {e}")
+                if not ctx.dry_run:
+                    with store.tx():
+                        store.add_event(row["id"], "github", str(e), "error")
+    return result
+
+
+def _observe_issue(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs: PullRequestObs | None,
+                   result: dict) -> None:
+    cfg, store = ctx.cfg, ctx.store
+    project = cfg.project(row["project_id"])
+    stamp = {"gh_observed_at": iso()}
+    if obs is None or (obs.state != "OPEN" and not row["pr_number"]):
+        if row["factory_state"] != "ready_for_pr" or row["pr_number"] or row["active_run_id"]:
+            if not ctx.dry_run:
+                with store.tx():
+                    store.update_issue(row["id"], stamp)
+            return
+        if ctx.dry_run:
+            ctx.note(f"{row['key']}: would open a pull request for {row['branch']}")
+            return
+        last = next((r for r in store.runs_for_issue(row["id"]) if r["summary"]), None)
+        body = "\n\n".join(x for x in (
+            (last or {}).get("summary") or "", f"Linear issue: [{row['key']}]({row['url']})" if row["url"] else "",
+            f"Opened by PatchRelay for {row['key']}.") if x)
+        pr = gh.create_pr(repo, row["branch"], project.base_branch, f"{row['key']}: {one_line(row['title'], 200)}",
+                          body, cfg.github.draft_prs)
+        with store.tx():
+            fresh = store.issue_by_id(row["id"])
+            apply_decision(store, fresh, decide_pr_opened(fresh, pr, cfg.linear.review_state, None))
+            store.update_issue(row["id"], {"gh_observed_at": None})    # observe the new PR on the next tick
+        result["opened"].append(row["key"])
+        ctx.note(f"{row['key']}: opened pull request #{pr['number']}")
+        return
+    if not row["pr_number"]:
+        adopter = obs.author if obs.author else "someone"
+        if ctx.dry_run:
+            ctx.note(f"{row['key']}: would adopt pull request #{obs.number}")
+            return
+        with store.tx():
+            fresh = store.issue_by_id(row["id"])
+            apply_decision(store, fresh, decide_pr_opened(fresh, obs, cfg.linear.review_state, adopter))
+            store.update_issue(row["id"], {"gh_observed_at": None})
+        ctx.note(f"{row['key']}: adopted pull request #{obs.number}")
+        return
+    snap = json.loads(row["gh_snapshot"] or "{}")
+    pd = decide_pull_request(row, snap, obs, cfg.github, project.trusted_reviewers, utcnow())
+    d = pd.decision
+    if pd.failing and d.fields.get("pending_run_type") == "ci_repair":
+        ctx_json = json.loads(d.fields["pending_context"])
+        secrets = [s for s in (token_from_env(cfg.linear.token_env), github_token(cfg)) if s]
+        for c in ctx_json.get("checks") or []:
+            if c.get("job_id") and c.get("app") == "github-actions" and not ctx.dry_run:
+                try:
+                    c["log"] = log_tail(gh.job_log(repo, c["job_id"]), secrets)
+                except GitHubError as e:
+                    c["log"] = f"(log unavailable: {e})"
+        d = dataclasses.replace(d, fields={**d.fields, "pending_context": json.dumps(ctx_json)})
+    if ctx.dry_run:
+        for _, kind, message in d.events:
+            ctx.note(f"{row['key']}: {message}")
+        return
+    with store.tx():
+        fresh = store.issue_by_id(row["id"])
+        if fresh["active_run_id"] != row["active_run_id"] or fresh["pending_run_type"] != row["pending_run_type"]:
+            return          # a run started or ended meanwhile: decide on the next observation
+        apply_decision(store, fresh, d)
+        store.update_issue(row["id"], {**stamp, "gh_snapshot": json.dumps(pd.snapshot, sort_keys=True)})
+    for _, kind, message in d.events:
+        if kind in ("github",):
+            ctx.note(f"{row['key']}: {message}")
+    if pd.merge_when_ready:
+        try:
+            gh.merge_when_ready(obs.node_id, queue=ctx.merge_queue.get(repo, False))
+        except GitHubError as e:
+            with store.tx():
+                store.add_event(row["id"], "github", f"could not ask GitHub to merge: {e}", "warn")
+    if pd.cleanup and row["worktree"] and not row["active_run_id"]:
+        how = remove_worktree(project, Path(row["worktree"]), row["branch"])
+        with store.tx():
+            store.add_event(row["id"], "git", f"worktree {row['worktree']}: {how}",
+                            "warn" if how.startswith("kept") else "info")
+
+
 def launch(ctx: TickContext) -> dict:
     cfg, store = ctx.cfg, ctx.store
     if cfg.runner.paused:
@@ -2821,8 +3706,11 @@ def publish(cfg: Config, store: Store, client: LinearClient | None, issue_id: in
                                        bool(payload.get("ephemeral")))
             elif row["kind"] == "plan":
                 client.update_plan(row["session_id"], payload["plan"])
+            elif row["kind"] == "session_link":
+                client.add_session_link(row["session_id"], payload["label"], payload["url"])
             elif row["kind"] == "issue_state":
-                moved = client.move_to_started(issue["linear_id"]) if issue else None
+                moved = client.move_issue(issue["linear_id"], payload.get("name"), payload.get("type", "started")) \
+                    if issue else None
                 if moved:
                     with store.tx():
                         store.add_event(issue["id"], "linear", f"moved the Linear issue to {moved}")
@@ -2887,6 +3775,7 @@ def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
     def steps() -> None:
         step("reconcile", reconcile)
         step("intake", intake)
+        step("observe", observe)
         step("launch", launch)
         if dry_run:
             queued = store.outbox_queued()
@@ -3116,6 +4005,17 @@ def drive_run(cfg: Config, store: Store, run_id: int, echo: Callable[[str], None
                     "PATCHRELAY_RUN_TYPE": run["run_type"], "PATCHRELAY_WORKTREE": str(worktree)}
         if run_hook(project, cfg, "prepare-worktree", worktree, hook_env):
             echo("prepare-worktree hook passed")
+        if run["run_type"] == "queue_repair":
+            conflicts = merge_base_into(worktree, project.base_branch, cfg.runner)
+            note = (f"Merging `{project.base_branch}` stopped on conflicts in: {', '.join(conflicts)}." if conflicts
+                    else f"`{project.base_branch}` merged cleanly; check that everything still works together.")
+            ctx = json.loads(run.get("context") or "{}")
+            ctx["merge"] = note
+            run = {**run, "context": json.dumps(ctx)}
+            echo(note)
+            with store.tx():
+                store.update_run(run_id, {"context": run["context"]})
+                store.add_event(issue["id"], "git", note, run_id=run_id)
         follow_ups = [m for m in store.pending_inbox(issue["id"]) if m["kind"] == "prompt"]
         prompt = build_prompt(issue, run, project, cfg.codex.sandbox, read_workflow(project, run["run_type"]),
                               follow_ups)
@@ -3175,8 +4075,13 @@ def finish_run(cfg: Config, store: Store, run_id: int, outcome: RunOutcome, item
     run, issue, project = _load_run(store, cfg, run_id)
     worktree = Path(issue["worktree"]) if issue.get("worktree") else None
     new_commits, has_work, changed = 0, False, []
+    pushed_sha = None
     if worktree and worktree.is_dir() and outcome.status != "interrupted":
         try:
+            left = unresolved_conflicts(worktree)
+            if left:
+                raise GitError(f"conflict markers or unmerged paths remain in {', '.join(left[:10])}; "
+                               "nothing was committed")
             title = one_line(issue["title"], 72)
             body = one_line(outcome.summary, 1500)
             committed = commit_all(worktree, f"{issue['key']}: {title}\n\n{body}\n\nRun-Type: {run['run_type']}\n"
@@ -3190,9 +4095,14 @@ def finish_run(cfg: Config, store: Store, run_id: int, outcome: RunOutcome, item
                 echo("committed the agent's changes")
             ahead = run_git(["rev-list", "--count", f"origin/{project.base_branch}..HEAD"], worktree, check=False)
             ahead_of_base = ahead.returncode == 0 and int(ahead.stdout.strip() or 0) > 0
+            queued = json.loads(issue.get("gh_snapshot") or "{}").get("in_queue")
             if ahead_of_base and outcome.status in ("completed", "stopped", "awaiting_input") \
                     and unpushed(worktree, issue["branch"]):
+                if queued:
+                    raise GitError(f"pull request #{issue['pr_number']} is in the merge queue; PatchRelay never "
+                                   "pushes to a queued branch")
                 push_branch(cfg, worktree, issue["branch"])
+                pushed_sha = git_head(worktree)
                 echo(f"pushed {issue['branch']}")
             has_work = ahead_of_base and not unpushed(worktree, issue["branch"])
         except GitError as e:
@@ -3211,6 +4121,8 @@ def finish_run(cfg: Config, store: Store, run_id: int, outcome: RunOutcome, item
         d = decide_run_end(row, run, outcome, cfg.runner, utcnow())
         apply_decision(store, row, d, run_id)
         store.drop_stops(issue["id"], run_id)
+        if pushed_sha:   # our own push: not a reason to reset repair budgets; observe GitHub at once
+            store.update_issue(issue["id"], {"pushed_sha": pushed_sha, "pushed_at": iso()})
     publish_quietly(cfg, store, issue["id"])
     echo(f"run {run_id} {run_status}" + (f": {outcome.reason}" if outcome.reason else ""))
     return {"run_id": run_id, "status": run_status, "outcome": outcome.status, "reason": outcome.reason,
@@ -3456,6 +4368,8 @@ def status(c: Ctx, as_json: bool) -> None:
                        "linear_state": r["linear_state"], "factory_state": r["factory_state"],
                        "pending_run": r["pending_run_type"],
                        "active_run": {"id": run["id"], "type": run["run_type"], "status": run["status"]} if run else None,
+                       "pr": {"number": r["pr_number"], "url": r["pr_url"], "state": r["pr_state"], "ci": r["pr_ci"],
+                              "review": r["pr_review"], "queue": r["pr_queue"]} if r["pr_number"] else None,
                        "age_seconds": round(age_seconds(r["created_at"]) or 0), "updated_at": r["updated_at"]})
     keys = {r["id"]: r["key"] for r in store.issues_all()}
     outbox = [{"id": o["id"], "issue": keys.get(o["issue_id"]), "kind": o["kind"], "status": o["status"],
@@ -3473,8 +4387,12 @@ def status(c: Ctx, as_json: bool) -> None:
         click.echo(tabulate([[i["key"], one_line(i["title"], 40), i["linear_state"] or "", i["factory_state"],
                               i["pending_run"] or "",
                               f"{i['active_run']['type']} #{i['active_run']['id']} {i['active_run']['status']}"
-                              if i["active_run"] else "", _age(i["age_seconds"])] for i in issues],
-                            headers=["issue", "title", "linear", "state", "pending", "active run", "age"]))
+                              if i["active_run"] else "",
+                              f"#{i['pr']['number']}" if i["pr"] else "", (i["pr"] or {}).get("ci") or "",
+                              ((i["pr"] or {}).get("review") or "").lower().replace("_", " "),
+                              ((i["pr"] or {}).get("queue") or "").lower(), _age(i["age_seconds"])] for i in issues],
+                            headers=["issue", "title", "linear", "state", "pending", "active run", "pr", "checks",
+                                     "review", "queue", "age"]))
     else:
         click.echo("No tracked issues yet.")
     click.echo()
@@ -3531,14 +4449,27 @@ def show(c: Ctx, issue: str, as_json: bool) -> None:
               for o in store.outbox_for_issue(row["id"])]
     inbox = [{"id": m["id"], "kind": m["kind"], "author": m["author"], "source": m["source"], "body": m["body"],
               "delivered_at": m["delivered_at"], "delivery": m["delivery"]} for m in store.inbox_for_issue(row["id"])]
+    snap = json.loads(row.get("gh_snapshot") or "{}")
+    pull = {"number": row["pr_number"], "url": row["pr_url"], "state": row["pr_state"], "head_sha": row["pr_head_sha"],
+            "ci": row["pr_ci"], "checks": snap.get("checks") or {}, "review": row["pr_review"],
+            "reviews_seen": len((snap.get("acted") or {}).get("reviews") or []), "queue": row["pr_queue"],
+            "budgets_used": json.loads(row.get("repair_counts") or "{}")} if row["pr_number"] else None
     if as_json:
-        _dump({"issue": row, "runs": runs, "events": events, "outbox": outbox, "inbox": inbox})
+        _dump({"issue": row, "pull_request": pull, "runs": runs, "events": events, "outbox": outbox, "inbox": inbox})
         return
     click.echo(f"{row['key']}  {row['title']}")
     for k in ("url", "project_id", "linear_state", "factory_state", "delegated", "pending_run_type",
-              "agent_session_id", "branch", "worktree", "thread_id", "pr_url", "retries"):
+              "agent_session_id", "branch", "worktree", "thread_id", "retries"):
         if row.get(k) not in (None, ""):
             click.echo(f"  {k}: {row[k]}")
+    if pull:
+        click.echo(f"\nPull request #{pull['number']} ({pull['state']}): {pull['url']}")
+        click.echo(f"  head: {pull['head_sha'] or '?'}   checks: {pull['ci'] or '?'}   review: "
+                   f"{(pull['review'] or 'none').lower()}   queue: {(pull['queue'] or 'not queued').lower()}")
+        for name, concl in sorted(pull["checks"].items()):
+            click.echo(f"    {name}: {str(concl).lower()}")
+        if pull["budgets_used"]:
+            click.echo("  repair budget used: " + ", ".join(f"{k} {v}" for k, v in sorted(pull["budgets_used"].items())))
     if runs:
         click.echo("\nRuns:")
         click.echo(tabulate([[r["id"], r["run_type"], r["status"], r["started_at"] or r["claimed_at"],

@@ -265,7 +265,7 @@ def test_tick_json_report_shape(world):
     report = json.loads(tick(world, "--json").stdout)
     assert set(report) == {"result", "dry_run", "steps", "errors", "actions"}
     assert report["result"] == "ok" and report["dry_run"] is False and report["errors"] == []
-    assert set(report["steps"]) == {"reconcile", "intake", "launch", "publish"}
+    assert set(report["steps"]) == {"reconcile", "intake", "observe", "launch", "publish"}
     assert report["steps"]["intake"] == {"sessions": 1, "issues": 1, "comments": 0, "queued": ["APP-1"],
                                               "errors": []}
     assert report["steps"]["launch"] == {"paused": True, "launched": [], "waiting": ["APP-1"]}
