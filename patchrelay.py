@@ -4185,6 +4185,7 @@ linear:
   # poll_overlap: 60                   # seconds re-read behind each cursor
   # timeout: 30                        # seconds per HTTP request
   # retry: {attempts: 4, max_wait: 30} # transport errors, 5xx and short rate limits
+  # review_state: In Review            # Linear state for an issue whose pull request is open
 
 github:
   # api_url: https://api.github.com
@@ -4192,6 +4193,14 @@ github:
   # token_env: GITHUB_TOKEN
   # use_gh_cli: true                   # fall back to `gh auth token`
   # timeout: 30
+  # retry: {attempts: 3, max_wait: 30} # 5xx, timeouts and short rate limits
+  # poll_interval: 30                  # seconds between observations of a repository
+  # draft_prs: false                   # open pull requests as drafts
+  # auto_merge: false                  # approved and green: enable auto-merge / enqueue
+  # review_quiet_seconds: 60           # wait after the last review before a review fix
+  # ci_repair_budget: 2                # per pull request and failing-check signature
+  # queue_repair_budget: 2             # per pull request and queue-removal reason
+  # review_fix_budget: 3               # review rounds per pull request
 
 codex:
   # bin: codex
@@ -4236,6 +4245,7 @@ projects:
     #   names: []
     #   emails: []
     #   email_domains: []
+    # trusted_reviewers: []            # GitHub logins; empty = OWNER, MEMBER, COLLABORATOR
 """
 
 
