@@ -4580,7 +4580,7 @@ def retry(c: Ctx, issue: str, run_type: str, reason: str, as_json: bool) -> None
                          f"{row['factory_state']}") from None
     with store.tx():
         fields = {"pending_run_type": run_type, "pending_context": json.dumps(ctx), "pending_since": iso(),
-                  "not_before": None, "retries": 0, "factory_state": new_state}
+                  "not_before": None, "retries": 0, "factory_state": new_state, "repair_counts": "{}"}
         apply_decision(store, row, Decision(fields=fields, events=(
             ("info", "retry", f"{run_label(run_type)} run queued by operator" + (f": {reason}" if reason else "")),)))
     out = {"issue": row["key"], "queued": run_type, "reason": reason, "factory_state": fields["factory_state"]}
@@ -4736,10 +4736,24 @@ def doctor(c: Ctx, as_json: bool) -> None:
                 add("FAIL", "linear", str(e))
         gtok = github_token(cfg)
         if not gtok:
-            add("WARN", "github", f"no GitHub token (${cfg.github.token_env} or `gh auth token`)")
+            add("FAIL", "github", f"no GitHub token: set ${cfg.github.token_env} (contents and pull requests "
+                                  "read/write, checks and actions read) or log in with `gh auth login`")
         else:
+            ghc = GitHubClient(cfg.github, gtok)
             try:
-                add("PASS", "github", f"token accepted: {GitHubClient(cfg.github, gtok).viewer_login()}")
+                add("PASS", "github", f"token accepted: {ghc.viewer_login()}")
+                for i, p in enumerate(cfg.projects):
+                    repo = ghc.repository(p.github_repo)
+                    if repo is None:
+                        add("FAIL", f"projects[{i}]", f"github_repo {p.github_repo}: not found, or the token cannot "
+                                                      "see it (grant the token access to this repository)")
+                    elif repo.get("viewerPermission") not in ("WRITE", "MAINTAIN", "ADMIN"):
+                        add("FAIL", f"projects[{i}]", f"github_repo {p.github_repo}: the token can only "
+                                                      f"{str(repo.get('viewerPermission') or 'read').lower()}; "
+                                                      "PatchRelay needs write access to push and open PRs")
+                    else:
+                        add("PASS", f"projects[{i}]", f"github_repo {p.github_repo}: writable"
+                                                      + (", merge queue" if repo.get("mergeQueue") else ""))
             except GitHubError as e:
                 add("FAIL", "github", str(e))
         add("PASS" if shutil.which("git") else "FAIL", "git", shutil.which("git") or "git not found on PATH")
