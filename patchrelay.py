@@ -4745,14 +4745,14 @@ def doctor(c: Ctx, as_json: bool) -> None:
                 for i, p in enumerate(cfg.projects):
                     repo = ghc.repository(p.github_repo)
                     if repo is None:
-                        add("FAIL", f"projects[{i}]", f"github_repo {p.github_repo}: not found, or the token cannot "
+                        add("FAIL", f"projects[{i}].github_repo", f"{p.github_repo}: not found, or the token cannot "
                                                       "see it (grant the token access to this repository)")
                     elif repo.get("viewerPermission") not in ("WRITE", "MAINTAIN", "ADMIN"):
-                        add("FAIL", f"projects[{i}]", f"github_repo {p.github_repo}: the token can only "
+                        add("FAIL", f"projects[{i}].github_repo", f"{p.github_repo}: the token can only "
                                                       f"{str(repo.get('viewerPermission') or 'read').lower()}; "
                                                       "PatchRelay needs write access to push and open PRs")
                     else:
-                        add("PASS", f"projects[{i}]", f"github_repo {p.github_repo}: writable"
+                        add("PASS", f"projects[{i}].github_repo", f"{p.github_repo}: writable"
                                                       + (", merge queue" if repo.get("mergeQueue") else ""))
             except GitHubError as e:
                 add("FAIL", "github", str(e))

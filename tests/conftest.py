@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fakes.github import FakeGitHub
 from fakes.linear import FakeLinear
 from fakes.model import FakeModel
 from fakes import world as worldlib
@@ -22,22 +23,28 @@ from fakes import world as worldlib
 ROOT = Path(__file__).resolve().parent.parent
 PATCHRELAY = ROOT / "patchrelay.py"
 APP_TOKEN = "lin_oauth_apptoken123"
+GH_TOKEN = "ghp_testtoken0000000000000000000000"
+GH_LOGIN = "patchrelay-bot"
 
 
 class World:
-    def __init__(self, tmp_path: Path, linear: FakeLinear):
+    def __init__(self, tmp_path: Path, linear: FakeLinear, github: FakeGitHub):
         self.tmp = tmp_path
         self.linear = linear
+        self.github = github
         self.model = None
         self.app = linear.add_user("PatchRelay", app=True, token=APP_TOKEN)
         self.alice = linear.add_user("Alice Smith", email="alice@acme.test")
         self.mallory = linear.add_user("Mallory", email="mallory@evil.test")
         self.team = linear.add_team("APP")
         self.bare, self.repo = worldlib.make_origin(tmp_path)
+        github.add_repo("acme/app", self.bare)
         self.state = tmp_path / "state"
         self.config_path = tmp_path / "patchrelay.yaml"
         self.config = {
             "linear": {"api_url": linear.url, "retry": {"attempts": 2, "max_wait": 0.2}, "poll_overlap": 5},
+            "github": {"api_url": github.api_url, "graphql_url": github.graphql_url, "use_gh_cli": False,
+                       "poll_interval": 0, "review_quiet_seconds": 0, "retry": {"attempts": 2, "max_wait": 0.2}},
             "database": {"path": str(self.state / "patchrelay.sqlite")},
             "codex": {"bin": "codex-not-configured", "home": str(tmp_path / "codex-home")},
             "runner": {"max_concurrent_runs": 2, "retry_backoff": 0, "inbox_poll_interval": 0.2},
@@ -71,7 +78,7 @@ class World:
         env = dict(os.environ)
         env.update({"LINEAR_API_KEY": APP_TOKEN, "XDG_CONFIG_HOME": str(self.tmp / "xdg-config"),
                     "XDG_STATE_HOME": str(self.tmp / "xdg-state"), "XDG_DATA_HOME": str(self.tmp / "xdg-data"),
-                    "FAKE_API_KEY": "fake-key", "GITHUB_TOKEN": "ghp_testtoken0000000000000000000000"})
+                    "FAKE_API_KEY": "fake-key", "GITHUB_TOKEN": GH_TOKEN})
         env.pop("PATCHRELAY_CONFIG", None)
         env.update(extra)
         return {k: v for k, v in env.items() if v is not None}
@@ -138,8 +145,16 @@ def linear():
 
 
 @pytest.fixture
-def world(tmp_path, linear):
-    w = World(tmp_path, linear)
+def github():
+    fake = FakeGitHub(tokens={GH_TOKEN: GH_LOGIN}).start()
+    yield fake
+    assert fake.validation_errors == [], f"GitHub requests the real API would reject: {fake.validation_errors}"
+    fake.stop()
+
+
+@pytest.fixture
+def world(tmp_path, linear, github):
+    w = World(tmp_path, linear, github)
     yield w
     # Never leave detached workers or app-servers behind.
     subprocess.run(["pkill", "-f", str(tmp_path)], capture_output=True)

@@ -54,9 +54,8 @@ def doctor(world, check=None, config=True, **env):
 
 
 def healthy_doctor_config(world):
-    """The world's config plus a codex binary that exists and no GitHub check over the network."""
+    """The world's config (Linear and GitHub are the fakes) plus a codex binary that exists."""
     world.config["codex"] = {"bin": sys.executable, "home": str(world.tmp / "codex-home")}
-    world.config["github"] = {"use_gh_cli": False}
     world.write_config()
 
 
@@ -220,13 +219,14 @@ def test_init_config_is_usable_after_editing_repo_path(world):
     edits = {"repo_path: ~/src/app": f"repo_path: {world.repo}",
              "  # api_url: https://api.linear.app/graphql": f"  api_url: {world.linear.url}",
              "  # bin: codex": f"  bin: {sys.executable}",
-             "  # use_gh_cli: true": "  use_gh_cli: false"}
+             "  # use_gh_cli: true": "  use_gh_cli: false",
+             "  # api_url: https://api.github.com": f"  api_url: {world.github.api_url}"}
     for old, new in edits.items():
         assert old in text, old
         text = text.replace(old, new, 1)
     target.write_text(text)
 
-    p, report, checks = doctor(world, check=0, config=False, GITHUB_TOKEN=None)
+    p, report, checks = doctor(world, check=0, config=False)
     assert report["ok"] is True
     for scope in ("config", "database", "linear", "git", "codex", "projects[0]"):
         assert checks[scope][0] == "PASS", (scope, checks[scope])
@@ -236,12 +236,29 @@ def test_init_config_is_usable_after_editing_repo_path(world):
 # ----------------------------------------------------------------------------- doctor
 def test_doctor_passes_config_database_linear_and_git(world):
     healthy_doctor_config(world)
-    p, report, checks = doctor(world, check=0, GITHUB_TOKEN=None)
+    p, report, checks = doctor(world, check=0)
     assert report["ok"] is True
-    for scope in ("config", "database", "linear", "git", "codex", "projects[0]"):
+    for scope in ("config", "database", "linear", "git", "codex", "projects[0]", "github",
+                  "projects[0].github_repo"):
         assert checks[scope][0] == "PASS", (scope, checks[scope])
     assert checks["linear"][1] == "token accepted: viewer PatchRelay (app mode)"
-    assert checks["github"][0] == "WARN"
+    assert checks["github"][1] == "token accepted: patchrelay-bot"
+    assert checks["projects[0].github_repo"][1] == "acme/app: writable"
+
+
+def test_doctor_fails_without_a_github_token_or_access_and_names_the_fix(world):
+    healthy_doctor_config(world)
+    p, report, checks = doctor(world, check=1, GITHUB_TOKEN=None)
+    level, message = checks["github"]
+    assert level == "FAIL" and "$GITHUB_TOKEN" in message and "gh auth login" in message
+    world.github.repos["acme/app"]["viewerPermission"] = "READ"
+    p, report, checks = doctor(world, check=1)
+    level, message = checks["projects[0].github_repo"]
+    assert level == "FAIL" and "write access" in message
+    world.config["projects"][0]["github_repo"] = "acme/nope"
+    world.write_config()
+    p, report, checks = doctor(world, check=1)
+    assert checks["projects[0].github_repo"][0] == "FAIL" and "not found" in checks["projects[0].github_repo"][1]
 
 
 @pytest.mark.parametrize("token, expected", [
@@ -250,7 +267,7 @@ def test_doctor_passes_config_database_linear_and_git(world):
 ], ids=["missing", "rejected"])
 def test_doctor_fails_when_linear_token_is_missing_or_rejected(world, token, expected):
     healthy_doctor_config(world)
-    p, report, checks = doctor(world, check=1, GITHUB_TOKEN=None, LINEAR_API_KEY=token)
+    p, report, checks = doctor(world, check=1, LINEAR_API_KEY=token)
     assert report["ok"] is False
     level, message = checks["linear"]
     assert level == "FAIL" and expected in message

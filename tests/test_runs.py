@@ -206,14 +206,27 @@ def test_delegated_issue_becomes_a_pushed_branch_a_report_and_one_linear_respons
     assert "Pushed 1 commit" in a[2][1] and BRANCH in a[2][1] and "Added hello.txt" in a[2][1]
     assert world.linear.sessions[session["id"]]["status"] == "complete"
 
-    # more ticks change nothing: no duplicate activity, no new run, no new request to the model
+    # the next tick opens the pull request (PatchRelay does, not the agent) and says so in Linear
     n_requests = len(model.requests)
+    assert "APP-1: opened pull request #1" in world.tick().stdout
+    pr = world.github.pr("acme/app", 1)
+    assert pr["title"] == "APP-1: Add a greeting" and pr["headRefName"] == BRANCH and pr["baseRefName"] == "main"
+    assert "Added hello.txt with a greeting." in pr["body"] and "APP-1" in pr["body"]
+    assert world.issue_state("APP-1") == "pr_open"
+    a = acts(world, session)
+    assert a[3][0] == "response" and a[3][1].startswith("Opened pull request #1: https://github.com/acme/app/pull/1")
+    assert [u["url"] for u in world.linear.sessions[session["id"]]["externalUrls"]] == [pr["url"]]
+    assert world.linear.state_of(issue)["name"] == "In Review"
+
+    # more ticks change nothing: no duplicate activity or PR, no new run, no new request to the model
     world.tick()
     world.tick()
-    assert types(world, session) == ["thought", "thought", "response"]
+    assert types(world, session) == ["thought", "thought", "response", "response"]
     assert [r["id"] for r in runs(world)] == [1]
     assert len(model.requests) == n_requests
-    assert world.issue_state("APP-1") == "ready_for_pr"
+    assert len(world.github.prs("acme/app")) == 1
+    s = world.show("APP-1")
+    assert s["issue"]["factory_state"] == "pr_open" and s["pull_request"]["number"] == 1
 
 
 def test_linear_messages_keep_their_order_when_tick_and_worker_publish_at_once(world):
@@ -470,7 +483,7 @@ def test_turn_that_completed_after_its_worker_died_is_finished_by_reconcile(worl
     out = world.tick().stdout
     assert "run 1 worker gone; completed" in out, out + logs(world)
     s = world.show("APP-1")
-    assert s["issue"]["factory_state"] == "ready_for_pr"
+    assert s["issue"]["factory_state"] == "pr_open"        # the same tick's observe step opened the PR
     assert [(r["id"], r["status"]) for r in s["runs"]] == [(1, "completed")]
     assert s["runs"][0]["summary"] == "Added hello.txt while alone."
     assert file_at(world.bare, BRANCH, "hello.txt") == "hello\n"
@@ -478,8 +491,8 @@ def test_turn_that_completed_after_its_worker_died_is_finished_by_reconcile(worl
     assert rep["changed_files"] == ["hello.txt"]
     assert any("echo hello > hello.txt" in c["command"] for c in rep["commands"])
     a = acts(world, session)
-    assert [t for t, _ in a] == ["thought", "thought", "response"], a
-    assert "Added hello.txt while alone." in a[2][1]
+    assert [t for t, _ in a] == ["thought", "thought", "response", "response"], a
+    assert "Added hello.txt while alone." in a[2][1] and a[3][1].startswith("Opened pull request #1")
 
 
 def test_stalled_turn_is_interrupted_and_fails_as_stalled(world):
@@ -689,9 +702,11 @@ def test_hostile_title_and_team_key_make_valid_branches_and_execute_nothing(worl
         assert valid_branch(branch), branch
         assert branch.startswith("app/") and len(branch) < 120, branch
         assert wt.parent == root and wt.is_dir(), wt
-        assert s["issue"]["factory_state"] == "ready_for_pr", (key, s["runs"])
+        assert s["issue"]["factory_state"] in ("ready_for_pr", "pr_open"), (key, s["runs"])
         assert branch in heads and file_at(world.bare, branch, "hi.txt") == "hi\n"
-        assert types(world, session) == ["thought", "thought", "response"]
+        assert types(world, session)[:3] == ["thought", "thought", "response"]
+        pr = world.github.pr("acme/app", s["issue"]["pr_number"]) if s["issue"]["pr_number"] else None
+        assert pr is None or (pr["headRefName"] == branch and pr["title"].startswith(key)), pr
     msg = git(world.bare, "log", "-1", "--format=%s", world.show("APP-1")["issue"]["branch"])
     assert msg.startswith("APP-1: ../../etc/passwd \"quoted\"") and len(msg) < 100, msg
     assert not marker.exists(), "a title, description or prompt was executed by a shell"
