@@ -1777,7 +1777,7 @@ def observe_document(items: list[tuple[str, str, int | None]]) -> tuple[str, dic
             parts.append(f"    {alias}: pullRequests(headRefName: ${alias}, first: 5, states: [OPEN, MERGED, CLOSED], "
                          f"orderBy: {{field: CREATED_AT, direction: DESC}}) {{ nodes {{ {_pr_selection(None)} }} }}")
     doc = ("query PatchRelayPullRequests(" + ", ".join(var_defs) + ") {\n"
-           "  rateLimit { limit cost remaining resetAt }\n"
+           "  rateLimit { limit cost remaining resetAt }\n  viewer { login }\n"
            "  repository(owner: $owner, name: $name) {\n" + "\n".join(parts) + "\n  }\n}")
     return doc, variables
 
@@ -1803,6 +1803,7 @@ class GitHubClient:
         if token:
             self.http.headers["Authorization"] = f"Bearer {token}"
         self.requests_made = 0
+        self.login: str | None = None          # the token's user, learnt from the observation query
         self.host = re.sub(r"^https?://", "", cfg.api_url).split("/")[0]
 
     # ---- transport
@@ -1947,6 +1948,7 @@ class GitHubClient:
             if not isinstance(repo, dict):
                 raise GitHubError(f"GitHub PatchRelayPullRequests ({self.host}): repository {full_name} not found")
             has_queue = bool(repo.get("mergeQueue"))
+            self.login = ((data.get("viewer") or {}).get("login") or "").lower() or None
             for alias, branch, number in aliased:
                 if alias not in repo:
                     raise GitHubError(f"GitHub PatchRelayPullRequests ({self.host}): response without {alias}")
@@ -3019,7 +3021,7 @@ def decide_pull_request(row: dict, snap: dict, obs: PullRequestObs, gh: GitHubCo
             if ask:
                 acted["merge_head"] = head
             return done(Decision(fields={"factory_state": "awaiting_queue"}, outbox=(activity(
-                "response", f"Pull request #{n} is approved and green"
+                "response", f"Pull request #{n} is approved and green at {head[:8]}"
                             + ("; I asked GitHub to merge it when ready." if ask else "; it is ready to merge.")),),
                 events=(("info", "github", f"pull request #{n} approved and green"),)), merge_when_ready=ask)
         return done(Decision())
@@ -3563,15 +3565,17 @@ def _observe_issue(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs
         ctx.note(f"{row['key']}: opened pull request #{pr['number']}")
         return
     if not row["pr_number"]:
-        adopter = obs.author if obs.author else "someone"
+        # ours (opened by an earlier tick whose answer was lost) or a person's PR for the issue branch
+        adopter = None if obs.author and obs.author == gh.login else (obs.author or "someone")
         if ctx.dry_run:
-            ctx.note(f"{row['key']}: would adopt pull request #{obs.number}")
+            ctx.note(f"{row['key']}: would record pull request #{obs.number}")
             return
         with store.tx():
             fresh = store.issue_by_id(row["id"])
             apply_decision(store, fresh, decide_pr_opened(fresh, obs, cfg.linear.review_state, adopter))
             store.update_issue(row["id"], {"gh_observed_at": None})
-        ctx.note(f"{row['key']}: adopted pull request #{obs.number}")
+        ctx.note(f"{row['key']}: " + (f"adopted pull request #{obs.number} (opened by {adopter})" if adopter
+                                      else f"opened pull request #{obs.number}"))
         return
     snap = json.loads(row["gh_snapshot"] or "{}")
     pd = decide_pull_request(row, snap, obs, cfg.github, project.trusted_reviewers, utcnow())
