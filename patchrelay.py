@@ -1387,6 +1387,21 @@ class _Transient(Exception):
         self.err, self.wait = err, wait
 
 
+def _shaped(fn: Callable) -> Callable:
+    """A read whose answer lacks a field it needs raises a transient LinearError naming the operation,
+    never a KeyError, and never passes for an empty result."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self: "LinearClient", *a: Any, **kw: Any) -> Any:
+        try:
+            return fn(self, *a, **kw)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise LinearError(f"Linear {fn.__name__} ({self.host}): unexpected response shape "
+                              f"({type(e).__name__}: {one_line(str(e), 80)})", transient=True) from None
+    return wrapper
+
+
 class LinearClient:
     def __init__(self, cfg: LinearConfig, token: str, on_budget: Callable[[dict], None] | None = None):
         self.cfg, self.token, self.on_budget = cfg, token, on_budget
@@ -1395,6 +1410,7 @@ class LinearClient:
                                   # personal API keys go bare, OAuth tokens as Bearer
                                   "Authorization": token if token.startswith("lin_api_") else f"Bearer {token}"})
         self.requests_made = 0
+        self.host = re.sub(r"^https?://", "", cfg.api_url).split("/")[0]
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -1423,16 +1439,22 @@ class LinearClient:
             resp = self.http.post(self.cfg.api_url, json={"query": document, "variables": variables,
                                                           "operationName": op_name}, timeout=self.cfg.timeout)
         except requests.RequestException as e:
-            raise _Transient(LinearError(f"Linear {op_name}: transport error: {type(e).__name__}",
+            raise _Transient(LinearError(f"Linear {op_name} ({self.host}): transport error: {_cause(e)}",
                                          transient=True)) from None
         self._record_headers(resp)
         try:
             body = resp.json()
         except ValueError:
             body = None
+        if not isinstance(body, dict):
+            body = None
         errors = (body or {}).get("errors") or []
-        codes = {((e or {}).get("extensions") or {}).get("code") for e in errors} | \
-                {str(((e or {}).get("extensions") or {}).get("type", "")).upper() for e in errors}
+        if not isinstance(errors, list):
+            errors = [{"message": str(errors)}]
+        errors = [e if isinstance(e, dict) else {"message": str(e)} for e in errors]
+        codes = {(e.get("extensions") or {}).get("code") if isinstance(e.get("extensions"), dict) else None
+                 for e in errors} | {str((e.get("extensions") or {}).get("type", "")).upper()
+                                     if isinstance(e.get("extensions"), dict) else "" for e in errors}
         retry_after = _retry_after(resp.headers)
         if resp.status_code == 429 or "RATELIMITED" in codes:
             until = time.time() + (retry_after if retry_after is not None else 60.0)
@@ -1448,14 +1470,22 @@ class LinearClient:
                 raise err  # longer than we may block a tick: give up now, `status` shows the wait
             raise _Transient(err, wait)
         if resp.status_code >= 500:
-            raise _Transient(LinearError(f"Linear {op_name}: HTTP {resp.status_code}", transient=True), retry_after)
+            raise _Transient(LinearError(f"Linear {op_name} ({self.host}): HTTP {resp.status_code}", transient=True),
+                             retry_after)
         if errors:
-            msg = "; ".join(one_line(str((e or {}).get("message")), 200) for e in errors)
+            msg = "; ".join(one_line(str(e.get("message")), 200) for e in errors)
             auth = "AUTHENTICATION_ERROR" in codes or resp.status_code == 401
-            raise LinearError(f"Linear {op_name}: {msg}" + (" (check the Linear token)" if auth else ""),
-                              code=next(iter(c for c in codes if c), None))
-        if resp.status_code >= 400 or body is None or "data" not in body:
-            raise LinearError(f"Linear {op_name}: HTTP {resp.status_code} without data")
+            known = {c for c in codes if c} - {"INTERNAL_SERVER_ERROR", ""}
+            # a request error Linear explains (bad input, not found, auth) is final; anything else may pass
+            raise LinearError(f"Linear {op_name} ({self.host}): {msg}" + (" (check the Linear token)" if auth else ""),
+                              transient=not known and not auth and resp.status_code < 400 or
+                              "INTERNAL_SERVER_ERROR" in codes, code=next(iter(known), None))
+        if body is None or not isinstance(body.get("data"), dict):
+            what = "not a JSON object" if body is None else "no data"
+            raise _Transient(LinearError(f"Linear {op_name} ({self.host}): HTTP {resp.status_code}, unexpected "
+                                         f"response ({what})", transient=True), retry_after)
+        if resp.status_code >= 400:
+            raise LinearError(f"Linear {op_name} ({self.host}): HTTP {resp.status_code}")
         if self.on_budget:
             self.on_budget({"limited_until": None, "last_error": None})
         return body["data"]
@@ -1480,18 +1510,35 @@ class LinearClient:
 
     # ---- reads
     def viewer(self) -> Viewer:
-        v = self.query(Q_VIEWER)["viewer"]
+        return self._viewer(self.query(Q_VIEWER), "PatchRelayViewer")
+
+    def _viewer(self, data: dict, op: str) -> Viewer:
+        v = data.get("viewer")
+        if not isinstance(v, dict) or not v.get("id"):
+            raise LinearError(f"Linear {op} ({self.host}): response without viewer", transient=True)
         return Viewer(id=v["id"], name=v.get("name") or "", app=bool(v.get("app")))
+
+    def _payload(self, data: dict, field_name: str) -> dict:
+        """A mutation's payload; missing means we do not know whether it happened: transient."""
+        p = data.get(field_name)
+        if not isinstance(p, dict):
+            raise LinearError(f"Linear {field_name} ({self.host}): response without {field_name}", transient=True)
+        if not p.get("success"):
+            raise LinearError(f"Linear {field_name} ({self.host}): success=false")
+        return p
 
     def _paged(self, document: str, variables: dict, path: str, max_pages: int = 40,
                stop: Callable[[list], bool] | None = None) -> tuple[list, dict]:
         out, after, data = [], None, {}
+        op = (re.search(r"(?:query|mutation)\s+(\w+)", document) or [None, "query"])[1]
         for _ in range(max_pages):
             data = self.query(document, {**variables, "after": after})
             conn = data
             for part in path.split("."):
-                conn = (conn or {}).get(part) or {}
-            nodes = conn.get("nodes") or []
+                conn = conn.get(part) if isinstance(conn, dict) else None
+            if not isinstance(conn, dict) or not isinstance(conn.get("nodes"), list):
+                raise LinearError(f"Linear {op} ({self.host}): response without {path}.nodes", transient=True)
+            nodes = [n for n in conn["nodes"] if isinstance(n, dict)]
             out.extend(nodes)
             info = conn.get("pageInfo") or {}
             if not info.get("hasNextPage") or not info.get("endCursor") or (stop and stop(nodes)):
@@ -1499,21 +1546,23 @@ class LinearClient:
             after = info["endCursor"]
         return out, data
 
+    @_shaped
     def issue(self, id_or_key: str) -> LinearIssue | None:
         n = self.query(Q_ISSUE, {"id": id_or_key}).get("issue")
         return _issue(n) if n else None
 
+    @_shaped
     def issues(self, filt: dict) -> list[LinearIssue]:
         nodes, _ = self._paged(Q_ISSUES, {"filter": filt}, "issues")
         return [_issue(n) for n in nodes]
 
+    @_shaped
     def sessions_since(self, since: str | None) -> tuple[Viewer, list[LinearSession]]:
         """Agent sessions, newest first, paging until one is older than `since`."""
         def older(nodes: list) -> bool:
             return bool(since) and any((n.get("updatedAt") or "") < since for n in nodes)
         nodes, data = self._paged(Q_SESSIONS, {}, "agentSessions", max_pages=10, stop=older)
-        v = data["viewer"]
-        viewer = Viewer(id=v["id"], name=v.get("name") or "", app=bool(v.get("app")))
+        viewer = self._viewer(data, "PatchRelaySessions")
         out = []
         for n in nodes:
             if since and (n.get("updatedAt") or "") < since:
@@ -1527,6 +1576,7 @@ class LinearClient:
                 comment_body=(n.get("comment") or {}).get("body")))
         return viewer, out
 
+    @_shaped
     def activities(self, session_id: str, since: str | None) -> list[LinearActivity]:
         filt = {"createdAt": {"gt": since}} if since else None
         nodes, _ = self._paged(Q_ACTIVITIES, {"id": session_id, "filter": filt}, "agentSession.activities")
@@ -1541,6 +1591,7 @@ class LinearClient:
         out.sort(key=lambda a: (a.created_at, a.id))
         return out
 
+    @_shaped
     def comments(self, issue_ids: list[str], since: str | None, new_issue_ids: list[str] = ()) -> list[LinearComment]:
         """New comments on tracked issues since the cursor, and every comment of newly tracked issues."""
         parts: list[dict] = []
@@ -1580,25 +1631,25 @@ class LinearClient:
             if exists:
                 return  # an earlier attempt already created it
             raise
-        if not (data.get("agentActivityCreate") or {}).get("success"):
-            raise LinearError("Linear agentActivityCreate: success=false")
+        self._payload(data, "agentActivityCreate")
 
     def add_session_link(self, session_id: str, label: str, url: str) -> None:
         data = self.query(M_PLAN, {"id": session_id, "input": {"addedExternalUrls": [{"label": label, "url": url}]}})
-        if not (data.get("agentSessionUpdate") or {}).get("success"):
-            raise LinearError("Linear agentSessionUpdate: success=false")
+        self._payload(data, "agentSessionUpdate")
 
     def update_plan(self, session_id: str, plan: list[dict]) -> None:
         data = self.query(M_PLAN, {"id": session_id, "input": {"plan": plan}})
-        if not (data.get("agentSessionUpdate") or {}).get("success"):
-            raise LinearError("Linear agentSessionUpdate: success=false")
+        self._payload(data, "agentSessionUpdate")
 
     def move_issue(self, issue_linear_id: str, name: str | None = None, type: str = "started") -> str | None:
         """Move the issue to its team's state called `name` (when the team has one), else to the team's first
         state of `type`. Never moves a closed issue, nor backwards: an issue already started is not
         "started" again, an issue already completed is not completed again."""
-        issue = self.query(Q_ISSUE_STATES, {"id": issue_linear_id}).get("issue")
-        if not issue:
+        data = self.query(Q_ISSUE_STATES, {"id": issue_linear_id})
+        if "issue" not in data:
+            raise LinearError(f"Linear PatchRelayIssueStates ({self.host}): response without issue", transient=True)
+        issue = data["issue"]
+        if not isinstance(issue, dict):
             raise LinearError(f"Linear issue {issue_linear_id}: not found")
         current = issue.get("state") or {}
         if current.get("type") in ("completed", "canceled"):
@@ -1617,8 +1668,7 @@ class LinearClient:
                 return None
             target = min(typed, key=lambda s: s.get("position") or 0)
         data = self.query(M_ISSUE_STATE, {"id": issue_linear_id, "stateId": target["id"]})
-        if not (data.get("issueUpdate") or {}).get("success"):
-            raise LinearError("Linear issueUpdate: success=false")
+        self._payload(data, "issueUpdate")
         return target["name"]
 
     def create_comment(self, client_id: str, issue_linear_id: str, body: str) -> None:
@@ -1637,8 +1687,7 @@ class LinearClient:
             if exists:
                 return
             raise
-        if not (data.get("commentCreate") or {}).get("success"):
-            raise LinearError("Linear commentCreate: success=false")
+        self._payload(data, "commentCreate")
 
 
 def _issue(n: dict) -> LinearIssue:
@@ -1650,6 +1699,19 @@ def _issue(n: dict) -> LinearIssue:
         delegate_id=(n.get("delegate") or {}).get("id"), assignee_id=(n.get("assignee") or {}).get("id"),
         labels=tuple(x.get("name") or "" for x in ((n.get("labels") or {}).get("nodes") or [])),
         updated_at=n.get("updatedAt"))
+
+
+def _cause(e: BaseException) -> str:
+    """A transport error's kind and cause in a few words (never a URL with a token in it)."""
+    text = str(e).lower()
+    for needle, words in (("timed out", "timed out"), ("timeout", "timed out"), ("refused", "connection refused"),
+                          ("reset", "connection reset"), ("name or service", "host not found"),
+                          ("nodename", "host not found"), ("ssl", "TLS error"),
+                          ("remote end closed", "connection closed without a response"),
+                          ("connection aborted", "connection closed without a response")):
+        if needle in text:
+            return f"{type(e).__name__} ({words})"
+    return type(e).__name__
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -3730,6 +3792,10 @@ def publish(cfg: Config, store: Store, client: LinearClient | None, issue_id: in
             if isinstance(e, LinearRateLimited):
                 break
             continue
+        except Exception as e:  # noqa: BLE001 - a bug must not leave the row leased; it is retried next tick
+            blocked.add(lane)
+            store.outbox_result(row["id"], "queued", redact(f"{type(e).__name__}: {e}"))
+            raise
         store.outbox_result(row["id"], "sent")
         sent += 1
     return {"sent": sent, "failed": failed, "queued": len(store.outbox_queued(issue_id)), "busy": busy}

@@ -516,6 +516,12 @@ class FakeLinear:
         """Execute the next n matching requests, then close the socket without any response."""
         self._add_fault("drop", n, operation)
 
+    def reply_next(self, body, n=1, status=200, operation=None, content_type="application/json"):
+        """Answer the next n matching requests with `body` (bytes, or any JSON value) without executing them:
+        odd shapes such as a JSON string, {"data": null}, {"data": {}}, {"errors": "boom"}, an HTML error
+        page or truncated JSON."""
+        self._add_fault("reply", n, operation, body=body, status=status, content_type=content_type)
+
     def hang_next(self, seconds, n=1, operation=None):
         """Sleep `seconds` before handling the next n matching requests (then answer normally)."""
         self._add_fault("hang", n, operation, seconds=seconds)
@@ -801,7 +807,11 @@ class FakeLinear:
             rec["status"], rec["fault"] = status, fault
             return status, headers or {}, payload
 
-        fault = self._take_fault({"fail", "ratelimit", "hang"}, names)
+        fault = self._take_fault({"fail", "ratelimit", "hang", "reply"}, names)
+        if fault and fault["kind"] == "reply":
+            body = fault["body"]
+            return reply(fault["status"], body if isinstance(body, bytes) else json.dumps(body).encode(),
+                         self._budget_headers(), fault="reply")
         if fault and fault["kind"] == "hang":
             self._stopping.wait(fault["seconds"])
             rec["fault"] = "hang"

@@ -1,0 +1,83 @@
+"""Faults: every kind of bad Linear answer, on every operation PatchRelay sends, ends in one clear line,
+the right exit code, nothing lost and nothing done twice; the next healthy tick completes the work.
+
+The matrix is fault kind x operation. Each case delegates an issue (a new agent session with a prompt),
+makes the faulty operation fail on every attempt of one tick, then lets Linear heal. After the faulty tick:
+no traceback, every stderr line is one `failed: ...` line naming the operation, exit code 0 or 1 (a step
+that failed reports 1), no outbox row left leased. After the healthy ticks: the issue is tracked with
+exactly one pending implementation run, the session got exactly one acknowledgement, and a further tick
+changes nothing.
+"""
+import json
+import sqlite3
+
+import pytest
+
+from test_intake import pause, show, status, tick
+
+READS = ["PatchRelaySessions", "PatchRelaySessionActivities", "PatchRelayIssues", "PatchRelayComments"]
+WRITES = ["PatchRelayActivity", "PatchRelayPlan", "PatchRelayIssueStates", "PatchRelayMoveIssue"]
+
+FAULTS = {
+    "http-500": lambda lin, op: lin.fail_next(9, status=500, operation=op),
+    "http-502-html": lambda lin, op: lin.reply_next(b"<html><body><h1>502 Bad Gateway</h1></body></html>", 9,
+                                                    status=502, operation=op),
+    "http-429": lambda lin, op: lin.rate_limit_next(9, style="429", retry_after=0, operation=op),
+    "ratelimited-400": lambda lin, op: lin.rate_limit_next(9, style="400", retry_after=0, operation=op),
+    "timeout": lambda lin, op: lin.hang_next(3, 9, operation=op),
+    "truncated-json": lambda lin, op: lin.reply_next(b'{"data": {"viewer": {"id": "x', 9, operation=op),
+    "json-string": lambda lin, op: lin.reply_next("boom", 9, operation=op),
+    "data-null": lambda lin, op: lin.reply_next({"data": None}, 9, operation=op),
+    "data-empty": lambda lin, op: lin.reply_next({"data": {}}, 9, operation=op),
+    "errors-string": lambda lin, op: lin.reply_next({"errors": "boom"}, 9, operation=op),
+    "errors-no-extensions": lambda lin, op: lin.reply_next({"errors": [{"message": "Internal error"}]}, 9,
+                                                           operation=op),
+    "errors-with-extensions": lambda lin, op: lin.reply_next(
+        {"errors": [{"message": "Something broke", "extensions": {"code": "INTERNAL_SERVER_ERROR"}}],
+         "data": None}, 9, operation=op),
+}
+
+
+def leased_rows(world):
+    con = sqlite3.connect(str(world.state / "patchrelay.sqlite"), timeout=10)
+    try:
+        return con.execute("SELECT COUNT(*) FROM outbox WHERE lease_until IS NOT NULL").fetchone()[0]
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("op", READS + WRITES)
+@pytest.mark.parametrize("kind", list(FAULTS))
+def test_a_bad_linear_answer_is_one_line_and_nothing_is_lost_or_done_twice(world, kind, op):
+    world.config["linear"]["timeout"] = 1
+    world.write_config()
+    pause(world)
+    issue, session = world.delegate()
+    FAULTS[kind](world.linear, op)
+
+    r = tick(world, check=None)
+    out = r.stdout + r.stderr
+    assert "Traceback" not in out, out
+    assert r.returncode in (0, 1), out
+    for line in r.stderr.splitlines():
+        assert line.startswith("failed: ") and "\n" not in line, r.stderr
+    if r.returncode == 1:
+        assert r.stderr.strip(), "a failed tick says why"
+    assert leased_rows(world) == 0, "an outbox row was left leased"
+
+    world.linear._faults.clear()                 # Linear heals
+    tick(world)
+    tick(world)
+    st = status(world)
+    assert [i["key"] for i in st["issues"]] == ["APP-1"], (kind, op, st)
+    s = show(world, "APP-1")
+    assert s["issue"]["pending_run_type"] == "implementation" and s["runs"] == []
+    acks = [a for a in world.linear.activities(session) if a["content"]["type"] == "thought"]
+    assert len(acks) == 1, (kind, op, [a["content"] for a in acks])
+    assert st["outbox"] == [], st["outbox"]
+    before = json.dumps(show(world, "APP-1")["issue"], sort_keys=True)
+    tick(world)
+    after = show(world, "APP-1")["issue"]
+    assert after["pending_run_type"] == "implementation" and after["factory_state"] == "delegated"
+    assert len([a for a in world.linear.activities(session) if a["content"]["type"] == "thought"]) == 1
+    assert json.loads(before)["factory_state"] == after["factory_state"]
