@@ -846,7 +846,14 @@ ALTER TABLE issues ADD COLUMN pushed_at TEXT;
 ALTER TABLE issues ADD COLUMN repair_counts TEXT NOT NULL DEFAULT '{}';
 """
 
-MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3]
+SCHEMA_V4 = """
+ALTER TABLE outbox ADD COLUMN lease_pid INTEGER;
+ALTER TABLE outbox ADD COLUMN lease_started TEXT;
+CREATE INDEX outbox_issue ON outbox(issue_id, id);
+CREATE INDEX inbox_issue_kind ON inbox(issue_id, kind, delivered_at);
+"""
+
+MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4]
 
 ISSUE_COLUMNS = frozenset({
     "project_id", "linear_id", "key", "title", "description", "url", "team_id", "team_key", "linear_state",
@@ -1140,17 +1147,27 @@ class Store:
     def outbox_for_issue(self, issue_id: int) -> list[dict]:
         return self._all("SELECT * FROM outbox WHERE issue_id = ? ORDER BY id", (issue_id,))
 
-    def lease_outbox(self, outbox_id: int, seconds: float = 120) -> bool:
+    def lease_outbox(self, outbox_id: int, pid: int, started: str | None,
+                     holder_alive: Callable[[int | None, str | None], bool], seconds: float = 120) -> bool:
+        """Take the row for sending. A lease belongs to a live process: one whose holder is gone (a killed
+        tick or worker) is taken over at once, not after it expires."""
         now = time.time()
         with self.tx():
-            return self.db.execute(
-                "UPDATE outbox SET lease_until = ? WHERE id = ? AND status = 'queued' "
-                "AND (lease_until IS NULL OR lease_until < ?)", (now + seconds, outbox_id, now)).rowcount == 1
+            r = self._one("SELECT status, lease_until, lease_pid, lease_started FROM outbox WHERE id = ?",
+                          (outbox_id,))
+            if not r or r["status"] != "queued":
+                return False
+            if r["lease_until"] and r["lease_until"] >= now and holder_alive(r["lease_pid"], r["lease_started"]):
+                return False
+            self.db.execute("UPDATE outbox SET lease_until = ?, lease_pid = ?, lease_started = ? WHERE id = ?",
+                            (now + seconds, pid, started, outbox_id))
+            return True
 
     def outbox_result(self, outbox_id: int, status: str, error: str | None = None) -> None:
         with self.tx():
             self.db.execute(
                 "UPDATE outbox SET status = ?, attempts = attempts + 1, last_error = ?, lease_until = NULL, "
+                "lease_pid = NULL, lease_started = NULL, "
                 "sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ?",
                 (status, error, status, iso(), outbox_id))
 
@@ -3753,6 +3770,8 @@ def publish(cfg: Config, store: Store, client: LinearClient | None, issue_id: in
     """Send queued Linear writes in order. Transport errors leave them queued; a session whose
     message failed is skipped for the rest of the pass to keep its messages in order."""
     sent, failed, blocked, busy = 0, 0, set(), 0
+    me = os.getpid()
+    me_started = proc_start_time(me)
     rows = store.outbox_queued(issue_id)
     if rows and client is None:
         return {"sent": 0, "queued": len(rows), "failed": 0}
@@ -3760,7 +3779,7 @@ def publish(cfg: Config, store: Store, client: LinearClient | None, issue_id: in
         lane = row["session_id"] or f"issue:{row['issue_id']}"
         if lane in blocked:
             continue
-        if not store.lease_outbox(row["id"]):
+        if not store.lease_outbox(row["id"], me, me_started, process_alive):
             blocked.add(lane)  # another process is sending this lane; keep its order
             busy += 1
             continue

@@ -10,6 +10,8 @@ changes nothing.
 """
 import json
 import sqlite3
+import subprocess
+import time
 
 import pytest
 
@@ -81,3 +83,23 @@ def test_a_bad_linear_answer_is_one_line_and_nothing_is_lost_or_done_twice(world
     assert after["pending_run_type"] == "implementation" and after["factory_state"] == "delegated"
     assert len([a for a in world.linear.activities(session) if a["content"]["type"] == "thought"]) == 1
     assert json.loads(before)["factory_state"] == after["factory_state"]
+
+
+def test_a_lease_left_by_a_killed_tick_is_taken_over_at_once(world):
+    """A tick killed while sending leaves its rows leased; the next tick takes them over immediately
+    (the holder is dead), instead of making the session wait for the lease to expire."""
+    pause(world)
+    _, session = world.delegate()
+    world.linear.fail_next(9, status=500, operation="PatchRelayActivity")
+    tick(world, check=None)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    con = sqlite3.connect(str(world.state / "patchrelay.sqlite"), timeout=10)
+    with con:
+        con.execute("UPDATE outbox SET lease_until = ?, lease_pid = ?, lease_started = '1' WHERE status = 'queued'",
+                    (time.time() + 3600, dead.pid))
+    con.close()
+    world.linear._faults.clear()
+    tick(world)
+    assert [a["content"]["type"] for a in world.linear.activities(session)] == ["thought"]
+    assert status(world)["outbox"] == []
