@@ -112,7 +112,26 @@ CLOSED_STATES = frozenset({"done", "canceled"})
 ACTIVE_RUN_STATUSES = ("claimed", "running")
 TOKEN_ENV_ALWAYS_STRIPPED = ("LINEAR_API_KEY", "GITHUB_TOKEN", "GH_TOKEN", "GH_ENTERPRISE_TOKEN",
                              "GITHUB_ENTERPRISE_TOKEN")
-ISSUE_KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]*-\d+$")
+ISSUE_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,9}-[0-9]{1,9}", re.ASCII)
+ISSUE_URL_RE = re.compile(r"https://linear\.app/[A-Za-z0-9_.-]+/issue/([A-Za-z][A-Za-z0-9]{0,9}-[0-9]{1,9})"
+                          r"(?:/[A-Za-z0-9_.%-]*)?/?", re.ASCII)
+_UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+
+
+def shown(text: Any, limit: int = 80) -> str:
+    """Text from outside (a key, a title, an argument), safe to print on one line: control, bidi and
+    zero-width characters escaped, cut to `limit` characters."""
+    s = _UNSAFE_CHARS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def issue_ref(text: str) -> str:
+    """An issue key (`APP-123`, case-folded) or a Linear issue URL -> the key. Anything else is a usage error."""
+    m = ISSUE_URL_RE.fullmatch(text or "")
+    key = m.group(1) if m else text
+    if not isinstance(key, str) or not ISSUE_KEY_RE.fullmatch(key):
+        raise UsageError(f"{shown(text)}: not an issue key like APP-123 or a Linear issue URL")
+    return key.upper()
 
 
 def utcnow() -> dt.datetime:
@@ -4369,6 +4388,7 @@ class Ctx:
 
 
 def _issue_or_fail(store: Store, key: str) -> dict:
+    key = issue_ref(key)
     row = store.issue_by_key(key)
     if not row:
         raise UsageError(f"issue {key}: not tracked by PatchRelay (see `patchrelay status`)")
@@ -4523,6 +4543,7 @@ def _age(seconds: float | None) -> str:
 @click.pass_obj
 def show(c: Ctx, issue: str, as_json: bool) -> None:
     """Everything known about one issue, and its event log."""
+    issue = issue_ref(issue)
     store = c.store()
     row = store.issue_by_key(issue)
     if row is None:
@@ -4594,13 +4615,17 @@ def run(c: Ctx, issue: str | None, run_id: int | None) -> None:
     if run_id is not None:
         result = drive_run(cfg, store, run_id)
         raise click.exceptions.Exit(0 if result["status"] == "completed" else 1)
-    if not issue:
-        raise UsageError("run: give an ISSUE key")
+    if issue is None:
+        raise UsageError("run: give an ISSUE key (or a Linear issue URL)")
+    issue = issue_ref(issue)
     row = store.issue_by_key(issue)
     if row is None:
-        if not ISSUE_KEY_RE.match(issue):
-            raise UsageError(f"issue {issue}: not an issue key like APP-123")
-        obs = linear_client(cfg, store).issue(issue)
+        try:
+            obs = linear_client(cfg, store).issue(issue)
+        except LinearError as e:
+            if e.transient:
+                raise
+            obs = None          # "Entity not found" and the like: the key is simply not in Linear
         if obs is None:
             raise UsageError(f"issue {issue}: not found in Linear")
         project = resolve_project(cfg, obs.key, obs.team_key, obs.team_id)
