@@ -245,7 +245,7 @@ class LinearConfig:
     api_url: str = "https://api.linear.app/graphql"
     token_env: str = "LINEAR_API_KEY"
     mode: str = "auto"                      # auto | app | user
-    delegation: tuple[str, ...] = ("delegate", "assignee", "label")
+    delegation: tuple[str, ...] = ("delegate", "label")      # assignment is opt-in: see README
     delegation_label: str = "patchrelay"
     poll_overlap: float = 60.0
     timeout: float = 30.0
@@ -2619,7 +2619,7 @@ class Decision:
 class Identity:
     viewer_id: str
     app_mode: bool
-    delegation: tuple[str, ...] = ("delegate", "assignee", "label")
+    delegation: tuple[str, ...] = ("delegate", "label")
     label: str = "patchrelay"
 
 
@@ -3895,6 +3895,13 @@ def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
                 ctx.note(f"would send {len(queued)} queued Linear message(s)")
             ctx.note(f"would cost {reads + writes} Linear request(s): {reads} read(s) made, "
                      f"up to {writes} write(s) to send")
+            taken = (report["steps"].get("intake") or {}).get("queued") or []
+            if taken:
+                mode = store.meta_get("linear.mode") or "?"
+                rule = "delegated to the app" if mode == "app" else \
+                    " or ".join({"delegate": "delegated to you", "assignee": "assigned to you",
+                                 "label": f"labelled {cfg.linear.delegation_label}"}[d] for d in cfg.linear.delegation)
+                ctx.note(f"would take {len(taken)} issue(s) ({rule})")
         else:
             step("publish", lambda c: publish(cfg, store, c.linear(), None) if store.outbox_queued() else
                  {"sent": 0, "failed": 0, "queued": 0})
@@ -4288,7 +4295,8 @@ linear:
   # api_url: https://api.linear.app/graphql
   # token_env: LINEAR_API_KEY          # OAuth app-actor token (app mode) or personal API key (user mode)
   # mode: auto                         # auto (app if the token's viewer is an app user) | app | user
-  # delegation: [delegate, assignee, label]   # user mode: what counts as "delegated to me"
+  # delegation: [delegate, label]     # user mode: what counts as "delegated to me"; add `assignee`
+  #                                    # to also take every open issue assigned to the key's owner
   # delegation_label: patchrelay       # user mode: issues with this label count as delegated
   # poll_overlap: 60                   # seconds re-read behind each cursor
   # timeout: 30                        # seconds per HTTP request

@@ -400,6 +400,7 @@ def test_user_mode_picks_up_assigned_and_labelled_issues_and_loses_nothing(world
     uma = world.linear.add_user("Uma User", email="uma@acme.test", token=token)
     label = world.linear.add_label("PatchRelay", team=world.team)
     world.config["linear"]["mode"] = "user"
+    world.config["linear"]["delegation"] = ["delegate", "assignee", "label"]     # assignment is opt-in
     pause(world)
     assigned = world.linear.add_issue(world.team, "Assigned to me", assignee=uma, creator=world.alice)
     labelled = world.linear.add_issue(world.team, "Labelled", labels=[label], creator=world.alice)
@@ -448,3 +449,26 @@ def test_comment_written_before_pick_up_reaches_the_agent_regardless_of_other_is
     tick(world)                                              # APP-2's comments read from now on
     assert [m["body"] for m in show(world, "APP-1")["inbox"]] == ["A detail"]
     assert [m["body"] for m in show(world, "APP-2")["inbox"]] == ["B detail: use the v2 API"]
+
+
+def test_user_mode_does_not_take_assigned_issues_by_default_and_dry_run_says_what_it_would_take(world):
+    """A personal key's owner has issues assigned to them: by default none is taken (only delegation or the
+    label), and `tick --dry-run` tells how many issues the rule would take before a real tick takes them."""
+    token = "lin_api_umaPersonalKey0123456789"
+    uma = world.linear.add_user("Uma User", email="uma@acme.test", token=token)
+    label = world.linear.add_label("PatchRelay", team=world.team)
+    world.config["linear"]["mode"] = "user"
+    pause(world)
+    for n in range(4):
+        world.linear.add_issue(world.team, f"Assigned {n}", assignee=uma, creator=world.alice)
+    world.linear.add_issue(world.team, "Labelled", labels=[label], creator=world.alice)
+    env = {"LINEAR_API_KEY": token}
+    out = tick(world, "--dry-run", env=env).stdout
+    assert "would take 1 issue(s) (delegated to you or labelled patchrelay)" in out, out
+    assert status(world)["issues"] == []
+    tick(world, env=env)
+    assert sorted(tracked(world)) == ["APP-5"]
+    world.config["linear"]["delegation"] = ["delegate", "assignee", "label"]
+    world.write_config()
+    out = tick(world, "--dry-run", env=env).stdout
+    assert "would take 4 issue(s) (delegated to you or assigned to you or labelled patchrelay)" in out, out
