@@ -4665,10 +4665,10 @@ def run(c: Ctx, issue: str | None, run_id: int | None) -> None:
 def stop(c: Ctx, issue: str) -> None:
     """Interrupt ISSUE's active run (or drop its pending run)."""
     store = c.store()
-    row = _issue_or_fail(store, issue)
-    if not row["active_run_id"] and not row["pending_run_type"]:
-        raise UsageError(f"issue {row['key']}: nothing is running or pending")
-    with store.tx():
+    with store.tx():       # read and decide in one transaction: a tick claiming meanwhile cannot slip between
+        row = _issue_or_fail(store, issue)
+        if not row["active_run_id"] and not row["pending_run_type"]:
+            raise UsageError(f"issue {row['key']}: nothing is running or pending")
         apply_decision(store, row, stop_issue(row, "stopped with `patchrelay stop`"))
     click.echo(f"{row['key']}: stop requested" + (f" (run {row['active_run_id']} will be interrupted)"
                                                   if row["active_run_id"] else "; pending run dropped"))
@@ -4683,6 +4683,15 @@ def stop(c: Ctx, issue: str) -> None:
 def retry(c: Ctx, issue: str, run_type: str, reason: str, as_json: bool) -> None:
     """Queue a new run for ISSUE; the next tick launches it."""
     store = c.store()
+    with store.tx():       # read and decide in one transaction (see `stop`)
+        out = _queue_retry(store, issue, run_type, reason)
+    if as_json:
+        _dump(out)
+    else:
+        click.echo(f"{out['issue']}: {run_label(run_type)} run queued; the next tick launches it")
+
+
+def _queue_retry(store: Store, issue: str, run_type: str, reason: str) -> dict:
     row = _issue_or_fail(store, issue)
     if row["active_run_id"]:
         raise UsageError(f"issue {row['key']}: run {row['active_run_id']} is active; `patchrelay stop` it first")
@@ -4700,16 +4709,11 @@ def retry(c: Ctx, issue: str, run_type: str, reason: str, as_json: bool) -> None
     except IllegalTransition:
         raise UsageError(f"issue {row['key']}: cannot queue a {run_label(run_type)} run from state "
                          f"{row['factory_state']}") from None
-    with store.tx():
-        fields = {"pending_run_type": run_type, "pending_context": json.dumps(ctx), "pending_since": iso(),
-                  "not_before": None, "retries": 0, "factory_state": new_state, "repair_counts": "{}"}
-        apply_decision(store, row, Decision(fields=fields, events=(
-            ("info", "retry", f"{run_label(run_type)} run queued by operator" + (f": {reason}" if reason else "")),)))
-    out = {"issue": row["key"], "queued": run_type, "reason": reason, "factory_state": fields["factory_state"]}
-    if as_json:
-        _dump(out)
-    else:
-        click.echo(f"{row['key']}: {run_label(run_type)} run queued; the next tick launches it")
+    fields = {"pending_run_type": run_type, "pending_context": json.dumps(ctx), "pending_since": iso(),
+              "not_before": None, "retries": 0, "factory_state": new_state, "repair_counts": "{}"}
+    apply_decision(store, row, Decision(fields=fields, events=(
+        ("info", "retry", f"{run_label(run_type)} run queued by operator" + (f": {reason}" if reason else "")),)))
+    return {"issue": row["key"], "queued": run_type, "reason": reason, "factory_state": fields["factory_state"]}
 
 
 @cli.command()
