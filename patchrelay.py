@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -365,14 +366,16 @@ class _Section:
         return self._p(self.path, k)
 
     def str(self, k: str, default: Any = None, required: bool = False, choices: Iterable[str] | None = None,
-            allow_empty: bool = False) -> Any:
+            allow_empty: bool = False, path: bool = False) -> Any:
         v = self.raw.get(k)
         if v is None:
             if required:
                 raise ConfigError(f"{self.key(k)}: required")
             return default
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not path:
             v = str(v)
+        if path and not isinstance(v, str):
+            raise ConfigError(f"{self.key(k)}: expected a path, got {_kind(v)}")
         if not isinstance(v, str):
             raise ConfigError(f"{self.key(k)}: expected a string, got {_kind(v)}")
         if not v.strip() and not allow_empty:
@@ -383,7 +386,9 @@ class _Section:
             raise ConfigError(f"{self.key(k)}: expected one of {', '.join(choices)}, got {v!r}")
         return v
 
-    def num(self, k: str, default: float, minimum: float | None = None, integer: bool = False) -> Any:
+    def num(self, k: str, default: float, minimum: float | None = None, integer: bool = False,
+            maximum: float | None = None) -> Any:
+        """A number within bounds; by default at most 1000 for counts and 7 days for seconds."""
         v = self.raw.get(k)
         if v is None:
             return default
@@ -391,9 +396,14 @@ class _Section:
             try:
                 v = float(v) if not integer else int(v)
             except ValueError:
-                raise ConfigError(f"{self.key(k)}: expected a number, got {v!r}") from None
+                raise ConfigError(f"{self.key(k)}: expected a number, got {shown(v)!r}") from None
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ConfigError(f"{self.key(k)}: expected a number, got {_kind(v)}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{self.key(k)}: expected a finite number, got {v}")
+        maximum = maximum if maximum is not None else (1000 if integer else 7 * 86400)
+        if v > maximum:
+            raise ConfigError(f"{self.key(k)}: must be at most {maximum:g}, got {v:g}")
         if integer and int(v) != v:
             raise ConfigError(f"{self.key(k)}: expected a whole number, got {v}")
         if minimum is not None and v < minimum:
@@ -491,7 +501,7 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
     cs = top.sub("codex", ["bin", "args", "home", "model", "model_provider", "approval_policy",
                            "approval_decision", "sandbox", "developer_instructions", "request_timeout",
                            "stall_timeout", "turn_timeout", "max_follow_up_turns"])
-    home = cs.str("home")
+    home = cs.str("home", path=True)
     codex = CodexConfig(
         bin=cs.str("bin", "codex"),
         args=cs.strlist("args", ("app-server",)),
@@ -509,7 +519,7 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
     )
 
     ds = top.sub("database", ["path"])
-    db = ds.str("path")
+    db = ds.str("path", path=True)
     database_path = _path(db, base) if db else default_state_dir() / "patchrelay.sqlite"
 
     rs = top.sub("runner", ["max_concurrent_runs", "paused", "retry_budget", "retry_backoff", "hook_timeout",
@@ -530,6 +540,9 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
         projects_raw = []
     if not isinstance(projects_raw, list):
         raise ConfigError(f"projects: expected a list, got {_kind(projects_raw)}")
+    if not projects_raw:
+        raise ConfigError("projects: at least one project is required (id, repo_path, github_repo); "
+                          "`patchrelay init` writes an example")
     projects = tuple(_parse_project(p, f"projects[{i}]", base) for i, p in enumerate(projects_raw))
     _check_routing(projects)
     return Config(path=path, linear=linear, github=github, codex=codex, database_path=database_path,
@@ -564,14 +577,14 @@ def _parse_project(raw: Any, path: str, base: Path | None) -> ProjectConfig:
     pid = s.str("id", required=True)
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", pid):
         raise ConfigError(f"{path}.id: expected letters, digits, '.', '_' or '-', got {pid!r}")
-    repo_path = _path(s.str("repo_path", required=True), base)
+    repo_path = _path(s.str("repo_path", required=True, path=True), base)
     gh = s.str("github_repo", required=True)
     if not re.match(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$", gh):
         raise ConfigError(f'{path}.github_repo: expected "owner/name", got "{gh}"')
     base_branch = s.str("base_branch", "main")
     if not _valid_ref_component(base_branch):
         raise ConfigError(f"{path}.base_branch: not a valid branch name: {base_branch!r}")
-    wt = s.str("worktree_root")
+    wt = s.str("worktree_root", path=True)
     worktree_root = _path(wt, base) if wt else default_data_dir() / "worktrees" / pid
     prefix = s.str("branch_prefix") or _slug(pid) or "patchrelay"
     if not _valid_ref_component(prefix):
@@ -631,18 +644,48 @@ def find_config_path(explicit: str | None) -> Path:
     return default_config_path()
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """Safe YAML without aliases (no alias bombs, no merge keys) and without duplicate keys."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise ConfigError(f"line {mark.line + 1}: YAML aliases (*name) are not allowed in the config")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {shown(key)!r}")
+            seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+        return super().construct_mapping(node, deep)
+
+
 def load_config(explicit: str | None = None) -> Config:
     path = find_config_path(explicit)
     if not path.exists():
         raise ConfigError(f"{path}: config file not found (run `patchrelay init` to write one)")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
+        if len(data) > 1_000_000:
+            raise ConfigError(f"{path}: larger than 1 MB; not a PatchRelay config")
+        raw = yaml.load(data.decode("utf-8"), Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} not valid YAML: {getattr(e, 'problem', e)}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: empty config (no projects); `patchrelay init --force` writes an example")
     return parse_config(raw, path.resolve())
 
 
@@ -894,6 +937,16 @@ def _secure_dir(path: Path) -> None:
 class Store:
     def __init__(self, path: Path, readonly: bool = False):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise ConfigError(f"database.path: {self.path} is a directory; give the path of a file")
+        for parent in self.path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ConfigError(f"database.path: {self.path} lies under {parent}, which is a file")
+                break
+        if not readonly and self.path.exists() and not os.access(self.path, os.W_OK):
+            raise StoreError(f"database.path: {self.path} is read-only for this user; PatchRelay will not write "
+                             "to it (make it writable, or run as its owner)")
         try:
             if not readonly:
                 _secure_dir(self.path.parent)
@@ -901,7 +954,8 @@ class Store:
                     fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
                     os.close(fd)
             elif not self.path.exists():
-                raise StoreError(f"database.path: {self.path} does not exist yet (run `patchrelay tick` first)")
+                raise StoreError(f"database.path: {self.path} does not exist yet: nothing is tracked (run "
+                                 "`patchrelay tick` first)")
             self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None,
                                       check_same_thread=False)
         except (OSError, sqlite3.Error) as e:
@@ -915,11 +969,16 @@ class Store:
                 self.db.execute("PRAGMA journal_mode = WAL")
                 self.db.execute("PRAGMA synchronous = NORMAL")
                 self.migrate()
+            elif self.schema_version() < len(MIGRATIONS) and os.access(self.path, os.W_OK):
+                self.migrate()          # a read after an upgrade, before any tick
         except sqlite3.Error as e:
             raise StoreError(f"database.path: {self.path}: {e}") from None
 
     def close(self) -> None:
         self.db.close()
+
+    def quick_check(self) -> str:
+        return "; ".join(r[0] for r in self.db.execute("PRAGMA quick_check").fetchall()) or "ok"
 
     # ---- schema
     def schema_version(self) -> int:
@@ -935,11 +994,12 @@ class Store:
                 for stmt in [s.strip() for s in MIGRATIONS[i].split(";") if s.strip()]:
                     self.db.execute(stmt)
                 self.db.execute(f"PRAGMA user_version = {i + 1}")
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("", "-wal", "-shm"):   # owner-only; never adds a permission the owner took away
             p = Path(str(self.path) + suffix)
-            if p.exists():
-                with contextlib.suppress(OSError):
-                    os.chmod(p, 0o600)
+            with contextlib.suppress(OSError):
+                mode = p.stat().st_mode & 0o777
+                if mode & 0o077:
+                    os.chmod(p, mode & 0o700)
 
     @contextlib.contextmanager
     def tx(self, deferred: bool = False) -> Iterator[sqlite3.Connection]:
@@ -1837,35 +1897,43 @@ _CHECK_NODES = """__typename
                             checkSuite { app { slug } } }
           ... on StatusContext { context state targetUrl description%s }"""
 
-_PR_FIELDS = """id number url state merged isDraft headRefName headRefOid baseRefName mergeable reviewDecision
-    headRepository { nameWithOwner } author { login } isInMergeQueue mergeQueueEntry { state position }
-    reviews(last: 30) { nodes { id state body submittedAt authorAssociation author { login } commit { oid }
-      comments(first: 50) { nodes { path line originalLine body } } } }
-    reviewThreads(first: 50) { nodes { isResolved path line
-      comments(first: 10) { nodes { body authorAssociation author { login } } } } }
-    comments(last: 30) { nodes { id body createdAt authorAssociation author { login } } }
+# What one observation reads, kept cheap by GitHub's cost formula (each connection costs one request per
+# parent item): the state of every PR in one batched request, and the long texts (review bodies, inline
+# comments, threads, PR comments) only for the PRs that have a review PatchRelay has not acted on yet.
+_PR_CORE = """id number url state merged isDraft headRefName headRefOid baseRefName
+    headRepository { nameWithOwner } author { login }"""
+
+_PR_STATE = _PR_CORE + """ mergeable reviewDecision isInMergeQueue mergeQueueEntry { state position }
+    reviews(last: 20) { nodes { id state submittedAt authorAssociation author { login } commit { oid } } }
     timelineItems(last: 10, itemTypes: [REMOVED_FROM_MERGE_QUEUE_EVENT]) {
       nodes { __typename ... on RemovedFromMergeQueueEvent { id createdAt reason } } }"""
 
+_PR_DETAIL = """id number
+    reviews(last: 20) { nodes { id body comments(first: 30) { nodes { path line originalLine body } } } }
+    reviewThreads(first: 30) { nodes { isResolved path line
+      comments(first: 5) { nodes { body authorAssociation author { login } } } } }
+    comments(last: 30) { nodes { id body createdAt authorAssociation author { login } } }"""
+
 
 def _pr_selection(number: int | None) -> str:
-    """The fields read for one pull request. Checks (with `isRequired`, which needs the PR number) only
-    when the number is known; a PR found by branch is read again by number on the next observation."""
+    """The fields read for one pull request. Its checks (with `isRequired`, which needs the PR number)
+    only when the number is known; a PR found by branch is read in full on the next observation."""
     if number is None:
-        return _PR_FIELDS
+        return _PR_CORE
     req = f" isRequired(pullRequestNumber: {int(number)})"
-    return _PR_FIELDS + """
+    return _PR_STATE + """
     commits(last: 1) { nodes { commit { oid statusCheckRollup { state contexts(first: 100) { nodes {
-          %s } } } } } }
-    baseRef { target { ... on Commit { oid statusCheckRollup { contexts(first: 100) { nodes {
-          %s } } } } } }""" % (_CHECK_NODES % (req, req), _CHECK_NODES % ("", ""))
+          %s } } } } } }""" % (_CHECK_NODES % (req, req))
 
 
 def observe_document(items: list[tuple[str, str, int | None]]) -> tuple[str, dict]:
-    """One GraphQL document for (alias, branch, pr_number) items of one repository (and whether the base
-    branch has a merge queue)."""
-    var_defs, variables, parts = ["$owner: String!", "$name: String!", "$base: String!"], {}, []
-    parts.append("    mergeQueue(branch: $base) { id }")
+    """One GraphQL document for (alias, branch, pr_number) items of one repository, with the base branch's
+    checks (for the base-red test) and whether it has a merge queue."""
+    var_defs = ["$owner: String!", "$name: String!", "$base: String!", "$baseRef: String!"]
+    variables: dict[str, str] = {}
+    parts = ["    mergeQueue(branch: $base) { id }",
+             "    baseHead: ref(qualifiedName: $baseRef) { target { ... on Commit { oid statusCheckRollup {\n"
+             "      contexts(first: 100) { nodes { %s } } } } } }" % (_CHECK_NODES % ("", ""))]
     for alias, branch, number in items:
         if number is not None:
             parts.append(f"    {alias}: pullRequest(number: {int(number)}) {{ {_pr_selection(number)} }}")
@@ -1878,6 +1946,12 @@ def observe_document(items: list[tuple[str, str, int | None]]) -> tuple[str, dic
            "  rateLimit { limit cost remaining resetAt }\n  viewer { login }\n"
            "  repository(owner: $owner, name: $name) {\n" + "\n".join(parts) + "\n  }\n}")
     return doc, variables
+
+
+def detail_document(numbers: list[int]) -> str:
+    parts = [f"    d{int(n)}: pullRequest(number: {int(n)}) {{ {_PR_DETAIL} }}" for n in numbers]
+    return ("query PatchRelayPullRequestDetails($owner: String!, $name: String!) {\n"
+            "  repository(owner: $owner, name: $name) {\n" + "\n".join(parts) + "\n  }\n}")
 
 
 M_ENQUEUE = """mutation PatchRelayEnqueue($id: ID!) {
@@ -2030,22 +2104,26 @@ class GitHubClient:
                 return None
             raise
 
-    def observe(self, full_name: str, base: str, items: list[tuple[str, int | None]]
+    def observe(self, full_name: str, base: str, items: list[tuple[str, int | None]],
+                needs_detail: Callable[[str, PullRequestObs], bool] | None = None
                 ) -> tuple[dict[str, PullRequestObs | None], bool]:
-        """The pull request of each (branch, pr_number) item, keyed by branch, one request per 50 items;
-        and whether `base` has a merge queue."""
+        """The pull request of each (branch, pr_number) item, keyed by branch: one request per repository and
+        50 items, plus one per 10 PRs for which `needs_detail` asks for review texts. Also whether `base`
+        has a merge queue."""
         owner, name = full_name.split("/", 1)
-        out: dict[str, PullRequestObs | None] = {}
-        has_queue = False
+        raw: dict[str, dict | None] = {}
+        has_queue, base_commit = False, None
         for start in range(0, len(items), 50):
             chunk = items[start:start + 50]
             aliased = [(f"i{n}", b, num) for n, (b, num) in enumerate(chunk)]
             doc, variables = observe_document(aliased)
-            data = self.graphql(doc, {"owner": owner, "name": name, "base": base, **variables})
+            data = self.graphql(doc, {"owner": owner, "name": name, "base": base, "baseRef": f"refs/heads/{base}",
+                                      **variables})
             repo = data.get("repository")
             if not isinstance(repo, dict):
                 raise GitHubError(f"GitHub PatchRelayPullRequests ({self.host}): repository {full_name} not found")
             has_queue = bool(repo.get("mergeQueue"))
+            base_commit = (repo.get("baseHead") or {}).get("target") or base_commit
             self.login = ((data.get("viewer") or {}).get("login") or "").lower() or None
             for alias, branch, number in aliased:
                 if alias not in repo:
@@ -2053,11 +2131,25 @@ class GitHubClient:
                 node = repo[alias]
                 if number is None:
                     nodes = [n for n in ((node or {}).get("nodes") or []) if isinstance(n, dict)
-                             and (n.get("headRepository") or {}).get("nameWithOwner", full_name).lower()
+                             and ((n.get("headRepository") or {}).get("nameWithOwner") or full_name).lower()
                              == full_name.lower()]
                     nodes.sort(key=lambda n: {"OPEN": 0, "MERGED": 1}.get(n.get("state"), 2))
                     node = nodes[0] if nodes else None
-                out[branch] = _pr_obs(node) if node else None
+                raw[branch] = node if isinstance(node, dict) else None
+        out = {b: (_pr_obs(n, base_commit) if n else None) for b, n in raw.items()}
+        wanted = [o.number for b, o in out.items() if o is not None and needs_detail and needs_detail(b, o)]
+        for start in range(0, len(wanted), 10):
+            data = self.graphql(detail_document(wanted[start:start + 10]), {"owner": owner, "name": name})
+            repo = data.get("repository") or {}
+            for b, o in list(out.items()):
+                d = repo.get(f"d{o.number}") if o is not None else None
+                if isinstance(d, dict):
+                    node = dict(raw[b] or {})
+                    texts = {r.get("id"): r for r in ((d.get("reviews") or {}).get("nodes") or []) if isinstance(r, dict)}
+                    node["reviews"] = {"nodes": [{**r, **texts.get(r.get("id"), {})}
+                                                 for r in ((node.get("reviews") or {}).get("nodes") or [])]}
+                    node["reviewThreads"], node["comments"] = d.get("reviewThreads"), d.get("comments")
+                    out[b] = _pr_obs(node, base_commit)
         return out, has_queue
 
     def find_open_pr(self, full_name: str, branch: str) -> dict | None:
@@ -2094,7 +2186,7 @@ class GitHubClient:
         self.graphql(M_ENQUEUE if queue else M_AUTO_MERGE, {"id": node_id})
 
 
-def _pr_obs(n: dict) -> PullRequestObs:
+def _pr_obs(n: dict, base_commit: dict | None = None) -> PullRequestObs:
     """A pull request node -> observation. A node without the fields asked for is a GitHubError."""
     try:
         def checks(commit: dict | None) -> tuple[CheckObs, ...]:
@@ -2121,7 +2213,6 @@ def _pr_obs(n: dict) -> PullRequestObs:
         head_commit = None
         for cn in ((n.get("commits") or {}).get("nodes") or []):
             head_commit = (cn or {}).get("commit")
-        base_commit = ((n.get("baseRef") or {}).get("target") or None)
         reviews = tuple(ReviewObs(
             id=r["id"], state=r.get("state") or "", body=r.get("body") or "",
             author=((r.get("author") or {}).get("login") or "").lower(), association=r.get("authorAssociation") or "",
@@ -3618,7 +3709,19 @@ def observe(ctx: TickContext) -> dict:
             continue
         gh = ctx.github()
         base = cfg.project(rows[0]["project_id"]).base_branch
-        observed, has_queue = gh.observe(repo, base, [(r["branch"], r["pr_number"]) for r in rows])
+        acted = {r["branch"]: set((json.loads(r["gh_snapshot"] or "{}").get("acted") or {}).get("reviews") or ())
+                 for r in rows}
+
+        def needs_detail(branch: str, o: PullRequestObs) -> bool:   # a review not acted on yet: read its texts
+            return any(rv.state == "CHANGES_REQUESTED" and rv.id not in acted.get(branch, ()) for rv in o.reviews)
+        try:
+            observed, has_queue = gh.observe(repo, base, [(r["branch"], r["pr_number"]) for r in rows],
+                                             needs_detail)
+        except GitHubRateLimited:
+            raise
+        except GitHubError as e:          # one repository's failure must not stop the others
+            result["errors"].append(f"{repo}: {e}")
+            continue
         ctx.merge_queue[repo] = has_queue
         result["repos"] += 1
         result["observed"] += len(rows)
@@ -3869,6 +3972,11 @@ def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
             report["errors"].append(f"{name}: {e}")
             report["steps"][name] = {"error": str(e)}
             log.info("%s failed: %s", name, e)  # the CLI prints the error once
+            return
+        except sqlite3.Error as e:
+            report["result"] = "failed"
+            report["errors"].append(f"{name}: database {cfg.database_path}: {type(e).__name__}: {e}")
+            report["steps"][name] = {"error": f"{type(e).__name__}: {e}"}
             return
         except Exception as e:  # noqa: BLE001 - a step's bug must not stop the other steps
             report["result"] = "failed"
@@ -4410,6 +4518,12 @@ class CLI(click.Group):
         except PatchRelayError as e:
             click.echo(f"patchrelay: {e}", err=True)
             ctx.exit(e.exit_code)
+        except sqlite3.Error as e:
+            obj = ctx.obj if isinstance(ctx.obj, Ctx) else None
+            where = obj._cfg.database_path if obj and obj._cfg else "the database"
+            click.echo(f"patchrelay: database {where}: {type(e).__name__}: {e} (`patchrelay doctor` checks it)",
+                       err=True)
+            ctx.exit(1)
         except TickLocked:
             click.echo("patchrelay: another tick is running; skipped")
             ctx.exit(0)
@@ -4487,7 +4601,14 @@ def _active_run(store: Store, row: dict) -> dict | None:
 @click.pass_obj
 def status(c: Ctx, as_json: bool) -> None:
     """Tracked issues, queued Linear messages, API budget, last tick (from SQLite only)."""
-    store = c.store()
+    if not c.cfg.database_path.exists():      # a read never creates the database
+        if as_json:
+            _dump({"issues": [], "outbox": [], "api": [], "last_tick": None})
+        else:
+            click.echo(f"No tracked issues yet (no database at {c.cfg.database_path}; the first "
+                       "`patchrelay tick` creates it).")
+        return
+    store = c.store(readonly=True)
     issues = []
     for r in store.issues_all():
         run = _active_run(store, r)
@@ -4552,7 +4673,7 @@ def _age(seconds: float | None) -> str:
 def show(c: Ctx, issue: str, as_json: bool) -> None:
     """Everything known about one issue, and its event log."""
     issue = issue_ref(issue)
-    store = c.store()
+    store = c.store(readonly=True)
     row = store.issue_by_key(issue)
     if row is None:
         # Not tracked: what PatchRelay saw of it (ignored sessions, unrouted delegations), if anything.
@@ -4722,7 +4843,8 @@ def _queue_retry(store: Store, issue: str, run_type: str, reason: str) -> dict:
 @click.pass_obj
 def report(c: Ctx, issue: str, as_json: bool) -> None:
     """Per-run reports: agent messages, commands, changed files, tokens."""
-    store = c.store()
+    issue = issue_ref(issue)
+    store = c.store(readonly=True)
     row = _issue_or_fail(store, issue)
     runs = []
     for r in store.runs_for_issue(row["id"]):
@@ -4761,7 +4883,8 @@ def report(c: Ctx, issue: str, as_json: bool) -> None:
 @click.pass_obj
 def events(c: Ctx, issue: str, follow: bool, as_json: bool) -> None:
     """ISSUE's event log."""
-    store = c.store()
+    issue = issue_ref(issue)
+    store = c.store(readonly=True)
     row = _issue_or_fail(store, issue)
     last = 0
     while True:
@@ -4783,7 +4906,8 @@ def events(c: Ctx, issue: str, follow: bool, as_json: bool) -> None:
 @click.pass_obj
 def worktree(c: Ctx, issue: str, cd_only: bool, as_json: bool) -> None:
     """Where ISSUE's worktree and branch are."""
-    row = _issue_or_fail(c.store(), issue)
+    key = issue_ref(issue)
+    row = _issue_or_fail(c.store(readonly=True), key)
     if not row["worktree"]:
         raise UsageError(f"issue {row['key']}: has no worktree yet")
     if as_json:
@@ -4804,7 +4928,8 @@ def worktree(c: Ctx, issue: str, cd_only: bool, as_json: bool) -> None:
 def open_cmd(c: Ctx, issue: str, print_only: bool, as_json: bool) -> None:
     """Resume ISSUE's Codex thread interactively in its worktree."""
     cfg = c.cfg
-    row = _issue_or_fail(c.store(), issue)
+    key = issue_ref(issue)
+    row = _issue_or_fail(c.store(readonly=True), key)
     if not row["worktree"] or not Path(row["worktree"]).is_dir():
         raise UsageError(f"issue {row['key']}: has no worktree yet")
     argv = [cfg.codex.bin, "-C", row["worktree"]] + (["resume", row["thread_id"]] if row["thread_id"] else [])
@@ -4844,12 +4969,20 @@ def doctor(c: Ctx, as_json: bool) -> None:
     if cfg:
         try:
             store = Store(cfg.database_path)
-            with store.tx():
-                store.meta_set("doctor.checked_at", iso())
-            add("PASS", "database", f"{cfg.database_path} writable (schema v{store.schema_version()})")
+            check = store.quick_check()
+            if check != "ok":
+                add("FAIL", "database", f"{cfg.database_path}: damaged ({one_line(check, 200)}); move it away and "
+                                        "let PatchRelay start a new one, or restore a backup")
+            else:
+                with store.tx():
+                    store.meta_set("doctor.checked_at", iso())
+                add("PASS", "database", f"{cfg.database_path} writable (schema v{store.schema_version()}, "
+                                        "quick_check ok)")
             store.close()
-        except StoreError as e:
+        except (StoreError, ConfigError) as e:
             add("FAIL", "database", str(e))
+        except sqlite3.Error as e:
+            add("FAIL", "database", f"{cfg.database_path}: {type(e).__name__}: {e}")
         token = token_from_env(cfg.linear.token_env)
         if not token:
             add("FAIL", "linear", f"${cfg.linear.token_env} is not set")

@@ -28,7 +28,7 @@ GH_LOGIN = "patchrelay-bot"
 
 
 class World:
-    def __init__(self, tmp_path: Path, linear: FakeLinear, github: FakeGitHub):
+    def __init__(self, tmp_path: Path, linear: FakeLinear, github: FakeGitHub | None = None):
         self.tmp = tmp_path
         self.linear = linear
         self.github = github
@@ -38,13 +38,15 @@ class World:
         self.mallory = linear.add_user("Mallory", email="mallory@evil.test")
         self.team = linear.add_team("APP")
         self.bare, self.repo = worldlib.make_origin(tmp_path)
-        github.add_repo("acme/app", self.bare)
+        if github is not None:
+            github.add_repo("acme/app", self.bare)
         self.state = tmp_path / "state"
         self.config_path = tmp_path / "patchrelay.yaml"
         self.config = {
             "linear": {"api_url": linear.url, "retry": {"attempts": 2, "max_wait": 0.2}, "poll_overlap": 5},
-            "github": {"api_url": github.api_url, "graphql_url": github.graphql_url, "use_gh_cli": False,
-                       "poll_interval": 0, "review_quiet_seconds": 0, "retry": {"attempts": 2, "max_wait": 0.2}},
+            "github": {**({"api_url": github.api_url, "graphql_url": github.graphql_url} if github else {}),
+                       "use_gh_cli": False, "poll_interval": 0, "review_quiet_seconds": 0,
+                       "retry": {"attempts": 2, "max_wait": 0.2}},
             "database": {"path": str(self.state / "patchrelay.sqlite")},
             "codex": {"bin": "codex-not-configured", "home": str(tmp_path / "codex-home")},
             "runner": {"max_concurrent_runs": 2, "retry_backoff": 0, "inbox_poll_interval": 0.2},

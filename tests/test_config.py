@@ -163,7 +163,7 @@ def test_config_found_via_PATCHRELAY_CONFIG_before_xdg(world):
     xdg.write_text("this: [is not a usable config\n")
     p = cli(world, "status", "--json", config=False, env={"PATCHRELAY_CONFIG": str(world.config_path)}, check=0)
     assert json.loads(p.stdout)["issues"] == []
-    assert Path(world.config["database"]["path"]).exists()
+    assert not Path(world.config["database"]["path"]).exists()      # a read never creates the database
 
 
 def test_config_found_via_xdg_config_home(world):
@@ -172,7 +172,7 @@ def test_config_found_via_xdg_config_home(world):
     xdg.write_text(world.config_path.read_text())
     p = cli(world, "status", "--json", config=False, check=0)
     assert json.loads(p.stdout)["issues"] == []
-    assert Path(world.config["database"]["path"]).exists()
+    assert not Path(world.config["database"]["path"]).exists()      # a read never creates the database
 
 
 def test_explicit_config_flag_wins_over_environment(world):
@@ -213,7 +213,7 @@ def test_init_config_is_usable_after_editing_repo_path(world):
     # as written it already parses: status works (database under $XDG_STATE_HOME)
     p = cli(world, "status", "--json", config=False, check=0)
     assert json.loads(p.stdout) == {"issues": [], "outbox": [], "api": [], "last_tick": None}
-    assert (world.tmp / "xdg-state" / "patchrelay" / "patchrelay.sqlite").exists()
+    assert not (world.tmp / "xdg-state" / "patchrelay" / "patchrelay.sqlite").exists()   # reads create nothing
 
     text = target.read_text()
     edits = {"repo_path: ~/src/app": f"repo_path: {world.repo}",
