@@ -31,6 +31,7 @@ import shlex
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -931,22 +932,31 @@ RUN_COLUMNS = frozenset({
 
 
 def _secure_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise StoreError(f"cannot create directory {path}: {e.strerror}") from None
+
+
+def check_database_path(path: Path) -> None:
+    """database.path must name a file whose directory is (or can be) a directory."""
+    if path.is_dir():
+        raise ConfigError(f"database.path: {path} is a directory; give the path of a file")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"database.path: {path} lies under {parent}, which is a file")
+            break
 
 
 class Store:
     def __init__(self, path: Path, readonly: bool = False):
         self.path = Path(path)
-        if self.path.is_dir():
-            raise ConfigError(f"database.path: {self.path} is a directory; give the path of a file")
-        for parent in self.path.parents:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise ConfigError(f"database.path: {self.path} lies under {parent}, which is a file")
-                break
-        if not readonly and self.path.exists() and not os.access(self.path, os.W_OK):
-            raise StoreError(f"database.path: {self.path} is read-only for this user; PatchRelay will not write "
-                             "to it (make it writable, or run as its owner)")
+        check_database_path(self.path)
+        if not readonly and self.path.exists() and (not os.access(self.path, os.W_OK)
+                                                    or not self.path.stat().st_mode & stat.S_IWUSR):
+            raise StoreError(f"database.path: {self.path} is read-only; PatchRelay will not write to it "
+                             "(make it writable again with `chmod u+w` if that was not meant)")
         try:
             if not readonly:
                 _secure_dir(self.path.parent)
@@ -2661,19 +2671,19 @@ def run_hook(project: ProjectConfig, cfg: Config, name: str, worktree: Path, env
 _CLOSE = {"done", "canceled"}
 _REACTIVE = {"repairing_ci", "changes_requested", "repairing_queue"}
 _PR_IDLE = {"pr_open", "awaiting_queue"}
+_CLAIMS = {"implementing", *_REACTIVE}        # a pending run starts from wherever the issue rests
 TRANSITIONS: dict[str, frozenset[str]] = {k: frozenset(v) for k, v in {
     "delegated": {"implementing", *_REACTIVE, "awaiting_input", "failed", "escalated", *_CLOSE},
     "implementing": {"ready_for_pr", "pr_open", "awaiting_input", "delegated", "failed", "escalated", *_CLOSE},
-    "ready_for_pr": {"pr_open", "delegated", "implementing", "awaiting_input", "failed", *_CLOSE},
-    "pr_open": {*_REACTIVE, "awaiting_queue", "delegated", "awaiting_input", "failed", "escalated", *_CLOSE},
+    "ready_for_pr": {"pr_open", "delegated", *_CLAIMS, "awaiting_input", "failed", *_CLOSE},
+    "pr_open": {*_CLAIMS, "awaiting_queue", "delegated", "awaiting_input", "failed", "escalated", *_CLOSE},
     "changes_requested": {*_PR_IDLE, "ready_for_pr", "awaiting_input", "delegated", "failed", "escalated", *_CLOSE},
     "repairing_ci": {*_PR_IDLE, "ready_for_pr", "awaiting_input", "delegated", "failed", "escalated", *_CLOSE},
     "repairing_queue": {*_PR_IDLE, "ready_for_pr", "awaiting_input", "delegated", "failed", "escalated", *_CLOSE},
-    "awaiting_queue": {"pr_open", *_REACTIVE, "delegated", "awaiting_input", "failed", "escalated", *_CLOSE},
-    "awaiting_input": {"delegated", "implementing", "ready_for_pr", *_PR_IDLE, *_REACTIVE, "failed", "escalated",
-                       *_CLOSE},
-    "escalated": {"delegated", *_PR_IDLE, *_REACTIVE, "awaiting_input", "failed", *_CLOSE},
-    "failed": {"delegated", *_PR_IDLE, *_REACTIVE, "awaiting_input", "escalated", *_CLOSE},
+    "awaiting_queue": {"pr_open", *_CLAIMS, "delegated", "awaiting_input", "failed", "escalated", *_CLOSE},
+    "awaiting_input": {"delegated", *_CLAIMS, "ready_for_pr", *_PR_IDLE, "failed", "escalated", *_CLOSE},
+    "escalated": {"delegated", *_CLAIMS, *_PR_IDLE, "awaiting_input", "failed", *_CLOSE},
+    "failed": {"delegated", *_CLAIMS, *_PR_IDLE, "awaiting_input", "escalated", *_CLOSE},
     "done": {"canceled", "delegated", "awaiting_input"},
     "canceled": {"done", "delegated", "awaiting_input"},
 }.items()}
@@ -2811,6 +2821,11 @@ def decide_issue(row: dict | None, obs: LinearIssue, ident: Identity, project_id
         return _merge(Decision(fields=fields), close_issue(row, closed, obs.state_name or closed))
     if closed_state(row.get("linear_state_type")) and state in CLOSED_STATES:
         # Reopened in Linear: delegated to us -> work again; otherwise tracked, idle, until delegated.
+        if delegated and not session_required and _busy(row):
+            # the last run is still winding down: queue the work; it starts once that run has ended
+            work = start_work(row, "reopened in Linear", None, obs.key, now)
+            return _merge(Decision(fields=fields), dataclasses.replace(
+                work, fields={**work.fields, "factory_state": transition(state, "awaiting_input")}))
         if delegated and not session_required:
             return _merge(Decision(fields=fields), start_work(row, "reopened in Linear", None, obs.key, now))
         return Decision(fields={**fields, "factory_state": transition(state, "awaiting_input")},
@@ -3355,6 +3370,7 @@ class TickLocked(Exception):
 
 @contextlib.contextmanager
 def tick_lock(cfg: Config) -> Iterator[None]:
+    check_database_path(cfg.database_path)
     _secure_dir(cfg.state_dir)
     path = Path(str(cfg.database_path) + ".tick.lock")
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
@@ -4130,7 +4146,8 @@ class TurnDriver:
                     try:
                         self.app.request("turn/interrupt", {"threadId": thread_id, "turnId": turn_id}, timeout=15)
                     except CodexError as e:
-                        raise CodexError(f"{reason}; turn/interrupt failed: {e}") from None
+                        # e.g. "no active turn": the turn ended as the stop arrived; turn/completed follows
+                        log.info("turn/interrupt not accepted (%s); waiting for the turn to end", e)
             elif now - interrupt_at > 30:
                 raise CodexError(f"{self.interrupt_reason or self.stop_reason}; the turn did not end after "
                                  "turn/interrupt")

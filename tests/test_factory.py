@@ -18,7 +18,7 @@ NOW = "2026-01-02T03:04:05.000Z"
 NOW_DT = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
 APP = "app-user-id"
 APP_IDENT = Identity(viewer_id=APP, app_mode=True)
-USER_IDENT = Identity(viewer_id="me", app_mode=False)
+USER_IDENT = Identity(viewer_id="me", app_mode=False, delegation=("delegate", "assignee", "label"))
 ALICE = Actor("alice-id", "Alice Smith", "alice@acme.test")
 RUNNER = RunnerConfig(retry_budget=2, retry_backoff=60)
 
@@ -90,8 +90,8 @@ def test_transition_rejects_every_move_not_in_the_table(current, new):
 
 
 @pytest.mark.parametrize("current,new", [("done", "implementing"), ("canceled", "ready_for_pr"),
-                                         ("failed", "implementing"), ("delegated", "ready_for_pr"),
-                                         ("ready_for_pr", "repairing_ci"), ("nonsense", "delegated"),
+                                         ("done", "pr_open"), ("delegated", "ready_for_pr"),
+                                         ("implementing", "repairing_ci"), ("nonsense", "delegated"),
                                          ("delegated", "nonsense")])
 def test_transition_rejects_notable_illegal_moves(current, new):
     with pytest.raises(IllegalTransition):

@@ -1,0 +1,175 @@
+"""Broken configs and damaged databases: one line naming the key path or the file, the right exit code,
+no traceback, and nothing written where the owner said no.
+
+Every case runs the real CLI as a subprocess (`world.cli`), as cron would.
+"""
+import copy
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+def one_line_error(p, code=2):
+    assert p.returncode == code, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stdout + p.stderr, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stderr
+    return lines[0]
+
+
+def write_raw(world, text):
+    world.config_path.write_bytes(text if isinstance(text, bytes) else text.encode())
+
+
+# ----------------------------------------------------------------------------- hand-picked cases
+def _set_key(world, dotted, raw_value):
+    """The world's config with one key replaced by raw YAML text (so .nan and .inf stay YAML)."""
+    node = world.config
+    parts = dotted.split(".")
+    for k in parts[:-1]:
+        node = node.setdefault(k, {})
+    node[parts[-1]] = "@@VALUE@@"
+    return yaml.safe_dump(world.config, sort_keys=False).replace("'@@VALUE@@'", raw_value)
+
+
+FILE_CASES = [  # whole-file problems: the line names the file
+    ("", "empty config"),
+    ("# only a comment\n", "empty config"),
+    (b"linear: {api_url: \xff\xfe}\n", "not UTF-8"),
+    ("linear:\n  timeout: 5\n  timeout: 6\n", "line 3: duplicate key 'timeout'"),
+    ("a: &x [1, 2]\nb: *x\n", "YAML aliases (*name) are not allowed"),
+]
+KEY_CASES = [   # one bad key: the line names its key path
+    ("linear.timeout", ".nan", "linear.timeout: expected a finite number, got nan"),
+    ("linear.timeout", ".inf", "linear.timeout: expected a finite number, got inf"),
+    ("linear.retry.attempts", "1.0e+30", "linear.retry.attempts: must be at most 1000"),
+    ("codex.turn_timeout", "99999999999", "codex.turn_timeout: must be at most 604800"),
+    ("projects", "[]", "projects: at least one project is required"),
+]
+
+
+@pytest.mark.parametrize("text, expected", FILE_CASES,
+                         ids=["empty", "comment-only", "not-utf8", "duplicate-key", "alias"])
+def test_a_broken_config_file_is_one_line_exit_2_naming_the_file(world, text, expected):
+    write_raw(world, text)
+    for cmd in ("tick", "status", "retry APP-1"):
+        line = one_line_error(world.cli(*cmd.split()))
+        assert expected in line and str(world.config_path) in line, line
+
+
+@pytest.mark.parametrize("key, raw, expected", KEY_CASES, ids=["nan", "inf", "huge-attempts", "huge-timeout",
+                                                              "no-projects"])
+def test_a_bad_value_is_one_line_exit_2_naming_the_key(world, key, raw, expected):
+    write_raw(world, _set_key(world, key, raw))
+    for cmd in ("tick", "status"):
+        line = one_line_error(world.cli(cmd))
+        assert line.startswith(f"patchrelay: {expected}"), line
+
+
+def test_an_alias_bomb_is_refused_before_it_expands(world):
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    write_raw(world, bomb)
+    line = one_line_error(world.cli("status", timeout=10))
+    assert "YAML aliases" in line
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    (("projects", 0, "worktree_root"), 5, "projects[0].worktree_root: expected a path, got a number"),
+    (("projects", 0, "repo_path"), ["x"], "projects[0].repo_path: expected a path, got a list"),
+    (("database", "path"), 7, "database.path: expected a path, got a number"),
+])
+def test_a_path_key_must_be_a_path(world, key, value, expected):
+    node = world.config
+    for k in key[:-1]:
+        node = node.setdefault(k, {}) if isinstance(k, str) else node[k]
+    node[key[-1]] = value
+    world.write_config()
+    assert one_line_error(world.cli("tick")) == f"patchrelay: {expected}"
+
+
+# ----------------------------------------------------------------------------- generated wrong types
+NUMERIC_KEYS = [("linear", "poll_overlap"), ("linear", "timeout"), ("github", "timeout"), ("github", "poll_interval"),
+                ("github", "ci_repair_budget"), ("codex", "request_timeout"), ("codex", "stall_timeout"),
+                ("runner", "max_concurrent_runs"), ("runner", "retry_budget"), ("runner", "hook_timeout")]
+BOOL_KEYS = [("runner", "paused"), ("github", "auto_merge"), ("github", "draft_prs"), ("github", "use_gh_cli")]
+WRONG = {"a list": [1], "a mapping": {"x": 1}, "a word": "soon", "a boolean": True}
+
+
+@pytest.mark.parametrize("section, key", NUMERIC_KEYS + BOOL_KEYS)
+@pytest.mark.parametrize("kind", list(WRONG))
+def test_every_key_rejects_a_value_of_the_wrong_type_by_its_path(world, section, key, kind):
+    value = WRONG[kind]
+    is_bool = (section, key) in BOOL_KEYS
+    if is_bool and kind == "a boolean":
+        value = 3
+    world.config.setdefault(section, {})[key] = value
+    world.write_config()
+    line = one_line_error(world.cli("tick"))
+    assert line.startswith(f"patchrelay: {section}.{key}: "), line
+
+
+# ----------------------------------------------------------------------------- the database
+def test_database_path_at_a_directory_or_under_a_file_is_a_config_error(world):
+    d = world.tmp / "dbdir"
+    d.mkdir()
+    world.config["database"]["path"] = str(d)
+    world.write_config()
+    line = one_line_error(world.cli("tick"))
+    assert "database.path" in line and "is a directory" in line
+    f = world.tmp / "afile"
+    f.write_text("x")
+    world.config["database"]["path"] = str(f / "db.sqlite")
+    world.write_config()
+    line = one_line_error(world.cli("tick"))
+    assert "database.path" in line and "which is a file" in line
+
+
+def test_a_read_only_database_is_respected_and_never_made_writable(world):
+    world.config["runner"]["paused"] = True
+    world.write_config()
+    world.delegate()
+    world.tick()
+    db = Path(world.config["database"]["path"])
+    os.chmod(db, 0o444)
+    try:
+        for cmd in (["tick"], ["retry", "APP-1"]):       # as root too: the owner's choice is respected
+            p = world.cli(*cmd)
+            line = one_line_error(p, 1)
+            assert "read-only" in line and str(db) in line
+        assert stat.S_IMODE(db.stat().st_mode) == 0o444        # nothing made it writable again
+        assert world.cli("status", "--json").returncode == 0    # reading is fine
+    finally:
+        os.chmod(db, 0o600)
+
+
+def test_a_database_with_corrupt_pages_is_one_line_everywhere_and_doctor_says_so(world):
+    world.config["runner"]["paused"] = True
+    world.write_config()
+    for n in range(30):
+        world.linear.add_issue(world.team, f"Issue {n} " + "x" * 300, delegate=world.app, creator=world.alice)
+    world.tick()
+    db = Path(world.config["database"]["path"])
+    con = sqlite3.connect(str(db))
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    data = bytearray(db.read_bytes())
+    page = 4096
+    for i in range(2 * page, len(data), page):       # every page after the first two: garbage
+        data[i + 8:i + 200] = os.urandom(192)
+    db.write_bytes(bytes(data))
+    for cmd in (["tick"], ["status"], ["show", "APP-1"], ["retry", "APP-1"], ["doctor"]):
+        p = world.cli(*cmd)
+        assert "Traceback" not in p.stdout + p.stderr, (cmd, p.stderr)
+        assert p.returncode == 1, (cmd, p.returncode, p.stdout, p.stderr)
+        if cmd != ["doctor"]:
+            assert len([ln for ln in p.stderr.splitlines() if ln.strip()]) >= 1
+            assert str(db) in p.stderr, (cmd, p.stderr)
+    p = world.cli("doctor", "--json")
+    import json
+    checks = {c["scope"]: c for c in json.loads(p.stdout)["checks"]}
+    assert checks["database"]["level"] == "FAIL"
