@@ -178,10 +178,13 @@ _SECRET_PATTERNS = [
 ]
 
 
+KNOWN_SECRETS: set[str] = set()      # every token PatchRelay has read, whatever its shape
+
+
 def redact(text: str | None, secrets: Iterable[str] = ()) -> str:
     """Remove known secrets and token-shaped strings from text bound for logs, SQLite or Linear."""
     out = text or ""
-    for s in secrets:
+    for s in sorted({*secrets, *KNOWN_SECRETS}, key=len, reverse=True):
         if s and len(s) >= 6:
             out = out.replace(s, "[redacted]")
     for pat, rep in _SECRET_PATTERNS:
@@ -725,7 +728,10 @@ def actor_trusted(ta: TrustedActors, actor_id: str | None, name: str | None, ema
 
 def token_from_env(env_name: str) -> str | None:
     v = os.environ.get(env_name)
-    return v.strip() if v and v.strip() else None
+    tok = v.strip() if v and v.strip() else None
+    if tok:
+        KNOWN_SECRETS.add(tok)      # redact() removes it from everything bound for logs, SQLite or Linear
+    return tok
 
 
 def github_token(cfg: Config) -> str | None:
@@ -736,7 +742,10 @@ def github_token(cfg: Config) -> str | None:
         out = subprocess.run(["gh", "auth", "token"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    tok = (out.stdout.strip() or None) if out.returncode == 0 else None
+    if tok:
+        KNOWN_SECRETS.add(tok)
+    return tok
 
 
 def stripped_child_env(cfg: Config, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -916,7 +925,12 @@ CREATE INDEX outbox_issue ON outbox(issue_id, id);
 CREATE INDEX inbox_issue_kind ON inbox(issue_id, kind, delivered_at);
 """
 
-MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4]
+SCHEMA_V5 = """
+ALTER TABLE ticks ADD COLUMN pid INTEGER;
+ALTER TABLE ticks ADD COLUMN pid_started TEXT;
+"""
+
+MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5]
 
 ISSUE_COLUMNS = frozenset({
     "project_id", "linear_id", "key", "title", "description", "url", "team_id", "team_key", "linear_state",
@@ -1315,9 +1329,10 @@ class Store:
     def budget(self, api: str) -> dict | None:
         return self._one("SELECT * FROM api_budget WHERE api = ?", (api,))
 
-    def start_tick(self) -> int:
+    def start_tick(self, pid: int, pid_started: str | None) -> int:
         with self.tx():
-            tick_id = self.db.execute("INSERT INTO ticks (started_at) VALUES (?)", (iso(),)).lastrowid
+            tick_id = self.db.execute("INSERT INTO ticks (started_at, pid, pid_started) VALUES (?, ?, ?)",
+                                      (iso(), pid, pid_started)).lastrowid
             self.db.execute("DELETE FROM ticks WHERE id < ?", (tick_id - 1000,))
             return tick_id
 
@@ -2525,12 +2540,51 @@ def worktree_for(project: ProjectConfig, key: str) -> Path:
     return path
 
 
-def ensure_worktree(project: ProjectConfig, branch: str, path: Path) -> str:
-    """Create or reuse the issue's worktree; never reset a branch that holds work (G-W2).
-    Returns how: 'reused', 'checked out local branch', 'tracked remote branch' or 'created'."""
+@contextlib.contextmanager
+def repo_lock(repo: Path, timeout: float = 600) -> Iterator[None]:
+    """Serialise fetch / `worktree add` / `worktree remove` of one repository across workers (two at once
+    can corrupt .git/worktrees). An fcntl lock on a file in the repository's git directory."""
+    common = run_git(["rev-parse", "--git-common-dir"], repo).stdout.strip()
+    lock_path = (repo / common).resolve() / "patchrelay.lock"
+    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise GitError(f"git: {repo} stayed locked by another PatchRelay worker for {timeout:g} s") \
+                        from None
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
+
+
+def ensure_worktree(project: ProjectConfig, branch: str, path: Path, attempts: int = 3) -> str:
+    """Create or reuse the issue's worktree, under the repository's lock; a transient git failure (a
+    network hiccup during fetch) is retried before the run fails."""
     repo = project.repo_path
     if not (repo / ".git").exists() and not (repo / "HEAD").exists():
         raise GitError(f"projects[{project.id}].repo_path: {repo} is not a git repository")
+    for attempt in range(1, attempts + 1):
+        try:
+            with repo_lock(repo):
+                return _ensure_worktree(project, branch, path)
+        except GitError as e:
+            if attempt == attempts or "is not" in str(e) or "exists but" in str(e) or "escapes" in str(e):
+                raise
+            log.info("git failed (%s); retrying (%d of %d)", e, attempt, attempts - 1)
+            time.sleep(attempt)
+    raise AssertionError("unreachable")
+
+
+def _ensure_worktree(project: ProjectConfig, branch: str, path: Path) -> str:
+    """Create or reuse the issue's worktree; never reset a branch that holds work (G-W2).
+    Returns how: 'reused', 'checked out local branch', 'tracked remote branch' or 'created'."""
+    repo = project.repo_path
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise GitError(f"worktree {path} exists but is not a directory")
     listed = run_git(["worktree", "list", "--porcelain"], repo).stdout
@@ -2614,9 +2668,10 @@ def remove_worktree(project: ProjectConfig, path: Path, branch: str | None) -> s
         return "no worktree"
     if run_git(["status", "--porcelain"], path, check=False).stdout.strip():
         return "kept: it has uncommitted changes"
-    run_git(["worktree", "remove", str(path)], project.repo_path)
-    if branch:
-        run_git(["branch", "-D", branch], project.repo_path, check=False)
+    with repo_lock(project.repo_path):
+        run_git(["worktree", "remove", str(path)], project.repo_path)
+        if branch:
+            run_git(["branch", "-D", branch], project.repo_path, check=False)
     return "removed"
 
 
@@ -3978,7 +4033,7 @@ def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
     would cost in API requests, and changes nothing."""
     ctx = TickContext(cfg, store, dry_run)
     report: dict[str, Any] = {"result": "ok", "dry_run": dry_run, "steps": {}, "errors": []}
-    tick_id = None if dry_run else store.start_tick()
+    tick_id = None if dry_run else store.start_tick(os.getpid(), proc_start_time(os.getpid()))
 
     def step(name: str, fn: Callable[[TickContext], dict]) -> None:
         try:
@@ -3987,6 +4042,7 @@ def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
             report["result"] = "failed"
             report["errors"].append(f"{name}: {e}")
             report["steps"][name] = {"error": str(e)}
+            report["exit_code"] = max(report.get("exit_code", 1), e.exit_code)   # a config error is 2
             log.info("%s failed: %s", name, e)  # the CLI prints the error once
             return
         except sqlite3.Error as e:
@@ -4577,7 +4633,7 @@ def tick(c: Ctx, dry_run: bool, as_json: bool) -> None:
         if not report["actions"] and not report["errors"]:
             click.echo("nothing to do")
     if report["result"] != "ok":
-        raise click.exceptions.Exit(1)
+        raise click.exceptions.Exit(report.get("exit_code", 1))
 
 
 @cli.command()
@@ -4644,7 +4700,11 @@ def status(c: Ctx, as_json: bool) -> None:
             "complexity_remaining": b["complexity_remaining"], "reset_at": b["reset_at"],
             "limited_until": b["limited_until"], "last_error": b["last_error"]} for b in store.budgets()]
     t = store.last_tick()
-    last = {"started_at": t["started_at"], "ended_at": t["ended_at"], "result": t["result"]} if t else None
+    last = None
+    if t:
+        result = t["result"] or ("running" if process_alive(t["pid"], t["pid_started"]) else "interrupted")
+        errors = (json.loads(t["summary"]) if t["summary"] else {}).get("errors") or []
+        last = {"started_at": t["started_at"], "ended_at": t["ended_at"], "result": result, "errors": errors}
     if as_json:
         _dump({"issues": issues, "outbox": outbox, "api": api, "last_tick": last})
         return
@@ -4675,7 +4735,9 @@ def status(c: Ctx, as_json: bool) -> None:
         if b["limited_until"] and (parse_iso(b["limited_until"]) or utcnow()) > utcnow():
             line += f"; rate limited until {b['limited_until']}"
         click.echo(line)
-    click.echo(f"last tick: {last['started_at']} {last['result'] or 'running'}" if last else "last tick: never")
+    click.echo(f"last tick: {last['started_at']} {last['result']}" if last else "last tick: never")
+    for e in (last or {}).get("errors") or []:
+        click.echo(f"  {one_line(e, 200)}")
 
 
 def _age(seconds: float | None) -> str:
@@ -5062,6 +5124,10 @@ def doctor(c: Ctx, as_json: bool) -> None:
                 add("FAIL", scope, str(e))
             if not p.has_routing and len(cfg.projects) == 1:
                 add("WARN", scope, "no routing keys: every delegated issue goes to this project")
+            if cfg.codex.sandbox == "workspace-write" and str(p.repo_path.resolve()).startswith(("/tmp/", "/var/tmp/")):
+                add("WARN", f"{scope}.sandbox", f"repo_path {p.repo_path} lies under /tmp, which the workspace-write sandbox "
+                                   "lets the agent write: its .git (and other worktrees) are not protected; "
+                                   "move the clone elsewhere")
     failed = any(level == "FAIL" for level, _, _ in checks)
     if as_json:
         _dump({"ok": not failed, "checks": [{"level": lv, "scope": s, "message": m} for lv, s, m in checks]})

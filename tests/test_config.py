@@ -244,6 +244,8 @@ def test_doctor_passes_config_database_linear_and_git(world):
     assert checks["linear"][1] == "token accepted: viewer PatchRelay (app mode)"
     assert checks["github"][1] == "token accepted: patchrelay-bot"
     assert checks["projects[0].github_repo"][1] == "acme/app: writable"
+    level, message = checks["projects[0].sandbox"]          # the test repository lives under /tmp
+    assert level == "WARN" and "lies under /tmp" in message and ".git" in message
 
 
 def test_doctor_fails_without_a_github_token_or_access_and_names_the_fix(world):
