@@ -1421,27 +1421,6 @@ ISSUE_FIELDS = """id identifier title description url updatedAt
       state { id name type } team { id key } delegate { id } assignee { id }
       labels(first: 20) { nodes { name } }"""
 
-Q_ISSUES = """query PatchRelayIssues($filter: IssueFilter, $after: String) {
-  issues(first: 50, after: $after, filter: $filter, orderBy: updatedAt) {
-    pageInfo { hasNextPage endCursor }
-    nodes { %s }
-  }
-}""" % ISSUE_FIELDS
-
-Q_SESSIONS = """query PatchRelaySessions($after: String) {
-  viewer { id name app }
-  agentSessions(first: 25, after: $after, orderBy: updatedAt) {
-    pageInfo { hasNextPage endCursor }
-    nodes {
-      id createdAt updatedAt
-      appUser { id }
-      creator { id name email app }
-      comment { id body }
-      issue { %s }
-    }
-  }
-}""" % ISSUE_FIELDS
-
 Q_ACTIVITIES = """query PatchRelaySessionActivities($id: String!, $filter: AgentActivityFilter, $after: String) {
   agentSession(id: $id) {
     id
@@ -1471,6 +1450,35 @@ Q_COMMENTS = """query PatchRelayComments($filter: CommentFilter, $after: String)
 }"""
 
 Q_VIEWER = "query PatchRelayViewer { viewer { id name app } }"
+
+_SESSION_FIELDS = """id createdAt updatedAt appUser { id } creator { id name email app } comment { id body }
+      issue { %s }""" % ISSUE_FIELDS
+_COMMENT_FIELDS = "id body createdAt user { id name email app } issue { id } agentSession { id }"
+
+# The idle tick: ONE request, whose size does not grow with the number of tracked issues. Changed issues and
+# comments are read oldest first (`last` + `before` over Linear's newest-first order), so a read cut short
+# resumes where it stopped; what is not ours is dropped client side.
+Q_POLL = """query PatchRelayPoll($issueFilter: IssueFilter, $commentFilter: CommentFilter, $withComments: Boolean!) {
+  viewer { id name app }
+  agentSessions(first: 10, orderBy: updatedAt) { pageInfo { hasNextPage endCursor } nodes { %s } }
+  issues(last: 50, filter: $issueFilter, orderBy: updatedAt) { pageInfo { hasPreviousPage startCursor } nodes { %s } }
+  comments(last: 50, filter: $commentFilter, orderBy: createdAt) @include(if: $withComments) {
+    pageInfo { hasPreviousPage startCursor } nodes { %s } }
+}""" % (_SESSION_FIELDS, ISSUE_FIELDS, _COMMENT_FIELDS)
+
+Q_SESSIONS_PAGE = """query PatchRelaySessions($after: String) {
+  agentSessions(first: 50, after: $after, orderBy: updatedAt) { pageInfo { hasNextPage endCursor } nodes { %s } }
+}""" % _SESSION_FIELDS
+
+Q_ISSUES_PAGE = """query PatchRelayIssues($filter: IssueFilter, $before: String) {
+  issues(last: 50, before: $before, filter: $filter, orderBy: updatedAt) {
+    pageInfo { hasPreviousPage startCursor } nodes { %s } }
+}""" % ISSUE_FIELDS
+
+Q_COMMENTS_PAGE = """query PatchRelayComments($filter: CommentFilter, $before: String) {
+  comments(last: 50, before: $before, filter: $filter, orderBy: createdAt) {
+    pageInfo { hasPreviousPage startCursor } nodes { %s } }
+}""" % _COMMENT_FIELDS
 
 Q_ISSUE = """query PatchRelayIssue($id: String!) { issue(id: $id) { %s } }""" % ISSUE_FIELDS
 
@@ -1532,6 +1540,7 @@ class LinearClient:
                                   "Authorization": token if token.startswith("lin_api_") else f"Bearer {token}"})
         self.requests_made = 0
         self.host = re.sub(r"^https?://", "", cfg.api_url).split("/")[0]
+        self.server_time: str | None = None      # Linear's clock (the Date header of its last answer)
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -1582,7 +1591,7 @@ class LinearClient:
             reset = _int_header(resp.headers, "x-ratelimit-requests-reset")
             if retry_after is None and reset:
                 until = max(until, reset / 1000.0)
-            err = LinearRateLimited(f"Linear {op_name}: rate limited (HTTP {resp.status_code})", until)
+            err = LinearRateLimited(f"Linear {op_name} ({self.host}): rate limited (HTTP {resp.status_code})", until)
             if self.on_budget:
                 self.on_budget({"limited_until": iso(dt.datetime.fromtimestamp(until, dt.timezone.utc)),
                                 "last_error": str(err)})
@@ -1612,6 +1621,12 @@ class LinearClient:
         return body["data"]
 
     def _record_headers(self, resp: requests.Response) -> None:
+        date = resp.headers.get("date")
+        if date:
+            with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+                import email.utils
+                t = email.utils.parsedate_to_datetime(date)
+                self.server_time = iso(t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc))
         if not self.on_budget:
             return
         h = resp.headers
@@ -1672,47 +1687,74 @@ class LinearClient:
         n = self.query(Q_ISSUE, {"id": id_or_key}).get("issue")
         return _issue(n) if n else None
 
-    @_shaped
-    def issues(self, filt: dict) -> list[LinearIssue]:
-        nodes, _ = self._paged(Q_ISSUES, {"filter": filt}, "issues")
-        return [_issue(n) for n in nodes]
-
-    @_shaped
-    def sessions_since(self, since: str | None) -> tuple[Viewer, list[LinearSession]]:
-        """Agent sessions, newest first, paging until one is older than `since`."""
-        def older(nodes: list) -> bool:
-            return bool(since) and any((n.get("updatedAt") or "") < since for n in nodes)
-        nodes, data = self._paged(Q_SESSIONS, {}, "agentSessions", max_pages=10, stop=older)
-        viewer = self._viewer(data, "PatchRelaySessions")
-        out = []
-        for n in nodes:
-            if since and (n.get("updatedAt") or "") < since:
-                continue
-            c = n.get("creator") or {}
-            out.append(LinearSession(
-                id=n["id"], issue=_issue(n["issue"]) if n.get("issue") else None,
-                app_user_id=(n.get("appUser") or {}).get("id"),
-                creator=Actor(c.get("id"), c.get("name"), c.get("email"), bool(c.get("app"))),
-                created_at=n.get("createdAt") or "", updated_at=n.get("updatedAt") or "",
-                comment_body=(n.get("comment") or {}).get("body")))
-        return viewer, out
-
-    @_shaped
     def activities(self, session_id: str, since: str | None) -> list[LinearActivity]:
         filt = {"createdAt": {"gt": since}} if since else None
         nodes, _ = self._paged(Q_ACTIVITIES, {"id": session_id, "filter": filt}, "agentSession.activities")
-        out = []
-        for n in nodes:
-            content = n.get("content") or {}
-            kind = re.sub(r"^AgentActivity(\w+)Content$", r"\1", content.get("__typename") or "").lower()
-            u = n.get("user") or {}
-            out.append(LinearActivity(id=n["id"], session_id=session_id, created_at=n.get("createdAt") or "",
-                                      type=kind, body=content.get("body") or "", signal=n.get("signal"),
-                                      user=Actor(u.get("id"), u.get("name"), u.get("email"), bool(u.get("app")))))
+        out = [_activity(n, session_id) for n in nodes]
         out.sort(key=lambda a: (a.created_at, a.id))
         return out
 
     @_shaped
+    # ---- the poll (one request when nothing changed) and its follow-up pages
+    @_shaped
+    def poll(self, issue_filter: dict, comment_filter: dict | None) -> dict:
+        """Viewer, the newest agent sessions, and the oldest page of changed issues and comments."""
+        data = self.query(Q_POLL, {"issueFilter": issue_filter, "commentFilter": comment_filter or {},
+                                   "withComments": comment_filter is not None})
+        out = {"viewer": self._viewer(data, "PatchRelayPoll"), "date": self.server_time}
+        for key in ("agentSessions", "issues") + (("comments",) if comment_filter is not None else ()):
+            conn = data.get(key)
+            if not isinstance(conn, dict) or not isinstance(conn.get("nodes"), list):
+                raise LinearError(f"Linear PatchRelayPoll ({self.host}): response without {key}.nodes", transient=True)
+            out[key] = conn
+        return out
+
+    @_shaped
+    def sessions_page(self, after: str | None) -> dict:
+        data = self.query(Q_SESSIONS_PAGE, {"after": after})
+        conn = data.get("agentSessions")
+        if not isinstance(conn, dict) or not isinstance(conn.get("nodes"), list):
+            raise LinearError(f"Linear PatchRelaySessions ({self.host}): response without agentSessions.nodes",
+                              transient=True)
+        return conn
+
+    @_shaped
+    def older_page(self, kind: str, filt: dict, before: str) -> dict:
+        doc = Q_ISSUES_PAGE if kind == "issues" else Q_COMMENTS_PAGE
+        conn = self.query(doc, {"filter": filt, "before": before}).get(kind)
+        if not isinstance(conn, dict) or not isinstance(conn.get("nodes"), list):
+            raise LinearError(f"Linear {kind} page ({self.host}): response without {kind}.nodes", transient=True)
+        return conn
+
+    @_shaped
+    def activities_batch(self, wanted: list[tuple[str, str | None]]) -> dict[str, list[LinearActivity]]:
+        """New activities of several sessions in one request (aliases); a session with more than one page
+        is read on its own."""
+        out: dict[str, list[LinearActivity]] = {}
+        for start in range(0, len(wanted), 20):
+            chunk = wanted[start:start + 20]
+            defs, parts, variables = [], [], {}
+            for n, (sid, since) in enumerate(chunk):
+                defs += [f"$s{n}: String!", f"$f{n}: AgentActivityFilter"]
+                variables[f"s{n}"] = sid
+                variables[f"f{n}"] = {"createdAt": {"gt": since}} if since else None
+                parts.append(f"  s{n}: agentSession(id: $s{n}) {{ id activities(first: 50, filter: $f{n}, "
+                             f"orderBy: createdAt) {{ pageInfo {{ hasNextPage endCursor }} nodes {{ {_ACTIVITY_FIELDS} }} }} }}")
+            doc = "query PatchRelaySessionActivities(" + ", ".join(defs) + ") {\n" + "\n".join(parts) + "\n}"
+            data = self.query(doc, variables)
+            for n, (sid, since) in enumerate(chunk):
+                node = data.get(f"s{n}")
+                conn = (node or {}).get("activities") if isinstance(node, dict) else None
+                if not isinstance(conn, dict) or not isinstance(conn.get("nodes"), list):
+                    raise LinearError(f"Linear PatchRelaySessionActivities ({self.host}): response without "
+                                      f"activities of session {sid}", transient=True)
+                if (conn.get("pageInfo") or {}).get("hasNextPage"):
+                    out[sid] = self.activities(sid, since)
+                else:
+                    out[sid] = sorted((_activity(a, sid) for a in conn["nodes"] if isinstance(a, dict)),
+                                      key=lambda a: (a.created_at, a.id))
+        return out
+
     def comments(self, issue_ids: list[str], since: str | None, new_issue_ids: list[str] = ()) -> list[LinearComment]:
         """New comments on tracked issues since the cursor, and every comment of newly tracked issues."""
         parts: list[dict] = []
@@ -1809,6 +1851,39 @@ class LinearClient:
                 return
             raise
         self._payload(data, "commentCreate")
+
+
+_ACTIVITY_FIELDS = """id createdAt signal user { id name email app }
+        content { __typename ... on AgentActivityPromptContent { body } ... on AgentActivityThoughtContent { body }
+          ... on AgentActivityResponseContent { body } ... on AgentActivityErrorContent { body }
+          ... on AgentActivityElicitationContent { body } }"""
+
+
+def _activity(n: dict, session_id: str) -> LinearActivity:
+    content = n.get("content") or {}
+    kind = re.sub(r"^AgentActivity(\w+)Content$", r"\1", content.get("__typename") or "").lower()
+    u = n.get("user") or {}
+    return LinearActivity(id=n["id"], session_id=session_id, created_at=n.get("createdAt") or "", type=kind,
+                          body=content.get("body") or "", signal=n.get("signal"),
+                          user=Actor(u.get("id"), u.get("name"), u.get("email"), bool(u.get("app"))))
+
+
+def _session(n: dict) -> LinearSession:
+    c = n.get("creator") or {}
+    return LinearSession(
+        id=n["id"], issue=_issue(n["issue"]) if n.get("issue") else None,
+        app_user_id=(n.get("appUser") or {}).get("id"),
+        creator=Actor(c.get("id"), c.get("name"), c.get("email"), bool(c.get("app"))),
+        created_at=n.get("createdAt") or "", updated_at=n.get("updatedAt") or "",
+        comment_body=(n.get("comment") or {}).get("body"))
+
+
+def _comment(n: dict) -> LinearComment:
+    u = n.get("user") or {}
+    return LinearComment(id=n["id"], issue_linear_id=(n.get("issue") or {}).get("id") or "",
+                         body=n.get("body") or "", created_at=n.get("createdAt") or "",
+                         user=Actor(u.get("id"), u.get("name"), u.get("email"), bool(u.get("app"))),
+                         session_id=(n.get("agentSession") or {}).get("id"))
 
 
 def _issue(n: dict) -> LinearIssue:
@@ -3550,6 +3625,158 @@ class TickContext:
         log.info("%s", message)
 
 
+@dataclass
+class LinearReads:
+    viewer: Viewer
+    app_mode: bool
+    ident: Identity
+    ours: list[LinearSession]
+    session_acts: dict[str, list[LinearActivity]]
+    issues: list[LinearIssue]           # oldest change first
+    comments: list[LinearComment]
+    unsynced: list[str]
+    cursors: dict[str, str]
+    meta: dict[str, str | None]
+
+
+READ_PAGE_CAP = 40        # follow-up pages per stream and tick; a longer read resumes on the next tick
+
+
+def team_scope(cfg: Config) -> dict | None:
+    """The routed teams as an IssueFilter fragment (None when one project takes every issue)."""
+    if not all(p.has_routing for p in cfg.projects):
+        return None
+    keys = sorted({k for p in cfg.projects for k in (*p.issue_key_prefixes, *p.linear_team_keys)})
+    ids = sorted({i for p in cfg.projects for i in p.linear_team_ids})
+    scope = ([{"key": {"in": keys}}] if keys else []) + ([{"id": {"in": ids}}] if ids else [])
+    return scope[0] if len(scope) == 1 else {"or": scope}
+
+
+def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
+    """Everything that changed in Linear since the cursors: one request when nothing did. Cursors come
+    from Linear's clock (its Date header) minus linear.poll_overlap, and move only past what was fully
+    read; a read cut short (page cap, rate limit) resumes where it stopped."""
+    overlap = cfg.linear.poll_overlap
+    scope = team_scope(cfg)
+    issues_since = store.cursor_get("linear.poll.issues")
+    comments_since = store.cursor_get("linear.poll.comments")
+    viewer_id = store.meta_get("linear.viewer_id")
+    if issues_since:
+        ifilter: dict = {"updatedAt": {"gt": issues_since}, **({"team": scope} if scope else {})}
+    else:
+        # First poll: the open issues delegated to us (the rule needs the viewer; learnt once, then cached).
+        mode = store.meta_get("linear.mode")
+        if not viewer_id or not mode:
+            v = lc.viewer()
+            viewer_id, mode = v.id, "app" if v.app else "user"
+        app0 = mode == "app" if cfg.linear.mode == "auto" else cfg.linear.mode == "app"
+        ifilter = issue_filter(cfg, Identity(viewer_id, app0, cfg.linear.delegation, cfg.linear.delegation_label),
+                               [], None)
+    open_ids = store.tracked_open_linear_ids()
+    cfilter = {"createdAt": {"gt": comments_since}, **({"issue": {"team": scope}} if scope else {})} \
+        if comments_since and open_ids else None
+    r = lc.poll(ifilter, cfilter)
+    viewer = r["viewer"]
+    read_at = r["date"] or iso()
+    app_mode = viewer.app if cfg.linear.mode == "auto" else cfg.linear.mode == "app"
+    ident = Identity(viewer.id, app_mode, cfg.linear.delegation, cfg.linear.delegation_label)
+    cursors: dict[str, str] = {}
+    meta: dict[str, str | None] = {"linear.viewer_id": viewer.id, "linear.mode": "app" if app_mode else "user"}
+    floor_at = _minus(read_at, overlap) or read_at
+
+    # -- sessions: newest first (agentSessions has no filter), down to the floor; a cut read resumes
+    floor = store.cursor_get("linear.poll.sessions")
+    resume, resume_top = store.meta_get("linear.sessions.resume"), store.meta_get("linear.sessions.resume_top")
+    conn = r["agentSessions"]
+    nodes = [n for n in conn["nodes"] if isinstance(n, dict)]
+    pages = 0
+
+    def page_down(after: str | None, stop_at: str | None) -> tuple[str | None, bool]:
+        """Read pages after `after` until an item at or below `stop_at`; (endCursor, finished)."""
+        nonlocal pages
+        while after and pages < READ_PAGE_CAP:
+            pages += 1
+            c = lc.sessions_page(after)
+            got = [n for n in c["nodes"] if isinstance(n, dict)]
+            nodes.extend(got)
+            if stop_at and any((n.get("updatedAt") or "") <= stop_at for n in got):
+                return None, True
+            if not (c.get("pageInfo") or {}).get("hasNextPage"):
+                return None, True
+            after = (c.get("pageInfo") or {}).get("endCursor")
+        return after, not after
+
+    top_info = conn.get("pageInfo") or {}
+    reached = lambda mark: mark and any((n.get("updatedAt") or "") <= mark for n in nodes)  # noqa: E731
+    cut, finished = None, True
+    if resume:
+        # new arrivals above the top of the cut read, then on from where it stopped
+        if not reached(resume_top) and top_info.get("hasNextPage"):
+            page_down(top_info.get("endCursor"), resume_top)
+        cut, finished = page_down(resume, floor)
+    elif not reached(floor) and top_info.get("hasNextPage"):
+        cut, finished = page_down(top_info.get("endCursor"), floor)
+    if finished:
+        cursors["linear.poll.sessions"] = floor_at
+        meta.update({"linear.sessions.resume": None, "linear.sessions.resume_top": None})
+    else:
+        meta.update({"linear.sessions.resume": cut, "linear.sessions.resume_top":
+                     resume_top or max((n.get("updatedAt") or "" for n in nodes), default=floor_at)})
+    sessions = [_session(n) for n in {n["id"]: n for n in nodes}.values()]
+    ours = [x for x in sessions if x.app_user_id == viewer.id]
+    want = []
+    for x in ours:
+        known = store.session(x.id)
+        if known and known["seen_updated_at"] and x.updated_at <= known["seen_updated_at"]:
+            continue  # nothing new in this session since we last read it
+        want.append((x.id, _minus(known["activity_cursor"], overlap) if known and known["activity_cursor"] else None))
+    session_acts = lc.activities_batch(want) if want else {}
+    ours = [x for x in ours if x.id in session_acts]
+
+    # -- issues and comments: oldest first; a cut read stops the cursor at the last item read
+    def ascending(kind: str, first: dict, filt: dict) -> tuple[list[dict], bool]:
+        items = list(reversed([n for n in first["nodes"] if isinstance(n, dict)]))
+        info, n_pages = first.get("pageInfo") or {}, 0
+        while info.get("hasPreviousPage") and info.get("startCursor"):
+            if n_pages >= READ_PAGE_CAP:
+                return items, False
+            n_pages += 1
+            try:
+                c = lc.older_page(kind, filt, info["startCursor"])
+            except LinearError:
+                if not items:
+                    raise
+                return items, False            # keep what was read; the cursor stops at it
+            items.extend(reversed([n for n in c["nodes"] if isinstance(n, dict)]))
+            info = c.get("pageInfo") or {}
+        return items, True
+
+    issue_nodes, complete = ascending("issues", r["issues"], ifilter)
+    issues = [_issue(n) for n in issue_nodes]
+    if complete or not issue_nodes:
+        cursors["linear.poll.issues"] = floor_at if (complete or not issues_since) else issues_since
+    else:
+        cursors["linear.poll.issues"] = _minus(issue_nodes[-1].get("updatedAt"), 0.001) or issues_since or floor_at
+    comments: list[LinearComment] = []
+    if cfilter is not None:
+        comment_nodes, complete = ascending("comments", r["comments"], cfilter)
+        comments = [_comment(n) for n in comment_nodes]
+        cursors["linear.poll.comments"] = floor_at if complete else \
+            (_minus(comment_nodes[-1].get("createdAt"), 0.001) or comments_since)
+    elif open_ids or not comments_since:
+        cursors["linear.poll.comments"] = floor_at
+    # every comment of issues tracked since the last tick (their history), only when there are some
+    unsynced = store.tracked_open_linear_ids(comments_synced=False)
+    if unsynced:
+        comments += lc.comments([], None, unsynced)
+        comments.sort(key=lambda c: (c.created_at, c.id))
+    # what changed but is not ours is dropped here, client side
+    tracked = set(store.tracked_linear_ids())
+    issues = [i for i in issues if i.id in tracked or is_delegated(i, ident)]
+    comments = [c for c in comments if c.issue_linear_id in tracked]
+    return LinearReads(viewer, app_mode, ident, ours, session_acts, issues, comments, unsynced, cursors, meta)
+
+
 def intake(ctx: TickContext) -> dict:
     cfg, store = ctx.cfg, ctx.store
     budget = store.budget("linear")
@@ -3558,32 +3785,10 @@ def intake(ctx: TickContext) -> dict:
         ctx.note(f"Linear rate limit: skipping intake until {iso(until)}")
         return {"skipped": "rate limited", "until": iso(until)}
     lc = ctx.linear()
-    overlap = cfg.linear.poll_overlap
-    sess_cursor = store.cursor_get("linear.sessions")
-    viewer, sessions = lc.sessions_since(_minus(sess_cursor, overlap))
-    app_mode = viewer.app if cfg.linear.mode == "auto" else cfg.linear.mode == "app"
-    ident = Identity(viewer.id, app_mode, cfg.linear.delegation, cfg.linear.delegation_label)
-    ours = [s for s in sessions if s.app_user_id == viewer.id]
-
-    # Reads first (no transaction held across HTTP): activities of our new or changed sessions.
-    session_acts: dict[str, list[LinearActivity]] = {}
-    for s in ours:
-        known = store.session(s.id)
-        if known and known["seen_updated_at"] and s.updated_at <= known["seen_updated_at"]:
-            continue  # nothing new in this session since we last read it
-        since = _minus(known["activity_cursor"], overlap) if known and known["activity_cursor"] else None
-        session_acts[s.id] = lc.activities(s.id, since)
-    tracked = store.tracked_linear_ids()          # done and canceled too: reopen / un-delegate must be seen
-    issue_cursor = store.cursor_get("linear.issues")
-    issues = lc.issues(issue_filter(cfg, ident, tracked, _minus(issue_cursor, overlap)))
-    comment_cursor = store.cursor_get("linear.comments")
-    open_ids = store.tracked_open_linear_ids()
-    unsynced = store.tracked_open_linear_ids(comments_synced=False)
-    unsynced_set = set(unsynced)
-    synced = [i for i in open_ids if i not in unsynced_set]
-    comments = lc.comments(synced, _minus(comment_cursor, overlap), unsynced) if open_ids else []
-    started = iso()
-
+    reads = read_linear(cfg, store, lc)
+    viewer, app_mode, ident = reads.viewer, reads.app_mode, reads.ident
+    ours, session_acts, issues, comments = reads.ours, reads.session_acts, reads.issues, reads.comments
+    unsynced = reads.unsynced
     summary: dict[str, Any] = {"sessions": len(ours), "issues": len(issues), "comments": len(comments),
                                "queued": [], "errors": []}
     notes: list[str] = []   # printed only once the transaction that stored them has committed
@@ -3623,14 +3828,10 @@ def intake(ctx: TickContext) -> dict:
             guarded(row["key"], row["linear_id"], lambda c=c, row=row: _intake_comment(ctx, c, row, ident, now, summary,
                                                                                        notes))
         # Cursors advance in the same transaction that stored what was read.
-        store.cursor_set("linear.sessions",
-                         max([s.updated_at for s in sessions if s.updated_at] + [sess_cursor or ""]) or started)
-        store.cursor_set("linear.issues", max([i.updated_at or "" for i in issues] + [issue_cursor or "", ""]) or
-                         _minus(started, 0))
-        if comments or comment_cursor:
-            store.cursor_set("linear.comments", max([c.created_at for c in comments] + [comment_cursor or ""]))
-        elif open_ids:
-            store.cursor_set("linear.comments", started)
+        for stream, value in reads.cursors.items():
+            store.cursor_set(stream, value)
+        for key, value in reads.meta.items():
+            store.meta_set(key, value)
         store.mark_comments_synced(unsynced)
         store.meta_set("linear.viewer_id", viewer.id)
         store.meta_set("linear.mode", "app" if app_mode else "user")

@@ -17,7 +17,7 @@ import pytest
 
 from test_intake import pause, show, status, tick
 
-READS = ["PatchRelaySessions", "PatchRelaySessionActivities", "PatchRelayIssues", "PatchRelayComments"]
+READS = ["PatchRelayViewer", "PatchRelayPoll", "PatchRelaySessionActivities", "PatchRelayComments"]
 WRITES = ["PatchRelayActivity", "PatchRelayPlan", "PatchRelayIssueStates", "PatchRelayMoveIssue"]
 
 FAULTS = {

@@ -7,6 +7,7 @@ concurrent tick, the stderr of a failing tick), which use real subprocesses;
 PATCHRELAY_TEST_SUBPROCESS=1 runs every tick as a subprocess.
 """
 import json
+import re
 import os
 import sqlite3
 import subprocess
@@ -96,7 +97,7 @@ def test_long_rate_limit_fails_the_tick_records_the_wait_and_loses_nothing(world
     t0 = time.time()
     p = tick(world, check=1)
     assert time.time() - t0 < 10                    # no blocking on a one-hour Retry-After
-    assert "failed: intake: Linear PatchRelaySessions: rate limited" in p.stderr
+    assert re.search(r"failed: intake: Linear PatchRelay\w+ \(127\.0\.0\.1:\d+\): rate limited", p.stderr), p.stderr
 
     api = linear_api(world)
     until = patchrelay.parse_iso(api["limited_until"]).timestamp()
@@ -221,7 +222,7 @@ def test_http_500s_during_intake_drop_nothing(world):
 def test_concurrent_tick_exits_zero_with_a_one_line_notice(world):
     pause(world)
     world.delegate()
-    world.linear.hang_next(2.5)                     # the first tick's first Linear request takes 2.5 s
+    world.linear.hang_next(8)                       # the first tick's first Linear request takes 8 s
     argv = [sys.executable, str(ROOT / "patchrelay.py"), "--config", str(world.config_path), "tick"]
     first = subprocess.Popen(argv, env=world.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -276,8 +277,9 @@ def test_tick_json_report_shape(world):
     p = tick(world, "--json", check=1)
     report = json.loads(p.stdout)
     assert report["result"] == "failed"
-    assert report["errors"] == ["intake: Linear PatchRelaySessions: rate limited (HTTP 429)"]
-    assert report["steps"]["intake"] == {"error": "Linear PatchRelaySessions: rate limited (HTTP 429)"}
+    host = world.linear.url.split("/")[2]
+    assert report["errors"] == [f"intake: Linear PatchRelayPoll ({host}): rate limited (HTTP 429)"]
+    assert report["steps"]["intake"] == {"error": f"Linear PatchRelayPoll ({host}): rate limited (HTTP 429)"}
 
 
 # ----------------------------------------------------------------------------- one bad issue
