@@ -257,6 +257,7 @@ class LinearConfig:
     retry_attempts: int = 4
     retry_max_wait: float = 30.0
     review_state: str = "In Review"
+    max_writes_per_tick: int = 200
 
 
 @dataclass(frozen=True)
@@ -315,6 +316,7 @@ class Config:
     database_path: Path
     runner: RunnerConfig
     projects: tuple[ProjectConfig, ...]
+    database_retention_days: float = 90.0
 
     def project(self, project_id: str) -> ProjectConfig:
         for p in self.projects:
@@ -461,7 +463,7 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
     top = _Section(raw, "", ["linear", "github", "codex", "database", "runner", "projects"])
 
     ls = top.sub("linear", ["api_url", "token_env", "mode", "delegation", "delegation_label", "poll_overlap",
-                            "timeout", "retry", "review_state"])
+                            "timeout", "retry", "review_state", "max_writes_per_tick"])
     lr = ls.sub("retry", ["attempts", "max_wait"])
     delegation = ls.strlist("delegation", LinearConfig.delegation)
     for i, d in enumerate(delegation):
@@ -478,6 +480,7 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
         retry_attempts=lr.num("attempts", 4, minimum=1, integer=True),
         retry_max_wait=lr.num("max_wait", 30.0, minimum=0),
         review_state=ls.str("review_state", LinearConfig.review_state),
+        max_writes_per_tick=ls.num("max_writes_per_tick", 200, minimum=1, integer=True, maximum=5000),
     )
 
     gs = top.sub("github", ["api_url", "graphql_url", "token_env", "use_gh_cli", "timeout", "retry", "poll_interval",
@@ -522,7 +525,7 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
         max_follow_up_turns=cs.num("max_follow_up_turns", 5, minimum=0, integer=True),
     )
 
-    ds = top.sub("database", ["path"])
+    ds = top.sub("database", ["path", "retention_days"])
     db = ds.str("path", path=True)
     database_path = _path(db, base) if db else default_state_dir() / "patchrelay.sqlite"
 
@@ -550,7 +553,8 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
     projects = tuple(_parse_project(p, f"projects[{i}]", base) for i, p in enumerate(projects_raw))
     _check_routing(projects)
     return Config(path=path, linear=linear, github=github, codex=codex, database_path=database_path,
-                  runner=runner, projects=projects)
+                  runner=runner, projects=projects,
+                  database_retention_days=ds.num("retention_days", 90.0, minimum=1, maximum=36500))
 
 
 def _url(s: _Section, k: str, default: str) -> str:
@@ -925,12 +929,19 @@ CREATE INDEX outbox_issue ON outbox(issue_id, id);
 CREATE INDEX inbox_issue_kind ON inbox(issue_id, kind, delivered_at);
 """
 
+SCHEMA_V6 = """
+CREATE INDEX outbox_sent ON outbox(status, kind, session_id);
+CREATE INDEX seen_at ON seen(at);
+CREATE INDEX events_at ON events(at);
+CREATE INDEX issues_state ON issues(factory_state, updated_at);
+"""
+
 SCHEMA_V5 = """
 ALTER TABLE ticks ADD COLUMN pid INTEGER;
 ALTER TABLE ticks ADD COLUMN pid_started TEXT;
 """
 
-MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5]
+MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6]
 
 ISSUE_COLUMNS = frozenset({
     "project_id", "linear_id", "key", "title", "description", "url", "team_id", "team_key", "linear_state",
@@ -1275,6 +1286,11 @@ class Store:
                 (status, error, status, iso(), outbox_id))
 
     # ---- sessions
+    def sessions_with_sent_activity(self) -> set[str]:
+        return {r["session_id"] for r in self._all(
+            "SELECT DISTINCT session_id FROM outbox WHERE status = 'sent' AND kind = 'activity' "
+            "AND session_id IS NOT NULL")}
+
     def session(self, session_id: str) -> dict | None:
         return self._one("SELECT * FROM sessions WHERE id = ?", (session_id,))
 
@@ -1328,6 +1344,22 @@ class Store:
 
     def budget(self, api: str) -> dict | None:
         return self._one("SELECT * FROM api_budget WHERE api = ?", (api,))
+
+    def prune(self, before: str) -> dict:
+        """Forget what is no longer needed: sent Linear writes, delivered messages, dedup keys, and the
+        events of issues closed before `before`."""
+        with self.tx():
+            out = {
+                "outbox": self.db.execute("DELETE FROM outbox WHERE status = 'sent' AND sent_at < ?", (before,)).rowcount,
+                "inbox": self.db.execute("DELETE FROM inbox WHERE delivered_at IS NOT NULL AND delivered_at < ?",
+                                         (before,)).rowcount,
+                "seen": self.db.execute("DELETE FROM seen WHERE at < ?", (before,)).rowcount,
+                "events": self.db.execute(
+                    "DELETE FROM events WHERE at < ? AND issue_id IN (SELECT id FROM issues WHERE factory_state IN "
+                    "('done', 'canceled') AND updated_at < ?)", (before, before)).rowcount,
+            }
+            self.meta_set("prune.last", iso())
+            return out
 
     def start_tick(self, pid: int, pid_started: str | None) -> int:
         with self.tx():
@@ -4150,7 +4182,11 @@ def spawn_worker(cfg: Config, run_id: int) -> int:
     """Start `patchrelay run --run-id N` detached, in its own process group; returns its pid."""
     logs = cfg.state_dir / "logs"
     _secure_dir(logs)
-    argv = [sys.executable, os.path.abspath(__file__)]
+    # Import the module (its bytecode is cached) instead of running the file as a script (recompiled at
+    # every start): a worker starts faster.
+    here = os.path.dirname(os.path.abspath(__file__))
+    argv = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); import patchrelay; "
+            "sys.argv[0] = 'patchrelay'; patchrelay.main()", here]
     if cfg.path:
         argv += ["--config", str(cfg.path)]
     argv += ["run", "--run-id", str(run_id)]
@@ -4163,15 +4199,37 @@ def spawn_worker(cfg: Config, run_id: int) -> int:
 def publish(cfg: Config, store: Store, client: LinearClient | None, issue_id: int | None = None) -> dict:
     """Send queued Linear writes in order. Transport errors leave them queued; a session whose
     message failed is skipped for the rest of the pass to keep its messages in order."""
-    sent, failed, blocked, busy = 0, 0, set(), 0
+    sent, failed, blocked, busy, deferred = 0, 0, set(), 0, 0
     me = os.getpid()
     me_started = proc_start_time(me)
     rows = store.outbox_queued(issue_id)
     if rows and client is None:
         return {"sent": 0, "queued": len(rows), "failed": 0}
+    budget = store.budget("linear") or {}
+    until = parse_iso(budget.get("limited_until"))
+    if rows and until and until > utcnow():
+        return {"sent": 0, "failed": 0, "queued": len(rows), "skipped": f"rate limited until {iso(until)}"}
+    low = _budget_low(budget)
+    # First responses to new sessions first (Linear shows a session as unresponsive ~10 s without one),
+    # then the rest in order; each lane (session or issue) keeps its own order.
+    answered = store.sessions_with_sent_activity()
+    first: dict[str, int] = {}          # session -> its first queued activity (its first response)
+    for r in rows:
+        if r["kind"] == "activity" and r["session_id"] and r["session_id"] not in answered:
+            first.setdefault(r["session_id"], r["id"])
+    firsts = set(first.values())
+    rows = sorted(rows, key=lambda r: (0 if r["id"] in firsts else 1, r["id"]))
+    cap = cfg.linear.max_writes_per_tick if issue_id is None else len(rows)
     for row in rows:
         lane = row["session_id"] or f"issue:{row['issue_id']}"
         if lane in blocked:
+            continue
+        if sent + failed >= cap:
+            deferred += 1
+            continue                    # a burst spreads over ticks instead of exhausting the hour
+        if low and row["kind"] in ("plan", "issue_state") and issue_id is None:
+            deferred += 1               # optional writes yield while the budget is low
+            blocked.add(lane)
             continue
         if not store.lease_outbox(row["id"], me, me_started, process_alive):
             blocked.add(lane)  # another process is sending this lane; keep its order
@@ -4211,7 +4269,16 @@ def publish(cfg: Config, store: Store, client: LinearClient | None, issue_id: in
             raise
         store.outbox_result(row["id"], "sent")
         sent += 1
-    return {"sent": sent, "failed": failed, "queued": len(store.outbox_queued(issue_id)), "busy": busy}
+    return {"sent": sent, "failed": failed, "queued": len(store.outbox_queued(issue_id)), "busy": busy,
+            "deferred": deferred}
+
+
+def _budget_low(budget: Mapping[str, Any]) -> bool:
+    """Less than 20 % of either Linear budget (requests, complexity) left before the reset."""
+    for left, limit in (("requests_remaining", "requests_limit"), ("complexity_remaining", "complexity_limit")):
+        if budget.get(left) is not None and budget.get(limit) and budget[left] < 0.2 * budget[limit]:
+            return True
+    return False
 
 
 def publish_quietly(cfg: Config, store: Store, issue_id: int) -> None:
@@ -4286,6 +4353,9 @@ def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
         else:
             step("publish", lambda c: publish(cfg, store, c.linear(), None) if store.outbox_queued() else
                  {"sent": 0, "failed": 0, "queued": 0})
+            last = parse_iso(store.meta_get("prune.last"))
+            if last is None or (utcnow() - last).total_seconds() > 86400:
+                step("prune", lambda c: store.prune(iso(utcnow() - dt.timedelta(days=cfg.database_retention_days))))
 
     if dry_run:
         try:

@@ -266,11 +266,11 @@ def test_tick_json_report_shape(world):
     report = json.loads(tick(world, "--json").stdout)
     assert set(report) == {"result", "dry_run", "steps", "errors", "actions"}
     assert report["result"] == "ok" and report["dry_run"] is False and report["errors"] == []
-    assert set(report["steps"]) == {"reconcile", "intake", "observe", "launch", "publish"}
+    assert set(report["steps"]) == {"reconcile", "intake", "observe", "launch", "publish", "prune"}  # prune: daily
     assert report["steps"]["intake"] == {"sessions": 1, "issues": 1, "comments": 0, "queued": ["APP-1"],
                                               "errors": []}
     assert report["steps"]["launch"] == {"paused": True, "launched": [], "waiting": ["APP-1"]}
-    assert report["steps"]["publish"] == {"sent": 3, "failed": 0, "queued": 0, "busy": 0}
+    assert report["steps"]["publish"] == {"sent": 3, "failed": 0, "queued": 0, "busy": 0, "deferred": 0}
     assert report["actions"] == ["APP-1: new agent session -> implementation queued"]
 
     world.linear.rate_limit_next(style="429", retry_after=3600)
@@ -300,3 +300,34 @@ def test_a_queued_run_that_cannot_be_claimed_does_not_wedge_launching(world):
     report = json.loads(p.stdout)
     assert report["errors"] == [] and p.returncode == 0
     assert "APP-2" in [x["issue"] for x in report["steps"]["launch"]["launched"]]
+
+
+# ----------------------------------------------------------------------------- writes: order, cap, budget
+def test_a_burst_of_delegations_gets_first_responses_first_and_spreads_over_ticks(world):
+    world.config["linear"]["max_writes_per_tick"] = 10
+    pause(world)
+    sessions = [world.delegate(title=f"Thing {n}")[1] for n in range(12)]
+    tick(world)
+    firsts = [s for s in sessions if world.activity_types(s) == ["thought"]]
+    assert len(firsts) == 10                                   # the cap: 10 writes, all first responses
+    assert not any(world.linear.plans.values()) and world.linear.issue_updates == []
+    for _ in range(8):
+        tick(world)
+    for s in sessions:
+        assert world.activity_types(s) == ["thought"], s["id"]  # each acknowledged exactly once
+    assert status(world)["outbox"] == []
+    assert len(world.linear.issue_updates) == 12
+
+
+def test_optional_writes_yield_while_the_linear_budget_is_low(world):
+    pause(world)
+    _, session = world.delegate()
+    world.linear.set_budget(requests_remaining=400, requests_limit=5000)   # under 20 % left
+    tick(world)
+    tick(world)
+    assert world.activity_types(session) == ["thought"]        # the first response still goes out
+    assert world.linear.plans_for(session) == [] and world.linear.issue_updates == []
+    world.linear.set_budget(requests_remaining=5000)
+    tick(world)
+    tick(world)
+    assert len(world.linear.plans_for(session)) == 1 and len(world.linear.issue_updates) == 1
