@@ -1836,23 +1836,34 @@ class LinearClient:
         data = self.query(M_PLAN, {"id": session_id, "input": {"plan": plan}})
         self._payload(data, "agentSessionUpdate")
 
-    def move_issue(self, issue_linear_id: str, name: str | None = None, type: str = "started") -> str | None:
+    def move_issue(self, issue_linear_id: str, name: str | None = None, type: str = "started",
+                   states: list[dict] | None = None, current: dict | None = None) -> tuple[str | None, list[dict]]:
         """Move the issue to its team's state called `name` (when the team has one), else to the team's first
         state of `type`. Never moves a closed issue, nor backwards: an issue already started is not
-        "started" again, an issue already completed is not completed again."""
-        data = self.query(Q_ISSUE_STATES, {"id": issue_linear_id})
-        if "issue" not in data:
-            raise LinearError(f"Linear PatchRelayIssueStates ({self.host}): response without issue", transient=True)
-        issue = data["issue"]
-        if not isinstance(issue, dict):
-            raise LinearError(f"Linear issue {issue_linear_id}: not found")
-        current = issue.get("state") or {}
+        "started" again, an issue already completed is not completed again. With the team's `states` (cached
+        by the caller) and the issue's `current` state ({"name", "type"}) it is one request; without, two.
+        Returns (the state moved to or None, the team's states)."""
+        if states is None or current is None:
+            data = self.query(Q_ISSUE_STATES, {"id": issue_linear_id})
+            if "issue" not in data:
+                raise LinearError(f"Linear PatchRelayIssueStates ({self.host}): response without issue",
+                                  transient=True)
+            issue = data["issue"]
+            if not isinstance(issue, dict):
+                raise LinearError(f"Linear issue {issue_linear_id}: not found")
+            current = issue.get("state") or {}
+            states = ((issue.get("team") or {}).get("states") or {}).get("nodes") or []
+        moved = self._move(issue_linear_id, name, type, states, current)
+        return moved, states
+
+    def _move(self, issue_linear_id: str, name: str | None, type: str, states: list[dict], current: dict
+              ) -> str | None:
         if current.get("type") in ("completed", "canceled"):
             return None
-        states = ((issue.get("team") or {}).get("states") or {}).get("nodes") or []
         if name:
             named = [s for s in states if (s.get("name") or "").lower() == name.lower()]
-            if not named or named[0].get("id") == current.get("id"):
+            if not named or named[0].get("id") == current.get("id") or \
+                    (current.get("name") or "").lower() == name.lower():
                 return None
             target = named[0]
         else:
@@ -4246,11 +4257,28 @@ def publish(cfg: Config, store: Store, client: LinearClient | None, issue_id: in
             elif row["kind"] == "session_link":
                 client.add_session_link(row["session_id"], payload["label"], payload["url"])
             elif row["kind"] == "issue_state":
-                moved = client.move_issue(issue["linear_id"], payload.get("name"), payload.get("type", "started")) \
-                    if issue else None
-                if moved:
+                moved = None
+                if issue:
+                    # the team's workflow states are cached (a day): moving an issue is then one request
+                    key = f"linear.team_states.{issue['team_id']}"
+                    cached = json.loads(store.meta_get(key) or "null") if issue.get("team_id") else None
+                    fresh = cached and (age_seconds(cached.get("at")) or 1e9) < 86400
+                    current = {"name": issue["linear_state"], "type": issue["linear_state_type"]} \
+                        if issue.get("linear_state_type") else None
+                    try:
+                        moved, states = client.move_issue(issue["linear_id"], payload.get("name"),
+                                                          payload.get("type", "started"),
+                                                          cached["states"] if fresh else None, current)
+                    except LinearError as e:
+                        if fresh and not e.transient:      # a stale cache (a state was deleted): read again
+                            with store.tx():
+                                store.meta_set(key, None)
+                        raise
                     with store.tx():
-                        store.add_event(issue["id"], "linear", f"moved the Linear issue to {moved}")
+                        if not fresh and issue.get("team_id"):
+                            store.meta_set(key, json.dumps({"at": iso(), "states": states}))
+                        if moved:
+                            store.add_event(issue["id"], "linear", f"moved the Linear issue to {moved}")
             elif row["kind"] == "comment":
                 client.create_comment(row["client_id"], issue["linear_id"], payload["body"])
             else:

@@ -331,3 +331,16 @@ def test_optional_writes_yield_while_the_linear_budget_is_low(world):
     tick(world)
     tick(world)
     assert len(world.linear.plans_for(session)) == 1 and len(world.linear.issue_updates) == 1
+
+
+def test_team_workflow_states_are_read_once_then_moving_an_issue_is_one_request(world):
+    pause(world)
+    world.delegate()
+    tick(world)
+    world.delegate(title="Second thing")
+    world.delegate(title="Third thing")
+    tick(world)
+    ops = [r["operation"] for r in world.linear.requests]
+    assert ops.count("PatchRelayIssueStates") == 1, ops            # the team's states, read once
+    assert ops.count("PatchRelayMoveIssue") == 3
+    assert [u["identifier"] for u in world.linear.issue_updates] == ["APP-1", "APP-2", "APP-3"]
