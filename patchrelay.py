@@ -941,7 +941,11 @@ ALTER TABLE ticks ADD COLUMN pid INTEGER;
 ALTER TABLE ticks ADD COLUMN pid_started TEXT;
 """
 
-MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6]
+SCHEMA_V7 = """
+ALTER TABLE issues ADD COLUMN paused TEXT;
+"""
+
+MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7]
 
 ISSUE_COLUMNS = frozenset({
     "project_id", "linear_id", "key", "title", "description", "url", "team_id", "team_key", "linear_state",
@@ -949,7 +953,7 @@ ISSUE_COLUMNS = frozenset({
     "not_before", "active_run_id", "agent_session_id", "branch", "worktree", "thread_id", "pr_number", "pr_url",
     "pr_state", "ci_repair_attempts", "queue_repair_attempts", "retries", "comments_synced", "pr_node_id",
     "pr_head_sha", "pr_review", "pr_ci", "pr_queue", "gh_snapshot", "gh_observed_at", "gh_action", "pushed_sha",
-    "pushed_at", "repair_counts"})
+    "pushed_at", "repair_counts", "paused"})
 RUN_COLUMNS = frozenset({
     "status", "trigger", "context", "prompt", "attempt", "worker_pid", "worker_started", "appserver_pid",
     "appserver_started", "thread_id", "turn_ids", "head_before", "started_at", "turn_started_at", "heartbeat_at",
@@ -4134,11 +4138,14 @@ def _observe_issue(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs
 
 def launch(ctx: TickContext) -> dict:
     cfg, store = ctx.cfg, ctx.store
-    if cfg.runner.paused:
+    if runner_paused(cfg, store):
         return {"paused": True, "launched": [], "waiting": [i["key"] for i in store.runnable_issues(iso())]}
     free = cfg.runner.max_concurrent_runs - store.count_active_runs()
     launched, waiting = [], []
     for issue in store.runnable_issues(iso()):
+        if issue.get("paused"):
+            waiting.append(issue["key"])
+            continue
         if free <= 0:
             waiting.append(issue["key"])
             continue
@@ -4170,6 +4177,15 @@ def launch(ctx: TickContext) -> dict:
         ctx.note(f"{issue['key']}: launched run {run_id} (pid {pid})")
         free -= 1
     return {"launched": launched, "waiting": waiting}
+
+
+def runner_paused(cfg: Config, store: Store) -> dict | None:
+    """The global pause: `patchrelay pause` (stored, with who/when/why) or runner.paused in the config
+    (the boot-time default, until `patchrelay resume` overrides it)."""
+    stored = store.meta_get("runner.paused")
+    if stored is not None:
+        return json.loads(stored) or None
+    return {"by": "config", "reason": "runner.paused: true", "at": None} if cfg.runner.paused else None
 
 
 def claim(cfg: Config, store: Store, issue_id: int, project: ProjectConfig) -> int | None:
@@ -4975,7 +4991,9 @@ def status(c: Ctx, as_json: bool) -> None:
     """Tracked issues, queued Linear messages, API budget, last tick (from SQLite only)."""
     if not c.cfg.database_path.exists():      # a read never creates the database
         if as_json:
-            _dump({"issues": [], "outbox": [], "api": [], "last_tick": None})
+            _dump({"issues": [], "outbox": [], "api": [], "last_tick": None,
+                   "paused": {"by": "config", "reason": "runner.paused: true", "at": None} if c.cfg.runner.paused
+                   else None})
         else:
             click.echo(f"No tracked issues yet (no database at {c.cfg.database_path}; the first "
                        "`patchrelay tick` creates it).")
@@ -4988,6 +5006,7 @@ def status(c: Ctx, as_json: bool) -> None:
                        "linear_state": r["linear_state"], "factory_state": r["factory_state"],
                        "pending_run": r["pending_run_type"],
                        "active_run": {"id": run["id"], "type": run["run_type"], "status": run["status"]} if run else None,
+                       "paused": json.loads(r["paused"]) if r["paused"] else None,
                        "pr": {"number": r["pr_number"], "url": r["pr_url"], "state": r["pr_state"], "ci": r["pr_ci"],
                               "review": r["pr_review"], "queue": r["pr_queue"]} if r["pr_number"] else None,
                        "age_seconds": round(age_seconds(r["created_at"]) or 0), "updated_at": r["updated_at"]})
@@ -5004,9 +5023,13 @@ def status(c: Ctx, as_json: bool) -> None:
         result = t["result"] or ("running" if process_alive(t["pid"], t["pid_started"]) else "interrupted")
         errors = (json.loads(t["summary"]) if t["summary"] else {}).get("errors") or []
         last = {"started_at": t["started_at"], "ended_at": t["ended_at"], "result": result, "errors": errors}
+    paused = runner_paused(c.cfg, store)
     if as_json:
-        _dump({"issues": issues, "outbox": outbox, "api": api, "last_tick": last})
+        _dump({"issues": issues, "outbox": outbox, "api": api, "last_tick": last, "paused": paused})
         return
+    if paused:
+        click.echo(f"PAUSED by {paused.get('by')}" + (f" at {paused['at']}" if paused.get("at") else "")
+                   + (f": {paused['reason']}" if paused.get("reason") else "") + " (`patchrelay resume`)\n")
     if issues:
         click.echo(tabulate([[i["key"], one_line(i["title"], 40), i["linear_state"] or "", i["factory_state"],
                               i["pending_run"] or "",
@@ -5156,6 +5179,151 @@ def run(c: Ctx, issue: str | None, run_id: int | None) -> None:
         raise UsageError(f"issue {row['key']}: another worker claimed it first")
     result = drive_run(cfg, store, run_id, echo=click.echo)
     raise click.exceptions.Exit(0 if result["status"] == "completed" else 1)
+
+
+def _who() -> str:
+    return os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid())
+
+
+@cli.command()
+@click.argument("issue", required=False)
+@click.option("--reason", default="", help="Why; shown by status, show and why.")
+@click.pass_obj
+def pause(c: Ctx, issue: str | None, reason: str) -> None:
+    """Launch nothing (or nothing for ISSUE) until `resume`; tracking and Linear answers go on."""
+    store = c.store()
+    record = json.dumps({"by": _who(), "at": iso(), "reason": reason})
+    with store.tx():
+        if issue is None:
+            store.meta_set("runner.paused", record)
+            store.add_event(None, "pause", f"runner paused by {_who()}" + (f": {reason}" if reason else ""))
+        else:
+            row = _issue_or_fail(store, issue)
+            store.update_issue(row["id"], {"paused": record})
+            store.add_event(row["id"], "pause", f"paused by {_who()}" + (f": {reason}" if reason else ""))
+    click.echo(("all runs" if issue is None else f"{issue_ref(issue)}") + " paused; `patchrelay resume` to go on")
+
+
+@cli.command()
+@click.argument("issue", required=False)
+@click.pass_obj
+def resume(c: Ctx, issue: str | None) -> None:
+    """Undo `pause` (global, or for ISSUE)."""
+    store = c.store()
+    with store.tx():
+        if issue is None:
+            store.meta_set("runner.paused", json.dumps(None))   # also overrides runner.paused in the config
+            store.add_event(None, "pause", f"runner resumed by {_who()}")
+        else:
+            row = _issue_or_fail(store, issue)
+            store.update_issue(row["id"], {"paused": None})
+            store.add_event(row["id"], "pause", f"resumed by {_who()}")
+    click.echo(("runs resume" if issue is None else f"{issue_ref(issue)} resumed") + " at the next tick")
+
+
+@cli.command()
+@click.argument("issue")
+@click.option("--reason", required=True, help="Why; told to the Linear session.")
+@click.pass_obj
+def release(c: Ctx, issue: str, reason: str) -> None:
+    """Stop tracking ISSUE: its pending run is dropped and the Linear session is told why."""
+    store = c.store()
+    with store.tx():
+        row = _issue_or_fail(store, issue)
+        if row["active_run_id"]:
+            raise UsageError(f"issue {row['key']}: run {row['active_run_id']} is active; `patchrelay stop` it first")
+        state = row["factory_state"]
+        fields = {"pending_run_type": None, "pending_context": None, "pending_since": None, "not_before": None,
+                  "factory_state": state if state in CLOSED_STATES else transition(state, "canceled")}
+        apply_decision(store, row, Decision(fields=fields, outbox=(activity(
+            "response", f"An operator released {row['key']} from PatchRelay: {reason}. I will not work on it "
+                        "unless it is delegated to me again."),),
+            events=(("info", "release", f"released by {_who()}: {reason}"),)))
+    click.echo(f"{row['key']}: released; the Linear session is told at the next tick")
+
+
+@cli.command()
+@click.argument("issue")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document: every gate and the next action.")
+@click.pass_obj
+def why(c: Ctx, issue: str, as_json: bool) -> None:
+    """Every gate between ISSUE and its next step, with its value, and the one next action."""
+    key = issue_ref(issue)
+    cfg = c.cfg
+    store = c.store(readonly=True) if cfg.database_path.exists() else None
+    row = store.issue_by_key(key) if store else None
+    if row is None or store is None:
+        evs = [e["message"] for e in store.events_for_key(key)] if store else []
+        out = {"issue": key, "tracked": False, "gates": [], "events": evs,
+               "next": "nothing: PatchRelay does not track this issue; delegate it to PatchRelay in Linear"
+                       + (" (see the events: it was seen and not taken)" if evs else "")}
+        _dump(out) if as_json else click.echo(f"{key}: not tracked\n" + "".join(f"  {e}\n" for e in evs)
+                                              + f"next: {out['next']}")
+        return
+    gates: list[dict] = []
+
+    def gate(name: str, ok: bool, value: Any) -> None:
+        gates.append({"gate": name, "ok": bool(ok), "value": value})
+    routed = any(p.id == row["project_id"] for p in cfg.projects)
+    gate("routed", routed, row["project_id"] + ("" if routed else " (no such project in the config)"))
+    gate("delegated", bool(row["delegated"]), bool(row["delegated"]))
+    sess = store.session(row["agent_session_id"]) if row["agent_session_id"] else None
+    gate("trusted", not sess or bool(sess["trusted"]), (sess or {}).get("creator") or "no agent session")
+    paused_global, paused_issue = runner_paused(cfg, store), json.loads(row["paused"] or "null")
+    gate("runner not paused", not paused_global, paused_global or "running")
+    gate("issue not paused", not paused_issue, paused_issue or "no")
+    active = _active_run(store, row)
+    alive = bool(active) and process_alive(active["worker_pid"], active["worker_started"])
+    gate("active run", not active, {"id": active["id"], "type": active["run_type"], "status": active["status"],
+                                   "worker_alive": alive} if active else None)
+    nb = parse_iso(row["not_before"])
+    gate("pending run", bool(row["pending_run_type"]), {"type": row["pending_run_type"],
+                                                        "not_before": row["not_before"]} if row["pending_run_type"]
+         else None)
+    holders = [store.issue_by_id(r["issue_id"])["key"] for r in store.active_runs()]
+    gate("concurrency", len(holders) < cfg.runner.max_concurrent_runs,
+         f"{len(holders)} of {cfg.runner.max_concurrent_runs} in use" + (f" by {', '.join(holders)}" if holders else ""))
+    gate("repair budgets", row["factory_state"] != "escalated", json.loads(row["repair_counts"] or "{}"))
+    waits = {b["api"]: b["limited_until"] for b in store.budgets()
+             if b["limited_until"] and (parse_iso(b["limited_until"]) or utcnow()) > utcnow()}
+    gate("rate limits", not waits, waits or "none")
+    queued = store.outbox_queued(row["id"])
+    lag = max((age_seconds(o["created_at"]) or 0 for o in queued), default=0)
+    gate("Linear outbox", not queued, f"{len(queued)} queued, oldest {_age(lag)}" if queued else "empty")
+    st = row["factory_state"]
+    if active:
+        nxt = f"wait: {run_label(active['run_type'])} run {active['id']} is {active['status']}" +             ("" if alive else "; its worker is gone, the next tick resolves it")
+    elif st in CLOSED_STATES:
+        nxt = f"nothing: the issue is {st}; reopen or delegate it again in Linear to continue"
+    elif row["pending_run_type"]:
+        if paused_global or paused_issue:
+            nxt = "a person: `patchrelay resume`" + ("" if paused_global else f" {row['key']}")
+        elif nb and nb > utcnow():
+            nxt = f"launch the {run_label(row['pending_run_type'])} run after {row['not_before']} (retry backoff)"
+        elif len(holders) >= cfg.runner.max_concurrent_runs:
+            nxt = f"launch the {run_label(row['pending_run_type'])} run when a slot frees ({', '.join(holders)})"
+        else:
+            nxt = f"launch the {run_label(row['pending_run_type'])} run at the next tick"
+    elif st == "escalated":
+        nxt = f"a person: fix the pull request, or `patchrelay retry {row['key']} --type ci_repair` (or review_fix, " \
+              "queue_repair) to re-arm the budget"
+    elif st in ("failed", "awaiting_input"):
+        nxt = "a person: reply in Linear (or `patchrelay retry`) — the agent is waiting" if st == "awaiting_input" \
+            else f"a person: see `patchrelay show {row['key']}`, then `patchrelay retry {row['key']}`"
+    elif st == "ready_for_pr":
+        nxt = "open the pull request at the next tick"
+    elif st in ("pr_open", "awaiting_queue"):
+        nxt = "watch the pull request: CI, reviews and the merge queue decide the next run"
+    else:
+        nxt = "wait for the next tick"
+    out = {"issue": row["key"], "tracked": True, "factory_state": st, "gates": gates, "next": nxt}
+    if as_json:
+        _dump(out)
+        return
+    click.echo(f"{row['key']}  {st}")
+    for g in gates:
+        click.echo(f"  {'ok ' if g['ok'] else '-- '} {g['gate']}: {g['value'] if not isinstance(g['value'], dict) else json.dumps(g['value'])}")
+    click.echo(f"next: {nxt}")
 
 
 @cli.command()

@@ -1,0 +1,73 @@
+"""Operator commands: pause / resume (global and per issue), release, and `why`."""
+import json
+
+from test_intake import cli_inproc, pause as pause_runner, show, status, tick
+
+
+def why(world, key):
+    r = cli_inproc(world, "why", key, "--json")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_pause_and_resume_globally_and_per_issue_hold_launches_and_say_who_and_why(world):
+    world.delegate()
+    world.delegate(title="Second thing")
+    r = cli_inproc(world, "pause", "--reason", "deploy freeze")
+    assert r.exit_code == 0, r.output
+    out = tick(world).stdout
+    assert "launched" not in out
+    st = status(world)
+    assert st["paused"]["reason"] == "deploy freeze" and st["paused"]["by"]
+    assert all(i["active_run"] is None for i in st["issues"])
+    w = why(world, "APP-1")
+    assert w["next"].startswith("a person: `patchrelay resume`")
+    assert {g["gate"]: g["ok"] for g in w["gates"]}["runner not paused"] is False
+    assert "PAUSED by" in cli_inproc(world, "status").stdout
+
+    # resume globally, but keep APP-2 paused: only APP-1 may launch (the runner config stays paused here)
+    assert cli_inproc(world, "pause", "APP-2", "--reason", "waiting for design").exit_code == 0
+    assert cli_inproc(world, "resume").exit_code == 0
+    w2 = why(world, "APP-2")
+    assert {g["gate"]: g["value"] for g in w2["gates"]}["issue not paused"]["reason"] == "waiting for design"
+    assert why(world, "APP-1")["next"] == "launch the implementation run at the next tick"
+    assert cli_inproc(world, "resume", "APP-2").exit_code == 0
+    assert why(world, "APP-2")["next"] == "launch the implementation run at the next tick"
+
+
+def test_config_pause_is_the_boot_default_and_resume_overrides_it(world):
+    pause_runner(world)                    # runner.paused: true in the config
+    world.delegate()
+    tick(world)
+    assert status(world)["paused"]["by"] == "config"
+    assert cli_inproc(world, "resume").exit_code == 0
+    assert status(world)["paused"] is None
+
+
+def test_release_stops_tracking_and_tells_the_session_why(world):
+    pause_runner(world)
+    _, session = world.delegate()
+    tick(world)
+    r = cli_inproc(world, "release", "APP-1", "--reason", "we will do this by hand")
+    assert r.exit_code == 0, r.output
+    tick(world)
+    s = show(world, "APP-1")
+    assert s["issue"]["factory_state"] == "canceled" and s["issue"]["pending_run_type"] is None
+    bodies = [a["content"]["body"] for a in world.linear.activities(session) if a["content"]["type"] == "response"]
+    assert bodies == ["An operator released APP-1 from PatchRelay: we will do this by hand. I will not work on it "
+                      "unless it is delegated to me again."]
+    assert why(world, "APP-1")["next"].startswith("nothing: the issue is canceled")
+
+
+def test_why_explains_an_untracked_issue_and_every_gate_of_a_tracked_one(world):
+    w = why(world, "APP-9")
+    assert w["tracked"] is False and "delegate it to PatchRelay" in w["next"]
+    pause_runner(world)
+    world.delegate()
+    tick(world)
+    w = why(world, "APP-1")
+    names = [g["gate"] for g in w["gates"]]
+    assert names == ["routed", "delegated", "trusted", "runner not paused", "issue not paused", "active run",
+                     "pending run", "concurrency", "repair budgets", "rate limits", "Linear outbox"]
+    text = cli_inproc(world, "why", "APP-1").stdout
+    assert text.startswith("APP-1  delegated") and "next: " in text
