@@ -1326,6 +1326,12 @@ class Store:
     def events_for_issue(self, issue_id: int, after_id: int = 0) -> list[dict]:
         return self._all("SELECT * FROM events WHERE issue_id = ? AND id > ? ORDER BY id", (issue_id, after_id))
 
+    def unrouted(self) -> list[dict]:
+        """Delegations and sessions no project routes (the newest event per issue key)."""
+        return self._all("SELECT issue_key, MAX(at) AS at, message FROM events WHERE issue_id IS NULL "
+                         "AND kind = 'intake' AND message LIKE '%no project routes it%' GROUP BY issue_key "
+                         "ORDER BY at DESC LIMIT 50")
+
     def events_for_key(self, key: str, after_id: int = 0) -> list[dict]:
         """Events about an issue PatchRelay does not track (ignored sessions, unrouted delegations)."""
         return self._all("SELECT * FROM events WHERE issue_key = ? COLLATE NOCASE AND id > ? ORDER BY id",
@@ -1546,6 +1552,14 @@ M_COMMENT = """mutation PatchRelayComment($input: CommentCreateInput!) {
 }"""
 
 
+def _log_http(resp: requests.Response, *args: Any, **kwargs: Any) -> None:
+    """-v: every HTTP call, its status and duration (never a header: tokens stay out of logs)."""
+    req = resp.request
+    url = re.sub(r"\?.*", "", req.url or "")
+    log.debug("HTTP %s %s -> %s in %.0f ms", req.method, url, resp.status_code,
+              resp.elapsed.total_seconds() * 1000)
+
+
 class _Transient(Exception):
     def __init__(self, err: LinearError, wait: float | None = None):
         super().__init__(str(err))
@@ -1571,6 +1585,7 @@ class LinearClient:
     def __init__(self, cfg: LinearConfig, token: str, on_budget: Callable[[dict], None] | None = None):
         self.cfg, self.token, self.on_budget = cfg, token, on_budget
         self.http = requests.Session()
+        self.http.hooks["response"].append(_log_http)
         self.http.headers.update({"Content-Type": "application/json", "User-Agent": f"patchrelay/{__version__}",
                                   # personal API keys go bare, OAuth tokens as Bearer
                                   "Authorization": token if token.startswith("lin_api_") else f"Bearer {token}"})
@@ -2117,6 +2132,7 @@ class GitHubClient:
     def __init__(self, cfg: GitHubConfig, token: str | None, on_budget: Callable[[dict], None] | None = None):
         self.cfg, self.on_budget = cfg, on_budget
         self.http = requests.Session()
+        self.http.hooks["response"].append(_log_http)
         self.http.headers.update({"Accept": "application/vnd.github+json", "User-Agent": f"patchrelay/{__version__}",
                                   "X-GitHub-Api-Version": "2022-11-28"})
         if token:
@@ -3898,6 +3914,13 @@ def _intake_session(ctx: TickContext, s: LinearSession, obs: LinearIssue | None,
             msg = f"{obs.key if obs else '?'}: agent session but no project routes it " \
                   "(check issue_key_prefixes / linear_team_keys / linear_team_ids)"
             store.add_event(None, "intake", msg, "warn", issue_key=obs.key if obs else None)
+            store.mark_seen(f"unrouted:{obs.id}" if obs else f"unrouted-session:{s.id}")
+            team = (obs.team_key if obs else None) or "?"
+            # the person who delegated is told, in the session, instead of facing silence
+            store.add_outbox(None, "activity", s.id, {"content": {"type": "response", "body": (
+                f"No project of this PatchRelay takes team {team}, so I cannot work on "
+                f"{obs.key if obs else 'this issue'}; ask the operator to route it (projects[].linear_team_keys "
+                "or issue_key_prefixes).")}, "ephemeral": False})
             notes.append(msg)
         return
     row = store.issue_by_linear_id(obs.id)
@@ -4993,7 +5016,7 @@ def status(c: Ctx, as_json: bool) -> None:
         if as_json:
             _dump({"issues": [], "outbox": [], "api": [], "last_tick": None,
                    "paused": {"by": "config", "reason": "runner.paused: true", "at": None} if c.cfg.runner.paused
-                   else None})
+                   else None, "unrouted": []})
         else:
             click.echo(f"No tracked issues yet (no database at {c.cfg.database_path}; the first "
                        "`patchrelay tick` creates it).")
@@ -5024,9 +5047,15 @@ def status(c: Ctx, as_json: bool) -> None:
         errors = (json.loads(t["summary"]) if t["summary"] else {}).get("errors") or []
         last = {"started_at": t["started_at"], "ended_at": t["ended_at"], "result": result, "errors": errors}
     paused = runner_paused(c.cfg, store)
+    unrouted = [{"key": u["issue_key"], "at": u["at"], "message": u["message"]} for u in store.unrouted()]
     if as_json:
-        _dump({"issues": issues, "outbox": outbox, "api": api, "last_tick": last, "paused": paused})
+        _dump({"issues": issues, "outbox": outbox, "api": api, "last_tick": last, "paused": paused,
+               "unrouted": unrouted})
         return
+    for u in unrouted:
+        click.echo(f"unrouted: {u['key'] or '?'} (delegated {u['at']}; no project routes it)")
+    if unrouted:
+        click.echo()
     if paused:
         click.echo(f"PAUSED by {paused.get('by')}" + (f" at {paused['at']}" if paused.get("at") else "")
                    + (f": {paused['reason']}" if paused.get("reason") else "") + " (`patchrelay resume`)\n")
@@ -5442,7 +5471,10 @@ def events(c: Ctx, issue: str, follow: bool, as_json: bool) -> None:
                 click.echo(f"{e['at']} {e['level']:5} {e['kind']:9} {e['message']}")
         if not follow:
             return
-        time.sleep(1.0)
+        try:
+            time.sleep(1.0)
+        except KeyboardInterrupt:
+            return                      # Ctrl-C ends --follow quietly, exit 0
 
 
 @cli.command()

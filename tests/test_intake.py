@@ -226,7 +226,13 @@ def test_issue_of_an_unrouted_team_is_not_tracked_in_a_multi_project_config(worl
 
     tick(world)
     assert tracked(world) == {}
-    assert world.activity_types(session) == []
+    # the person who delegated is told why nothing happens, once; the operator sees it in `status`
+    [(kind, body)] = [(a["content"]["type"], a["content"]["body"]) for a in world.linear.activities(session)]
+    assert kind == "response" and "No project of this PatchRelay takes team ZZZ" in body
+    tick(world)
+    assert world.activity_types(session) == ["response"]
+    assert [u["key"] for u in status(world)["unrouted"]] == ["ZZZ-1"]
+    assert "unrouted: ZZZ-1" in cli_inproc(world, "status").stdout
     assert world.linear.state_of(issue)["name"] == "Todo"
     assert "no project routes it" in show_untracked(world, "ZZZ-1")
     assert show_fails(world, "ZZZ-2").startswith("patchrelay: issue ZZZ-2: not tracked")

@@ -248,7 +248,8 @@ def test_dry_run_prints_what_it_would_do_and_changes_nothing(world):
     assert "would: APP-1: new agent session -> implementation queued" in p.stdout
 
     assert status(world) == {"issues": [], "outbox": [], "api": [], "last_tick": None,
-                             "paused": {"by": "config", "reason": "runner.paused: true", "at": None}}
+                             "paused": {"by": "config", "reason": "runner.paused: true", "at": None},
+                             "unrouted": []}
     assert world.activity_types(session) == [] and world.linear.plans_for(session) == []
     assert world.linear.issue_updates == [] and world.linear.state_of(issue)["name"] == "Todo"
     assert not {"PatchRelayActivity", "PatchRelayPlan", "PatchRelayMoveIssue", "PatchRelayComment"} \
