@@ -5167,8 +5167,9 @@ def show(c: Ctx, issue: str, as_json: bool) -> None:
 @cli.command()
 @click.argument("issue", required=False)
 @click.option("--run-id", type=int, hidden=True, help="Worker mode: drive this claimed run (used by tick).")
+@click.option("--force", is_flag=True, help="Run even though the issue is done or canceled.")
 @click.pass_obj
-def run(c: Ctx, issue: str | None, run_id: int | None) -> None:
+def run(c: Ctx, issue: str | None, run_id: int | None, force: bool) -> None:
     """Run ISSUE's pending run (or a new implementation run) in the foreground."""
     cfg, store = c.cfg, c.store()
     if run_id is not None:
@@ -5200,7 +5201,9 @@ def run(c: Ctx, issue: str | None, run_id: int | None) -> None:
         raise UsageError(f"issue {row['key']}: run {row['active_run_id']} is already active")
     if not row["pending_run_type"]:
         if row["factory_state"] in CLOSED_STATES:
-            raise UsageError(f"issue {row['key']}: is {row['factory_state']}; use `patchrelay retry` to reopen it")
+            if not force:
+                raise UsageError(f"issue {row['key']}: is {row['factory_state']}; add --force to run it anyway "
+                                 "(or `patchrelay retry` to queue it for the next tick)")
         with store.tx():
             apply_decision(store, row, start_work(row, "patchrelay run", None, row["key"], iso()))
     run_id = claim(cfg, store, row["id"], cfg.project(row["project_id"]))
