@@ -103,3 +103,48 @@ def test_a_lease_left_by_a_killed_tick_is_taken_over_at_once(world):
     tick(world)
     assert [a["content"]["type"] for a in world.linear.activities(session)] == ["thought"]
     assert status(world)["outbox"] == []
+
+
+# ----------------------------------------------------------------------------- GitHub
+GH_FAULTS = {
+    "secondary-403": lambda gh, m: gh.secondary_limit_next(9, retry_after=120, style="403", match=m),
+    "secondary-429": lambda gh, m: gh.secondary_limit_next(9, retry_after=120, style="429", match=m),
+    "primary-exhausted": lambda gh, m: gh.primary_exhausted(reset_in=120),
+    "http-502": lambda gh, m: gh.fail_next(9, status=502, match=m),
+    "malformed": lambda gh, m: gh.malformed_next(9, body=b"<html>oops</html>", status=200, match=m),
+    "graphql-rate-limited": lambda gh, m: gh.graphql_rate_limited_next(9, match=m),
+}
+
+
+@pytest.mark.parametrize("match", ["PatchRelayPullRequests", "pulls/create"])
+@pytest.mark.parametrize("kind", list(GH_FAULTS))
+def test_a_bad_github_answer_is_one_line_and_never_opens_twice_or_loses_the_pr(world, kind, match):
+    """A run has pushed its branch; GitHub misbehaves on the observation or on opening the PR. The tick
+    fails with one line and changes nothing; once GitHub heals, exactly one PR is opened and recorded."""
+    from test_runs import say, tool, wait_done
+    world.use_codex([tool("echo hello > hello.txt"), say("Added hello.txt.")])
+    world.delegate()
+    tick(world)
+    wait_done(world)
+    GH_FAULTS[kind](world.github, match)
+    r = tick(world, check=None)
+    out = r.stdout + r.stderr
+    assert "Traceback" not in out, out
+    if kind in ("primary-exhausted",) or match == "PatchRelayPullRequests" or r.returncode:
+        for line in r.stderr.splitlines():
+            assert line.startswith("failed: ") and "GitHub" in line, r.stderr
+    s = show(world, "APP-1")
+    assert s["issue"]["factory_state"] in ("ready_for_pr", "pr_open")
+    assert len(world.github.prs("acme/app")) <= 1
+    # GitHub heals; the recorded wait (if any) passes
+    world.github._faults.clear() if hasattr(world.github, "_faults") else None
+    world.github.reset_budget()
+    con = sqlite3.connect(str(world.state / "patchrelay.sqlite"), timeout=10)
+    with con:
+        con.execute("UPDATE api_budget SET limited_until = NULL WHERE api = 'github'")
+    con.close()
+    tick(world)
+    tick(world)
+    s = show(world, "APP-1")
+    assert s["issue"]["factory_state"] == "pr_open" and s["issue"]["pr_number"] == 1
+    assert len(world.github.prs("acme/app")) == 1
