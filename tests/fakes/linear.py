@@ -49,6 +49,8 @@ Behaviour worth knowing (documented choices, not necessarily Linear's):
   response -> complete, error -> error; sets startedAt/endedAt, bumps session updatedAt.
   Prompts (``add_prompt``) only bump updatedAt; use ``update_session`` for anything else.
   ``Query.agentSessions`` returns every session in the workspace (filter on ``appUser`` yourself).
+* Every response has a ``Date`` header (RFC 7231) from the fake's clock, ``now()``: after ``advance()`` it
+  differs from the real time the way a server's clock can differ from the client's.
 * Every normal response has x-ratelimit-{requests,complexity}-{limit,remaining,reset} (reset in epoch
   ms) and x-complexity. Remaining requests drop by 1 and complexity by the estimate per request; when
   requests remaining is 0 (``set_budget``) the fake answers 400 RATELIMITED until the reset time.
@@ -60,12 +62,15 @@ Model: plain dicts held in ``users/teams/states/labels/issues/comments/sessions/
 ``activity["agentSessionId"]``, ``["userId"]``, ``["content"]``). Helpers return these live dicts.
 
 Records: ``requests`` (one dict per HTTP request: operation, query, variables, headers with the token
-redacted, fields, viewer, status, fault, complexity), ``validation_errors``, ``deprecations``,
-``complexity_warnings``,
+redacted, fields, viewer, status, fault, complexity, request_bytes and response_bytes: the sizes of the
+request and response bodies; response_bytes stays None for a dropped connection), ``validation_errors``,
+``deprecations``, ``complexity_warnings``,
 ``issue_updates`` ({id, identifier, input, user, at}), ``plans`` (session id -> [plan, ...]).
 
 Fault injection (each entry is consumed by the request(s) it hits; ``operation`` optionally limits it to
-requests whose operation name or a root field equals it):
+requests whose operation name or a root field equals it, ``when`` to requests whose record (see Records;
+``variables`` already filled in) it returns true for, e.g. ``when=lambda r: (r["variables"] or {}).get("after")``
+for a follow-up page):
 ``fail_next(n, status)``, ``rate_limit_next(n, style="400"|"429", retry_after)``,
 ``drop_after_commit_next(n, operation="agentActivityCreate")`` (executes, then closes the socket without a
 response), ``hang_next(seconds, n)`` (sleeps, then answers normally).
@@ -499,32 +504,32 @@ class FakeLinear:
         return [r["operation"] for r in self.requests]
 
     # ------------------------------------------------------------------ fault injection / budget
-    def _add_fault(self, kind, n, operation=None, **kw):
+    def _add_fault(self, kind, n, operation=None, when=None, **kw):
         with self.lock:
-            self._faults.append({"kind": kind, "left": n, "operation": operation, **kw})
+            self._faults.append({"kind": kind, "left": n, "operation": operation, "when": when, **kw})
 
-    def fail_next(self, n=1, status=500, operation=None):
+    def fail_next(self, n=1, status=500, operation=None, when=None):
         """The next n (matching) requests get a plain HTTP error (no execution)."""
-        self._add_fault("fail", n, operation, status=status)
+        self._add_fault("fail", n, operation, when, status=status)
 
-    def rate_limit_next(self, n=1, style="400", retry_after=None, operation=None):
+    def rate_limit_next(self, n=1, style="400", retry_after=None, operation=None, when=None):
         """style "400": HTTP 400, errors[0].extensions.code RATELIMITED; "429": plain HTTP 429."""
         assert style in ("400", "429"), style
-        self._add_fault("ratelimit", n, operation, style=style, retry_after=retry_after)
+        self._add_fault("ratelimit", n, operation, when, style=style, retry_after=retry_after)
 
-    def drop_after_commit_next(self, n=1, operation="agentActivityCreate"):
+    def drop_after_commit_next(self, n=1, operation="agentActivityCreate", when=None):
         """Execute the next n matching requests, then close the socket without any response."""
-        self._add_fault("drop", n, operation)
+        self._add_fault("drop", n, operation, when)
 
-    def reply_next(self, body, n=1, status=200, operation=None, content_type="application/json"):
+    def reply_next(self, body, n=1, status=200, operation=None, content_type="application/json", when=None):
         """Answer the next n matching requests with `body` (bytes, or any JSON value) without executing them:
         odd shapes such as a JSON string, {"data": null}, {"data": {}}, {"errors": "boom"}, an HTML error
         page or truncated JSON."""
-        self._add_fault("reply", n, operation, body=body, status=status, content_type=content_type)
+        self._add_fault("reply", n, operation, when, body=body, status=status, content_type=content_type)
 
-    def hang_next(self, seconds, n=1, operation=None):
+    def hang_next(self, seconds, n=1, operation=None, when=None):
         """Sleep `seconds` before handling the next n matching requests (then answer normally)."""
-        self._add_fault("hang", n, operation, seconds=seconds)
+        self._add_fault("hang", n, operation, when, seconds=seconds)
 
     def set_budget(self, requests_remaining=None, complexity_remaining=None, requests_limit=None,
                    complexity_limit=None, reset_in=None):
@@ -538,10 +543,11 @@ class FakeLinear:
             if reset_in is not None:
                 b["reset_ms"] = int((time.time() + reset_in) * 1000)
 
-    def _take_fault(self, kinds, names):
+    def _take_fault(self, kinds, names, rec=None):
         with self.lock:
             for f in self._faults:
-                if f["kind"] in kinds and (f["operation"] is None or f["operation"] in names):
+                if f["kind"] in kinds and (f["operation"] is None or f["operation"] in names) \
+                        and (f.get("when") is None or (rec is not None and f["when"](rec))):
                     f["left"] -= 1
                     if f["left"] <= 0:
                         self._faults.remove(f)
@@ -779,7 +785,9 @@ class FakeLinear:
         schema = get_schema()
         hdrs = {k: ("<redacted>" if k.lower() == "authorization" else v) for k, v in handler.headers.items()}
         rec = {"operation": None, "query": None, "variables": None, "headers": hdrs, "fields": [],
-               "viewer": None, "status": None, "fault": None, "complexity": None, "at": time.time()}
+               "viewer": None, "status": None, "fault": None, "complexity": None, "at": time.time(),
+               "request_bytes": len(body or b""), "response_bytes": None}
+        handler.fake_record = rec
         with self.lock:
             self.requests.append(rec)
         try:
@@ -807,7 +815,7 @@ class FakeLinear:
             rec["status"], rec["fault"] = status, fault
             return status, headers or {}, payload
 
-        fault = self._take_fault({"fail", "ratelimit", "hang", "reply"}, names)
+        fault = self._take_fault({"fail", "ratelimit", "hang", "reply"}, names, rec)
         if fault and fault["kind"] == "reply":
             body = fault["body"]
             return reply(fault["status"], body if isinstance(body, bytes) else json.dumps(body).encode(),
@@ -887,7 +895,7 @@ class FakeLinear:
         payload = {"data": result.data}
         if result.errors:
             payload["errors"] = [e.formatted for e in result.errors]
-        drop = self._take_fault({"drop"}, names)
+        drop = self._take_fault({"drop"}, names, rec)
         if drop:
             rec["status"], rec["fault"] = None, "drop"
             return None, {}, None
@@ -914,6 +922,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+    def date_time_string(self, timestamp=None):
+        """The Date header: the fake's clock (real time moved by advance()), not this machine's."""
+        if timestamp is None:
+            timestamp = self.server.fake.now().timestamp()
+        return super().date_time_string(timestamp)
 
     def setup(self):
         super().setup()
@@ -953,6 +967,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status, headers, payload):
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        rec = getattr(self, "fake_record", None)
+        if rec is not None:
+            rec["response_bytes"] = len(data)
+            self.fake_record = None
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8" if not isinstance(payload, bytes)
                          else "text/plain")
