@@ -2730,7 +2730,13 @@ def _ensure_worktree(project: ProjectConfig, branch: str, path: Path) -> str:
     if path.exists():
         if path.resolve() not in registered:
             raise GitError(f"worktree {path} exists but is not a worktree of {repo}; move it away")
-        return "reused"
+        if run_git(["rev-parse", "--verify", "--quiet", "HEAD"], path, check=False).returncode == 0:
+            return "reused"
+        # a `worktree add` cut short (its worker was killed): nothing was ever committed there; start again
+        run_git(["worktree", "remove", "--force", str(path)], repo, check=False)
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        run_git(["worktree", "prune"], repo)
     run_git(["worktree", "prune"], repo)
     path.parent.mkdir(parents=True, exist_ok=True)
     run_git(["fetch", "--quiet", "origin", project.base_branch], repo, timeout=300)
@@ -2752,8 +2758,31 @@ def git_head(path: Path) -> str | None:
     return p.stdout.strip() or None
 
 
+def clear_stale_index_lock(path: Path) -> bool:
+    """A worker killed in the middle of `git add` / `git commit` leaves index.lock behind. The issue's
+    worktree belongs to one run at a time and the agent cannot write its git directory, so a lock found
+    here is stale: remove it. True when one was removed."""
+    gitdir = run_git(["rev-parse", "--absolute-git-dir"], path, check=False).stdout.strip()
+    if not gitdir:
+        return False
+    common = run_git(["rev-parse", "--git-common-dir"], path, check=False).stdout.strip()
+    branch = run_git(["symbolic-ref", "--quiet", "HEAD"], path, check=False).stdout.strip()
+    locks = [Path(gitdir) / "index.lock", Path(gitdir) / "HEAD.lock"]
+    if common and branch:
+        locks.append((path / common).resolve() / (branch + ".lock"))
+    removed = False
+    for lock in locks:
+        if lock.exists():
+            with contextlib.suppress(OSError):
+                lock.unlink()
+                removed = True
+    return removed
+
+
 def commit_all(path: Path, message: str, runner: RunnerConfig) -> bool:
     """Commit whatever the agent changed. False when the tree was clean."""
+    if clear_stale_index_lock(path):
+        log.warning("%s: removed a stale git index.lock (a worker died while committing)", path)
     if not run_git(["status", "--porcelain"], path).stdout.strip():
         return False
     run_git(["add", "-A"], path)
@@ -2833,22 +2862,32 @@ def changed_files(path: Path, base: str | None, head: str | None) -> list[str]:
     return [ln for ln in out.splitlines() if ln]
 
 
-def run_hook(project: ProjectConfig, cfg: Config, name: str, worktree: Path, env: Mapping[str, str]) -> bool:
-    """Run `.patchrelay/hooks/<name>` from the repo, in the worktree. False when there is no hook."""
+def run_hook(project: ProjectConfig, cfg: Config, name: str, worktree: Path, env: Mapping[str, str],
+             on_start: Callable[[int, str | None], None] | None = None) -> bool:
+    """Run `.patchrelay/hooks/<name>` from the repo, in the worktree, in its own process group (announced
+    through `on_start`, so that whoever finds the worker dead can kill what it left). False when there is
+    no hook."""
     hook = project.repo_path / ".patchrelay" / "hooks" / name
     if not hook.exists():
         return False
     if not os.access(hook, os.X_OK):
         raise HookError(f"{name} hook {hook} is not executable")
     try:
-        p = subprocess.run([str(hook)], cwd=str(worktree), env=stripped_child_env(cfg, env), capture_output=True,
-                           text=True, timeout=cfg.runner.hook_timeout, start_new_session=True)
-    except subprocess.TimeoutExpired:
-        raise HookError(f"{name} hook timed out after {cfg.runner.hook_timeout:g} s") from None
+        proc = subprocess.Popen([str(hook)], cwd=str(worktree), env=stripped_child_env(cfg, env),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     except OSError as e:
         raise HookError(f"{name} hook could not start: {e.strerror}") from None
-    if p.returncode != 0:
-        raise HookError(f"{name} hook failed (exit {p.returncode}): {one_line(redact(tail(p.stderr, 10)), 500)}")
+    started = proc_start_time(proc.pid)
+    if on_start:
+        on_start(proc.pid, started)
+    try:
+        _, err = proc.communicate(timeout=cfg.runner.hook_timeout)
+    except subprocess.TimeoutExpired:
+        kill_process_group(proc.pid, started, grace=2)
+        proc.communicate()
+        raise HookError(f"{name} hook timed out after {cfg.runner.hook_timeout:g} s") from None
+    if proc.returncode != 0:
+        raise HookError(f"{name} hook failed (exit {proc.returncode}): {one_line(redact(tail(err, 10)), 500)}")
     return True
 
 
@@ -4637,7 +4676,10 @@ def drive_run(cfg: Config, store: Store, run_id: int, echo: Callable[[str], None
         echo(f"worktree {worktree} ({how})")
         hook_env = {"PATCHRELAY_ISSUE_KEY": issue["key"], "PATCHRELAY_BRANCH": issue["branch"],
                     "PATCHRELAY_RUN_TYPE": run["run_type"], "PATCHRELAY_WORKTREE": str(worktree)}
-        if run_hook(project, cfg, "prepare-worktree", worktree, hook_env):
+        def hook_started(pid: int, started: str | None) -> None:
+            with store.tx():      # reconcile kills this group if the worker dies during the hook
+                store.update_run(run_id, {"appserver_pid": pid, "appserver_started": started})
+        if run_hook(project, cfg, "prepare-worktree", worktree, hook_env, hook_started):
             echo("prepare-worktree hook passed")
         if run["run_type"] == "queue_repair":
             conflicts = merge_base_into(worktree, project.base_branch, cfg.runner)
