@@ -1828,24 +1828,29 @@ class LinearClient:
         return out
 
     # ---- writes
-    def create_activity(self, client_id: str, session_id: str, content: dict, ephemeral: bool) -> None:
-        """Idempotent by client id: a resend after a crash or a lost response is not a duplicate."""
+    def _create_once(self, mutation: str, variables: dict, payload: str, lookup: str, entity: str,
+                     client_id: str) -> None:
+        """Idempotent by client id: a resend after a crash or a lost response is looked up, never repeated."""
         try:
-            data = self.query(M_ACTIVITY, {"input": {"id": client_id, "agentSessionId": session_id,
-                                                     "content": content, "ephemeral": ephemeral}})
+            data = self.query(mutation, variables)
         except LinearError as e:
             if e.transient:
                 raise
             try:
-                exists = self.query(Q_ACTIVITY_EXISTS, {"id": client_id}).get("agentActivity")
-            except LinearError as lookup:
-                if lookup.transient:
+                exists = self.query(lookup, {"id": client_id}).get(entity)
+            except LinearError as miss:
+                if miss.transient:
                     raise
                 exists = None  # "Entity not found": it really was not created
             if exists:
                 return  # an earlier attempt already created it
             raise
-        self._payload(data, "agentActivityCreate")
+        self._payload(data, payload)
+
+    def create_activity(self, client_id: str, session_id: str, content: dict, ephemeral: bool) -> None:
+        self._create_once(M_ACTIVITY, {"input": {"id": client_id, "agentSessionId": session_id, "content": content,
+                                                 "ephemeral": ephemeral}},
+                          "agentActivityCreate", Q_ACTIVITY_EXISTS, "agentActivity", client_id)
 
     def add_session_link(self, session_id: str, label: str, url: str) -> None:
         data = self.query(M_PLAN, {"id": session_id, "input": {"addedExternalUrls": [{"label": label, "url": url}]}})
@@ -1897,22 +1902,8 @@ class LinearClient:
         return target["name"]
 
     def create_comment(self, client_id: str, issue_linear_id: str, body: str) -> None:
-        """Idempotent by client id, like activities: a lost response is looked up, never re-posted."""
-        try:
-            data = self.query(M_COMMENT, {"input": {"id": client_id, "issueId": issue_linear_id, "body": body}})
-        except LinearError as e:
-            if e.transient:
-                raise
-            try:
-                exists = self.query(Q_COMMENT_EXISTS, {"id": client_id}).get("comment")
-            except LinearError as lookup:
-                if lookup.transient:
-                    raise
-                exists = None
-            if exists:
-                return
-            raise
-        self._payload(data, "commentCreate")
+        self._create_once(M_COMMENT, {"input": {"id": client_id, "issueId": issue_linear_id, "body": body}},
+                          "commentCreate", Q_COMMENT_EXISTS, "comment", client_id)
 
 
 _ACTIVITY_FIELDS = """id createdAt signal user { id name email app }
