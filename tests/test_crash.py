@@ -747,10 +747,11 @@ KILL = {"tick_intake": kill_tick_in_intake, "tick_launch": kill_tick_in_launch, 
         "worker_commit_push": kill_worker_in_commit_or_push, "worker_final": kill_worker_in_final}
 
 
-# A worker killed inside `git worktree add` can leave a partial checkout that the next run reuses and
-# commits (a file of the base shows as changed). Known and open: the fix needs the next run to tell a
-# partial checkout from the agent's uncommitted work. Only a kill that lands exactly there shows it, and
-# only that finding is reported as the known failure (xfail); any other failure of any trial still fails.
+# Known and open: a worker killed while its worktree is prepared (inside `git worktree add`, while it
+# creates the branch, or during `git fetch`) can leave git state the next run does not recover from: a
+# partial checkout that is reused and committed, git's placeholder HEAD, a stale ref lock in the main
+# repository. Every failure of the `worker_before_turn` kind is therefore reported as xfail with its
+# message; every other kind is strict.
 KNOWN_PARTIAL_CHECKOUT = "the branch changes more than the agent's files"
 
 
