@@ -2761,6 +2761,8 @@ def clear_stale_index_lock(path: Path) -> bool:
     locks = [Path(gitdir) / "index.lock", Path(gitdir) / "HEAD.lock"]
     if common and branch:
         locks.append((path / common).resolve() / (branch + ".lock"))
+        if branch.startswith("refs/heads/"):     # our own update of the remote-tracking ref after a push
+            locks.append((path / common).resolve() / "refs" / "remotes" / "origin" / (branch[11:] + ".lock"))
     removed = False
     for lock in locks:
         if lock.exists():
