@@ -8,7 +8,8 @@ no GitHub) with `runner.paused: true` and `linear.poll_overlap` at its default:
 
 1. ingest: `patchrelay tick` (the click CLI, in this process) until every issue is tracked, every session
    has its acknowledgement and the outbox is empty; gives up after 60 ticks, after 3 ticks without progress
-   or after 10 minutes;
+   or after --max-ingest seconds (600); when it gave up, the "idle" ticks below still have work to do and
+   their figures are marked "*";
 2. idle, inside the overlap window: 5 more ticks (in this process) right after the ingest; Linear's newest
    changes, PatchRelay's own acknowledgements, are less than linear.poll_overlap old, so a tick may read
    them again;
@@ -50,6 +51,7 @@ import collections
 import json
 import os
 import platform
+import re
 import sqlite3
 import statistics
 import subprocess
@@ -71,7 +73,7 @@ from fakes.linear import FakeLinear  # noqa: E402
 
 HOURLY = 5000          # Linear's request budget per hour (API key / OAuth app user)
 INTERVAL = 5.0         # seconds between idle ticks for the budget projection
-MAX_TICKS, STALL_TICKS, MAX_INGEST_S = 60, 3, 600
+MAX_TICKS, STALL_TICKS = 60, 3
 
 
 def progress(msg):
@@ -110,6 +112,25 @@ def ack_counts(fake, sessions, outbox=()):
     return once, lost, queued, len(sessions) - once - lost - queued
 
 
+def other_answers(fake, sessions):
+    """Sessions without a "Picked up ..." thought -> (how many got some other activity from PatchRelay,
+    [(its first words, count)] of the commonest, how many got nothing at all)."""
+    with fake.lock:
+        acts = sorted(fake.activities_by_id.values(), key=lambda a: a["_seq"])
+    first, picked = {}, set()
+    for a in acts:
+        c = a["content"]
+        if c.get("type") == "prompt":
+            continue
+        body = str(c.get("body") or c.get("action") or "")
+        if c.get("type") == "thought" and body.startswith("Picked up"):
+            picked.add(a["agentSessionId"])
+        first.setdefault(a["agentSessionId"], f"{c.get('type')}: " + re.sub(r"[A-Z]+-\d+", "KEY", body)[:60])
+    rest = [sid for sid, _ in sessions if sid not in picked]
+    words = collections.Counter(first[sid] for sid in rest if sid in first)
+    return sum(words.values()), words.most_common(2), sum(1 for sid in rest if sid not in first)
+
+
 def traffic(fake, start):
     """(requests, request bytes, response bytes, complexity points) since record index `start`."""
     with fake.lock:
@@ -131,6 +152,16 @@ def idle_ticks(world, fake, k=5):
             "ops": dict(collections.Counter(r["operation"] for r in fake.requests[start:]))}
 
 
+def time_by_operation(recs, top=4):
+    """[(operation, requests, seconds)] of the slowest operations: from each request to the next one
+    (the client is sequential, so that is the fake's answer plus the client's work until its next request)."""
+    secs, cnt = collections.defaultdict(float), collections.Counter()
+    for rec, nxt in zip(recs, recs[1:]):
+        secs[rec["operation"]] += nxt["at"] - rec["at"]
+        cnt[rec["operation"]] += 1
+    return sorted(((op, cnt[op], secs[op]) for op in cnt), key=lambda t: -t[2])[:top]
+
+
 def share(requests_per_tick):
     """Share (%) of Linear's hourly request budget at one tick every INTERVAL seconds."""
     return requests_per_tick * (3600 / INTERVAL) / HOURLY * 100
@@ -148,7 +179,7 @@ def subprocess_tick(world):
     return p.returncode, ru.ru_utime + ru.ru_stime, rss, wall
 
 
-def bench_n(n, tmp):
+def bench_n(n, tmp, max_ingest_s):
     """One world with n delegations -> figures (dict)."""
     f = {"n": n}
     with FakeLinear() as fake:
@@ -173,7 +204,7 @@ def bench_n(n, tmp):
         start, ticks, stall, last, exits = len(fake.requests), 0, 0, None, collections.Counter()
         t0 = time.perf_counter()
         done = False
-        while ticks < MAX_TICKS and time.perf_counter() - t0 < MAX_INGEST_S:
+        while ticks < MAX_TICKS and time.perf_counter() - t0 < max_ingest_s:
             exits[cli(w, "tick").exit_code] += 1
             ticks += 1
             have, outbox = tracked_keys(w)
@@ -191,6 +222,7 @@ def bench_n(n, tmp):
                 break
         f.update(ticks=ticks, done=done, ingest_s=time.perf_counter() - t0, ingest_exits=dict(exits))
         f["ingest_req"], f["ingest_up"], f["ingest_down"], f["ingest_cx"] = traffic(fake, start)
+        f["ingest_time"] = time_by_operation(fake.requests[start:])
 
         # 2. idle ticks inside the overlap window, 3. after it (in process)
         f["win"] = idle_ticks(w, fake)
@@ -215,7 +247,11 @@ def bench_n(n, tmp):
         have, outbox = tracked_keys(w)
         f["tracked"] = len(have & keys)
         f["once"], f["lost"], f["queued"], f["dup"] = ack_counts(fake, sessions, outbox)
+        f["answered_otherwise"] = other_answers(fake, sessions)
         f["outbox_left"] = len(outbox)
+        f["outbox"] = dict(collections.Counter(f"{o.get('kind')} {o.get('status')}" for o in outbox))
+        f["outbox_errors"] = collections.Counter(patchrelay.one_line(o.get("last_error") or "", 160)
+                                                 for o in outbox if o.get("last_error")).most_common(2)
         f["validation_errors"] = list(fake.validation_errors)
     return f
 
@@ -331,21 +367,23 @@ def bench_status(tmp):
 
 
 # ----------------------------------------------------------------------------- report
-HEAD = (f"{'N':>5} {'ticks':>5} {'req':>6} {'up KiB':>8} {'down KiB':>9} {'%/h':>5} {'idle req':>8} "
-        f"{'idle B up/down':>15} {'idle %/h':>8} {'win req':>8} {'tracked':>11} {'lost':>5} {'queued':>6} {'dup':>4} "
+HEAD = (f"{'N':>5} {'ticks':>5} {'req':>6} {'up KiB':>8} {'down KiB':>9} {'%/h':>5} {'idle req':>9} "
+        f"{'idle B up/down':>15} {'idle %/h':>8} {'win req':>9} {'tracked':>11} {'lost':>5} {'queued':>6} {'dup':>4} "
         f"{'CPU ms':>7} {'RSS MiB':>7}")
 
 
 def row(f):
     ticks = f"{f['ticks']}{'' if f['done'] else '+'}"
-    idle = f"{f['idle']['req']:g} ({f['idle']['req_max']})"
-    win = f"{f['win']['req']:g} ({f['win']['req_max']})"
+    star = "" if f["done"] else "*"
+    idle = f"{f['idle']['req']:g} ({f['idle']['req_max']}){star}"
+    win = f"{f['win']['req']:g} ({f['win']['req_max']}){star}"
     idle_bytes = f"{f['idle']['up']:.0f}/{f['idle']['down']:.0f}"
     tracked = f"{f['tracked']}/{f['n']}"
     return (f"{f['n']:>5} {ticks:>5} {f['ingest_req']:>6} {f['ingest_up'] / 1024:>8.0f} "
             f"{f['ingest_down'] / 1024:>9.0f} "
-            f"{f['ingest_req'] / HOURLY * 100:>4.0f}% {idle:>8} {idle_bytes:>15} {share(f['idle']['req']):>7.0f}% "
-            f"{win:>8} {tracked:>11} {f['lost']:>5} {f['queued']:>6} {f['dup']:>4} {f['cpu_ms']:>7.0f} {f['rss_mib']:>7.0f}")
+            f"{f['ingest_req'] / HOURLY * 100:>4.0f}% {idle:>9} {idle_bytes:>15} {share(f['idle']['req']):>7.0f}% "
+            f"{win:>9} {tracked:>11} {f['lost']:>5} {f['queued']:>6} {f['dup']:>4} {f['cpu_ms']:>7.0f} "
+            f"{f['rss_mib']:>7.0f}")
 
 
 def verdict(ok):
@@ -355,6 +393,8 @@ def verdict(ok):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="only N=10 and N=100; no 10,000-issue status")
+    ap.add_argument("--max-ingest", type=float, default=600, metavar="SECONDS",
+                    help="give up an ingest after this long (checked between ticks; default 600)")
     a = ap.parse_args()
     sizes = (10, 100) if a.quick else (10, 100, 1000, 5000)
     print(f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, "
@@ -367,12 +407,19 @@ def main():
     results, notes = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
-            f = bench_n(n, tmp)
+            f = bench_n(n, tmp, a.max_ingest)
             results.append(f)
             if not f["done"]:
                 notes.append(f"N={n}: ingest gave up after {f['ticks']} ticks ({f['ingest_s']:.0f} s): "
                              f"{f['tracked']}/{n} tracked, {f['once']}/{n} acknowledged once, "
                              f"{f['outbox_left']} outbox row(s) left (after the idle ticks too)")
+            if f["lost"]:
+                k, words, silent = f["answered_otherwise"]
+                notes.append(f"       of the sessions without \"Picked up ...\": {k} got another activity from "
+                             f"PatchRelay ({'; '.join(f'{w!r} x {c}' for w, c in words) or '-'}), {silent} none")
+            if f["outbox_left"] or f["lost"]:
+                notes.append(f"       outbox after the idle ticks: {f['outbox'] or 'empty'}"
+                             + "".join(f"; {k} x {e!r}" for e, k in f["outbox_errors"]))
             if set(f["ingest_exits"]) - {0}:
                 notes.append(f"N={n}: ingest tick exit codes {f['ingest_exits']}")
             if set(f["sub_exits"]) - {0}:
@@ -382,6 +429,8 @@ def main():
                              f"{patchrelay.one_line(json.dumps(f['validation_errors'][0]), 300)}")
             notes.append(f"N={n}: ingest {f['ingest_s']:.1f} s wall; idle tick as a subprocess "
                          f"{f['sub_wall_ms']:.0f} ms wall, requests {f['sub_req']}")
+            notes.append("       ingest wall time by operation (request to next request, fake and client): "
+                         + ", ".join(f"{op} {cnt} x {secs:.1f} s" for op, cnt, secs in f["ingest_time"]))
             notes.append(f"       idle ticks inside the overlap window: requests {f['win']['seq']}, "
                          f"bytes up/down {f['win']['up']:.0f}/{f['win']['down']:.0f} (median), "
                          f"operations {f['win']['ops']}")
@@ -403,8 +452,9 @@ def main():
 
     by_n = {f["n"]: f for f in results}
     print("goals:")
-    ok = all(f["idle"]["req"] == 1 for f in results)
-    per_n = ", ".join(f"N={f['n']}: {f['idle']['req']:g}" for f in results)
+    unfinished = "".join(f" (N={f['n']}: ingest unfinished, so not idle)" for f in results if not f["done"])
+    ok = all(f["idle"]["req"] == 1 and f["done"] for f in results)
+    per_n = ", ".join(f"N={f['n']}: {f['idle']['req']:g}" for f in results) + unfinished
     print(f"  1 request per idle tick at every N (median of 5): {per_n} -> {verdict(ok)}")
     ok = all(f["win"]["req"] == 1 for f in results)
     per_n = ", ".join(f"N={f['n']}: {f['win']['req']:g}" for f in results)
@@ -425,7 +475,8 @@ def main():
                          ("    the same inside the overlap window right after the ingest", "win")):
         shares = {f["n"]: share(f[which]["req"]) for f in results}
         per_n = ", ".join(f"N={n}: {v:.0f} %" for n, v in shares.items())
-        print(f"{label}: {per_n} -> {verdict(all(v < 15 for v in shares.values()))}")
+        ok = all(v < 15 for v in shares.values()) and all(f["done"] for f in results)
+        print(f"{label}: {per_n}{unfinished} -> {verdict(ok)}")
     ok = all(f["once"] == f["n"] for f in results)
     per_n = ", ".join(f"N={f['n']}: {f['lost']} lost, {f['queued']} still queued, {f['dup']} duplicated"
                       for f in results)
