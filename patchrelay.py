@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import email.utils
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -1569,8 +1571,6 @@ class _Transient(Exception):
 def _shaped(fn: Callable) -> Callable:
     """A read whose answer lacks a field it needs raises a transient LinearError naming the operation,
     never a KeyError, and never passes for an empty result."""
-    import functools
-
     @functools.wraps(fn)
     def wrapper(self: "LinearClient", *a: Any, **kw: Any) -> Any:
         try:
@@ -1675,7 +1675,6 @@ class LinearClient:
         date = resp.headers.get("date")
         if date:
             with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
-                import email.utils
                 t = email.utils.parsedate_to_datetime(date)
                 self.server_time = iso(t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc))
         if not self.on_budget:
@@ -1806,26 +1805,12 @@ class LinearClient:
                                       key=lambda a: (a.created_at, a.id))
         return out
 
-    def comments(self, issue_ids: list[str], since: str | None, new_issue_ids: list[str] = ()) -> list[LinearComment]:
-        """New comments on tracked issues since the cursor, and every comment of newly tracked issues."""
-        parts: list[dict] = []
-        if issue_ids:
-            parts.append({"issue": {"id": {"in": issue_ids}}, **({"createdAt": {"gt": since}} if since else {})})
-        if new_issue_ids:
-            parts.append({"issue": {"id": {"in": list(new_issue_ids)}}})
-        if not parts:
+    def comment_history(self, issue_ids: list[str]) -> list[LinearComment]:
+        """Every comment of newly tracked issues (later comments come with the poll)."""
+        if not issue_ids:
             return []
-        filt = parts[0] if len(parts) == 1 else {"or": parts}
-        nodes, _ = self._paged(Q_COMMENTS, {"filter": filt}, "comments")
-        out = []
-        for n in nodes:
-            u = n.get("user") or {}
-            out.append(LinearComment(id=n["id"], issue_linear_id=(n.get("issue") or {}).get("id") or "",
-                                     body=n.get("body") or "", created_at=n.get("createdAt") or "",
-                                     user=Actor(u.get("id"), u.get("name"), u.get("email"), bool(u.get("app"))),
-                                     session_id=(n.get("agentSession") or {}).get("id")))
-        out.sort(key=lambda c: (c.created_at, c.id))
-        return out
+        nodes, _ = self._paged(Q_COMMENTS, {"filter": {"issue": {"id": {"in": list(issue_ids)}}}}, "comments")
+        return sorted((_comment(n) for n in nodes), key=lambda c: (c.created_at, c.id))
 
     # ---- writes
     def _create_once(self, mutation: str, variables: dict, payload: str, lookup: str, entity: str,
@@ -2406,7 +2391,8 @@ _LOG_TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z ?", re.M)
 
 
 def log_tail(text: str, secrets: Iterable[str] = (), lines: int = 150, limit: int = 8000) -> str:
-    """The end of a CI log, as the agent needs it: no ANSI colours, no timestamps, secrets redacted."""
+    """The end of a CI log, as the agent needs it: no ANSI colours, no timestamps, secrets redacted
+    (the tokens PatchRelay read always are; `secrets` adds others)."""
     clean = _LOG_TS.sub("", _ANSI.sub("", text or ""))
     return redact(tail(clean, lines, limit), secrets)
 
@@ -2749,10 +2735,10 @@ def git_head(path: Path) -> str | None:
     return p.stdout.strip() or None
 
 
-def clear_stale_index_lock(path: Path) -> bool:
-    """A worker killed in the middle of `git add` / `git commit` leaves index.lock behind. The issue's
-    worktree belongs to one run at a time and the agent cannot write its git directory, so a lock found
-    here is stale: remove it. True when one was removed."""
+def clear_stale_git_locks(path: Path) -> bool:
+    """A worker killed in the middle of `git add` / `git commit` / its push leaves index.lock, HEAD.lock or
+    a ref lock of the issue's branch behind. The issue's worktree belongs to one run at a time and the agent
+    cannot write its git directory, so such a lock is stale: remove it. True when one was removed."""
     gitdir = run_git(["rev-parse", "--absolute-git-dir"], path, check=False).stdout.strip()
     if not gitdir:
         return False
@@ -2774,7 +2760,7 @@ def clear_stale_index_lock(path: Path) -> bool:
 
 def commit_all(path: Path, message: str, runner: RunnerConfig) -> bool:
     """Commit whatever the agent changed. False when the tree was clean."""
-    if clear_stale_index_lock(path):
+    if clear_stale_git_locks(path):
         log.warning("%s: removed a stale git index.lock (a worker died while committing)", path)
     if not run_git(["status", "--porcelain"], path).stdout.strip():
         return False
@@ -3674,26 +3660,18 @@ def _minus(ts: str | None, seconds: float) -> str | None:
     return iso(t - dt.timedelta(seconds=seconds)) if t else None
 
 
-def issue_filter(cfg: Config, ident: Identity, tracked: list[str], since: str | None) -> dict:
-    """What changed for us: delegated issues and issues we already track, in the routed teams."""
+def delegated_filter(cfg: Config, ident: Identity) -> dict:
+    """The open issues the delegation rule gives us, in the routed teams (the first poll)."""
     who: list[dict] = [{"delegate": {"isMe": {"eq": True}}}]
     if not ident.app_mode:
         if "assignee" in ident.delegation:
             who.append({"assignee": {"isMe": {"eq": True}}})
         if "label" in ident.delegation:
             who.append({"labels": {"some": {"name": {"eqIgnoreCase": ident.label}}}})
-    if tracked:
-        who.append({"id": {"in": tracked}})
-    filt: dict[str, Any] = {"or": who}
-    if since:
-        filt["updatedAt"] = {"gte": since}
-    else:
-        filt["state"] = {"type": {"nin": ["completed", "canceled"]}}
-    if all(p.has_routing for p in cfg.projects):
-        keys = sorted({k for p in cfg.projects for k in (*p.issue_key_prefixes, *p.linear_team_keys)})
-        ids = sorted({i for p in cfg.projects for i in p.linear_team_ids})
-        scope = ([{"key": {"in": keys}}] if keys else []) + ([{"id": {"in": ids}}] if ids else [])
-        filt["team"] = scope[0] if len(scope) == 1 else {"or": scope}
+    filt: dict[str, Any] = {"or": who, "state": {"type": {"nin": ["completed", "canceled"]}}}
+    scope = team_scope(cfg)
+    if scope:
+        filt["team"] = scope
     return filt
 
 
@@ -3722,8 +3700,6 @@ class TickContext:
 
 @dataclass
 class LinearReads:
-    viewer: Viewer
-    app_mode: bool
     ident: Identity
     ours: list[LinearSession]
     session_acts: dict[str, list[LinearActivity]]
@@ -3765,8 +3741,8 @@ def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
             v = lc.viewer()
             viewer_id, mode = v.id, "app" if v.app else "user"
         app0 = mode == "app" if cfg.linear.mode == "auto" else cfg.linear.mode == "app"
-        ifilter = issue_filter(cfg, Identity(viewer_id, app0, cfg.linear.delegation, cfg.linear.delegation_label),
-                               [], None)
+        ifilter = delegated_filter(cfg, Identity(viewer_id, app0, cfg.linear.delegation,
+                                                 cfg.linear.delegation_label))
     open_ids = store.tracked_open_linear_ids()
     cfilter = {"createdAt": {"gt": comments_since}, **({"issue": {"team": scope}} if scope else {})} \
         if comments_since and open_ids else None
@@ -3848,10 +3824,8 @@ def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
 
     issue_nodes, complete = ascending("issues", r["issues"], ifilter)
     issues = [_issue(n) for n in issue_nodes]
-    if complete or not issue_nodes:
-        cursors["linear.poll.issues"] = floor_at if (complete or not issues_since) else issues_since
-    else:
-        cursors["linear.poll.issues"] = _minus(issue_nodes[-1].get("updatedAt"), 0.001) or issues_since or floor_at
+    cursors["linear.poll.issues"] = floor_at if complete else \
+        (_minus(issue_nodes[-1].get("updatedAt"), 0.001) or issues_since or floor_at)
     comments: list[LinearComment] = []
     if cfilter is not None:
         comment_nodes, complete = ascending("comments", r["comments"], cfilter)
@@ -3863,13 +3837,13 @@ def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
     # every comment of issues tracked since the last tick (their history), only when there are some
     unsynced = store.tracked_open_linear_ids(comments_synced=False)
     if unsynced:
-        comments += lc.comments([], None, unsynced)
+        comments += lc.comment_history(unsynced)
         comments.sort(key=lambda c: (c.created_at, c.id))
     # what changed but is not ours is dropped here, client side
     tracked = set(store.tracked_linear_ids())
     issues = [i for i in issues if i.id in tracked or is_delegated(i, ident)]
     comments = [c for c in comments if c.issue_linear_id in tracked]
-    return LinearReads(viewer, app_mode, ident, ours, session_acts, issues, comments, unsynced, cursors, meta)
+    return LinearReads(ident, ours, session_acts, issues, comments, unsynced, cursors, meta)
 
 
 def intake(ctx: TickContext) -> dict:
@@ -3881,7 +3855,7 @@ def intake(ctx: TickContext) -> dict:
         return {"skipped": "rate limited", "until": iso(until)}
     lc = ctx.linear()
     reads = read_linear(cfg, store, lc)
-    viewer, app_mode, ident = reads.viewer, reads.app_mode, reads.ident
+    ident = reads.ident
     ours, session_acts, issues, comments = reads.ours, reads.session_acts, reads.issues, reads.comments
     unsynced = reads.unsynced
     summary: dict[str, Any] = {"sessions": len(ours), "issues": len(issues), "comments": len(comments),
@@ -3906,8 +3880,6 @@ def intake(ctx: TickContext) -> dict:
     with store.tx(deferred=ctx.dry_run):
         now = iso()
         for s in sorted(ours, key=lambda x: x.created_at):
-            if s.id not in session_acts:
-                continue
             obs = s.issue
             guarded(obs.key if obs else None, obs.id if obs else None,
                     lambda s=s, obs=obs: _intake_session(ctx, s, obs, session_acts[s.id], ident, now, summary, notes))
@@ -3928,11 +3900,14 @@ def intake(ctx: TickContext) -> dict:
         for key, value in reads.meta.items():
             store.meta_set(key, value)
         store.mark_comments_synced(unsynced)
-        store.meta_set("linear.viewer_id", viewer.id)
-        store.meta_set("linear.mode", "app" if app_mode else "user")
     for n in notes:
         ctx.note(n)
     return summary
+
+
+def _queued(summary: dict, notes: list[str], key: str, why: str) -> None:
+    summary["queued"].append(key)
+    notes.append(f"{key}: {why} -> implementation queued")
 
 
 def _intake_session(ctx: TickContext, s: LinearSession, obs: LinearIssue | None, acts: list[LinearActivity],
@@ -3967,8 +3942,7 @@ def _intake_session(ctx: TickContext, s: LinearSession, obs: LinearIssue | None,
         store.upsert_session(s.id, issue_id, s.creator.label(), trusted,
                              max([a.created_at for a in acts] + [s.created_at]), s.updated_at)
         if d.fields.get("pending_run_type"):
-            summary["queued"].append(obs.key)
-            notes.append(f"{obs.key}: new agent session -> implementation queued")
+            _queued(summary, notes, obs.key, "new agent session")
         elif not trusted:
             notes.append(f"{obs.key}: ignored session from untrusted {s.creator.label()}")
         elif d.outbox:
@@ -3985,8 +3959,7 @@ def _intake_session(ctx: TickContext, s: LinearSession, obs: LinearIssue | None,
         d = decide_prompt(row, a, trusted, now)
         apply_decision(store, row, d)
         if d.fields.get("pending_run_type"):
-            summary["queued"].append(row["key"])
-            notes.append(f"{row['key']}: follow-up prompt -> implementation queued")
+            _queued(summary, notes, row["key"], "follow-up prompt")
     store.upsert_session(s.id, None, s.creator.label(), bool(known["trusted"]),
                          max([a.created_at for a in acts] + [known["activity_cursor"] or ""]) or None, s.updated_at)
 
@@ -4011,9 +3984,8 @@ def _intake_issue(ctx: TickContext, obs: LinearIssue, ident: Identity, now: str,
                      session_required=ident.app_mode and project.trusted_actors.configured)
     apply_decision(store, row, d)
     if d.fields.get("pending_run_type"):
-        summary["queued"].append(obs.key)
         trigger = json.loads(d.fields["pending_context"])["trigger"]
-        notes.append(f"{obs.key}: {'delegated' if trigger == 'delegation' else trigger} -> implementation queued")
+        _queued(summary, notes, obs.key, "delegated" if trigger == "delegation" else trigger)
 
 
 def _intake_comment(ctx: TickContext, c: LinearComment, row: dict, ident: Identity, now: str, summary: dict,
@@ -4023,8 +3995,7 @@ def _intake_comment(ctx: TickContext, c: LinearComment, row: dict, ident: Identi
     d = decide_comment(row, c, trusted, ident, now)
     apply_decision(ctx.store, row, d)
     if d.fields.get("pending_run_type"):
-        summary["queued"].append(row["key"])
-        notes.append(f"{row['key']}: reply in a comment -> implementation queued")
+        _queued(summary, notes, row["key"], "reply in a comment")
 
 
 class _DryRunRollback(Exception):
@@ -4157,11 +4128,10 @@ def _observe_issue(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs
     d = pd.decision
     if pd.failing and d.fields.get("pending_run_type") == "ci_repair":
         ctx_json = json.loads(d.fields["pending_context"])
-        secrets = [s for s in (token_from_env(cfg.linear.token_env), github_token(cfg)) if s]
         for c in ctx_json.get("checks") or []:
             if c.get("job_id") and c.get("app") == "github-actions" and not ctx.dry_run:
                 try:
-                    c["log"] = log_tail(gh.job_log(repo, c["job_id"]), secrets)
+                    c["log"] = log_tail(gh.job_log(repo, c["job_id"]))
                 except GitHubError as e:
                     c["log"] = f"(log unavailable: {e})"
         d = dataclasses.replace(d, fields={**d.fields, "pending_context": json.dumps(ctx_json)})
