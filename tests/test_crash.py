@@ -70,7 +70,7 @@ import pytest
 
 from conftest import PATCHRELAY
 from fakes.world import file_at, git, remote_branches
-from test_intake import SUBPROCESS_TICKS, cli_inproc
+from test_intake import cli_inproc, tick_result
 from test_runs import held, say, tool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -215,13 +215,7 @@ class Trial:
     def tick(self, why):
         """A normal tick (in this process unless PATCHRELAY_TEST_SUBPROCESS=1); must exit 0."""
         self.ticks += 1
-        if SUBPROCESS_TICKS:
-            p = self.world.cli("tick")
-            code, out, err, exc = p.returncode, p.stdout, p.stderr, None
-        else:
-            r = cli_inproc(self.world, "tick")
-            code, out, err = r.exit_code, r.stdout, r.stderr
-            exc = r.exception if r.exception and not isinstance(r.exception, SystemExit) else None
+        code, out, err, exc = tick_result(self.world)
         shown = " | ".join(x for x in (out.strip().replace("\n", " | "), err.strip().replace("\n", " | ")) if x)
         self.note(f"tick ({why}) -> exit {code}: {shown[:400]}")
         for line in out.splitlines():

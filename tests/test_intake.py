@@ -44,6 +44,26 @@ def tick(world, *args, env=None, check=0):
     return subprocess.CompletedProcess(["tick", *args], r.exit_code, r.stdout, r.stderr)
 
 
+def tick_result(world):
+    """One tick, however it ends: (exit code, stdout, stderr, exception raised in this process or None)."""
+    if SUBPROCESS_TICKS:
+        p = world.cli("tick")
+        return p.returncode, p.stdout, p.stderr, None
+    r = cli_inproc(world, "tick")
+    exc = r.exception if r.exception and not isinstance(r.exception, SystemExit) else None
+    return r.exit_code, r.stdout, r.stderr, exc
+
+
+def user_mode(world):
+    """User mode with a personal API key of Uma's and a `PatchRelay` label: (uma, label, env for the CLI)."""
+    token = "lin_api_umaPersonalKey0123456789"
+    uma = world.linear.add_user("Uma User", email="uma@acme.test", token=token)
+    label = world.linear.add_label("PatchRelay", team=world.team)
+    world.config["linear"]["mode"] = "user"
+    world.write_config()
+    return uma, label, {"LINEAR_API_KEY": token}
+
+
 def status(world):
     r = cli_inproc(world, "status", "--json")
     assert r.exit_code == 0, r.output
@@ -402,16 +422,12 @@ def test_user_mode_picks_up_assigned_and_labelled_issues_and_loses_nothing(world
     """A personal API key (viewer is not an app): no agent sessions, so the `thought` acknowledgement
     and the plan have nowhere to go and are dropped by design; the issue is still moved to In
     Progress, and later responses arrive as issue comments."""
-    token = "lin_api_umaPersonalKey0123456789"
-    uma = world.linear.add_user("Uma User", email="uma@acme.test", token=token)
-    label = world.linear.add_label("PatchRelay", team=world.team)
-    world.config["linear"]["mode"] = "user"
+    uma, label, env = user_mode(world)
     world.config["linear"]["delegation"] = ["delegate", "assignee", "label"]     # assignment is opt-in
     pause(world)
     assigned = world.linear.add_issue(world.team, "Assigned to me", assignee=uma, creator=world.alice)
     labelled = world.linear.add_issue(world.team, "Labelled", labels=[label], creator=world.alice)
     other = world.linear.add_issue(world.team, "Someone else's", assignee=world.alice, creator=world.alice)
-    env = {"LINEAR_API_KEY": token}
 
     out = tick(world, env=env).stdout
     assert "APP-1: delegated -> implementation queued" in out and "APP-2" in out and "APP-3" not in out
@@ -460,15 +476,11 @@ def test_comment_written_before_pick_up_reaches_the_agent_regardless_of_other_is
 def test_user_mode_does_not_take_assigned_issues_by_default_and_dry_run_says_what_it_would_take(world):
     """A personal key's owner has issues assigned to them: by default none is taken (only delegation or the
     label), and `tick --dry-run` tells how many issues the rule would take before a real tick takes them."""
-    token = "lin_api_umaPersonalKey0123456789"
-    uma = world.linear.add_user("Uma User", email="uma@acme.test", token=token)
-    label = world.linear.add_label("PatchRelay", team=world.team)
-    world.config["linear"]["mode"] = "user"
+    uma, label, env = user_mode(world)
     pause(world)
     for n in range(4):
         world.linear.add_issue(world.team, f"Assigned {n}", assignee=uma, creator=world.alice)
     world.linear.add_issue(world.team, "Labelled", labels=[label], creator=world.alice)
-    env = {"LINEAR_API_KEY": token}
     out = tick(world, "--dry-run", env=env).stdout
     assert "would take 1 issue(s) (delegated to you or labelled patchrelay)" in out, out
     assert status(world)["issues"] == []

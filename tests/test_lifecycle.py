@@ -9,7 +9,7 @@ import json
 import sqlite3
 import time
 
-from test_intake import cli_inproc, pause, show, show_untracked, status, tick
+from test_intake import cli_inproc, pause, show, show_untracked, status, tick, user_mode
 from test_runs import say, tool, wait_done
 
 import patchrelay as pr
@@ -166,15 +166,6 @@ def test_un_delegating_a_done_issue_is_seen_and_delegating_it_again_restarts_it(
 
 
 # ----------------------------------------------------------------------------- 4 + 5. user mode comments
-def user_mode(world):
-    token = "lin_api_umaPersonalKey0123456789"
-    uma = world.linear.add_user("Uma User", email="uma@acme.test", token=token)
-    label = world.linear.add_label("PatchRelay", team=world.team)
-    world.config["linear"]["mode"] = "user"
-    world.write_config()
-    return uma, label, {"LINEAR_API_KEY": token}
-
-
 def test_user_mode_takes_the_key_owners_own_comments_but_never_its_own_posts(world):
     uma, label, env = user_mode(world)
     pause(world)

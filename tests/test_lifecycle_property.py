@@ -34,7 +34,7 @@ import uuid
 
 import pytest
 
-from test_intake import SUBPROCESS_TICKS, cli_inproc, show
+from test_intake import cli_inproc, show, tick_result
 from test_runs import say, tool
 
 import patchrelay as pr
@@ -184,13 +184,7 @@ class Sequence:
     def tick(self, why=""):
         self.top_up()
         self.ticks += 1
-        if SUBPROCESS_TICKS:
-            p = self.world.cli("tick")
-            code, out, err, exc = p.returncode, p.stdout, p.stderr, None
-        else:
-            r = cli_inproc(self.world, "tick")
-            code, out, err = r.exit_code, r.stdout, r.stderr
-            exc = r.exception if r.exception and not isinstance(r.exception, SystemExit) else None
+        code, out, err, exc = tick_result(self.world)
         shown = " | ".join(x for x in (out.strip().replace("\n", " | "), err.strip().replace("\n", " | ")) if x)
         self.note(f"tick{f' ({why})' if why else ''} -> exit {code}: {shown[:400]}")
         if exc is not None:

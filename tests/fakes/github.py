@@ -136,12 +136,10 @@ import json
 import os
 import re
 import secrets
-import socket
 import subprocess
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -151,6 +149,8 @@ from graphql.error import GraphQLSyntaxError
 from graphql.execution.values import get_argument_values, get_variable_values
 from graphql.language import FieldNode, FragmentDefinitionNode, FragmentSpreadNode, InlineFragmentNode, OperationType
 from graphql.validation import NoDeprecatedCustomRule
+
+from .http import Handler, Server, close_connections
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 SCHEMA_PATH = SCHEMAS / "github.graphql"
@@ -560,7 +560,7 @@ class FakeGitHub:
         get_schema()
         get_openapi()
         self._stopping.clear()
-        self._httpd = _Server((self.host, self.port), _Handler)
+        self._httpd = Server((self.host, self.port), _Handler)
         self._httpd.fake = self
         self.port = self._httpd.server_address[1]
         self.api_url = f"http://{self.host}:{self.port}"
@@ -576,13 +576,7 @@ class FakeGitHub:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
-        with self.lock:
-            conns, self._conns = list(self._conns), set()
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        close_connections(self)
 
     def __enter__(self):
         return self.start() if self._httpd is None else self
@@ -3186,35 +3180,8 @@ RESOLVERS[("Mutation", "unresolveReviewThread")] = _m_thread(False)
 
 
 # ------------------------------------------------------------------------- HTTP server
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-
-    def handle_error(self, request, client_address):
-        import sys
-        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # clients that gave up are fine
-            super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(Handler):
     server_version = "FakeGitHub/1.0"
-
-    def log_message(self, *args):
-        pass
-
-    def setup(self):
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with self.server.fake.lock:
-            self.server.fake._conns.add(self.connection)
-
-    def finish(self):
-        try:
-            super().finish()
-        finally:
-            with self.server.fake.lock:
-                self.server.fake._conns.discard(self.connection)
 
     def _serve(self, method):
         fake = self.server.fake
@@ -3227,11 +3194,7 @@ class _Handler(BaseHTTPRequestHandler):
             status, headers, payload = 500, {}, {"message": f"FakeGitHub crashed: {e!r}"}
             fake._record_error("crash", f"FakeGitHub crashed: {e!r}", method=method, path=self.path)
         if status is None:
-            self.close_connection = True
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            self.drop()
             return
         self._send(status, headers, payload)
 

@@ -81,13 +81,11 @@ import base64
 import copy
 import json
 import re
-import socket
 import threading
 import time
 import unicodedata
 import uuid
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from graphql import (GraphQLEnumType, GraphQLError, GraphQLList, GraphQLNonNull, GraphQLObjectType,
@@ -98,6 +96,8 @@ from graphql.execution.values import get_variable_values
 from graphql.language import (FieldNode, FragmentDefinitionNode, FragmentSpreadNode, InlineFragmentNode,
                               IntValueNode, OperationType, VariableNode)
 from graphql.validation import NoDeprecatedCustomRule
+
+from .http import Handler, Server, close_connections
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "linear.graphql"
 DEFAULT_STATES = [("Backlog", "backlog"), ("Todo", "unstarted"), ("In Progress", "started"),
@@ -256,7 +256,7 @@ class FakeLinear:
     def start(self):
         get_schema()
         self._stopping.clear()
-        self._httpd = _Server((self.host, self.port), _Handler)
+        self._httpd = Server((self.host, self.port), _Handler)
         self._httpd.fake = self
         self.port = self._httpd.server_address[1]
         self.url = f"http://{self.host}:{self.port}/graphql"
@@ -271,13 +271,7 @@ class FakeLinear:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
-        with self.lock:
-            conns, self._conns = list(self._conns), set()
-        for conn in conns:  # keep-alive connections of clients that are still open
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        close_connections(self)
 
     def __enter__(self):
         return self.start() if self._httpd is None else self
@@ -906,41 +900,14 @@ def _fold(s):
     return "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c)).lower()
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-
-    def handle_error(self, request, client_address):
-        import sys
-        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # clients that gave up are fine
-            super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(Handler):
     server_version = "FakeLinear/1.0"
-
-    def log_message(self, *args):
-        pass
 
     def date_time_string(self, timestamp=None):
         """The Date header: the fake's clock (real time moved by advance()), not this machine's."""
         if timestamp is None:
             timestamp = self.server.fake.now().timestamp()
         return super().date_time_string(timestamp)
-
-    def setup(self):
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms Nagle stalls
-        with self.server.fake.lock:
-            self.server.fake._conns.add(self.connection)
-
-    def finish(self):
-        try:
-            super().finish()
-        finally:
-            with self.server.fake.lock:
-                self.server.fake._conns.discard(self.connection)
 
     def do_GET(self):
         self._send(405, {}, {"errors": [{"message": "Use POST"}]})
@@ -957,11 +924,7 @@ class _Handler(BaseHTTPRequestHandler):
             with fake.lock:
                 fake.validation_errors.append({"message": f"FakeLinear crashed: {e!r}"})
         if status is None:
-            self.close_connection = True
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            self.drop()
             return
         self._send(status, headers, payload)
 
