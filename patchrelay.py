@@ -2428,9 +2428,7 @@ def proc_start_time(pid: int | None) -> str | None:
         return None
     fields = stat[stat.rfind(")") + 2:].split()
     if fields and fields[0] in ("Z", "X"):
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(pid, os.WNOHANG)  # reap our own zombie children (watch mode)
-        return None
+        return None   # never reaped here: a Popen still waiting for it would read exit status 0
     return fields[19] if len(fields) > 19 else None
 
 
@@ -4245,7 +4243,17 @@ def spawn_worker(cfg: Config, run_id: int) -> int:
     with open(logs / f"run-{run_id}.log", "ab") as out:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                              start_new_session=True, close_fds=True)
+    _SPAWNED.append(p)
     return p.pid
+
+
+_SPAWNED: list[subprocess.Popen] = []
+
+
+def reap_workers() -> None:
+    """Collect the exit status of workers this process launched and that have ended (watch mode runs for
+    days; only the Popen that launched a child may reap it, or a concurrent wait would read status 0)."""
+    _SPAWNED[:] = [p for p in _SPAWNED if p.poll() is None]
 
 
 def publish(cfg: Config, store: Store, client: LinearClient | None, issue_id: int | None = None) -> dict:
@@ -5002,6 +5010,7 @@ def watch(c: Ctx, interval: float) -> None:
                 click.echo(f"{time.strftime('%H:%M:%S')} failed: {e}", err=True)
         except TickLocked:
             pass
+        reap_workers()
         deadline = time.time() + interval
         while not stop["now"] and time.time() < deadline:
             time.sleep(0.1)

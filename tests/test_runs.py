@@ -717,6 +717,33 @@ def test_hostile_title_and_team_key_make_valid_branches_and_execute_nothing(worl
 
 
 # ----------------------------------------------------------------------------- prepare-worktree hook
+def test_checking_whether_a_finished_child_is_alive_keeps_its_exit_status():
+    """A hook that exits before the worker records its start time is a zombie by then: looking at it must
+    not reap it, or Popen reads exit status 0 and a failing hook passes (seen under parallel load)."""
+    p = subprocess.Popen(["sh", "-c", "exit 3"])
+    deadline = time.time() + 10
+    while Path(f"/proc/{p.pid}/stat").read_text().split(") ")[1][0] != "Z":
+        assert time.time() < deadline, "the child never exited"
+        time.sleep(0.01)
+    assert patchrelay.proc_start_time(p.pid) is None          # a zombie is not alive...
+    assert not patchrelay.process_alive(p.pid, "anything")
+    assert p.wait(timeout=5) == 3                             # ...and its status is still its own
+
+
+def test_watch_reaps_the_workers_it_launched():
+    p = subprocess.Popen(["sh", "-c", "read x; exit 0"], stdin=subprocess.PIPE)
+    patchrelay._SPAWNED.append(p)
+    patchrelay.reap_workers()
+    assert p in patchrelay._SPAWNED                           # still running: kept
+    p.stdin.close()                                           # lets it exit
+    deadline = time.time() + 10
+    while Path(f"/proc/{p.pid}").exists() and p in patchrelay._SPAWNED:
+        assert time.time() < deadline, "the child was never reaped"
+        patchrelay.reap_workers()
+        time.sleep(0.01)
+    assert p not in patchrelay._SPAWNED and p.returncode == 0 and not Path(f"/proc/{p.pid}").exists()
+
+
 def _commit_hook(world, script):
     hook = world.repo / ".patchrelay" / "hooks" / "prepare-worktree"
     hook.parent.mkdir(parents=True)
