@@ -15,6 +15,7 @@ Sections, in dependency order:
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -22,7 +23,6 @@ import email.utils
 import errno
 import fcntl
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -41,7 +41,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import click
 import requests
@@ -82,6 +82,13 @@ class LinearError(PatchRelayError):
         super().__init__(message)
         self.transient = transient
         self.code = code
+
+
+class NotSent(LinearError):
+    """A batched write that did not run (an earlier write of its request failed): send it again."""
+
+    def __init__(self, message: str):
+        super().__init__(message, transient=True)
 
 
 class LinearRateLimited(LinearError):
@@ -254,12 +261,12 @@ class LinearConfig:
     mode: str = "auto"                      # auto | app | user
     delegation: tuple[str, ...] = ("delegate", "label")      # assignment is opt-in: see README
     delegation_label: str = "patchrelay"
-    poll_overlap: float = 60.0
+    poll_overlap: float = 10.0
     timeout: float = 30.0
     retry_attempts: int = 4
     retry_max_wait: float = 30.0
     review_state: str = "In Review"
-    max_writes_per_tick: int = 200
+    max_writes_per_tick: int = 1000
 
 
 @dataclass(frozen=True)
@@ -477,12 +484,12 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
         mode=ls.str("mode", "auto", choices=("auto", "app", "user")),
         delegation=delegation,
         delegation_label=ls.str("delegation_label", LinearConfig.delegation_label),
-        poll_overlap=ls.num("poll_overlap", 60.0, minimum=0),
+        poll_overlap=ls.num("poll_overlap", 10.0, minimum=0),
         timeout=ls.num("timeout", 30.0, minimum=0.1),
         retry_attempts=lr.num("attempts", 4, minimum=1, integer=True),
         retry_max_wait=lr.num("max_wait", 30.0, minimum=0),
         review_state=ls.str("review_state", LinearConfig.review_state),
-        max_writes_per_tick=ls.num("max_writes_per_tick", 200, minimum=1, integer=True, maximum=5000),
+        max_writes_per_tick=ls.num("max_writes_per_tick", 1000, minimum=1, integer=True, maximum=5000),
     )
 
     gs = top.sub("github", ["api_url", "graphql_url", "token_env", "use_gh_cli", "timeout", "retry", "poll_interval",
@@ -1120,6 +1127,33 @@ class Store:
     def issues_all(self) -> list[dict]:
         return self._all("SELECT * FROM issues ORDER BY updated_at DESC, id DESC")
 
+    def issues_listed(self, changed_since: str | None = None, state: str | None = None,
+                      project: str | None = None, limit: int | None = None) -> list[dict]:
+        """Issues with their active run's type and status (one query). With `changed_since`: those that need
+        attention, i.e. not closed, or changed since then."""
+        where, args = [], []
+        if changed_since is not None:
+            where.append("(i.factory_state NOT IN ('done', 'canceled') OR i.updated_at >= ?)")
+            args.append(changed_since)
+        if state:
+            where.append("i.factory_state = ?")
+            args.append(state)
+        if project:
+            where.append("i.project_id = ?")
+            args.append(project)
+        sql = ("SELECT i.*, r.run_type AS active_run_type, r.status AS active_run_status FROM issues i "
+               "LEFT JOIN runs r ON r.id = i.active_run_id" + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY i.updated_at DESC, i.id DESC" + (" LIMIT ?" if limit else ""))
+        return self._all(sql, (*args, *([limit] if limit else [])))
+
+    def issues_count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM issues").fetchone()[0]
+
+    def outbox_pending(self) -> list[dict]:
+        """Queued and failed Linear writes with their issue's key."""
+        return self._all("SELECT o.*, i.key AS issue_key FROM outbox o LEFT JOIN issues i ON i.id = o.issue_id "
+                         "WHERE o.status IN ('queued', 'failed') ORDER BY o.status DESC, o.id")
+
     def tracked_linear_ids(self) -> list[str]:
         return [r["linear_id"] for r in self._all("SELECT linear_id FROM issues ORDER BY id")]
 
@@ -1267,29 +1301,39 @@ class Store:
     def outbox_for_issue(self, issue_id: int) -> list[dict]:
         return self._all("SELECT * FROM outbox WHERE issue_id = ? ORDER BY id", (issue_id,))
 
-    def lease_outbox(self, outbox_id: int, pid: int, started: str | None,
-                     holder_alive: Callable[[int | None, str | None], bool], seconds: float = 120) -> bool:
-        """Take the row for sending. A lease belongs to a live process: one whose holder is gone (a killed
-        tick or worker) is taken over at once, not after it expires."""
-        now = time.time()
+    def lease_outbox(self, outbox_ids: Iterable[int], pid: int, started: str | None,
+                     holder_alive: Callable[[int | None, str | None], bool], seconds: float = 120) -> set[int]:
+        """Take rows for sending (one transaction); returns the ids taken. A lease belongs to a live process:
+        one whose holder is gone (a killed tick or worker) is taken over at once, not after it expires."""
+        now, taken = time.time(), set()
         with self.tx():
-            r = self._one("SELECT status, lease_until, lease_pid, lease_started FROM outbox WHERE id = ?",
-                          (outbox_id,))
-            if not r or r["status"] != "queued":
-                return False
-            if r["lease_until"] and r["lease_until"] >= now and holder_alive(r["lease_pid"], r["lease_started"]):
-                return False
-            self.db.execute("UPDATE outbox SET lease_until = ?, lease_pid = ?, lease_started = ? WHERE id = ?",
-                            (now + seconds, pid, started, outbox_id))
-            return True
+            for outbox_id in outbox_ids:
+                r = self._one("SELECT status, lease_until, lease_pid, lease_started FROM outbox WHERE id = ?",
+                              (outbox_id,))
+                if not r or r["status"] != "queued":
+                    continue
+                if r["lease_until"] and r["lease_until"] >= now and \
+                        holder_alive(r["lease_pid"], r["lease_started"]):
+                    continue
+                self.db.execute("UPDATE outbox SET lease_until = ?, lease_pid = ?, lease_started = ? WHERE id = ?",
+                                (now + seconds, pid, started, outbox_id))
+                taken.add(outbox_id)
+        return taken
 
-    def outbox_result(self, outbox_id: int, status: str, error: str | None = None) -> None:
+    def outbox_result(self, outbox_id: int, status: str, error: str | None = None, attempt: bool = True) -> None:
+        """Record a send's outcome; `attempt=False` when the row was not tried (it keeps its attempts)."""
+        self.db.execute(
+            "UPDATE outbox SET status = ?, attempts = attempts + ?, last_error = ?, lease_until = NULL, "
+            "lease_pid = NULL, lease_started = NULL, "
+            "sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ?",
+            (status, int(attempt), error, status, iso(), outbox_id))
+
+    def supersede_outbox(self, outbox_ids: Iterable[int]) -> None:
+        """Queued updates that a newer one of the same kind replaces (a plan, an issue state): never sent."""
         with self.tx():
-            self.db.execute(
-                "UPDATE outbox SET status = ?, attempts = attempts + 1, last_error = ?, lease_until = NULL, "
-                "lease_pid = NULL, lease_started = NULL, "
-                "sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ?",
-                (status, error, status, iso(), outbox_id))
+            self.db.executemany("UPDATE outbox SET status = 'superseded', sent_at = ?, lease_until = NULL, "
+                                "lease_pid = NULL, lease_started = NULL WHERE id = ? AND status = 'queued'",
+                                [(iso(), i) for i in outbox_ids])
 
     # ---- sessions
     def sessions_with_sent_activity(self) -> set[str]:
@@ -1362,7 +1406,8 @@ class Store:
         events of issues closed before `before`."""
         with self.tx():
             out = {
-                "outbox": self.db.execute("DELETE FROM outbox WHERE status = 'sent' AND sent_at < ?", (before,)).rowcount,
+                "outbox": self.db.execute("DELETE FROM outbox WHERE status IN ('sent', 'superseded') AND sent_at < ?",
+                                          (before,)).rowcount,
                 "inbox": self.db.execute("DELETE FROM inbox WHERE delivered_at IS NOT NULL AND delivered_at < ?",
                                          (before,)).rowcount,
                 "seen": self.db.execute("DELETE FROM seen WHERE at < ?", (before,)).rowcount,
@@ -1431,6 +1476,9 @@ class LinearSession:
     created_at: str
     updated_at: str
     comment_body: str | None
+    recent: tuple["LinearActivity", ...] = ()     # its newest activities, oldest first
+    recent_all: bool = False                       # ... and there are no others
+
 
 
 @dataclass(frozen=True)
@@ -1463,7 +1511,7 @@ class Viewer:
 
 ISSUE_FIELDS = """id identifier title description url updatedAt
       state { id name type } team { id key } delegate { id } assignee { id }
-      labels(first: 20) { nodes { name } }"""
+      labels(first: 1, filter: { name: { eqIgnoreCase: $label } }) { nodes { name } }"""
 
 Q_ACTIVITIES = """query PatchRelaySessionActivities($id: String!, $filter: AgentActivityFilter, $after: String) {
   agentSession(id: $id) {
@@ -1487,7 +1535,7 @@ Q_ACTIVITIES = """query PatchRelaySessionActivities($id: String!, $filter: Agent
 }"""
 
 Q_COMMENTS = """query PatchRelayComments($filter: CommentFilter, $after: String) {
-  comments(first: 50, after: $after, filter: $filter, orderBy: createdAt) {
+  comments(first: 250, after: $after, filter: $filter, orderBy: createdAt) {
     pageInfo { hasNextPage endCursor }
     nodes { id body createdAt user { id name email app } issue { id } agentSession { id } }
   }
@@ -1495,36 +1543,47 @@ Q_COMMENTS = """query PatchRelayComments($filter: CommentFilter, $after: String)
 
 Q_VIEWER = "query PatchRelayViewer { viewer { id name app } }"
 
+_ACTIVITY_FIELDS = """id createdAt signal user { id name email app }
+        content { __typename ... on AgentActivityPromptContent { body } ... on AgentActivityThoughtContent { body }
+          ... on AgentActivityResponseContent { body } ... on AgentActivityErrorContent { body }
+          ... on AgentActivityElicitationContent { body } }"""
+
+# A session's newest activities come with it: a new session (its prompt) or one that changed only by a few
+# activities (PatchRelay's own writes among them) needs no read of its own.
+RECENT_ACTIVITIES = 5
 _SESSION_FIELDS = """id createdAt updatedAt appUser { id } creator { id name email app } comment { id body }
-      issue { %s }""" % ISSUE_FIELDS
+      issue { %s }
+      activities(last: %d) { pageInfo { hasPreviousPage } nodes { %s } }""" % (ISSUE_FIELDS, RECENT_ACTIVITIES,
+                                                                             _ACTIVITY_FIELDS)
 _COMMENT_FIELDS = "id body createdAt user { id name email app } issue { id } agentSession { id }"
 
 # The idle tick: ONE request, whose size does not grow with the number of tracked issues. Changed issues and
 # comments are read oldest first (`last` + `before` over Linear's newest-first order), so a read cut short
 # resumes where it stopped; what is not ours is dropped client side.
-Q_POLL = """query PatchRelayPoll($issueFilter: IssueFilter, $commentFilter: CommentFilter, $withComments: Boolean!) {
+Q_POLL = """query PatchRelayPoll($issueFilter: IssueFilter, $commentFilter: CommentFilter, $withComments: Boolean!,
+                      $label: String!) {
   viewer { id name app }
-  agentSessions(first: 10, orderBy: updatedAt) { pageInfo { hasNextPage endCursor } nodes { %s } }
-  issues(last: 50, filter: $issueFilter, orderBy: updatedAt) { pageInfo { hasPreviousPage startCursor } nodes { %s } }
-  comments(last: 50, filter: $commentFilter, orderBy: createdAt) @include(if: $withComments) {
+  agentSessions(first: 5, orderBy: updatedAt) { pageInfo { hasNextPage endCursor } nodes { %s } }
+  issues(last: 25, filter: $issueFilter, orderBy: updatedAt) { pageInfo { hasPreviousPage startCursor } nodes { %s } }
+  comments(last: 25, filter: $commentFilter, orderBy: createdAt) @include(if: $withComments) {
     pageInfo { hasPreviousPage startCursor } nodes { %s } }
 }""" % (_SESSION_FIELDS, ISSUE_FIELDS, _COMMENT_FIELDS)
 
-Q_SESSIONS_PAGE = """query PatchRelaySessions($after: String) {
-  agentSessions(first: 50, after: $after, orderBy: updatedAt) { pageInfo { hasNextPage endCursor } nodes { %s } }
+Q_SESSIONS_PAGE = """query PatchRelaySessions($after: String, $label: String!) {
+  agentSessions(first: 100, after: $after, orderBy: updatedAt) { pageInfo { hasNextPage endCursor } nodes { %s } }
 }""" % _SESSION_FIELDS
 
-Q_ISSUES_PAGE = """query PatchRelayIssues($filter: IssueFilter, $before: String) {
-  issues(last: 50, before: $before, filter: $filter, orderBy: updatedAt) {
+Q_ISSUES_PAGE = """query PatchRelayIssues($filter: IssueFilter, $before: String, $label: String!) {
+  issues(last: 200, before: $before, filter: $filter, orderBy: updatedAt) {
     pageInfo { hasPreviousPage startCursor } nodes { %s } }
 }""" % ISSUE_FIELDS
 
 Q_COMMENTS_PAGE = """query PatchRelayComments($filter: CommentFilter, $before: String) {
-  comments(last: 50, before: $before, filter: $filter, orderBy: createdAt) {
+  comments(last: 250, before: $before, filter: $filter, orderBy: createdAt) {
     pageInfo { hasPreviousPage startCursor } nodes { %s } }
 }""" % _COMMENT_FIELDS
 
-Q_ISSUE = """query PatchRelayIssue($id: String!) { issue(id: $id) { %s } }""" % ISSUE_FIELDS
+Q_ISSUE = """query PatchRelayIssue($id: String!, $label: String!) { issue(id: $id) { %s } }""" % ISSUE_FIELDS
 
 Q_ISSUE_STATES = """query PatchRelayIssueStates($id: String!) {
   issue(id: $id) {
@@ -1600,19 +1659,24 @@ class LinearClient:
             return min(max(exc.wait, 0.0), self.cfg.retry_max_wait)
         return base
 
-    def query(self, document: str, variables: Mapping[str, Any] | None = None) -> dict:
+    def query(self, document: str, variables: Mapping[str, Any] | None = None, partial: bool = False) -> dict:
+        """The response's data. With `partial`, errors that name a top-level field (path[0]) do not raise:
+        they come back as LinearErrors under data["__errors__"][field] (several mutations in one request)."""
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.cfg.retry_attempts),
             wait=self._wait,
             retry=tenacity.retry_if_exception_type(_Transient),
             reraise=True,
         )
+        variables = dict(variables or {})
+        if "$label: String!" in document:    # issues carry only the delegation label (one object, not twenty)
+            variables.setdefault("label", self.cfg.delegation_label)
         try:
-            return retrying(self._post, document, dict(variables or {}))
+            return retrying(self._post, document, variables, partial)
         except _Transient as t:
             raise t.err from None
 
-    def _post(self, document: str, variables: dict) -> dict:
+    def _post(self, document: str, variables: dict, partial: bool = False) -> dict:
         op = re.search(r"(?:query|mutation)\s+(\w+)", document)
         op_name = op.group(1) if op else "query"
         self.requests_made += 1
@@ -1653,14 +1717,22 @@ class LinearClient:
         if resp.status_code >= 500:
             raise _Transient(LinearError(f"Linear {op_name} ({self.host}): HTTP {resp.status_code}", transient=True),
                              retry_after)
-        if errors:
-            msg = "; ".join(one_line(str(e.get("message")), 200) for e in errors)
-            auth = "AUTHENTICATION_ERROR" in codes or resp.status_code == 401
-            known = {c for c in codes if c} - {"INTERNAL_SERVER_ERROR", ""}
-            # a request error Linear explains (bad input, not found, auth) is final; anything else may pass
-            raise LinearError(f"Linear {op_name} ({self.host}): {msg}" + (" (check the Linear token)" if auth else ""),
-                              transient=not known and not auth and resp.status_code < 400 or
-                              "INTERNAL_SERVER_ERROR" in codes, code=next(iter(known), None))
+        fields: dict[str, list[dict]] = {}
+        if errors and partial and body is not None and "data" in body and resp.status_code < 400:
+            for e in errors:
+                path = e.get("path")
+                if not (isinstance(path, list) and path and isinstance(path[0], str)):
+                    fields = {}
+                    break
+                fields.setdefault(path[0], []).append(e)
+        if errors and not fields:
+            raise self._graphql_error(op_name, errors, resp.status_code)
+        if fields:
+            data = body["data"] if isinstance(body.get("data"), dict) else {}
+            if self.on_budget:
+                self.on_budget({"limited_until": None, "last_error": None})
+            return {**data, "__errors__": {f: self._graphql_error(op_name, es, resp.status_code)
+                                           for f, es in fields.items()}}
         if body is None or not isinstance(body.get("data"), dict):
             what = "not a JSON object" if body is None else "no data"
             raise _Transient(LinearError(f"Linear {op_name} ({self.host}): HTTP {resp.status_code}, unexpected "
@@ -1670,6 +1742,17 @@ class LinearClient:
         if self.on_budget:
             self.on_budget({"limited_until": None, "last_error": None})
         return body["data"]
+
+    def _graphql_error(self, op_name: str, errors: list[dict], status: int) -> "LinearError":
+        codes = {str((e.get("extensions") or {}).get(k) or "").upper() if isinstance(e.get("extensions"), dict)
+                 else "" for e in errors for k in ("code", "type")}
+        msg = "; ".join(one_line(str(e.get("message")), 200) for e in errors)
+        auth = "AUTHENTICATION_ERROR" in codes or status == 401
+        known = {c for c in codes if c} - {"INTERNAL_SERVER_ERROR"}
+        # a request error Linear explains (bad input, not found, auth) is final; anything else may pass
+        return LinearError(f"Linear {op_name} ({self.host}): {msg}" + (" (check the Linear token)" if auth else ""),
+                           transient=not known and not auth and status < 400 or "INTERNAL_SERVER_ERROR" in codes,
+                           code=next(iter(sorted(known)), None))
 
     def _record_headers(self, resp: requests.Response) -> None:
         date = resp.headers.get("date")
@@ -1781,14 +1864,14 @@ class LinearClient:
         """New activities of several sessions in one request (aliases); a session with more than one page
         is read on its own."""
         out: dict[str, list[LinearActivity]] = {}
-        for start in range(0, len(wanted), 20):
-            chunk = wanted[start:start + 20]
+        for start in range(0, len(wanted), 50):
+            chunk = wanted[start:start + 50]
             defs, parts, variables = [], [], {}
             for n, (sid, since) in enumerate(chunk):
                 defs += [f"$s{n}: String!", f"$f{n}: AgentActivityFilter"]
                 variables[f"s{n}"] = sid
                 variables[f"f{n}"] = {"createdAt": {"gt": since}} if since else None
-                parts.append(f"  s{n}: agentSession(id: $s{n}) {{ id activities(first: 50, filter: $f{n}, "
+                parts.append(f"  s{n}: agentSession(id: $s{n}) {{ id activities(first: 20, filter: $f{n}, "
                              f"orderBy: createdAt) {{ pageInfo {{ hasNextPage endCursor }} nodes {{ {_ACTIVITY_FIELDS} }} }} }}")
             doc = "query PatchRelaySessionActivities(" + ", ".join(defs) + ") {\n" + "\n".join(parts) + "\n}"
             data = self.query(doc, variables)
@@ -1867,34 +1950,115 @@ class LinearClient:
 
     def _move(self, issue_linear_id: str, name: str | None, type: str, states: list[dict], current: dict
               ) -> str | None:
-        if current.get("type") in ("completed", "canceled"):
+        target = move_target(name, type, states, current)
+        if not target:
             return None
-        if name:
-            named = [s for s in states if (s.get("name") or "").lower() == name.lower()]
-            if not named or named[0].get("id") == current.get("id") or \
-                    (current.get("name") or "").lower() == name.lower():
-                return None
-            target = named[0]
-        else:
-            if current.get("type") == type:
-                return None
-            typed = [s for s in states if s.get("type") == type]
-            if not typed:
-                return None
-            target = min(typed, key=lambda s: s.get("position") or 0)
         data = self.query(M_ISSUE_STATE, {"id": issue_linear_id, "stateId": target["id"]})
         self._payload(data, "issueUpdate")
         return target["name"]
+
+    def write_batch(self, writes: Sequence["LinearWrite"]) -> list["LinearError | None"]:
+        """Several writes in one request (aliases), executed by Linear in order. Returns, per write, None
+        (done) or its LinearError; a write after one that failed may not have run: it gets a transient error
+        and is simply sent again (creates are idempotent by their client id, updates set a value). A failure
+        of the whole request raises."""
+        if len(writes) == 1:
+            self._write_one(writes[0])
+            return [None]
+        defs, parts, variables = [], [], {}
+        for n, w in enumerate(writes):
+            field, input_type, with_id = _WRITE_FIELDS[w.kind]
+            defs.append(f"$v{n}: {input_type}!")
+            variables[f"v{n}"] = w.input
+            args = f"input: $v{n}"
+            if with_id:
+                defs.append(f"$i{n}: String!")
+                variables[f"i{n}"] = w.target_id
+                args = f"id: $i{n}, " + args
+            parts.append(f"  w{n}: {field}({args}) {{ success }}")
+        doc = "mutation PatchRelayWrites(" + ", ".join(defs) + ") {\n" + "\n".join(parts) + "\n}"
+        data = self.query(doc, variables, partial=True)
+        errors: dict[str, LinearError] = data.get("__errors__", {})
+        out: list[LinearError | None] = []
+        failed = False
+        for n, w in enumerate(writes):
+            alias = f"w{n}"
+            if alias in errors:
+                err = errors[alias]
+                if not err.transient and w.kind in ("activity", "comment") and self._exists(w):
+                    err = None                 # an earlier attempt (a lost answer) already created it
+                out.append(err)
+                failed = True
+            elif failed or not isinstance(data.get(alias), dict):
+                out.append(NotSent(f"Linear PatchRelayWrites ({self.host}): no answer for write {n + 1}"))
+            elif not data[alias].get("success"):
+                out.append(LinearError(f"Linear PatchRelayWrites ({self.host}): {_WRITE_FIELDS[w.kind][0]} "
+                                       f"success=false"))
+            else:
+                out.append(None)
+        return out
+
+    def _write_one(self, w: "LinearWrite") -> None:
+        if w.kind == "activity":
+            self._create_once(M_ACTIVITY, {"input": w.input}, "agentActivityCreate", Q_ACTIVITY_EXISTS,
+                              "agentActivity", w.input["id"])
+        elif w.kind == "comment":
+            self._create_once(M_COMMENT, {"input": w.input}, "commentCreate", Q_COMMENT_EXISTS, "comment",
+                              w.input["id"])
+        elif w.kind == "session_update":
+            self._payload(self.query(M_PLAN, {"id": w.target_id, "input": w.input}), "agentSessionUpdate")
+        elif w.kind == "issue_update":
+            self._payload(self.query(M_ISSUE_STATE, {"id": w.target_id, "stateId": w.input["stateId"]}),
+                          "issueUpdate")
+        else:
+            raise LinearError(f"unknown Linear write {w.kind}")
+
+    def _exists(self, w: "LinearWrite") -> bool:
+        doc, entity = (Q_ACTIVITY_EXISTS, "agentActivity") if w.kind == "activity" else (Q_COMMENT_EXISTS, "comment")
+        try:
+            return bool(self.query(doc, {"id": w.input["id"]}).get(entity))
+        except LinearError as miss:
+            if miss.transient:
+                raise
+            return False    # "Entity not found": it really was not created
 
     def create_comment(self, client_id: str, issue_linear_id: str, body: str) -> None:
         self._create_once(M_COMMENT, {"input": {"id": client_id, "issueId": issue_linear_id, "body": body}},
                           "commentCreate", Q_COMMENT_EXISTS, "comment", client_id)
 
 
-_ACTIVITY_FIELDS = """id createdAt signal user { id name email app }
-        content { __typename ... on AgentActivityPromptContent { body } ... on AgentActivityThoughtContent { body }
-          ... on AgentActivityResponseContent { body } ... on AgentActivityErrorContent { body }
-          ... on AgentActivityElicitationContent { body } }"""
+def move_target(name: str | None, type: str, states: list[dict], current: dict) -> dict | None:
+    """The team state to move an issue to, or None: never a closed issue, never backwards (an issue already
+    started is not "started" again), never to where it is."""
+    if current.get("type") in ("completed", "canceled"):
+        return None
+    if name:
+        named = [s for s in states if (s.get("name") or "").lower() == name.lower()]
+        if not named or named[0].get("id") == current.get("id") or \
+                (current.get("name") or "").lower() == name.lower():
+            return None
+        return named[0]
+    if current.get("type") == type:
+        return None
+    typed = [s for s in states if s.get("type") == type]
+    return min(typed, key=lambda s: s.get("position") or 0) if typed else None
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearWrite:
+    """One mutation of a batched write: `input` is the mutation's input object, `target_id` the id argument
+    of the updates."""
+    kind: str                       # activity | comment | session_update | issue_update
+    input: dict
+    target_id: str | None = None
+
+
+# kind -> (mutation field, input type, takes an id argument)
+_WRITE_FIELDS = {"activity": ("agentActivityCreate", "AgentActivityCreateInput", False),
+                 "comment": ("commentCreate", "CommentCreateInput", False),
+                 "session_update": ("agentSessionUpdate", "AgentSessionUpdateInput", True),
+                 "issue_update": ("issueUpdate", "IssueUpdateInput", True)}
+
 
 
 def _activity(n: dict, session_id: str) -> LinearActivity:
@@ -1913,7 +2077,26 @@ def _session(n: dict) -> LinearSession:
         app_user_id=(n.get("appUser") or {}).get("id"),
         creator=Actor(c.get("id"), c.get("name"), c.get("email"), bool(c.get("app"))),
         created_at=n.get("createdAt") or "", updated_at=n.get("updatedAt") or "",
-        comment_body=(n.get("comment") or {}).get("body"))
+        comment_body=(n.get("comment") or {}).get("body"), **_recent(n))
+
+
+def _recent(n: dict) -> dict:
+    conn = n.get("activities")
+    if not isinstance(conn, dict) or not isinstance(conn.get("nodes"), list):
+        return {}
+    acts = sorted((_activity(a, n["id"]) for a in conn["nodes"] if isinstance(a, dict) and a.get("id")),
+                  key=lambda a: (a.created_at, a.id))
+    return {"recent": tuple(acts), "recent_all": not (conn.get("pageInfo") or {}).get("hasPreviousPage")}
+
+
+def covered_by_recent(x: LinearSession, since: str | None) -> list[LinearActivity] | None:
+    """The session's activities after `since` when its newest activities (read with it) hold them all,
+    else None (read them)."""
+    if not x.recent and not x.recent_all:
+        return None
+    if x.recent_all or (since is not None and x.recent[0].created_at <= since):
+        return [a for a in x.recent if since is None or a.created_at > since]
+    return None
 
 
 def _comment(n: dict) -> LinearComment:
@@ -3181,7 +3364,7 @@ class RunOutcome:
 
 def decide_run_end(row: dict, run: dict, out: RunOutcome, runner: RunnerConfig, now: dt.datetime) -> Decision:
     """Every run ends in a defined state and moves the factory state explicitly (spec §13)."""
-    rt, key, branch = run["run_type"], row["key"], row.get("branch") or "?"
+    rt, branch = run["run_type"], row.get("branch") or "?"
     label = run_label(rt).capitalize()
     fields: dict = {"active_run_id": None}
     state = row["factory_state"]
@@ -3798,8 +3981,10 @@ def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
         known = store.session(x.id)
         if known and known["seen_updated_at"] and x.updated_at <= known["seen_updated_at"]:
             continue  # nothing new in this session since we last read it
-        want.append((x.id, _minus(known["activity_cursor"], overlap) if known and known["activity_cursor"] else None))
-    session_acts = lc.activities_batch(want) if want else {}
+        want.append((x, _minus(known["activity_cursor"], overlap) if known and known["activity_cursor"] else None))
+    session_acts = {x.id: acts for x, since in want if (acts := covered_by_recent(x, since)) is not None}
+    rest = [(x.id, since) for x, since in want if x.id not in session_acts]
+    session_acts.update(lc.activities_batch(rest) if rest else {})
     ours = [x for x in ours if x.id in session_acts]
 
     # -- issues and comments: oldest first; a cut read stops the cursor at the last item read
@@ -4256,12 +4441,23 @@ def reap_workers() -> None:
     _SPAWNED[:] = [p for p in _SPAWNED if p.poll() is None]
 
 
+WRITE_BATCH = 100                # Linear writes per request (aliases)
+_OPTIONAL_WRITES = ("plan", "issue_state")
+_LATEST_WINS = ("plan", "issue_state")
+
+
+def _lane(row: Mapping[str, Any]) -> str:
+    """Writes of one lane are sent in order, one per request; lanes are independent. Messages (activities,
+    comments) keep their order per session (or issue); a plan, a link and a state move are lanes of their own."""
+    kind = "msg" if row["kind"] in ("activity", "comment") else row["kind"]
+    return f"{kind}:{row['session_id'] or 'issue:%s' % row['issue_id']}"
+
+
 def publish(cfg: Config, store: Store, client: LinearClient | None, issue_id: int | None = None) -> dict:
-    """Send queued Linear writes in order. Transport errors leave them queued; a session whose
-    message failed is skipped for the rest of the pass to keep its messages in order."""
-    sent, failed, blocked, busy, deferred = 0, 0, set(), 0, 0
-    me = os.getpid()
-    me_started = proc_start_time(me)
+    """Send queued Linear writes, batched (several mutations per request, one per lane), first responses to
+    new sessions first, up to `linear.max_writes_per_tick` per tick (all of one issue's when `issue_id`).
+    Transport errors leave rows queued; a lane whose write failed is skipped for the rest of the pass to
+    keep its order; nothing is sent while a recorded rate limit lasts."""
     rows = store.outbox_queued(issue_id)
     if rows and client is None:
         return {"sent": 0, "queued": len(rows), "failed": 0}
@@ -4269,85 +4465,218 @@ def publish(cfg: Config, store: Store, client: LinearClient | None, issue_id: in
     until = parse_iso(budget.get("limited_until"))
     if rows and until and until > utcnow():
         return {"sent": 0, "failed": 0, "queued": len(rows), "skipped": f"rate limited until {iso(until)}"}
-    low = _budget_low(budget)
-    # First responses to new sessions first (Linear shows a session as unresponsive ~10 s without one),
-    # then the rest in order; each lane (session or issue) keeps its own order.
-    answered = store.sessions_with_sent_activity()
-    first: dict[str, int] = {}          # session -> its first queued activity (its first response)
-    for r in rows:
-        if r["kind"] == "activity" and r["session_id"] and r["session_id"] not in answered:
-            first.setdefault(r["session_id"], r["id"])
-    firsts = set(first.values())
-    rows = sorted(rows, key=lambda r: (0 if r["id"] in firsts else 1, r["id"]))
-    cap = cfg.linear.max_writes_per_tick if issue_id is None else len(rows)
-    for row in rows:
-        lane = row["session_id"] or f"issue:{row['issue_id']}"
-        if lane in blocked:
-            continue
-        if sent + failed >= cap:
-            deferred += 1
-            continue                    # a burst spreads over ticks instead of exhausting the hour
-        if low and row["kind"] in ("plan", "issue_state") and issue_id is None:
-            deferred += 1               # optional writes yield while the budget is low
-            blocked.add(lane)
-            continue
-        if not store.lease_outbox(row["id"], me, me_started, process_alive):
-            blocked.add(lane)  # another process is sending this lane; keep its order
-            busy += 1
-            continue
-        payload = json.loads(row["payload"])
-        issue = store.issue_by_id(row["issue_id"]) if row["issue_id"] else None
-        try:
-            if row["kind"] == "activity":
-                client.create_activity(row["client_id"], row["session_id"], payload["content"],
-                                       bool(payload.get("ephemeral")))
-            elif row["kind"] == "plan":
-                client.update_plan(row["session_id"], payload["plan"])
-            elif row["kind"] == "session_link":
-                client.add_session_link(row["session_id"], payload["label"], payload["url"])
-            elif row["kind"] == "issue_state":
-                moved = None
-                if issue:
-                    # the team's workflow states are cached (a day): moving an issue is then one request
-                    key = f"linear.team_states.{issue['team_id']}"
-                    cached = json.loads(store.meta_get(key) or "null") if issue.get("team_id") else None
-                    fresh = cached and (age_seconds(cached.get("at")) or 1e9) < 86400
-                    current = {"name": issue["linear_state"], "type": issue["linear_state_type"]} \
-                        if issue.get("linear_state_type") else None
-                    try:
-                        moved, states = client.move_issue(issue["linear_id"], payload.get("name"),
-                                                          payload.get("type", "started"),
-                                                          cached["states"] if fresh else None, current)
-                    except LinearError as e:
-                        if fresh and not e.transient:      # a stale cache (a state was deleted): read again
-                            with store.tx():
-                                store.meta_set(key, None)
-                        raise
-                    with store.tx():
-                        if not fresh and issue.get("team_id"):
-                            store.meta_set(key, json.dumps({"at": iso(), "states": states}))
-                        if moved:
-                            store.add_event(issue["id"], "linear", f"moved the Linear issue to {moved}")
-            elif row["kind"] == "comment":
-                client.create_comment(row["client_id"], issue["linear_id"], payload["body"])
+    p = _Publisher(cfg, store, client)
+    try:
+        p.send(p.schedule(rows), cfg.linear.max_writes_per_tick if issue_id is None else len(rows),
+               optional_yield=_budget_low(budget) and issue_id is None)
+    except LinearRateLimited:
+        pass                            # the rest waits for the recorded limit; status shows it
+    return {**p.stats, "queued": len(store.outbox_queued(issue_id))}
+
+
+class _Publisher:
+    def __init__(self, cfg: Config, store: Store, client: LinearClient):
+        self.cfg, self.store, self.client = cfg, store, client
+        self.stats = {"sent": 0, "failed": 0, "busy": 0, "deferred": 0}
+        self.blocked: set[str] = set()
+        self.pending: list[tuple[dict, LinearWrite, str | None]] = []     # (row, write, state moved to)
+        self.me = os.getpid()
+        self.me_started = proc_start_time(self.me)
+        self.issues: dict[int, dict | None] = {}
+
+    def schedule(self, rows: list[dict]) -> list[dict]:
+        """Drop queued updates a newer one replaces; then first responses to new sessions first (Linear shows
+        a session as unresponsive ~10 s without one), and round by round: the next write of every lane."""
+        latest = {_lane(r): r["id"] for r in rows if r["kind"] in _LATEST_WINS}
+        stale = {r["id"] for r in rows if r["kind"] in _LATEST_WINS and latest[_lane(r)] != r["id"]}
+        if stale:
+            self.store.supersede_outbox(stale)
+            rows = [r for r in rows if r["id"] not in stale]
+        answered = self.store.sessions_with_sent_activity()
+        firsts: dict[str, int] = {}
+        for r in rows:
+            if r["kind"] == "activity" and r["session_id"] and r["session_id"] not in answered:
+                firsts.setdefault(r["session_id"], r["id"])
+        first_ids = set(firsts.values())
+        rank: dict[str, int] = collections.defaultdict(int)
+        keyed = []
+        for r in rows:
+            lane = _lane(r)
+            keyed.append(((rank[lane], 0 if r["id"] in first_ids else 1, r["id"]), r))
+            rank[lane] += 1
+        return [r for _, r in sorted(keyed, key=lambda kr: kr[0])]
+
+    def send(self, order: list[dict], cap: int, optional_yield: bool) -> None:
+        used = 0
+        for row in order:
+            lane = _lane(row)
+            if lane in self.blocked:
+                continue
+            if used >= cap:
+                self.stats["deferred"] += 1
+                continue                    # a burst spreads over ticks instead of exhausting the hour
+            if optional_yield and row["kind"] in _OPTIONAL_WRITES:
+                self.stats["deferred"] += 1  # optional writes yield while the budget is low
+                self.blocked.add(lane)
+                continue
+            if len(self.pending) >= WRITE_BATCH or any(_lane(p[0]) == lane for p in self.pending):
+                self.flush()
+                if lane in self.blocked:
+                    continue
+            used += 1
+            payload = json.loads(row["payload"])
+            issue = self.issue_of(row)
+            if row["kind"] == "issue_state":
+                self.add_move(row, issue, payload)
+                continue
+            write = _outbox_write(row, payload, issue)
+            if write is None:
+                with self.store.tx():
+                    self.store.outbox_result(row["id"], "failed", f"unknown outbox kind {row['kind']}")
+                self.stats["failed"] += 1
+                continue
+            self.pending.append((row, write, None))
+        self.flush()
+
+    def issue_of(self, row: dict) -> dict | None:
+        if not row["issue_id"]:
+            return None
+        if row["issue_id"] not in self.issues:
+            self.issues[row["issue_id"]] = self.store.issue_by_id(row["issue_id"])
+        return self.issues[row["issue_id"]]
+
+    def add_move(self, row: dict, issue: dict | None, payload: dict) -> None:
+        """Moving an issue is one batched write with its team's cached workflow states (a day) and its last
+        seen state; without them it is sent alone (it reads them, and fills the cache for the next ones)."""
+        store = self.store
+        if not issue:
+            with store.tx():
+                store.outbox_result(row["id"], "sent", "issue no longer tracked")
+            return
+        key = f"linear.team_states.{issue['team_id']}"
+        cached = json.loads(store.meta_get(key) or "null") if issue.get("team_id") else None
+        fresh = cached and (age_seconds(cached.get("at")) or 1e9) < 86400
+        current = {"name": issue["linear_state"], "type": issue["linear_state_type"]} \
+            if issue.get("linear_state_type") else None
+        name, type_ = payload.get("name"), payload.get("type", "started")
+        if fresh and current:
+            target = move_target(name, type_, cached["states"], current)
+            if target:
+                self.pending.append((row, LinearWrite("issue_update", {"stateId": target["id"]},
+                                                      issue["linear_id"]), target["name"]))
             else:
-                raise LinearError(f"unknown outbox kind {row['kind']}")
+                with store.tx():
+                    store.outbox_result(row["id"], "sent")    # already there (or past it): nothing to send
+                self.stats["sent"] += 1
+            return
+        if not self.lease([row]):
+            return
+        try:
+            moved, states = self.client.move_issue(issue["linear_id"], name, type_,
+                                                   cached["states"] if fresh else None, current)
         except LinearError as e:
-            blocked.add(lane)
-            give_up = not e.transient and row["attempts"] + 1 >= 5
-            store.outbox_result(row["id"], "failed" if give_up else "queued", redact(str(e)))
-            failed += 1
-            if isinstance(e, LinearRateLimited):
-                break
-            continue
+            if fresh and not e.transient:      # a stale cache (a state was deleted): read again
+                with store.tx():
+                    store.meta_set(key, None)
+            self.fail([row], e)
+            return
         except Exception as e:  # noqa: BLE001 - a bug must not leave the row leased; it is retried next tick
-            blocked.add(lane)
-            store.outbox_result(row["id"], "queued", redact(f"{type(e).__name__}: {e}"))
+            self.release([row], e)
             raise
-        store.outbox_result(row["id"], "sent")
-        sent += 1
-    return {"sent": sent, "failed": failed, "queued": len(store.outbox_queued(issue_id)), "busy": busy,
-            "deferred": deferred}
+        with store.tx():
+            if issue.get("team_id"):
+                store.meta_set(key, json.dumps({"at": iso(), "states": states}))
+            if moved:
+                store.add_event(issue["id"], "linear", f"moved the Linear issue to {moved}")
+            store.outbox_result(row["id"], "sent")
+        self.stats["sent"] += 1
+
+    def lease(self, rows: list[dict]) -> list[dict]:
+        taken = self.store.lease_outbox([r["id"] for r in rows], self.me, self.me_started, process_alive)
+        for r in rows:
+            if r["id"] not in taken:
+                self.blocked.add(_lane(r))  # another process is sending this lane; keep its order
+                self.stats["busy"] += 1
+        return [r for r in rows if r["id"] in taken]
+
+    def release(self, rows: list[dict], e: BaseException | None) -> None:
+        """Back to the queue untried (not an attempt)."""
+        with self.store.tx():
+            for r in rows:
+                self.store.outbox_result(r["id"], "queued", redact(f"{type(e).__name__}: {e}") if e else None,
+                                         attempt=False)
+
+    def fail(self, rows: list[dict], e: LinearError) -> None:
+        with self.store.tx():
+            for row in rows:
+                give_up = not e.transient and row["attempts"] + 1 >= 5
+                self.store.outbox_result(row["id"], "failed" if give_up else "queued", redact(str(e)))
+        self.blocked.update(_lane(r) for r in rows)
+        self.stats["failed"] += len(rows)
+        if isinstance(e, LinearRateLimited):
+            raise e
+
+    def flush(self) -> None:
+        batch, self.pending = self.pending, []
+        taken = {r["id"] for r in self.lease([r for r, _, _ in batch])}
+        batch = [b for b in batch if b[0]["id"] in taken]
+        if batch:
+            self.send_batch(batch)
+
+    def send_batch(self, batch: list[tuple[dict, LinearWrite, str | None]]) -> None:
+        rows = [r for r, _, _ in batch]
+        try:
+            results = self.client.write_batch([w for _, w, _ in batch])
+        except LinearError as e:
+            if len(batch) > 1 and not e.transient:
+                # the request as a whole was refused (one bad write spoils the document): each alone, so that
+                # the others go through and only the bad one counts the attempt
+                for item in batch:
+                    if _lane(item[0]) in self.blocked:
+                        self.release([item[0]], None)
+                    else:
+                        self.send_batch([item])
+                return
+            self.fail(rows, e)
+            return
+        except Exception as e:  # noqa: BLE001 - a bug must not leave rows leased; they are retried next tick
+            self.release(rows, e)
+            raise
+        again = [item for item, err in zip(batch, results) if isinstance(err, NotSent)]
+        with self.store.tx():
+            for (row, _, moved), err in zip(batch, results):
+                if isinstance(err, NotSent):
+                    continue
+                if err is None:
+                    self.store.outbox_result(row["id"], "sent")
+                    if moved and row["issue_id"]:
+                        self.store.add_event(row["issue_id"], "linear", f"moved the Linear issue to {moved}")
+                    self.stats["sent"] += 1
+                else:
+                    give_up = not err.transient and row["attempts"] + 1 >= 5
+                    self.store.outbox_result(row["id"], "failed" if give_up else "queued", redact(str(err)))
+                    self.blocked.add(_lane(row))
+                    self.stats["failed"] += 1
+        if again:       # fewer than before (at least one write failed): terminates
+            self.release([r for r, _, _ in again if _lane(r) in self.blocked], None)
+            again = [item for item in again if _lane(item[0]) not in self.blocked]
+            if again:
+                self.send_batch(again)
+
+
+def _outbox_write(row: Mapping[str, Any], payload: dict, issue: Mapping[str, Any] | None) -> LinearWrite | None:
+    kind = row["kind"]
+    if kind == "activity":
+        return LinearWrite("activity", {"id": row["client_id"], "agentSessionId": row["session_id"],
+                                        "content": payload["content"], "ephemeral": bool(payload.get("ephemeral"))})
+    if kind == "plan":
+        return LinearWrite("session_update", {"plan": payload["plan"]}, row["session_id"])
+    if kind == "session_link":
+        return LinearWrite("session_update", {"addedExternalUrls": [{"label": payload["label"],
+                                                                     "url": payload["url"]}]}, row["session_id"])
+    if kind == "comment" and issue:
+        return LinearWrite("comment", {"id": row["client_id"], "issueId": issue["linear_id"], "body": payload["body"]})
+    return None
 
 
 def _budget_low(budget: Mapping[str, Any]) -> bool:
@@ -4830,7 +5159,7 @@ linear:
   # delegation: [delegate, label]     # user mode: what counts as "delegated to me"; add `assignee`
   #                                    # to also take every open issue assigned to the key's owner
   # delegation_label: patchrelay       # user mode: issues with this label count as delegated
-  # poll_overlap: 60                   # seconds re-read behind each cursor
+  # poll_overlap: 10                   # seconds re-read behind each cursor (Linear's own clock)
   # timeout: 30                        # seconds per HTTP request
   # retry: {attempts: 4, max_wait: 30} # transport errors, 5xx and short rate limits
   # review_state: In Review            # Linear state for an issue whose pull request is open
@@ -5021,14 +5350,58 @@ def _active_run(store: Store, row: dict) -> dict | None:
     return store.run_by_id(row["active_run_id"]) if row.get("active_run_id") else None
 
 
+def _issue_item(r: Mapping[str, Any]) -> dict:
+    """One issue as `status` and `list` show it (a row of Store.issues_listed)."""
+    return {"key": r["key"], "title": r["title"], "project": r["project_id"],
+            "linear_state": r["linear_state"], "factory_state": r["factory_state"],
+            "pending_run": r["pending_run_type"],
+            "active_run": {"id": r["active_run_id"], "type": r["active_run_type"], "status": r["active_run_status"]}
+            if r["active_run_id"] and r["active_run_type"] else None,
+            "paused": json.loads(r["paused"]) if r["paused"] else None,
+            "pr": {"number": r["pr_number"], "url": r["pr_url"], "state": r["pr_state"], "ci": r["pr_ci"],
+                   "review": r["pr_review"], "queue": r["pr_queue"]} if r["pr_number"] else None,
+            "age_seconds": round(age_seconds(r["created_at"]) or 0), "updated_at": r["updated_at"]}
+
+
+def _issue_table(issues: list[dict]) -> str:
+    return tabulate([[i["key"], one_line(i["title"], 40), i["linear_state"] or "", i["factory_state"],
+                      i["pending_run"] or "",
+                      f"{i['active_run']['type']} #{i['active_run']['id']} {i['active_run']['status']}"
+                      if i["active_run"] else "",
+                      f"#{i['pr']['number']}" if i["pr"] else "", (i["pr"] or {}).get("ci") or "",
+                      ((i["pr"] or {}).get("review") or "").lower().replace("_", " "),
+                      ((i["pr"] or {}).get("queue") or "").lower(), _age(i["age_seconds"])] for i in issues],
+                    headers=["issue", "title", "linear", "state", "pending", "active run", "pr", "checks",
+                             "review", "queue", "age"])
+
+
+@cli.command("list")
+@click.option("--state", help="only issues in this factory state (e.g. done, pr_open, awaiting_input)")
+@click.option("--project", help="only issues of this project id")
+@click.option("--limit", type=click.IntRange(min=1), help="at most this many, most recently changed first")
+@click.option("--json", "as_json", is_flag=True, help="one JSON document: {\"issues\": [...]}")
+@click.pass_obj
+def list_issues(c: Ctx, state: str | None, project: str | None, limit: int | None, as_json: bool) -> None:
+    """Every tracked issue (closed ones too), most recently changed first."""
+    rows = [] if not c.cfg.database_path.exists() else \
+        c.store(readonly=True).issues_listed(state=state, project=project, limit=limit)
+    issues = [_issue_item(r) for r in rows]
+    if as_json:
+        _dump({"issues": issues})
+    else:
+        click.echo(_issue_table(issues) if issues else "No matching issues.")
+
+
 @cli.command()
+@click.option("--all", "show_all", is_flag=True, help="every tracked issue, closed ones too (see also `list`)")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def status(c: Ctx, as_json: bool) -> None:
-    """Tracked issues, queued Linear messages, API budget, last tick (from SQLite only)."""
+def status(c: Ctx, as_json: bool, show_all: bool) -> None:
+    """What needs attention: open issues and those changed in the last day (a count of the rest; `--all` or
+    `list` shows them), queued Linear messages, API budget, last tick (from SQLite only)."""
     if not c.cfg.database_path.exists():      # a read never creates the database
         if as_json:
-            _dump({"issues": [], "outbox": [], "api": [], "last_tick": None,
+            _dump({"issues": [], "others": 0, "outbox": [], "api": [], "last_tick": None,
                    "paused": {"by": "config", "reason": "runner.paused: true", "at": None} if c.cfg.runner.paused
                    else None, "unrouted": []})
         else:
@@ -5036,21 +5409,11 @@ def status(c: Ctx, as_json: bool) -> None:
                        "`patchrelay tick` creates it).")
         return
     store = c.store(readonly=True)
-    issues = []
-    for r in store.issues_all():
-        run = _active_run(store, r)
-        issues.append({"key": r["key"], "title": r["title"], "project": r["project_id"],
-                       "linear_state": r["linear_state"], "factory_state": r["factory_state"],
-                       "pending_run": r["pending_run_type"],
-                       "active_run": {"id": run["id"], "type": run["run_type"], "status": run["status"]} if run else None,
-                       "paused": json.loads(r["paused"]) if r["paused"] else None,
-                       "pr": {"number": r["pr_number"], "url": r["pr_url"], "state": r["pr_state"], "ci": r["pr_ci"],
-                              "review": r["pr_review"], "queue": r["pr_queue"]} if r["pr_number"] else None,
-                       "age_seconds": round(age_seconds(r["created_at"]) or 0), "updated_at": r["updated_at"]})
-    keys = {r["id"]: r["key"] for r in store.issues_all()}
-    outbox = [{"id": o["id"], "issue": keys.get(o["issue_id"]), "kind": o["kind"], "status": o["status"],
-               "attempts": o["attempts"], "last_error": o["last_error"]}
-              for o in store.outbox_queued() + store.outbox_failed()]
+    day_ago = iso(utcnow() - dt.timedelta(days=1))
+    issues = [_issue_item(r) for r in store.issues_listed(changed_since=None if show_all else day_ago)]
+    others = 0 if show_all else store.issues_count() - len(issues)
+    outbox = [{"id": o["id"], "issue": o["issue_key"], "kind": o["kind"], "status": o["status"],
+               "attempts": o["attempts"], "last_error": o["last_error"]} for o in store.outbox_pending()]
     api = [{"api": b["api"], "requests_remaining": b["requests_remaining"], "requests_limit": b["requests_limit"],
             "complexity_remaining": b["complexity_remaining"], "reset_at": b["reset_at"],
             "limited_until": b["limited_until"], "last_error": b["last_error"]} for b in store.budgets()]
@@ -5063,8 +5426,8 @@ def status(c: Ctx, as_json: bool) -> None:
     paused = runner_paused(c.cfg, store)
     unrouted = [{"key": u["issue_key"], "at": u["at"], "message": u["message"]} for u in store.unrouted()]
     if as_json:
-        _dump({"issues": issues, "outbox": outbox, "api": api, "last_tick": last, "paused": paused,
-               "unrouted": unrouted})
+        _dump({"issues": issues, "others": others, "outbox": outbox, "api": api, "last_tick": last,
+               "paused": paused, "unrouted": unrouted})
         return
     for u in unrouted:
         click.echo(f"unrouted: {u['key'] or '?'} (delegated {u['at']}; no project routes it)")
@@ -5074,17 +5437,12 @@ def status(c: Ctx, as_json: bool) -> None:
         click.echo(f"PAUSED by {paused.get('by')}" + (f" at {paused['at']}" if paused.get("at") else "")
                    + (f": {paused['reason']}" if paused.get("reason") else "") + " (`patchrelay resume`)\n")
     if issues:
-        click.echo(tabulate([[i["key"], one_line(i["title"], 40), i["linear_state"] or "", i["factory_state"],
-                              i["pending_run"] or "",
-                              f"{i['active_run']['type']} #{i['active_run']['id']} {i['active_run']['status']}"
-                              if i["active_run"] else "",
-                              f"#{i['pr']['number']}" if i["pr"] else "", (i["pr"] or {}).get("ci") or "",
-                              ((i["pr"] or {}).get("review") or "").lower().replace("_", " "),
-                              ((i["pr"] or {}).get("queue") or "").lower(), _age(i["age_seconds"])] for i in issues],
-                            headers=["issue", "title", "linear", "state", "pending", "active run", "pr", "checks",
-                                     "review", "queue", "age"]))
-    else:
+        click.echo(_issue_table(issues))
+    elif not others:
         click.echo("No tracked issues yet.")
+    if others:
+        click.echo(f"... and {others} closed issue(s) unchanged for a day (`patchrelay status --all`, "
+                   "`patchrelay list`)")
     click.echo()
     if outbox:
         click.echo(tabulate([[o["id"], o["issue"] or "", o["kind"], o["status"], o["attempts"],

@@ -395,8 +395,12 @@ def main():
     ap.add_argument("--quick", action="store_true", help="only N=10 and N=100; no 10,000-issue status")
     ap.add_argument("--max-ingest", type=float, default=600, metavar="SECONDS",
                     help="give up an ingest after this long (checked between ticks; default 600)")
+    ap.add_argument("--sizes", type=lambda v: tuple(int(x) for x in v.split(",")), metavar="N,N,...",
+                    help="only these numbers of delegated issues (and no 10,000-issue status)")
+    ap.add_argument("--status", action="store_true", help="with --sizes: the 10,000-issue status too")
     a = ap.parse_args()
-    sizes = (10, 100) if a.quick else (10, 100, 1000, 5000)
+    sizes = a.sizes or ((10, 100) if a.quick else (10, 100, 1000, 5000))
+    a.quick = a.quick or bool(a.sizes) and not a.status
     print(f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"{platform.system()} {platform.machine()}, load average {os.getloadavg()[0]:.1f}")
     print(f"`patchrelay tick` against tests/fakes/linear.py (GraphQL executed by graphql-core over HTTP on "

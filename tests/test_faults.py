@@ -18,7 +18,7 @@ import pytest
 from test_intake import pause, show, status, tick
 
 READS = ["PatchRelayViewer", "PatchRelayPoll", "PatchRelaySessionActivities", "PatchRelayComments"]
-WRITES = ["PatchRelayActivity", "PatchRelayPlan", "PatchRelayIssueStates", "PatchRelayMoveIssue"]
+WRITES = ["PatchRelayWrites", "PatchRelayIssueStates", "PatchRelayMoveIssue"]   # activity + plan go batched
 
 FAULTS = {
     "http-500": lambda lin, op: lin.fail_next(9, status=500, operation=op),
@@ -90,7 +90,7 @@ def test_a_lease_left_by_a_killed_tick_is_taken_over_at_once(world):
     (the holder is dead), instead of making the session wait for the lease to expire."""
     pause(world)
     _, session = world.delegate()
-    world.linear.fail_next(9, status=500, operation="PatchRelayActivity")
+    world.linear.fail_next(9, status=500, operation="PatchRelayWrites")
     tick(world, check=None)
     dead = subprocess.Popen(["true"])
     dead.wait()

@@ -170,89 +170,59 @@ def test_600_delegations_at_once_are_all_tracked_and_each_acknowledged_once(worl
     assert_nothing_lost(world, keys, sessions)
     assert all(i["factory_state"] == "delegated" and i["pending_run"] == "implementation"
                for i in status(world)["issues"])
+    # the writes went batched: several mutations per request, and no request carried more than the batch size
+    writes = [r for r in world.linear.requests if r["query"] and r["query"].lstrip().startswith("mutation")]
+    mutations = sum(len(r["fields"]) for r in writes)
+    assert mutations >= 3 * 600 - 1, mutations            # acknowledgement, plan and move of each issue
+    assert len(writes) <= mutations // 50, (len(writes), mutations)
+    assert max(len(r["fields"]) for r in writes) <= 100
 
 
-def test_rate_limit_in_the_middle_of_paging_loses_nothing(world):
+def _write_tick_failed(world, n=3):
+    """n delegations whose writes all failed once (Linear down for the whole first tick): their rows queued."""
     pause(world)
-    keys, sessions = delegate_many(world, 300)       # more than one page of anything Linear lists (<= 250)
-    world.linear.rate_limit_next(1, style="429", retry_after=1, when=follow_up_page)
-
-    tick(world, check=None)                          # cut short by the rate limit
-    limited = [r for r in world.linear.requests if r["fault"] == "ratelimit429"]
-    assert len(limited) == 1, "no follow-up page was read for 300 new delegations, so the rate limit never hit"
-    time.sleep(1.2)                                  # Retry-After has passed: Linear is healthy again
-
-    tick_until_ingested(world, keys, sessions, pause_s=0.2)
-    for _ in range(2):
-        tick(world)
-    assert_nothing_lost(world, keys, sessions)
+    sessions = [world.delegate(title=f"Thing {i}")[1]["id"] for i in range(n)]
+    world.linear.fail_next(99, status=503, operation="PatchRelayWrites")
+    tick(world, check=None)
+    world.linear._faults.clear()
+    return sessions
 
 
-# ----------------------------------------------------------------------------- clock skew
-@pytest.mark.parametrize("skew", [300, -300], ids=["linear-5min-ahead", "linear-5min-behind"])
-def test_clock_skew_between_patchrelay_and_linear_loses_nothing(tmp_path, skew):
-    """Linear's timestamps (and its Date header) are 5 minutes ahead of or behind this machine's clock:
-    cursors must be Linear's time, never the local clock."""
-    with own_world(tmp_path, skew=skew) as w:
-        r = requests.post(w.linear.url, json={"query": "{ viewer { id } }"}, headers={"Authorization": APP_TOKEN},
-                          timeout=10)
-        linear_now = parsedate_to_datetime(r.headers["Date"])
-        assert abs((linear_now - datetime.now(timezone.utc)).total_seconds() - skew) < 30   # the premise
-
-        pause(w)
-        tick(w)                                      # nothing in Linear yet: whatever cursors start from
-        keys, sessions = delegate_many(w, 5, prefix="Before")
-        tick_until_ingested(w, keys, sessions)
-        tick(w)
-
-        # Changes after PatchRelay set its cursors: new delegations, a comment, a prompt in a session.
-        more_keys, more_sessions = delegate_many(w, 5, prefix="After")
-        first = w.linear.issue_by_key(sorted(keys)[0])
-        w.linear.add_comment(first, w.alice, "Comment after the cursors were set")
-        w.linear.add_prompt(sessions[1], w.alice, "Prompt after the cursors were set", comment=True)
-
-        tick_until_ingested(w, keys | more_keys, sessions + more_sessions)
-        for _ in range(2):
-            tick(w)
-        assert_nothing_lost(w, keys | more_keys, sessions + more_sessions)
-        inbox = collections.Counter(m["body"] for k in keys for m in show(w, k)["inbox"])
-        assert inbox == {"Comment after the cursors were set": 1, "Prompt after the cursors were set": 1}
+def _outbox_set(world, sql, args=()):
+    import sqlite3
+    con = sqlite3.connect(str(world.state / "patchrelay.sqlite"), timeout=10)
+    with con:
+        con.execute(sql, args)
+    con.close()
 
 
-# ----------------------------------------------------------------------------- the overlap window
-def test_comment_and_prompt_in_the_overlap_window_are_delivered_once(world):
-    """Each tick re-reads poll_overlap seconds behind its cursors: what it reads again must not be delivered
-    twice, and what Linear shows late with an earlier timestamp (inside the window) must not be skipped."""
-    pause(world)
-    issue, session = world.delegate()
-    settle(world, {"APP-1"}, [session["id"]])
+def test_a_write_linear_refuses_does_not_hold_back_the_others_in_its_request(world):
+    """One acknowledgement goes to a session Linear no longer knows: Linear refuses that mutation; the other
+    writes of the request still land (those after it are sent again), only the refused one is retried."""
+    sessions = _write_tick_failed(world)
+    _outbox_set(world, "UPDATE outbox SET session_id = 'gone-session' WHERE kind = 'activity' AND session_id = ?",
+                (sessions[1],))
+    before = len(world.linear.requests)
+    tick(world, check=None)
+    got = acks(world, sessions)
+    assert got[sessions[0]] == 1 and got[sessions[2]] == 1 and got[sessions[1]] == 0, got
+    left = status(world)["outbox"]
+    assert [(o["kind"], o["status"]) for o in left] == [("activity", "queued")], left
+    assert left[0]["attempts"] == 2 and "Entity not found" in left[0]["last_error"], left  # 503 tick + refusal
+    writes = [r for r in world.linear.requests[before:] if r["operation"] == "PatchRelayWrites"]
+    assert 1 <= len(writes) <= 3, [r["fields"] for r in writes]
 
-    # 1. written now: re-read by the next ticks while inside the window
-    world.linear.add_comment(issue, world.alice, "comment one")
-    world.linear.add_prompt(session, world.alice, "prompt one", comment=True)
-    for _ in range(3):
-        tick(world)
 
-    # 2. visible only now, stamped 2 s before the newest thing PatchRelay has read (poll_overlap is 5 s)
-    with world.linear.lock:
-        newest = max(x["updatedAt"] for store in (world.linear.issues, world.linear.sessions,
-                                                  world.linear.comments, world.linear.activities_by_id)
-                     for x in store.values())
-    late = _iso(datetime.fromisoformat(newest.replace("Z", "+00:00")) - timedelta(seconds=2))
-    c = world.linear.add_comment(issue, world.alice, "comment two")
-    p = world.linear.add_prompt(session, world.alice, "prompt two", comment=True)
-    with world.linear.lock:
-        for obj in (c, p, world.linear.comments[p["sourceCommentId"]]):
-            obj["createdAt"] = obj["updatedAt"] = late
-    for _ in range(3):
-        tick(world)
-
-    inbox = show(world, "APP-1")["inbox"]
-    got = collections.Counter((m["kind"], m["source"], m["body"]) for m in inbox)
-    assert {body: n for (_, _, body), n in got.items()} == \
-        {"comment one": 1, "prompt one": 1, "comment two": 1, "prompt two": 1}, got
-    sources = {body: source for (_, source, body) in got}
-    assert sources["comment one"] == sources["comment two"] == "comment"
-    assert sources["prompt one"] == sources["prompt two"] != "comment"     # a prompt, not its thread comment
-    assert all(m["delivered_at"] is None for m in inbox)                    # paused: nothing ran
-    assert acks(world, [session["id"]]) == {session["id"]: 1}
+def test_a_request_refused_as_a_whole_is_split_and_each_write_sent_alone(world):
+    """Linear refuses a whole batched document (a validation error, no path: nothing ran): the writes are
+    then sent one by one in the same tick, and the refusal counts as no one's attempt."""
+    sessions = _write_tick_failed(world)
+    world.linear.reply_next({"errors": [{"message": 'Variable "$v1" got invalid value',
+                                         "extensions": {"code": "GRAPHQL_VALIDATION_FAILED"}}]}, 1, status=400,
+                            operation="PatchRelayWrites")
+    before = len(world.linear.requests)
+    tick(world)
+    assert set(acks(world, sessions).values()) == {1}
+    assert status(world)["outbox"] == []
+    ops = [r["operation"] for r in world.linear.requests[before:]]
+    assert ops.count("PatchRelayWrites") == 1 and ops.count("PatchRelayActivity") == 3, ops   # then one by one

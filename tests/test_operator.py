@@ -71,3 +71,31 @@ def test_why_explains_an_untracked_issue_and_every_gate_of_a_tracked_one(world):
                      "pending run", "concurrency", "repair budgets", "rate limits", "Linear outbox"]
     text = cli_inproc(world, "why", "APP-1").stdout
     assert text.startswith("APP-1  delegated") and "next: " in text
+
+
+def test_status_shows_what_needs_attention_and_list_reaches_the_rest(world):
+    """At thousands of issues `status` stays short: open issues and those changed in the last day, with a count
+    of the rest; `status --all` and `list [--state] [--project] [--limit]` reach every issue."""
+    import sqlite3
+    pause_runner(world)
+    for title in ("One", "Two", "Three"):
+        world.delegate(title=title)
+    tick(world)
+    con = sqlite3.connect(str(world.state / "patchrelay.sqlite"))
+    with con:
+        con.execute("UPDATE issues SET factory_state = 'done', pending_run_type = NULL, "
+                    "updated_at = '2020-01-01T00:00:00.000Z' WHERE key = 'APP-1'")
+        con.execute("UPDATE issues SET factory_state = 'done', pending_run_type = NULL WHERE key = 'APP-2'")
+    con.close()
+    st = status(world)
+    assert sorted(i["key"] for i in st["issues"]) == ["APP-2", "APP-3"] and st["others"] == 1, st
+    text = cli_inproc(world, "status").output
+    assert "APP-1" not in text and "... and 1 closed issue(s) unchanged for a day" in text, text
+    everything = json.loads(cli_inproc(world, "status", "--all", "--json").output)
+    assert sorted(i["key"] for i in everything["issues"]) == ["APP-1", "APP-2", "APP-3"] and everything["others"] == 0
+    done = json.loads(cli_inproc(world, "list", "--state", "done", "--json").output)["issues"]
+    assert [i["key"] for i in done] == ["APP-2", "APP-1"]             # most recently changed first
+    assert [i["key"] for i in json.loads(cli_inproc(world, "list", "--limit", "1", "--json").output)["issues"]] \
+        == ["APP-3"]
+    assert json.loads(cli_inproc(world, "list", "--project", "nope", "--json").output) == {"issues": []}
+    assert "APP-1" in cli_inproc(world, "list").output
