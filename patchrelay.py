@@ -3285,6 +3285,12 @@ def decide_session(row: dict | None, s: LinearSession, trusted: bool, project_id
                         "(and delegate it to me) to continue."),),
             events=(("info", "intake", f"agent session on {closed} issue {key}: no run started"),))
     inbox = (_prompt_message(prompt, s.creator.label(), "agent_session", f"session:{s.id}"),) if prompt else ()
+    if row is not None and _busy(row) and not row.get("agent_session_id") and not row.get("active_run_id") \
+            and row.get("pending_run_type") == "implementation":
+        # the delegation's own session, seen after the issue itself was taken: this is its pickup
+        return Decision(fields=fields, inbox=inbox, outbox=(
+            activity("thought", f"Picked up {key}. Preparing a worktree and starting the implementation run."),
+            plan("implementation", "preparing")))
     if row is not None and _busy(row):
         return Decision(fields=fields, inbox=inbox, outbox=(activity(
             "thought", f"Already working on {key} ({row['factory_state'].replace('_', ' ')}); "

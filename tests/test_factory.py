@@ -224,6 +224,17 @@ def test_trusted_new_session_starts_work_with_its_request():
     assert kinds(d) == [("activity", "thought"), ("plan", None), ("issue_state", None)]
 
 
+def test_the_delegations_own_session_seen_after_its_issue_is_its_pickup_not_already_working():
+    """At volume the issues poll may take a delegated issue before its agent session is read: that session is
+    the delegation's own, and gets the pickup (not "Already working"); a later session does get that."""
+    taken = row(agent_session_id=None, pending_run_type="implementation")
+    d = pr.decide_session(taken, session(), True, "app", "please do it", APP_IDENT, NOW)
+    assert d.fields["agent_session_id"] == "sess-1" and "pending_run_type" not in d.fields   # not queued twice
+    assert kinds(d) == [("activity", "thought"), ("plan", None)] and body(d, "thought").startswith("Picked up APP-1")
+    later = pr.decide_session(row(pending_run_type="implementation"), session(), True, "app", "more", APP_IDENT, NOW)
+    assert body(later, "thought").startswith("Already working on APP-1")
+
+
 def test_session_on_a_closed_issue_is_answered_not_worked():
     d = pr.decide_session(None, session(obs(state_type="completed")), True, "app", "x", APP_IDENT, NOW)
     assert d.track is False and kinds(d) == [("activity", "response")] and "pending_run_type" not in d.fields
