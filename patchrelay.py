@@ -674,9 +674,11 @@ class _ConfigLoader(yaml.SafeLoader):
         seen: set = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            if not isinstance(key, (str, int, float, bool)):
+                continue
+            if key in seen:
                 raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {shown(key)!r}")
-            seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+            seen.add(key)
         return super().construct_mapping(node, deep)
 
 
@@ -938,16 +940,16 @@ CREATE INDEX outbox_issue ON outbox(issue_id, id);
 CREATE INDEX inbox_issue_kind ON inbox(issue_id, kind, delivered_at);
 """
 
+SCHEMA_V5 = """
+ALTER TABLE ticks ADD COLUMN pid INTEGER;
+ALTER TABLE ticks ADD COLUMN pid_started TEXT;
+"""
+
 SCHEMA_V6 = """
 CREATE INDEX outbox_sent ON outbox(status, kind, session_id);
 CREATE INDEX seen_at ON seen(at);
 CREATE INDEX events_at ON events(at);
 CREATE INDEX issues_state ON issues(factory_state, updated_at);
-"""
-
-SCHEMA_V5 = """
-ALTER TABLE ticks ADD COLUMN pid INTEGER;
-ALTER TABLE ticks ADD COLUMN pid_started TEXT;
 """
 
 SCHEMA_V7 = """
@@ -1697,9 +1699,7 @@ class LinearClient:
         if not isinstance(errors, list):
             errors = [{"message": str(errors)}]
         errors = [e if isinstance(e, dict) else {"message": str(e)} for e in errors]
-        codes = {(e.get("extensions") or {}).get("code") if isinstance(e.get("extensions"), dict) else None
-                 for e in errors} | {str((e.get("extensions") or {}).get("type", "")).upper()
-                                     if isinstance(e.get("extensions"), dict) else "" for e in errors}
+        codes = _error_codes(errors)
         retry_after = _retry_after(resp.headers)
         if resp.status_code == 429 or "RATELIMITED" in codes:
             until = time.time() + (retry_after if retry_after is not None else 60.0)
@@ -1744,8 +1744,7 @@ class LinearClient:
         return body["data"]
 
     def _graphql_error(self, op_name: str, errors: list[dict], status: int) -> "LinearError":
-        codes = {str((e.get("extensions") or {}).get(k) or "").upper() if isinstance(e.get("extensions"), dict)
-                 else "" for e in errors for k in ("code", "type")}
+        codes = _error_codes(errors)
         msg = "; ".join(one_line(str(e.get("message")), 200) for e in errors)
         auth = "AUTHENTICATION_ERROR" in codes or status == 401
         known = {c for c in codes if c} - {"INTERNAL_SERVER_ERROR"}
@@ -1827,7 +1826,6 @@ class LinearClient:
         out.sort(key=lambda a: (a.created_at, a.id))
         return out
 
-    @_shaped
     # ---- the poll (one request when nothing changed) and its follow-up pages
     @_shaped
     def poll(self, issue_filter: dict, comment_filter: dict | None) -> dict:
@@ -1896,38 +1894,6 @@ class LinearClient:
         return sorted((_comment(n) for n in nodes), key=lambda c: (c.created_at, c.id))
 
     # ---- writes
-    def _create_once(self, mutation: str, variables: dict, payload: str, lookup: str, entity: str,
-                     client_id: str) -> None:
-        """Idempotent by client id: a resend after a crash or a lost response is looked up, never repeated."""
-        try:
-            data = self.query(mutation, variables)
-        except LinearError as e:
-            if e.transient:
-                raise
-            try:
-                exists = self.query(lookup, {"id": client_id}).get(entity)
-            except LinearError as miss:
-                if miss.transient:
-                    raise
-                exists = None  # "Entity not found": it really was not created
-            if exists:
-                return  # an earlier attempt already created it
-            raise
-        self._payload(data, payload)
-
-    def create_activity(self, client_id: str, session_id: str, content: dict, ephemeral: bool) -> None:
-        self._create_once(M_ACTIVITY, {"input": {"id": client_id, "agentSessionId": session_id, "content": content,
-                                                 "ephemeral": ephemeral}},
-                          "agentActivityCreate", Q_ACTIVITY_EXISTS, "agentActivity", client_id)
-
-    def add_session_link(self, session_id: str, label: str, url: str) -> None:
-        data = self.query(M_PLAN, {"id": session_id, "input": {"addedExternalUrls": [{"label": label, "url": url}]}})
-        self._payload(data, "agentSessionUpdate")
-
-    def update_plan(self, session_id: str, plan: list[dict]) -> None:
-        data = self.query(M_PLAN, {"id": session_id, "input": {"plan": plan}})
-        self._payload(data, "agentSessionUpdate")
-
     def move_issue(self, issue_linear_id: str, name: str | None = None, type: str = "started",
                    states: list[dict] | None = None, current: dict | None = None) -> tuple[str | None, list[dict]]:
         """Move the issue to its team's state called `name` (when the team has one), else to the team's first
@@ -1945,17 +1911,10 @@ class LinearClient:
                 raise LinearError(f"Linear issue {issue_linear_id}: not found")
             current = issue.get("state") or {}
             states = ((issue.get("team") or {}).get("states") or {}).get("nodes") or []
-        moved = self._move(issue_linear_id, name, type, states, current)
-        return moved, states
-
-    def _move(self, issue_linear_id: str, name: str | None, type: str, states: list[dict], current: dict
-              ) -> str | None:
         target = move_target(name, type, states, current)
-        if not target:
-            return None
-        data = self.query(M_ISSUE_STATE, {"id": issue_linear_id, "stateId": target["id"]})
-        self._payload(data, "issueUpdate")
-        return target["name"]
+        if target:
+            self._write_one(LinearWrite("issue_update", {"stateId": target["id"]}, issue_linear_id))
+        return (target["name"] if target else None), states
 
     def write_batch(self, writes: Sequence["LinearWrite"]) -> list["LinearError | None"]:
         """Several writes in one request (aliases), executed by Linear in order. Returns, per write, None
@@ -1999,12 +1958,15 @@ class LinearClient:
         return out
 
     def _write_one(self, w: "LinearWrite") -> None:
-        if w.kind == "activity":
-            self._create_once(M_ACTIVITY, {"input": w.input}, "agentActivityCreate", Q_ACTIVITY_EXISTS,
-                              "agentActivity", w.input["id"])
-        elif w.kind == "comment":
-            self._create_once(M_COMMENT, {"input": w.input}, "commentCreate", Q_COMMENT_EXISTS, "comment",
-                              w.input["id"])
+        if w.kind in ("activity", "comment"):
+            # idempotent by client id: a resend after a crash or a lost response is looked up, never repeated
+            try:
+                data = self.query(M_ACTIVITY if w.kind == "activity" else M_COMMENT, {"input": w.input})
+            except LinearError as e:
+                if e.transient or not self._exists(w):
+                    raise
+                return      # an earlier attempt already created it
+            self._payload(data, _WRITE_FIELDS[w.kind][0])
         elif w.kind == "session_update":
             self._payload(self.query(M_PLAN, {"id": w.target_id, "input": w.input}), "agentSessionUpdate")
         elif w.kind == "issue_update":
@@ -2014,6 +1976,7 @@ class LinearClient:
             raise LinearError(f"unknown Linear write {w.kind}")
 
     def _exists(self, w: "LinearWrite") -> bool:
+        """Whether the activity or comment `w` creates exists already (by its client id)."""
         doc, entity = (Q_ACTIVITY_EXISTS, "agentActivity") if w.kind == "activity" else (Q_COMMENT_EXISTS, "comment")
         try:
             return bool(self.query(doc, {"id": w.input["id"]}).get(entity))
@@ -2021,10 +1984,6 @@ class LinearClient:
             if miss.transient:
                 raise
             return False    # "Entity not found": it really was not created
-
-    def create_comment(self, client_id: str, issue_linear_id: str, body: str) -> None:
-        self._create_once(M_COMMENT, {"input": {"id": client_id, "issueId": issue_linear_id, "body": body}},
-                          "commentCreate", Q_COMMENT_EXISTS, "comment", client_id)
 
 
 def move_target(name: str | None, type: str, states: list[dict], current: dict) -> dict | None:
@@ -2116,6 +2075,12 @@ def _issue(n: dict) -> LinearIssue:
         delegate_id=(n.get("delegate") or {}).get("id"), assignee_id=(n.get("assignee") or {}).get("id"),
         labels=tuple(x.get("name") or "" for x in ((n.get("labels") or {}).get("nodes") or [])),
         updated_at=n.get("updatedAt"))
+
+
+def _error_codes(errors: list[dict]) -> set[str]:
+    """The codes of GraphQL errors: `extensions.code` and `extensions.type`, upper-cased ("" for none)."""
+    return {str((e.get("extensions") or {}).get(k) or "").upper() if isinstance(e.get("extensions"), dict)
+            else "" for e in errors for k in ("code", "type")}
 
 
 def _cause(e: BaseException) -> str:
@@ -2459,12 +2424,14 @@ class GitHubClient:
                     node = nodes[0] if nodes else None
                 raw[branch] = node if isinstance(node, dict) else None
         out = {b: (_pr_obs(n, base_commit) if n else None) for b, n in raw.items()}
-        wanted = [o.number for b, o in out.items() if o is not None and needs_detail and needs_detail(b, o)]
-        for start in range(0, len(wanted), 10):
-            data = self.graphql(detail_document(wanted[start:start + 10]), {"owner": owner, "name": name})
+        wanted = {o.number: b for b, o in out.items() if o is not None and needs_detail and needs_detail(b, o)}
+        numbers = list(wanted)
+        for start in range(0, len(numbers), 10):
+            chunk = numbers[start:start + 10]
+            data = self.graphql(detail_document(chunk), {"owner": owner, "name": name})
             repo = data.get("repository") or {}
-            for b, o in list(out.items()):
-                d = repo.get(f"d{o.number}") if o is not None else None
+            for number in chunk:
+                b, d = wanted[number], repo.get(f"d{number}")
                 if isinstance(d, dict):
                     node = dict(raw[b] or {})
                     texts = {r.get("id"): r for r in ((d.get("reviews") or {}).get("nodes") or []) if isinstance(r, dict)}
@@ -2894,7 +2861,6 @@ def _ensure_worktree(project: ProjectConfig, branch: str, path: Path) -> str:
         run_git(["worktree", "remove", "--force", str(path)], repo, check=False)
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
-        run_git(["worktree", "prune"], repo)
     run_git(["worktree", "prune"], repo)
     path.parent.mkdir(parents=True, exist_ok=True)
     run_git(["fetch", "--quiet", "origin", project.base_branch], repo, timeout=300)
@@ -2942,7 +2908,7 @@ def clear_stale_git_locks(path: Path) -> bool:
 def commit_all(path: Path, message: str, runner: RunnerConfig) -> bool:
     """Commit whatever the agent changed. False when the tree was clean."""
     if clear_stale_git_locks(path):
-        log.warning("%s: removed a stale git index.lock (a worker died while committing)", path)
+        log.warning("%s: removed a stale git lock (a worker died while committing or pushing)", path)
     if not run_git(["status", "--porcelain"], path).stdout.strip():
         return False
     run_git(["add", "-A"], path)
@@ -3171,12 +3137,14 @@ def start_work(row: dict | None, trigger: str, prompt: str | None, key: str, now
         ctx["prompt"] = prompt
     fields = {"factory_state": state, "pending_run_type": "implementation", "pending_context": json.dumps(ctx),
               "pending_since": now, "not_before": None, "retries": 0}
-    return Decision(
-        fields=fields,
-        outbox=(activity("thought", f"Picked up {key}. Preparing a worktree and starting the implementation run."),
-                plan("implementation", "preparing"),
-                Outbound("issue_state", {})),
-        events=(("info", "intake", f"implementation queued ({trigger})"),))
+    return Decision(fields=fields, outbox=(*_pickup(key), Outbound("issue_state", {})),
+                    events=(("info", "intake", f"implementation queued ({trigger})"),))
+
+
+def _pickup(key: str) -> tuple[Outbound, Outbound]:
+    """The acknowledgement of a delegation in its agent session."""
+    return (activity("thought", f"Picked up {key}. Preparing a worktree and starting the implementation run."),
+            plan("implementation", "preparing"))
 
 
 def _merge(*ds: Decision) -> Decision:
@@ -3288,9 +3256,7 @@ def decide_session(row: dict | None, s: LinearSession, trusted: bool, project_id
     if row is not None and _busy(row) and not row.get("agent_session_id") and not row.get("active_run_id") \
             and row.get("pending_run_type") == "implementation":
         # the delegation's own session, seen after the issue itself was taken: this is its pickup
-        return Decision(fields=fields, inbox=inbox, outbox=(
-            activity("thought", f"Picked up {key}. Preparing a worktree and starting the implementation run."),
-            plan("implementation", "preparing")))
+        return Decision(fields=fields, inbox=inbox, outbox=_pickup(key))
     if row is not None and _busy(row):
         return Decision(fields=fields, inbox=inbox, outbox=(activity(
             "thought", f"Already working on {key} ({row['factory_state'].replace('_', ' ')}); "
@@ -4393,10 +4359,10 @@ def launch(ctx: TickContext) -> dict:
     return {"launched": launched, "waiting": waiting}
 
 
-def runner_paused(cfg: Config, store: Store) -> dict | None:
+def runner_paused(cfg: Config, store: Store | None) -> dict | None:
     """The global pause: `patchrelay pause` (stored, with who/when/why) or runner.paused in the config
-    (the boot-time default, until `patchrelay resume` overrides it)."""
-    stored = store.meta_get("runner.paused")
+    (the boot-time default, until `patchrelay resume` overrides it; alone when there is no database yet)."""
+    stored = store.meta_get("runner.paused") if store else None
     if stored is not None:
         return json.loads(stored) or None
     return {"by": "config", "reason": "runner.paused: true", "at": None} if cfg.runner.paused else None
@@ -4486,6 +4452,7 @@ class _Publisher:
         self.stats = {"sent": 0, "failed": 0, "busy": 0, "deferred": 0}
         self.blocked: set[str] = set()
         self.pending: list[tuple[dict, LinearWrite, str | None]] = []     # (row, write, state moved to)
+        self.pending_lanes: set[str] = set()                                # one write per lane per request
         self.me = os.getpid()
         self.me_started = proc_start_time(self.me)
         self.issues: dict[int, dict | None] = {}
@@ -4525,7 +4492,7 @@ class _Publisher:
                 self.stats["deferred"] += 1  # optional writes yield while the budget is low
                 self.blocked.add(lane)
                 continue
-            if len(self.pending) >= WRITE_BATCH or any(_lane(p[0]) == lane for p in self.pending):
+            if len(self.pending) >= WRITE_BATCH or lane in self.pending_lanes:
                 self.flush()
                 if lane in self.blocked:
                     continue
@@ -4541,7 +4508,7 @@ class _Publisher:
                     self.store.outbox_result(row["id"], "failed", f"unknown outbox kind {row['kind']}")
                 self.stats["failed"] += 1
                 continue
-            self.pending.append((row, write, None))
+            self.enqueue(row, write, None)
         self.flush()
 
     def issue_of(self, row: dict) -> dict | None:
@@ -4568,8 +4535,8 @@ class _Publisher:
         if fresh and current:
             target = move_target(name, type_, cached["states"], current)
             if target:
-                self.pending.append((row, LinearWrite("issue_update", {"stateId": target["id"]},
-                                                      issue["linear_id"]), target["name"]))
+                self.enqueue(row, LinearWrite("issue_update", {"stateId": target["id"]}, issue["linear_id"]),
+                             target["name"])
             else:
                 with store.tx():
                     store.outbox_result(row["id"], "sent")    # already there (or past it): nothing to send
@@ -4615,15 +4582,25 @@ class _Publisher:
     def fail(self, rows: list[dict], e: LinearError) -> None:
         with self.store.tx():
             for row in rows:
-                give_up = not e.transient and row["attempts"] + 1 >= 5
-                self.store.outbox_result(row["id"], "failed" if give_up else "queued", redact(str(e)))
-        self.blocked.update(_lane(r) for r in rows)
-        self.stats["failed"] += len(rows)
+                self.failed(row, e)
         if isinstance(e, LinearRateLimited):
             raise e
 
+    def failed(self, row: dict, e: LinearError) -> None:
+        """Record a failed send (inside a transaction); a final error gives up after 5 attempts. Its lane
+        waits for the next pass, to keep its order."""
+        give_up = not e.transient and row["attempts"] + 1 >= 5
+        self.store.outbox_result(row["id"], "failed" if give_up else "queued", redact(str(e)))
+        self.blocked.add(_lane(row))
+        self.stats["failed"] += 1
+
+    def enqueue(self, row: dict, write: LinearWrite, moved: str | None) -> None:
+        self.pending.append((row, write, moved))
+        self.pending_lanes.add(_lane(row))
+
     def flush(self) -> None:
         batch, self.pending = self.pending, []
+        self.pending_lanes.clear()
         taken = {r["id"] for r in self.lease([r for r, _, _ in batch])}
         batch = [b for b in batch if b[0]["id"] in taken]
         if batch:
@@ -4659,10 +4636,7 @@ class _Publisher:
                         self.store.add_event(row["issue_id"], "linear", f"moved the Linear issue to {moved}")
                     self.stats["sent"] += 1
                 else:
-                    give_up = not err.transient and row["attempts"] + 1 >= 5
-                    self.store.outbox_result(row["id"], "failed" if give_up else "queued", redact(str(err)))
-                    self.blocked.add(_lane(row))
-                    self.stats["failed"] += 1
+                    self.failed(row, err)
         if again:       # fewer than before (at least one write failed): terminates
             self.release([r for r, _, _ in again if _lane(r) in self.blocked], None)
             again = [item for item in again if _lane(item[0]) not in self.blocked]
@@ -5408,8 +5382,7 @@ def status(c: Ctx, as_json: bool, show_all: bool) -> None:
     if not c.cfg.database_path.exists():      # a read never creates the database
         if as_json:
             _dump({"issues": [], "others": 0, "outbox": [], "api": [], "last_tick": None,
-                   "paused": {"by": "config", "reason": "runner.paused: true", "at": None} if c.cfg.runner.paused
-                   else None, "unrouted": []})
+                   "paused": runner_paused(c.cfg, None), "unrouted": []})
         else:
             click.echo(f"No tracked issues yet (no database at {c.cfg.database_path}; the first "
                        "`patchrelay tick` creates it).")
@@ -5702,7 +5675,8 @@ def why(c: Ctx, issue: str, as_json: bool) -> None:
     gate("Linear outbox", not queued, f"{len(queued)} queued, oldest {_age(lag)}" if queued else "empty")
     st = row["factory_state"]
     if active:
-        nxt = f"wait: {run_label(active['run_type'])} run {active['id']} is {active['status']}" +             ("" if alive else "; its worker is gone, the next tick resolves it")
+        nxt = f"wait: {run_label(active['run_type'])} run {active['id']} is {active['status']}" + \
+            ("" if alive else "; its worker is gone, the next tick resolves it")
     elif st in CLOSED_STATES:
         nxt = f"nothing: the issue is {st}; reopen or delegate it again in Linear to continue"
     elif row["pending_run_type"]:
