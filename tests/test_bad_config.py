@@ -3,7 +3,6 @@ no traceback, and nothing written where the owner said no.
 
 Every case runs the real CLI as a subprocess (`world.cli`), as cron would.
 """
-import copy
 import os
 import sqlite3
 import stat
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from test_intake import pause
 
 
 def one_line_error(p, code=2):
@@ -130,8 +131,7 @@ def test_database_path_at_a_directory_or_under_a_file_is_a_config_error(world):
 
 
 def test_a_read_only_database_is_respected_and_never_made_writable(world):
-    world.config["runner"]["paused"] = True
-    world.write_config()
+    pause(world)
     world.delegate()
     world.tick()
     db = Path(world.config["database"]["path"])

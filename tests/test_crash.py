@@ -69,7 +69,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PATCHRELAY
-from fakes.world import file_at, git, remote_branches
+from fakes.world import db_rows, file_at, git, last_events, remote_branches
 from test_intake import cli_inproc, tick_result
 from test_runs import held, say, tool
 
@@ -119,9 +119,7 @@ class Trial:
             lines += ["outbox:"] + [f"  {r}" for r in self.db(
                 "SELECT id, kind, status, attempts, lease_pid, lease_until, last_error, substr(payload, 1, 90) AS p "
                 "FROM outbox ORDER BY id")]
-            lines += ["last events:"] + [f"  {r['at'][11:23]} {r['issue_key']} run {r['run_id']} {r['level']} "
-                                         f"{r['kind']}: {r['message'][:200]}" for r in reversed(self.db(
-                "SELECT at, issue_key, run_id, level, kind, message FROM events ORDER BY id DESC LIMIT 40"))]
+            lines += last_events(self.world.state)
         except sqlite3.Error as e:
             lines.append(f"(database unreadable: {e})")
         for _, session in self.issues:
@@ -148,15 +146,7 @@ class Trial:
 
     # ---- SQLite, read-only
     def db(self, sql, args=()):
-        path = self.world.state / "patchrelay.sqlite"
-        if not path.exists():
-            return []
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-        con.row_factory = sqlite3.Row
-        try:
-            return [dict(r) for r in con.execute(sql, args)]
-        finally:
-            con.close()
+        return db_rows(self.world.state, sql, args)
 
     def wait(self, what, predicate, timeout=30, interval=0.02):
         deadline = time.time() + timeout

@@ -11,7 +11,6 @@ during a repair.
 """
 import collections
 import json
-import subprocess
 import time
 from pathlib import Path
 

@@ -9,19 +9,11 @@ import json
 import sqlite3
 import time
 
+from fakes.world import db_exec
 from test_intake import cli_inproc, pause, show, show_untracked, status, tick, user_mode
 from test_runs import say, tool, wait_done
 
 import patchrelay as pr
-
-
-def db_exec(world, sql, args=()):
-    con = sqlite3.connect(str(world.state / "patchrelay.sqlite"), timeout=10)
-    try:
-        with con:
-            con.execute(sql, args)
-    finally:
-        con.close()
 
 
 def cursor(world, stream):
@@ -59,7 +51,7 @@ def test_a_bad_issue_does_not_roll_back_the_others_and_is_named(world):
     pause(world)
     bad, _ = world.delegate()
     tick(world)
-    db_exec(world, "UPDATE issues SET factory_state = 'bogus' WHERE key = 'APP-1'")
+    db_exec(world.state, "UPDATE issues SET factory_state = 'bogus' WHERE key = 'APP-1'")
     before = cursor(world, "linear.poll.issues")
     world.linear.update_issue(bad, state="Done")
     _, s2 = world.delegate(title="Second thing")
@@ -156,7 +148,7 @@ def test_un_delegating_a_done_issue_is_seen_and_delegating_it_again_restarts_it(
     pause(world)
     issue, _ = world.delegate()
     tick(world)
-    db_exec(world, "UPDATE issues SET factory_state = 'done', pending_run_type = NULL WHERE key = 'APP-1'")
+    db_exec(world.state, "UPDATE issues SET factory_state = 'done', pending_run_type = NULL WHERE key = 'APP-1'")
     world.linear.update_issue(issue, delegate=None)
     tick(world)
     assert show(world, "APP-1")["issue"]["delegated"] == 0

@@ -34,6 +34,7 @@ import uuid
 
 import pytest
 
+from fakes.world import db_rows, last_events
 from test_intake import cli_inproc, show, tick_result
 from test_runs import say, tool
 
@@ -95,9 +96,7 @@ class Sequence:
                 "SELECT id, issue_id, run_type, status, attempt, failure_reason FROM runs ORDER BY id")]
             lines += ["inbox:"] + [f"  {r}" for r in self.db(
                 "SELECT id, issue_id, kind, run_id, delivered_at IS NOT NULL AS delivered, delivery FROM inbox")]
-            lines += ["last events:"] + [f"  {r['at'][11:23]} {r['issue_key']} run {r['run_id']} {r['level']} "
-                                         f"{r['kind']}: {r['message'][:200]}" for r in reversed(self.db(
-                "SELECT at, issue_key, run_id, level, kind, message FROM events ORDER BY id DESC LIMIT 40"))]
+            lines += last_events(self.world.state)
         except sqlite3.Error as e:
             lines.append(f"(database unreadable: {e})")
         logs = self.world.state / "logs"
@@ -112,12 +111,7 @@ class Sequence:
 
     # ---- reading SQLite (read-only, one snapshot per call)
     def db(self, sql, args=()):
-        con = sqlite3.connect(f"file:{self.world.state / 'patchrelay.sqlite'}?mode=ro", uri=True, timeout=10)
-        con.row_factory = sqlite3.Row
-        try:
-            return [dict(r) for r in con.execute(sql, args)]
-        finally:
-            con.close()
+        return db_rows(self.world.state, sql, args)
 
     def snapshot(self):
         con = sqlite3.connect(f"file:{self.world.state / 'patchrelay.sqlite'}?mode=ro", uri=True, timeout=10,

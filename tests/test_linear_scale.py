@@ -8,15 +8,13 @@ activities in the fake. bench/linear_scale.py prints the figures behind these pr
 import collections
 import contextlib
 import time
-from datetime import datetime, timedelta, timezone
-from email.utils import parsedate_to_datetime
 
 import pytest
-import requests
 
-from conftest import APP_TOKEN, World
-from fakes.linear import FakeLinear, _iso
-from test_intake import pause, show, status, tick
+from conftest import World
+from fakes.linear import FakeLinear
+from fakes.world import db_exec
+from test_intake import pause, status, tick
 
 MAX_TICKS = 30          # ticks an ingest may take
 IDLE_OVERLAP = 1.0      # linear.poll_overlap of the idle-cost tests (seconds)
@@ -188,19 +186,11 @@ def _write_tick_failed(world, n=3):
     return sessions
 
 
-def _outbox_set(world, sql, args=()):
-    import sqlite3
-    con = sqlite3.connect(str(world.state / "patchrelay.sqlite"), timeout=10)
-    with con:
-        con.execute(sql, args)
-    con.close()
-
-
 def test_a_write_linear_refuses_does_not_hold_back_the_others_in_its_request(world):
     """One acknowledgement goes to a session Linear no longer knows: Linear refuses that mutation; the other
     writes of the request still land (those after it are sent again), only the refused one is retried."""
     sessions = _write_tick_failed(world)
-    _outbox_set(world, "UPDATE outbox SET session_id = 'gone-session' WHERE kind = 'activity' AND session_id = ?",
+    db_exec(world.state, "UPDATE outbox SET session_id = 'gone-session' WHERE kind = 'activity' AND session_id = ?",
                 (sessions[1],))
     before = len(world.linear.requests)
     tick(world, check=None)

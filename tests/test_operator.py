@@ -1,6 +1,7 @@
 """Operator commands: pause / resume (global and per issue), release, and `why`."""
 import json
 
+from fakes.world import db_exec
 from test_intake import cli_inproc, pause as pause_runner, show, status, tick
 
 
@@ -76,17 +77,13 @@ def test_why_explains_an_untracked_issue_and_every_gate_of_a_tracked_one(world):
 def test_status_shows_what_needs_attention_and_list_reaches_the_rest(world):
     """At thousands of issues `status` stays short: open issues and those changed in the last day, with a count
     of the rest; `status --all` and `list [--state] [--project] [--limit]` reach every issue."""
-    import sqlite3
     pause_runner(world)
     for title in ("One", "Two", "Three"):
         world.delegate(title=title)
     tick(world)
-    con = sqlite3.connect(str(world.state / "patchrelay.sqlite"))
-    with con:
-        con.execute("UPDATE issues SET factory_state = 'done', pending_run_type = NULL, "
-                    "updated_at = '2020-01-01T00:00:00.000Z' WHERE key = 'APP-1'")
-        con.execute("UPDATE issues SET factory_state = 'done', pending_run_type = NULL WHERE key = 'APP-2'")
-    con.close()
+    db_exec(world.state, "UPDATE issues SET factory_state = 'done', pending_run_type = NULL, "
+                         "updated_at = '2020-01-01T00:00:00.000Z' WHERE key = 'APP-1'")
+    db_exec(world.state, "UPDATE issues SET factory_state = 'done', pending_run_type = NULL WHERE key = 'APP-2'")
     st = status(world)
     assert sorted(i["key"] for i in st["issues"]) == ["APP-2", "APP-3"] and st["others"] == 1, st
     text = cli_inproc(world, "status").output

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import APP_TOKEN
 from fakes.model import FakeModel
-from fakes.world import file_at, git, remote_branches
+from fakes.world import db_rows, file_at, git, remote_branches
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import patchrelay  # noqa: E402
@@ -46,12 +46,7 @@ def held(gate, then):
 
 
 def db(world, sql, args=()):
-    con = sqlite3.connect(str(world.state / "patchrelay.sqlite"), timeout=10)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute(sql, args)]
-    finally:
-        con.close()
+    return db_rows(world.state, sql, args)
 
 
 def runs(world):
