@@ -2828,7 +2828,7 @@ def repo_lock(repo: Path, timeout: float = 600) -> Iterator[None]:
 
 def ensure_worktree(project: ProjectConfig, branch: str, path: Path, attempts: int = 3) -> str:
     """Create or reuse the issue's worktree, under the repository's lock; a transient git failure (a
-    network hiccup during fetch) is retried before the run fails."""
+    network hiccup during fetch, a ref lock a killed worker left) is retried before the run fails."""
     repo = project.repo_path
     if not (repo / ".git").exists() and not (repo / "HEAD").exists():
         raise GitError(f"projects[{project.id}].repo_path: {repo} is not a git repository")
@@ -2844,37 +2844,81 @@ def ensure_worktree(project: ProjectConfig, branch: str, path: Path, attempts: i
     raise AssertionError("unreachable")
 
 
+STALE_REF_LOCK_AGE = 2.0      # seconds; git holds a ref lock for milliseconds
+
+
+def _clear_stale_ref_locks(repo: Path, refs: Iterable[str]) -> None:
+    """Remove the ref locks of `refs` (in the repository's common git directory) that a killed fetch or
+    `worktree add -b` left behind. Called under the repository's lock, where no PatchRelay git command writes
+    these refs; the age check leaves alone a lock a person's own git command holds right now."""
+    common = (repo / run_git(["rev-parse", "--git-common-dir"], repo).stdout.strip()).resolve()
+    for ref in refs:
+        lock = common / (ref + ".lock")
+        with contextlib.suppress(OSError):
+            if time.time() - lock.stat().st_mtime > STALE_REF_LOCK_AGE:
+                lock.unlink()
+                log.warning("%s: removed the stale lock %s (a git command was killed)", repo, lock)
+
+
+def _worktrees(repo: Path) -> set[Path]:
+    listed = run_git(["worktree", "list", "--porcelain"], repo).stdout
+    return {Path(line[9:]).resolve() for line in listed.splitlines() if line.startswith("worktree ")}
+
+
+def _partial(path: Path) -> Path:
+    """Where the issue's worktree is built before it is moved into place (so that `path` only ever
+    holds a complete checkout)."""
+    return path.with_name(f".{path.name}.partial")
+
+
 def _ensure_worktree(project: ProjectConfig, branch: str, path: Path) -> str:
     """Create or reuse the issue's worktree; never reset a branch that holds work (G-W2).
-    Returns how: 'reused', 'checked out local branch', 'tracked remote branch' or 'created'."""
+    Returns how: 'reused', 'checked out local branch', 'tracked remote branch' or 'created'.
+
+    Crash safety: the checkout is made at a hidden partial path and renamed into place only once complete,
+    so a worker killed inside `git worktree add` leaves a partial worktree, never a half-filled `path` that a
+    later run would reuse (and commit as deletions). Everything here runs under the repository's lock, so a
+    partial worktree found here is a leftover: it is removed, as are stale ref locks of the branch and base."""
     repo = project.repo_path
+    _clear_stale_ref_locks(repo, [f"refs/heads/{branch}", f"refs/remotes/origin/{project.base_branch}",
+                                  f"refs/remotes/origin/{branch}"])
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise GitError(f"worktree {path} exists but is not a directory")
-    listed = run_git(["worktree", "list", "--porcelain"], repo).stdout
-    registered = {Path(line[9:]).resolve() for line in listed.splitlines() if line.startswith("worktree ")}
+    registered = _worktrees(repo)
+    for leftover in [p for p in registered if p.name.startswith(".") and p.name.endswith(".partial")] + \
+            [_partial(path)]:
+        run_git(["worktree", "unlock", str(leftover)], repo, check=False)     # `add` locks it while it runs
+        run_git(["worktree", "remove", "--force", "--force", str(leftover)], repo, check=False)
+        shutil.rmtree(leftover, ignore_errors=True)
+    if path.exists() and path.resolve() not in registered and (path / ".git").is_file():
+        # killed between the rename and `worktree repair`: git still lists the partial path
+        run_git(["worktree", "repair", str(path)], repo, check=False)
+        registered = _worktrees(repo)
     if path.exists():
         if path.resolve() not in registered:
             raise GitError(f"worktree {path} exists but is not a worktree of {repo}; move it away")
-        if run_git(["rev-parse", "--verify", "--quiet", "HEAD"], path, check=False).returncode == 0:
+        if run_git(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"], path, check=False).returncode == 0:
             return "reused"
-        # a `worktree add` cut short (its worker was killed): nothing was ever committed there; start again
+        # git's placeholder HEAD (a checkout cut short by an older version): nothing was committed there
         run_git(["worktree", "remove", "--force", str(path)], repo, check=False)
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
     run_git(["worktree", "prune"], repo)
     path.parent.mkdir(parents=True, exist_ok=True)
     run_git(["fetch", "--quiet", "origin", project.base_branch], repo, timeout=300)
+    partial = _partial(path)
     if run_git(["rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"], repo, check=False).returncode == 0:
-        run_git(["worktree", "add", str(path), branch], repo)
-        return "checked out local branch"
-    remote = run_git(["ls-remote", "--heads", "origin", branch], repo, timeout=120).stdout.strip()
-    if remote:
+        how, add = "checked out local branch", [str(partial), branch]
+    elif run_git(["ls-remote", "--heads", "origin", branch], repo, timeout=120).stdout.strip():
         run_git(["fetch", "--quiet", "origin", f"+refs/heads/{branch}:refs/remotes/origin/{branch}"], repo,
                 timeout=300)
-        run_git(["worktree", "add", "--no-track", "-b", branch, str(path), f"origin/{branch}"], repo)
-        return "tracked remote branch"
-    run_git(["worktree", "add", "--no-track", "-b", branch, str(path), f"origin/{project.base_branch}"], repo)
-    return "created"
+        how, add = "tracked remote branch", ["--no-track", "-b", branch, str(partial), f"origin/{branch}"]
+    else:
+        how, add = "created", ["--no-track", "-b", branch, str(partial), f"origin/{project.base_branch}"]
+    run_git(["worktree", "add", *add], repo)
+    os.rename(partial, path)
+    run_git(["worktree", "repair", str(path)], repo)
+    return how
 
 
 def git_head(path: Path) -> str | None:
@@ -2922,10 +2966,14 @@ def commit_all(path: Path, message: str, runner: RunnerConfig) -> bool:
     return True
 
 
-def merge_base_into(path: Path, base: str, runner: RunnerConfig) -> list[str]:
-    """Fetch the base branch and merge it into the worktree's branch (no rebase, so no force-push is ever
-    needed). Returns the conflicted paths; on conflicts the markers stay for the agent to resolve."""
-    run_git(["fetch", "--quiet", "origin", base], path, timeout=300)
+def merge_base_into(path: Path, project: ProjectConfig, runner: RunnerConfig) -> list[str]:
+    """Fetch the base branch (under the repository's lock, like every fetch) and merge it into the
+    worktree's branch (no rebase, so no force-push is ever needed). Returns the conflicted paths; on
+    conflicts the markers stay for the agent to resolve."""
+    base = project.base_branch
+    with repo_lock(project.repo_path):
+        _clear_stale_ref_locks(project.repo_path, [f"refs/remotes/origin/{base}"])
+        run_git(["fetch", "--quiet", "origin", base], path, timeout=300)
     ident = ["-c", f"user.name={runner.git_author_name}", "-c", f"user.email={runner.git_author_email}"]
     has_ident = run_git(["config", "user.email"], path, check=False).returncode == 0
     p = run_git([*([] if has_ident else ident), "merge", "--no-edit", "--no-ff", f"origin/{base}"], path, check=False,
@@ -4962,7 +5010,7 @@ def drive_run(cfg: Config, store: Store, run_id: int, echo: Callable[[str], None
         if run_hook(project, cfg, "prepare-worktree", worktree, hook_env, hook_started):
             echo("prepare-worktree hook passed")
         if run["run_type"] == "queue_repair":
-            conflicts = merge_base_into(worktree, project.base_branch, cfg.runner)
+            conflicts = merge_base_into(worktree, project, cfg.runner)
             note = (f"Merging `{project.base_branch}` stopped on conflicts in: {', '.join(conflicts)}." if conflicts
                     else f"`{project.base_branch}` merged cleanly; check that everything still works together.")
             ctx = json.loads(run.get("context") or "{}")

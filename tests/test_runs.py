@@ -788,6 +788,49 @@ def test_failing_prepare_worktree_hook_fails_the_run_with_its_stderr(world):
     assert BRANCH not in remote_branches(world.bare)
 
 
+def _changed_on_origin(world):
+    return set(git(world.bare, "diff", "--name-only", f"main..{BRANCH}").split())
+
+
+def test_leftovers_of_a_worker_killed_while_preparing_the_worktree_are_cleared(world):
+    """A worker killed inside `git worktree add` leaves a half-filled, locked partial worktree holding the
+    branch, and a killed fetch leaves a ref lock: the next run clears both and starts from a full checkout."""
+    tracked = git(world.repo, "ls-files").split()
+    partial = world.tmp / "worktrees" / ".APP-1.partial"
+    git(world.repo, "fetch", "-q", "origin")
+    git(world.repo, "worktree", "add", "-q", "--no-track", "-b", BRANCH, partial, "origin/main")
+    git(world.repo, "worktree", "lock", partial)               # `worktree add` holds this lock while it runs
+    for name in tracked:                                       # the checkout was cut short
+        (partial / name).unlink()
+    lock = world.repo / ".git" / "refs" / "remotes" / "origin" / "main.lock"
+    lock.write_text("")
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    world.use_codex([tool("echo hello > hello.txt"), say("Added hello.txt.")])
+    world.delegate()
+    world.tick()
+    s = wait_done(world)
+    assert s["issue"]["factory_state"] == "ready_for_pr", s["runs"]
+    assert not partial.exists() and not lock.exists()
+    assert "checked out local branch" in " ".join(e["message"] for e in s["events"] if e["kind"] == "git")
+    for name in tracked:
+        assert (world.tmp / "worktrees" / "APP-1" / name).exists(), name
+    assert _changed_on_origin(world) == {"hello.txt"}          # nothing committed as deleted
+    assert str(partial) not in git(world.repo, "worktree", "list")
+
+
+def test_a_worktree_with_gits_placeholder_head_is_rebuilt_not_reused(world):
+    path = world.tmp / "worktrees" / "APP-1"
+    git(world.repo, "worktree", "add", "-q", "--detach", path, "HEAD")
+    (world.repo / ".git" / "worktrees" / "APP-1" / "HEAD").write_text("0" * 40 + "\n")   # a checkout cut short
+    world.use_codex([tool("echo hello > hello.txt"), say("Added hello.txt.")])
+    world.delegate()
+    world.tick()
+    s = wait_done(world)
+    assert s["issue"]["factory_state"] == "ready_for_pr", s["runs"]
+    assert "created" in " ".join(e["message"] for e in s["events"] if e["kind"] == "git")
+    assert _changed_on_origin(world) == {"hello.txt"}
+
+
 # ----------------------------------------------------------------------------- secrets
 def test_codex_never_sees_the_tokens_and_nothing_stores_them(world):
     gh_cli_token = "gho_othertoken1111111111111111111111"
