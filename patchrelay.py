@@ -58,8 +58,12 @@ log = logging.getLogger("patchrelay")
 
 
 class PatchRelayError(Exception):
-    """Base error: `str(err)` is the one line the CLI prints."""
+    """Base error: `str(err)` is the one line the CLI prints, stored and sent: redacted when it is made, so
+    no secret an API or a tool echoed back travels further."""
     exit_code = 1
+
+    def __init__(self, *args: Any):
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 class ConfigError(PatchRelayError):
@@ -989,12 +993,16 @@ def check_database_path(path: Path) -> None:
             break
 
 
+def read_only_file(path: Path) -> bool:
+    """A file its owner made read-only (root may write anyway; PatchRelay respects the owner's choice)."""
+    return path.exists() and (not os.access(path, os.W_OK) or not path.stat().st_mode & stat.S_IWUSR)
+
+
 class Store:
     def __init__(self, path: Path, readonly: bool = False):
         self.path = Path(path)
         check_database_path(self.path)
-        if not readonly and self.path.exists() and (not os.access(self.path, os.W_OK)
-                                                    or not self.path.stat().st_mode & stat.S_IWUSR):
+        if not readonly and read_only_file(self.path):
             raise StoreError(f"database.path: {self.path} is read-only; PatchRelay will not write to it "
                              "(make it writable again with `chmod u+w` if that was not meant)")
         try:
@@ -1816,7 +1824,10 @@ class LinearClient:
 
     @_shaped
     def issue(self, id_or_key: str) -> LinearIssue | None:
-        n = self.query(Q_ISSUE, {"id": id_or_key}).get("issue")
+        data = self.query(Q_ISSUE, {"id": id_or_key})
+        if "issue" not in data:
+            raise LinearError(f"Linear PatchRelayIssue ({self.host}): response without issue", transient=True)
+        n = data["issue"]
         return _issue(n) if n else None
 
     def activities(self, session_id: str, since: str | None) -> list[LinearActivity]:
@@ -3785,7 +3796,10 @@ def tick_lock(cfg: Config) -> Iterator[None]:
     check_database_path(cfg.database_path)
     _secure_dir(cfg.state_dir)
     path = Path(str(cfg.database_path) + ".tick.lock")
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError as e:
+        raise StoreError(f"database.path: cannot create the tick lock {path}: {e.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -5278,10 +5292,23 @@ class Ctx:
             self._cfg = load_config(self.config_path)
         return self._cfg
 
-    def store(self, readonly: bool = False) -> Store:
+    def store(self, readonly: bool = False, verify: bool = False) -> Store:
+        """The database. `verify`: an operator's write (pause, retry, ...) first checks that the file is
+        sound (PRAGMA quick_check), so a damaged database is never written to by hand."""
         if self._store is None:
             self._store = Store(self.cfg.database_path, readonly=readonly)
+            if verify:
+                check = self._store.quick_check()
+                if check != "ok":
+                    raise StoreError(f"database.path: {self.cfg.database_path} is damaged ({one_line(check, 160)}); "
+                                     "nothing written (`patchrelay doctor` says what to do)")
         return self._store
+
+    def has_database(self) -> bool:
+        """Whether the database exists (a read never creates it); a database.path that cannot be one is an
+        error here too."""
+        check_database_path(self.cfg.database_path)
+        return self.cfg.database_path.exists()
 
 
 def _issue_or_fail(store: Store, key: str) -> dict:
@@ -5392,7 +5419,7 @@ def _issue_item(r: Mapping[str, Any]) -> dict:
 
 
 def _issue_table(issues: list[dict]) -> str:
-    return tabulate([[i["key"], one_line(i["title"], 40), i["linear_state"] or "", i["factory_state"],
+    return tabulate([[i["key"], shown(one_line(i["title"]), 40), i["linear_state"] or "", i["factory_state"],
                       i["pending_run"] or "",
                       f"{i['active_run']['type']} #{i['active_run']['id']} {i['active_run']['status']}"
                       if i["active_run"] else "",
@@ -5411,7 +5438,7 @@ def _issue_table(issues: list[dict]) -> str:
 @click.pass_obj
 def list_issues(c: Ctx, state: str | None, project: str | None, limit: int | None, as_json: bool) -> None:
     """Every tracked issue (closed ones too), most recently changed first."""
-    rows = [] if not c.cfg.database_path.exists() else \
+    rows = [] if not c.has_database() else \
         c.store(readonly=True).issues_listed(state=state, project=project, limit=limit)
     issues = [_issue_item(r) for r in rows]
     if as_json:
@@ -5427,7 +5454,7 @@ def list_issues(c: Ctx, state: str | None, project: str | None, limit: int | Non
 def status(c: Ctx, as_json: bool, show_all: bool) -> None:
     """What needs attention: open issues and those changed in the last day (a count of the rest; `--all` or
     `list` shows them), queued Linear messages, API budget, last tick (from SQLite only)."""
-    if not c.cfg.database_path.exists():      # a read never creates the database
+    if not c.has_database():      # a read never creates the database
         if as_json:
             _dump({"issues": [], "others": 0, "outbox": [], "api": [], "last_tick": None,
                    "paused": runner_paused(c.cfg, None), "unrouted": []})
@@ -5515,7 +5542,7 @@ def show(c: Ctx, issue: str, as_json: bool) -> None:
             return
         click.echo(f"{issue.upper()}: not tracked by PatchRelay\n\nEvents:")
         for e in evs:
-            click.echo(f"  {e['at']} {e['level']:5} {e['kind']:9} {e['message']}")
+            click.echo(f"  {e['at']} {e['level']:5} {e['kind']:9} {shown(e['message'], 500)}")
         return
     runs = [{k: r[k] for k in ("id", "run_type", "status", "attempt", "trigger", "thread_id", "claimed_at",
                                "started_at", "ended_at", "failure_reason", "summary", "worker_pid")}
@@ -5535,11 +5562,11 @@ def show(c: Ctx, issue: str, as_json: bool) -> None:
     if as_json:
         _dump({"issue": row, "pull_request": pull, "runs": runs, "events": events, "outbox": outbox, "inbox": inbox})
         return
-    click.echo(f"{row['key']}  {row['title']}")
+    click.echo(f"{row['key']}  {shown(one_line(row['title']), 200)}")
     for k in ("url", "project_id", "linear_state", "factory_state", "delegated", "pending_run_type",
               "agent_session_id", "branch", "worktree", "thread_id", "retries"):
         if row.get(k) not in (None, ""):
-            click.echo(f"  {k}: {row[k]}")
+            click.echo(f"  {k}: {shown(row[k], 300)}")
     if pull:
         click.echo(f"\nPull request #{pull['number']} ({pull['state']}): {pull['url']}")
         click.echo(f"  head: {pull['head_sha'] or '?'}   checks: {pull['ci'] or '?'}   review: "
@@ -5551,16 +5578,16 @@ def show(c: Ctx, issue: str, as_json: bool) -> None:
     if runs:
         click.echo("\nRuns:")
         click.echo(tabulate([[r["id"], r["run_type"], r["status"], r["started_at"] or r["claimed_at"],
-                              one_line(r["failure_reason"] or r["summary"], 70)] for r in runs],
+                              shown(one_line(r["failure_reason"] or r["summary"]), 70)] for r in runs],
                             headers=["run", "type", "status", "started", "summary / reason"]))
     if inbox:
         click.echo("\nMessages for the agent:")
         for m in inbox:
-            click.echo(f"  [{m['kind']}] {m['author'] or m['source']}: {one_line(m['body'], 80)}"
+            click.echo(f"  [{m['kind']}] {shown(m['author'] or m['source'], 60)}: {shown(one_line(m['body']), 80)}"
                        f"  ({m['delivery'] or 'pending'})")
     click.echo("\nEvents:")
     for e in events:
-        click.echo(f"  {e['at']} {e['level']:5} {e['kind']:9} {e['message']}")
+        click.echo(f"  {e['at']} {e['level']:5} {e['kind']:9} {shown(e['message'], 500)}")
 
 
 @cli.command()
@@ -5622,7 +5649,7 @@ def _who() -> str:
 @click.pass_obj
 def pause(c: Ctx, issue: str | None, reason: str) -> None:
     """Launch nothing (or nothing for ISSUE) until `resume`; tracking and Linear answers go on."""
-    store = c.store()
+    store = c.store(verify=True)
     record = json.dumps({"by": _who(), "at": iso(), "reason": reason})
     with store.tx():
         if issue is None:
@@ -5640,7 +5667,7 @@ def pause(c: Ctx, issue: str | None, reason: str) -> None:
 @click.pass_obj
 def resume(c: Ctx, issue: str | None) -> None:
     """Undo `pause` (global, or for ISSUE)."""
-    store = c.store()
+    store = c.store(verify=True)
     with store.tx():
         if issue is None:
             store.meta_set("runner.paused", json.dumps(None))   # also overrides runner.paused in the config
@@ -5658,7 +5685,7 @@ def resume(c: Ctx, issue: str | None) -> None:
 @click.pass_obj
 def release(c: Ctx, issue: str, reason: str) -> None:
     """Stop tracking ISSUE: its pending run is dropped and the Linear session is told why."""
-    store = c.store()
+    store = c.store(verify=True)
     with store.tx():
         row = _issue_or_fail(store, issue)
         if row["active_run_id"]:
@@ -5763,7 +5790,7 @@ def why(c: Ctx, issue: str, as_json: bool) -> None:
 @click.pass_obj
 def stop(c: Ctx, issue: str) -> None:
     """Interrupt ISSUE's active run (or drop its pending run)."""
-    store = c.store()
+    store = c.store(verify=True)
     with store.tx():       # read and decide in one transaction: a tick claiming meanwhile cannot slip between
         row = _issue_or_fail(store, issue)
         if not row["active_run_id"] and not row["pending_run_type"]:
@@ -5781,7 +5808,7 @@ def stop(c: Ctx, issue: str) -> None:
 @click.pass_obj
 def retry(c: Ctx, issue: str, run_type: str, reason: str, as_json: bool) -> None:
     """Queue a new run for ISSUE; the next tick launches it."""
-    store = c.store()
+    store = c.store(verify=True)
     with store.tx():       # read and decide in one transaction (see `stop`)
         out = _queue_retry(store, issue, run_type, reason)
     if as_json:
@@ -5932,6 +5959,10 @@ def open_cmd(c: Ctx, issue: str, print_only: bool, as_json: bool) -> None:
         raise CodexError(f"codex.bin: cannot run {argv[0]}: {e.strerror}") from None
 
 
+class _Reported(Exception):
+    """A doctor check that has already added its line."""
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
@@ -5949,6 +5980,13 @@ def doctor(c: Ctx, as_json: bool) -> None:
         cfg = None
     if cfg:
         try:
+            if read_only_file(cfg.database_path):
+                ro = Store(cfg.database_path, readonly=True)
+                check = ro.quick_check()
+                ro.close()
+                add("FAIL", "database", f"{cfg.database_path} is read-only (quick_check {one_line(check, 120)}); "
+                                        "PatchRelay will not write to it: `chmod u+w` it if that was not meant")
+                raise _Reported()
             store = Store(cfg.database_path)
             check = store.quick_check()
             if check != "ok":
@@ -5960,6 +5998,8 @@ def doctor(c: Ctx, as_json: bool) -> None:
                 add("PASS", "database", f"{cfg.database_path} writable (schema v{store.schema_version()}, "
                                         "quick_check ok)")
             store.close()
+        except _Reported:
+            pass
         except (StoreError, ConfigError) as e:
             add("FAIL", "database", str(e))
         except sqlite3.Error as e:

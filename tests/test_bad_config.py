@@ -126,8 +126,18 @@ def test_database_path_at_a_directory_or_under_a_file_is_a_config_error(world):
     f.write_text("x")
     world.config["database"]["path"] = str(f / "db.sqlite")
     world.write_config()
-    line = one_line_error(world.cli("tick"))
-    assert "database.path" in line and "which is a file" in line
+    for cmd in (["tick"], ["status"], ["list"]):           # reads name the bad path too, not "no database yet"
+        line = one_line_error(world.cli(*cmd))
+        assert "database.path" in line and "which is a file" in line, (cmd, line)
+
+
+def test_a_database_where_nothing_can_be_created_is_one_line(world):
+    # /proc refuses new files even to root: the tick's lock file cannot be made next to the database
+    world.config["database"]["path"] = "/proc/patchrelay.sqlite"
+    world.write_config()
+    for cmd in (["tick"], ["retry", "APP-1"]):
+        line = one_line_error(world.cli(*cmd), 1)
+        assert "/proc/patchrelay" in line, (cmd, line)
 
 
 def test_a_read_only_database_is_respected_and_never_made_writable(world):
@@ -173,3 +183,47 @@ def test_a_database_with_corrupt_pages_is_one_line_everywhere_and_doctor_says_so
     import json
     checks = {c["scope"]: c for c in json.loads(p.stdout)["checks"]}
     assert checks["database"]["level"] == "FAIL"
+
+
+def test_an_operator_write_to_a_database_damaged_off_to_the_side_is_refused(world):
+    """Only an index is damaged: APP-1's row still reads, but pause and retry write nothing into the file."""
+    pause(world)
+    for n in range(40):
+        world.linear.add_issue(world.team, f"Issue {n} " + "x" * 200, delegate=world.app, creator=world.alice)
+    world.tick()
+    db = Path(world.config["database"]["path"])
+    con = sqlite3.connect(str(db))
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    pages = [r[0] for r in con.execute("SELECT rootpage FROM sqlite_master WHERE type = 'index' AND rootpage > 0 "
+                                       "AND name IN ('events_at', 'seen_at')")]
+    page = con.execute("PRAGMA page_size").fetchone()[0]
+    con.close()
+    assert pages
+    data = bytearray(db.read_bytes())
+    for root in pages:
+        at = (root - 1) * page
+        data[at + 8:at + page] = os.urandom(page - 8)
+    db.write_bytes(bytes(data))
+    before = db.read_bytes()
+    assert world.cli("show", "APP-1").returncode == 0            # the damage is off to the side
+    for cmd in (["retry", "APP-1"], ["pause", "APP-2", "--reason", "x"], ["stop", "APP-1"]):
+        line = one_line_error(world.cli(*cmd), 1)
+        assert "damaged" in line and str(db) in line, (cmd, line)
+    assert db.read_bytes() == before                              # nothing was written
+    assert not Path(str(db) + "-wal").exists() or Path(str(db) + "-wal").stat().st_size == 0
+
+
+def test_doctor_checks_a_read_only_database_too(world):
+    pause(world)
+    world.delegate()
+    world.tick()
+    db = Path(world.config["database"]["path"])
+    os.chmod(db, 0o444)
+    try:
+        import json
+        p = world.cli("doctor", "--json")
+        checks = {c["scope"]: c for c in json.loads(p.stdout)["checks"]}
+        assert checks["database"]["level"] == "FAIL"
+        assert "read-only" in checks["database"]["message"] and "quick_check ok" in checks["database"]["message"]
+    finally:
+        os.chmod(db, 0o600)

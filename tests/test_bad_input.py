@@ -40,3 +40,52 @@ def test_a_linear_issue_url_works_where_a_key_does(world):
 def test_run_of_an_issue_linear_does_not_know_names_the_key(world):
     r = cli_inproc(world, "run", "NOPE-1")
     assert r.exit_code == 2 and r.stderr.strip() == "patchrelay: issue NOPE-1: not found in Linear", r.stderr
+
+
+@pytest.mark.parametrize("body", [{"data": {}}, {"data": None}, "boom", {"errors": "boom"}])
+def test_run_when_linear_answers_the_issue_lookup_with_an_odd_shape_is_an_error_not_not_found(world, body):
+    world.linear.reply_next(body, 9, operation="PatchRelayIssue")
+    r = cli_inproc(world, "run", "NOPE-1")
+    assert r.exit_code == 1, (r.exit_code, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "PatchRelayIssue" in lines[0] and "not found" not in lines[0], r.stderr
+
+
+def test_tick_without_the_linear_token_is_a_config_error_exit_2(world):
+    p = world.cli("tick", env={"LINEAR_API_KEY": None})
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "LINEAR_API_KEY" in lines[0] and "Traceback" not in p.stderr, p.stderr
+
+
+def test_a_tick_whose_process_is_gone_shows_as_interrupted(world):
+    import json
+    import sqlite3
+    import subprocess
+    pause(world)
+    tick(world)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    con = sqlite3.connect(str(world.state / "patchrelay.sqlite"))
+    with con:
+        con.execute("UPDATE ticks SET result = NULL, ended_at = NULL, pid = ?, pid_started = 'x' "
+                    "WHERE id = (SELECT MAX(id) FROM ticks)", (dead.pid,))
+    con.close()
+    st = json.loads(world.cli("status", "--json", check=0).stdout)
+    assert st["last_tick"]["result"] == "interrupted", st["last_tick"]
+
+
+def test_a_token_of_any_shape_is_redacted_where_linear_echoes_it(world):
+    """The configured token itself, not only token-shaped strings, never reaches stderr or the database."""
+    plain = "plainsecret42xyz"
+    world.linear.add_token(plain, world.app)
+    world.linear.reply_next({"errors": [{"message": f"bad header Authorization={plain} rejected"}]}, 9,
+                            operation="PatchRelayPoll")
+    p = world.cli("tick", env={"LINEAR_API_KEY": plain})
+    assert "PatchRelayPoll" in p.stderr and plain not in p.stdout + p.stderr, p.stderr
+    world.linear.reply_next({"errors": [{"message": f"token {plain[::-1][::-1]} is odd"}]}, 9,
+                            operation="PatchRelayPoll")
+    p = world.cli("tick", env={"LINEAR_API_KEY": plain})
+    assert plain not in p.stdout + p.stderr, p.stderr
+    raw = b"".join(f.read_bytes() for f in world.state.rglob("*") if f.is_file())
+    assert plain.encode() not in raw

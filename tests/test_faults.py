@@ -18,6 +18,9 @@ import pytest
 from test_intake import pause, show, status, tick
 
 READS = ["PatchRelayViewer", "PatchRelayPoll", "PatchRelaySessionActivities", "PatchRelayComments"]
+# Reads a first tick does not make: a healthy tick goes first (it tracks the issue; the next tick reads its
+# comment history), and the activities read needs more new activities than come with the session.
+LATER = {"PatchRelayComments", "PatchRelaySessionActivities"}
 WRITES = ["PatchRelayWrites", "PatchRelayIssueStates", "PatchRelayMoveIssue"]   # activity + plan go batched
 
 FAULTS = {
@@ -40,6 +43,11 @@ FAULTS = {
 }
 
 
+def picked_up(world, session):
+    return [a for a in world.linear.activities(session)
+            if a["content"]["type"] == "thought" and a["content"].get("body", "").startswith("Picked up")]
+
+
 def leased_rows(world):
     con = sqlite3.connect(str(world.state / "patchrelay.sqlite"), timeout=10)
     try:
@@ -55,9 +63,15 @@ def test_a_bad_linear_answer_is_one_line_and_nothing_is_lost_or_done_twice(world
     world.write_config()
     pause(world)
     issue, session = world.delegate()
+    if op in LATER:
+        tick(world)
+    if op == "PatchRelaySessionActivities":
+        for n in range(7):
+            world.linear.add_prompt(session, world.alice, f"one more thing ({n})")
     FAULTS[kind](world.linear, op)
 
     r = tick(world, check=None)
+    assert op in world.linear.faults_taken, f"the fault on {op} never fired: {world.linear.operations()[-6:]}"
     out = r.stdout + r.stderr
     assert "Traceback" not in out, out
     assert r.returncode in (0, 1), out
@@ -74,14 +88,14 @@ def test_a_bad_linear_answer_is_one_line_and_nothing_is_lost_or_done_twice(world
     assert [i["key"] for i in st["issues"]] == ["APP-1"], (kind, op, st)
     s = show(world, "APP-1")
     assert s["issue"]["pending_run_type"] == "implementation" and s["runs"] == []
-    acks = [a for a in world.linear.activities(session) if a["content"]["type"] == "thought"]
+    acks = picked_up(world, session)
     assert len(acks) == 1, (kind, op, [a["content"] for a in acks])
     assert st["outbox"] == [], st["outbox"]
     before = json.dumps(show(world, "APP-1")["issue"], sort_keys=True)
     tick(world)
     after = show(world, "APP-1")["issue"]
     assert after["pending_run_type"] == "implementation" and after["factory_state"] == "delegated"
-    assert len([a for a in world.linear.activities(session) if a["content"]["type"] == "thought"]) == 1
+    assert len(picked_up(world, session)) == 1
     assert json.loads(before)["factory_state"] == after["factory_state"]
 
 

@@ -240,6 +240,7 @@ class FakeLinear:
         self.requests, self.validation_errors, self.deprecations = [], [], []
         self.issue_updates, self.plans, self.complexity_warnings = [], {}, []
         self._faults = []
+        self.faults_taken = []      # the operation names of the requests a fault was applied to
         self._seq = 0
         self._sync_id = 1000
         self._clock_offset = timedelta(0)
@@ -545,6 +546,7 @@ class FakeLinear:
                     f["left"] -= 1
                     if f["left"] <= 0:
                         self._faults.remove(f)
+                    self.faults_taken.append(f["operation"] or "/".join(sorted(names)))
                     return f
         return None
 
