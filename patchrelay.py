@@ -36,6 +36,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -1553,6 +1554,10 @@ Q_COMMENTS = """query PatchRelayComments($filter: CommentFilter, $after: String)
 
 Q_VIEWER = "query PatchRelayViewer { viewer { id name app } }"
 
+Q_DELEGATED = """query PatchRelayDelegated($filter: IssueFilter) {
+  issues(first: 250, filter: $filter) { pageInfo { hasNextPage } nodes { id } }
+}"""
+
 _ACTIVITY_FIELDS = """id createdAt signal user { id name email app }
         content { __typename ... on AgentActivityPromptContent { body } ... on AgentActivityThoughtContent { body }
           ... on AgentActivityResponseContent { body } ... on AgentActivityErrorContent { body }
@@ -1836,6 +1841,15 @@ class LinearClient:
         out = [_activity(n, session_id) for n in nodes]
         out.sort(key=lambda a: (a.created_at, a.id))
         return out
+
+    def delegated_count(self, filt: dict) -> tuple[int, bool]:
+        """How many open issues a delegation filter matches (up to 250; True when there are more)."""
+        data = self.query(Q_DELEGATED, {"filter": filt})
+        conn = data.get("issues")
+        if not isinstance(conn, dict) or not isinstance(conn.get("nodes"), list):
+            raise LinearError(f"Linear PatchRelayDelegated ({self.host}): response without issues.nodes",
+                              transient=True)
+        return len(conn["nodes"]), bool((conn.get("pageInfo") or {}).get("hasNextPage"))
 
     # ---- the poll (one request when nothing changed) and its follow-up pages
     @_shaped
@@ -2764,6 +2778,77 @@ class AppServer:
         self._stderr.close()
 
 
+SUPPORTED_CODEX = "0.169.0"     # the app-server protocol this PatchRelay speaks (codex-protocol/0.169.0)
+
+
+def probe_codex(cfg: Config, workdir: Path) -> list[tuple[str, str]]:
+    """Prove that a run can work: start `codex app-server` as a run would (same environment, tokens
+    stripped), complete the handshake, read the account and the model provider's key variable, and run a
+    command in the configured sandbox (in `workdir`). [(level, message)]; every FAIL names its fix."""
+    out: list[tuple[str, str]] = []
+    path = shutil.which(cfg.codex.bin)
+    if not path:
+        return [("FAIL", f"codex.bin: {cfg.codex.bin} not found on PATH; install it with "
+                         f"`npm install -g @openai/codex@{SUPPORTED_CODEX}` or set codex.bin to its path")]
+    env = stripped_child_env(cfg, {"CODEX_HOME": str(cfg.codex.home)} if cfg.codex.home else {})
+    try:
+        ver = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, env=env)
+        version = (ver.stdout.strip() or ver.stderr.strip()).split()[-1] if (ver.stdout or ver.stderr) else "?"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return [("FAIL", f"{path} --version failed: {e}; reinstall Codex")]
+    out.append(("PASS" if version == SUPPORTED_CODEX else "WARN",
+                f"{path}: codex {version}" + ("" if version == SUPPORTED_CODEX else
+                                              f" (PatchRelay speaks the protocol of {SUPPORTED_CODEX}; "
+                                              f"`npm install -g @openai/codex@{SUPPORTED_CODEX}`)")))
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "app-server.log"
+    try:
+        server = AppServer(cfg, workdir, log_path)
+    except CodexError as e:
+        return out + [("FAIL", str(e))]
+    try:
+        server.initialize()
+        acct = server.request("account/read", {"refreshToken": False})
+        conf = (server.request("config/read", {}).get("config") or {})
+    except CodexError as e:
+        return out + [("FAIL", f"codex app-server handshake failed: {e} (its log: {log_path})")]
+    finally:
+        server.close()
+    provider = conf.get("model_provider") or "openai"
+    account = acct.get("account") or {}
+    if acct.get("requiresOpenaiAuth") and not account:
+        out.append(("FAIL", f"codex app-server: not logged in (model provider {provider}); run `codex login` (or "
+                            "`codex login --with-api-key`) as this user" +
+                            (f" with CODEX_HOME={cfg.codex.home}" if cfg.codex.home else "")))
+    else:
+        how = f"{account.get('type')} account" if account else f"model provider {provider}, no OpenAI login needed"
+        out.append(("PASS", f"codex app-server handshake ok ({how})"))
+    key = ((conf.get("model_providers") or {}).get(provider) or {}).get("env_key")
+    if key and not env.get(key):
+        out.append(("FAIL", f"model provider {provider} reads its key from ${key}, which is not set in "
+                            "PatchRelay's environment: add it to the environment file of the service "
+                            "(`patchrelay service install` creates one) or export it"))
+    if cfg.codex.sandbox != "danger-full-access" and sys.platform.startswith("linux"):
+        if not shutil.which("bwrap", path=env.get("PATH")):
+            out.append(("WARN", "bubblewrap (bwrap) is not on PATH; Codex falls back to its bundled copy: "
+                                "install it (`apt install bubblewrap`)"))
+        probe = "echo ok > sandbox-probe.txt" if cfg.codex.sandbox == "workspace-write" else "true"
+        try:
+            p = subprocess.run([path, "sandbox", "-c", f'sandbox_mode="{cfg.codex.sandbox}"', "--", "sh", "-c", probe],
+                               capture_output=True, text=True, timeout=60, env=env, cwd=str(workdir))
+            said = [ln for ln in (p.stderr or p.stdout).splitlines() if ln.strip() and not ln.startswith("WARNING")]
+            ok = p.returncode == 0 and (cfg.codex.sandbox != "workspace-write"
+                                        or (workdir / "sandbox-probe.txt").exists())
+            out.append(("PASS", f"sandbox {cfg.codex.sandbox} runs commands") if ok else
+                       ("FAIL", f"sandbox {cfg.codex.sandbox} cannot run a command: "
+                                f"{one_line(' '.join(said[-2:]), 200) or f'exit {p.returncode}'}; Codex's Linux "
+                                "sandbox needs bubblewrap and unprivileged user namespaces "
+                                "(`apt install bubblewrap`; `sysctl kernel.unprivileged_userns_clone=1`)"))
+        except (OSError, subprocess.TimeoutExpired) as e:
+            out.append(("FAIL", f"sandbox {cfg.codex.sandbox}: {e}"))
+    return out
+
+
 def text_input(text: str) -> list[dict]:
     return [{"type": "text", "text": text, "text_elements": []}]
 
@@ -2930,6 +3015,30 @@ def _ensure_worktree(project: ProjectConfig, branch: str, path: Path) -> str:
     os.rename(partial, path)
     run_git(["worktree", "repair", str(path)], repo)
     return how
+
+
+def github_repo_of(url: str) -> str | None:
+    """owner/name of a github.com remote URL (https, ssh or scp-like); None for anything else."""
+    m = re.fullmatch(r"(?:https://(?:[^@/]+@)?github\.com/|(?:ssh://)?git@github\.com[:/])([^/]+/[^/]+?)(?:\.git)?/?",
+                     url.strip())
+    return m.group(1) if m else None
+
+
+def probe_push(cfg: Config, project: ProjectConfig) -> tuple[str, str]:
+    """Whether PatchRelay can push a branch: `git push --dry-run` of the base branch to a throwaway ref name,
+    with the credentials a run's push uses. Nothing is created on the remote."""
+    repo = project.repo_path
+    url = run_git(["remote", "get-url", "origin"], repo).stdout.strip()
+    ref = f"refs/heads/{project.branch_prefix}/patchrelay-doctor-probe"
+    src = f"refs/remotes/origin/{project.base_branch}"
+    if run_git(["rev-parse", "--verify", "--quiet", src], repo, check=False).returncode != 0:
+        src = f"refs/heads/{project.base_branch}"
+    p = run_git(["push", "--dry-run", "--quiet", "origin", f"{src}:{ref}"], repo, env=git_push_env(cfg, url),
+                timeout=60, check=False)
+    if p.returncode == 0:
+        return "PASS", f"can push branches to origin ({redact(url)})"
+    return "FAIL", (f"cannot push to origin ({redact(url)}): {one_line(redact(p.stderr or p.stdout), 200)}; give the "
+                    "GitHub token (or this user's git credentials) write access to the repository")
 
 
 def git_head(path: Path) -> str | None:
@@ -3875,6 +3984,14 @@ def _minus(ts: str | None, seconds: float) -> str | None:
     return iso(t - dt.timedelta(seconds=seconds)) if t else None
 
 
+def delegation_rule(cfg: Config, app_mode: bool) -> str:
+    """The delegation rule in words."""
+    if app_mode:
+        return "delegated to the app"
+    return " or ".join({"delegate": "delegated to you", "assignee": "assigned to you",
+                        "label": f"labelled {cfg.linear.delegation_label}"}[d] for d in cfg.linear.delegation)
+
+
 def delegated_filter(cfg: Config, ident: Identity) -> dict:
     """The open issues the delegation rule gives us, in the routed teams (the first poll)."""
     who: list[dict] = [{"delegate": {"isMe": {"eq": True}}}]
@@ -4793,10 +4910,7 @@ def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
                      f"up to {writes} write(s) to send")
             taken = (report["steps"].get("intake") or {}).get("queued") or []
             if taken:
-                mode = store.meta_get("linear.mode") or "?"
-                rule = "delegated to the app" if mode == "app" else \
-                    " or ".join({"delegate": "delegated to you", "assignee": "assigned to you",
-                                 "label": f"labelled {cfg.linear.delegation_label}"}[d] for d in cfg.linear.delegation)
+                rule = delegation_rule(cfg, store.meta_get("linear.mode") == "app")
                 ctx.note(f"would take {len(taken)} issue(s) ({rule})")
         else:
             step("publish", lambda c: publish(cfg, store, c.linear(), None) if store.outbox_queued() else
@@ -6006,12 +6120,18 @@ def doctor(c: Ctx, as_json: bool) -> None:
             add("FAIL", "database", f"{cfg.database_path}: {type(e).__name__}: {e}")
         token = token_from_env(cfg.linear.token_env)
         if not token:
-            add("FAIL", "linear", f"${cfg.linear.token_env} is not set")
+            add("FAIL", "linear", f"${cfg.linear.token_env} is not set: export it, or put it in the service's "
+                                  "environment file (see README, Linear setup)")
         else:
             try:
-                v = LinearClient(cfg.linear, token).viewer()
+                lc = LinearClient(cfg.linear, token)
+                v = lc.viewer()
                 mode = ("app" if v.app else "user") if cfg.linear.mode == "auto" else cfg.linear.mode
                 add("PASS", "linear", f"token accepted: viewer {v.name or v.id} ({mode} mode)")
+                n, more = lc.delegated_count(delegated_filter(cfg, Identity(
+                    v.id, mode == "app", cfg.linear.delegation, cfg.linear.delegation_label)))
+                add("PASS", "linear", f"the delegation rule ({delegation_rule(cfg, mode == 'app')}) takes "
+                                      f"{n}{'+' if more else ''} open issue(s) right now")
             except LinearError as e:
                 add("FAIL", "linear", str(e))
         gtok = github_token(cfg)
@@ -6037,15 +6157,9 @@ def doctor(c: Ctx, as_json: bool) -> None:
             except GitHubError as e:
                 add("FAIL", "github", str(e))
         add("PASS" if shutil.which("git") else "FAIL", "git", shutil.which("git") or "git not found on PATH")
-        codex_path = shutil.which(cfg.codex.bin)
-        if not codex_path:
-            add("FAIL", "codex", f"codex.bin: {cfg.codex.bin} not found")
-        else:
-            try:
-                ver = subprocess.run([codex_path, "--version"], capture_output=True, text=True, timeout=30)
-                add("PASS", "codex", f"{codex_path}: {ver.stdout.strip() or ver.stderr.strip()}")
-            except (OSError, subprocess.TimeoutExpired) as e:
-                add("FAIL", "codex", f"{codex_path} --version failed: {e}")
+        with tempfile.TemporaryDirectory(prefix="patchrelay-doctor-") as tmp:
+            for level, msg in probe_codex(cfg, Path(tmp) / "workspace"):
+                add(level, "codex", msg)
         if cfg.codex.sandbox == "danger-full-access":
             add("WARN", "codex", "sandbox danger-full-access: the agent can reach anything this user can")
         for i, p in enumerate(cfg.projects):
@@ -6061,7 +6175,22 @@ def doctor(c: Ctx, as_json: bool) -> None:
                 if has_base:
                     add("PASS", scope, f"{p.repo_path} is a git repo with {p.base_branch}")
                 else:
-                    add("FAIL", scope, f"{p.repo_path} has no branch {p.base_branch} (base_branch)")
+                    add("FAIL", scope, f"{p.repo_path} has no branch {p.base_branch} (base_branch): fetch it, or "
+                                       "set base_branch")
+                url = run_git(["remote", "get-url", "origin"], p.repo_path, check=False).stdout.strip()
+                named = github_repo_of(url)
+                if not url:
+                    add("FAIL", f"{scope}.repo_path", f"{p.repo_path} has no remote `origin`: "
+                                                      f"`git remote add origin https://github.com/{p.github_repo}.git`")
+                elif named is None:
+                    add("WARN", f"{scope}.repo_path", f"origin {redact(url)} is not a github.com URL; pull requests "
+                                                      f"go to {p.github_repo}")
+                elif named.lower() != p.github_repo.lower():
+                    add("FAIL", f"{scope}.repo_path", f"origin is {named}, not github_repo {p.github_repo}: fix "
+                                                      "github_repo or the remote (`git remote set-url origin ...`)")
+                if url and (named is None or named.lower() == p.github_repo.lower()):
+                    level, msg = probe_push(cfg, p)
+                    add(level, f"{scope}.push", msg)
             except GitError as e:
                 add("FAIL", scope, str(e))
             if not p.has_routing and len(cfg.projects) == 1:

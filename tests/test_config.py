@@ -53,10 +53,13 @@ def doctor(world, check=None, config=True, **env):
     return p, report, {c["scope"]: (c["level"], c["message"]) for c in report["checks"]}
 
 
+def doctor_lines(report, scope):
+    return [(c["level"], c["message"]) for c in report["checks"] if c["scope"] == scope]
+
+
 def healthy_doctor_config(world):
-    """The world's config (Linear and GitHub are the fakes) plus a codex binary that exists."""
-    world.config["codex"] = {"bin": sys.executable, "home": str(world.tmp / "codex-home")}
-    world.write_config()
+    """The world's config (Linear and GitHub are the fakes) and the real Codex CLI with the fake model."""
+    world.use_codex([])
 
 
 def second_project(world, **routing):
@@ -152,7 +155,8 @@ def test_env_var_expansion_with_and_without_default(world):
     assert checks["projects[0]"] == ("PASS", f"{world.repo} is a git repo with main")
 
     p, report, checks = doctor(world, PR_TEST_REPO=str(world.repo), PR_TEST_BASE="release")
-    assert checks["projects[0]"] == ("FAIL", f"{world.repo} has no branch release (base_branch)")
+    assert checks["projects[0]"] == ("FAIL", f"{world.repo} has no branch release (base_branch): fetch it, or set "
+                                     "base_branch")
     assert p.returncode == 1
 
 
@@ -208,6 +212,7 @@ def test_init_refuses_to_overwrite_without_force(world):
 
 
 def test_init_config_is_usable_after_editing_repo_path(world):
+    world.use_codex([])                       # the real Codex CLI and a codex home for the fake model
     target = xdg_config(world)
     cli(world, "init", config=False, check=0)
     # as written it already parses: status works (database under $XDG_STATE_HOME)
@@ -218,7 +223,8 @@ def test_init_config_is_usable_after_editing_repo_path(world):
     text = target.read_text()
     edits = {"repo_path: ~/src/app": f"repo_path: {world.repo}",
              "  # api_url: https://api.linear.app/graphql": f"  api_url: {world.linear.url}",
-             "  # bin: codex": f"  bin: {sys.executable}",
+             "  # bin: codex": f"  bin: {world.config['codex']['bin']}",
+             "  # home: ~/.codex ": f"  home: {world.config['codex']['home']} ",
              "  # use_gh_cli: true": "  use_gh_cli: false",
              "  # api_url: https://api.github.com": f"  api_url: {world.github.api_url}"}
     for old, new in edits.items():
@@ -241,11 +247,58 @@ def test_doctor_passes_config_database_linear_and_git(world):
     for scope in ("config", "database", "linear", "git", "codex", "projects[0]", "github",
                   "projects[0].github_repo"):
         assert checks[scope][0] == "PASS", (scope, checks[scope])
-    assert checks["linear"][1] == "token accepted: viewer PatchRelay (app mode)"
+    assert doctor_lines(report, "linear")[0] == ("PASS", "token accepted: viewer PatchRelay (app mode)")
     assert checks["github"][1] == "token accepted: patchrelay-bot"
     assert checks["projects[0].github_repo"][1] == "acme/app: writable"
     level, message = checks["projects[0].sandbox"]          # the test repository lives under /tmp
     assert level == "WARN" and "lies under /tmp" in message and ".git" in message
+    codex = doctor_lines(report, "codex")                    # the real Codex: handshake, account, sandbox
+    assert ("PASS", "codex app-server handshake ok (model provider fake, no OpenAI login needed)") in codex, codex
+    assert ("PASS", "sandbox workspace-write runs commands") in codex, codex
+    assert not [c for c in codex if c[0] == "FAIL"], codex
+    assert checks["projects[0].push"][0] == "PASS", checks["projects[0].push"]
+    level, message = checks["linear"]                        # the last linear line: what the rule takes
+    assert level == "PASS" and "delegated to the app" in message and "takes 0 open issue(s)" in message, message
+
+
+def test_doctor_says_how_many_issues_the_delegation_rule_would_take(world):
+    healthy_doctor_config(world)
+    world.delegate()
+    world.delegate(title="Another")
+    done = world.linear.add_issue(world.team, "Finished", delegate=world.app, state="Done")
+    assert done
+    p, report, checks = doctor(world, check=0)
+    assert "takes 2 open issue(s) right now" in checks["linear"][1], checks["linear"]
+
+
+def test_doctor_fails_when_codex_cannot_run_and_names_the_fix(world):
+    healthy_doctor_config(world)
+    p, report, checks = doctor(world, check=1, FAKE_API_KEY=None)     # the model provider's key is missing
+    fails = [m for lv, m in doctor_lines(report, "codex") if lv == "FAIL"]
+    assert len(fails) == 1 and "$FAKE_API_KEY" in fails[0] and "environment file" in fails[0], fails
+    (world.tmp / "codex-home" / "config.toml").unlink()              # OpenAI's provider, and nobody logged in
+    p, report, checks = doctor(world, check=1)
+    fails = [m for lv, m in doctor_lines(report, "codex") if lv == "FAIL"]
+    assert len(fails) == 1 and "not logged in" in fails[0] and "codex login" in fails[0], fails
+    world.config["codex"]["bin"] = "codex-nowhere"
+    world.write_config()
+    p, report, checks = doctor(world, check=1)
+    level, message = checks["codex"]
+    assert level == "FAIL" and "npm install -g @openai/codex@" in message, message
+
+
+def test_doctor_checks_that_origin_is_the_github_repo_and_can_be_pushed_to(world):
+    from fakes.world import git
+    healthy_doctor_config(world)
+    git(world.repo, "remote", "set-url", "origin", "https://github.com/acme/other.git")
+    p, report, checks = doctor(world, check=1)
+    level, message = checks["projects[0].repo_path"]
+    assert level == "FAIL" and "origin is acme/other, not github_repo acme/app" in message, message
+    assert "projects[0].push" not in checks            # pushing to the wrong repository proves nothing
+    git(world.repo, "remote", "set-url", "origin", str(world.tmp / "no-such-origin.git"))
+    p, report, checks = doctor(world, check=1)
+    level, message = checks["projects[0].push"]
+    assert level == "FAIL" and "cannot push to origin" in message and "write access" in message, message
 
 
 def test_doctor_fails_without_a_github_token_or_access_and_names_the_fix(world):
