@@ -1636,6 +1636,13 @@ def _log_http(resp: requests.Response, *args: Any, **kwargs: Any) -> None:
               resp.elapsed.total_seconds() * 1000)
 
 
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    """-v: every retry wait, with the error that caused it (tenacity's before_sleep hook)."""
+    exc = state.outcome.exception() if state.outcome else None
+    wait = state.next_action.sleep if state.next_action else 0
+    log.info("retry %d in %.1f s after: %s", state.attempt_number, wait, exc)
+
+
 class _Transient(Exception):
     def __init__(self, err: LinearError, wait: float | None = None):
         super().__init__(str(err))
@@ -1681,6 +1688,7 @@ class LinearClient:
             stop=tenacity.stop_after_attempt(self.cfg.retry_attempts),
             wait=self._wait,
             retry=tenacity.retry_if_exception_type(_Transient),
+            before_sleep=_log_retry,
             reraise=True,
         )
         variables = dict(variables or {})
@@ -1699,6 +1707,7 @@ class LinearClient:
             resp = self.http.post(self.cfg.api_url, json={"query": document, "variables": variables,
                                                           "operationName": op_name}, timeout=self.cfg.timeout)
         except requests.RequestException as e:
+            log.debug("HTTP POST %s (%s) -> transport error: %s", self.cfg.api_url, op_name, _cause(e))
             raise _Transient(LinearError(f"Linear {op_name} ({self.host}): transport error: {_cause(e)}",
                                          transient=True)) from None
         self._record_headers(resp)
@@ -2297,7 +2306,8 @@ class GitHubClient:
             try:
                 resp = self.http.request(method, url, timeout=self.cfg.timeout, **kw)
             except requests.RequestException as e:
-                raise _Transient(GitHubError(f"GitHub {what} ({self.host}): transport error: {type(e).__name__}"))
+                log.debug("HTTP %s %s -> transport error: %s", method, re.sub(r"\?.*", "", url), _cause(e))
+                raise _Transient(GitHubError(f"GitHub {what} ({self.host}): transport error: {_cause(e)}")) from None
             self._record(resp)
             limited = self._rate_limit(resp, what)
             if limited is not None:
@@ -2314,7 +2324,7 @@ class GitHubClient:
             return resp
         retrying = tenacity.Retrying(stop=tenacity.stop_after_attempt(self.cfg.retry_attempts),
                                      wait=self._wait, retry=tenacity.retry_if_exception_type(_Transient),
-                                     reraise=True)
+                                     before_sleep=_log_retry, reraise=True)
         try:
             return retrying(attempt)
         except _Transient as t:
@@ -5433,7 +5443,33 @@ def _issue_or_fail(store: Store, key: str) -> dict:
     return row
 
 
+def _late_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None and isinstance(ctx.obj, Ctx):
+        ctx.obj.config_path, ctx.obj._cfg = value, None
+
+
+def _late_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and isinstance(ctx.obj, Ctx):
+        ctx.obj.verbose = True
+        _setup_logging(True)
+
+
+def _common_options() -> list[click.Parameter]:
+    """--config and -v, accepted after the subcommand too (`patchrelay status --config X -v`)."""
+    return [click.Option(["--config"], metavar="PATH", expose_value=False, is_eager=True, callback=_late_config,
+                         help="Config file (also accepted before the command)."),
+            click.Option(["-v", "--verbose"], is_flag=True, expose_value=False, callback=_late_verbose,
+                         help="Log what happens to stderr: every HTTP call and retry wait.")]
+
+
 class CLI(click.Group):
+    """The command group: errors become one line, and every command (of nested groups too) takes the
+    common options."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params.extend(_common_options())
+        super().add_command(cmd, name)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -5451,7 +5487,7 @@ class CLI(click.Group):
             ctx.exit(0)
 
 
-@click.group(cls=CLI)
+@click.group(cls=CLI, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", metavar="PATH", help="Config file (default: $PATCHRELAY_CONFIG, then "
               "$XDG_CONFIG_HOME/patchrelay/patchrelay.yaml).")
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens to stderr.")
@@ -6208,6 +6244,289 @@ def doctor(c: Ctx, as_json: bool) -> None:
         click.echo("\nready" if not failed else "\nnot ready")
     if failed:
         raise click.exceptions.Exit(1)
+
+
+# ---- service: a systemd user unit (and timer) or a crontab line, written with absolute paths
+SERVICE = "patchrelay"
+CRON_TAG = "# patchrelay (service install)"
+
+
+@dataclass(frozen=True)
+class ServicePlan:
+    """What `service install` writes: pure text from the paths found at install time."""
+    mode: str                           # "watch" | "timer" | "cron"
+    interval: float
+    argv: tuple[str, ...]               # how to start patchrelay, absolute
+    config: Path
+    env_file: Path
+    path_dirs: tuple[str, ...]
+    log: Path
+
+    def exec_line(self, *args: str) -> str:
+        return shlex.join([*self.argv, "--config", str(self.config), *args])
+
+    def path_value(self) -> str:
+        return ":".join(dict.fromkeys([*self.path_dirs, "/usr/local/bin", "/usr/bin", "/bin"]))
+
+    def units(self) -> dict[str, str]:
+        """File name -> text of the systemd user units."""
+        cmd = self.exec_line("watch", "--interval", f"{self.interval:g}") if self.mode == "watch" \
+            else self.exec_line("tick")
+        service = (
+            "[Unit]\n"
+            f"Description=PatchRelay: delegated Linear issues to pull requests ({'watch' if self.mode == 'watch' else 'tick'})\n"
+            "After=network-online.target\nWants=network-online.target\n\n"
+            "[Service]\n"
+            f"Type={'simple' if self.mode == 'watch' else 'oneshot'}\n"
+            f"ExecStart={cmd}\n"
+            f"Environment=\"PATH={self.path_value()}\"\n"
+            f"EnvironmentFile={self.env_file}\n"
+            "# workers outlive the tick that launched them (and a restart of the service)\n"
+            "KillMode=process\n"
+            + ("Restart=on-failure\nRestartSec=10\n" if self.mode == "watch" else "")
+            + "\n[Install]\nWantedBy=default.target\n")
+        units = {f"{SERVICE}.service": service}
+        if self.mode == "timer":
+            units[f"{SERVICE}.timer"] = (
+                "[Unit]\n"
+                f"Description=Run PatchRelay's tick every {self.interval:g} s\n\n"
+                "[Timer]\nOnBootSec=30\n"
+                f"OnUnitActiveSec={self.interval:g}s\nAccuracySec=1s\n"
+                f"Unit={SERVICE}.service\n\n"
+                "[Install]\nWantedBy=timers.target\n")
+        return units
+
+    def cron_line(self) -> str:
+        line = (f"set -a; . {shlex.quote(str(self.env_file))}; set +a; PATH={shlex.quote(self.path_value())} "
+                f"{self.exec_line('tick')} >> {shlex.quote(str(self.log))} 2>&1")
+        return "* * * * * " + line.replace("%", "\\%") + f" {CRON_TAG}"     # % ends a crontab command
+
+
+def systemd_user_dir() -> Path:
+    return _xdg("XDG_CONFIG_HOME", ".config") / "systemd" / "user"
+
+
+def service_env_file() -> Path:
+    return _xdg("XDG_CONFIG_HOME", ".config") / "patchrelay" / "env"
+
+
+def self_argv() -> tuple[str, ...]:
+    """How to start this patchrelay again, with absolute paths: the installed script, or this Python and
+    this file."""
+    me = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if me and me.name == "patchrelay" and me.is_file():
+        return (str(me.resolve()),)
+    return (sys.executable, str(Path(__file__).resolve()))
+
+
+def model_key_env(cfg: Config) -> str | None:
+    """The environment variable the configured Codex model provider reads its key from (config.toml)."""
+    import tomllib
+    home = cfg.codex.home or Path(os.environ.get("CODEX_HOME") or Path.home() / ".codex")
+    try:
+        conf = tomllib.loads((Path(home) / "config.toml").read_text())
+    except (OSError, ValueError):
+        return None
+    provider = conf.get("model_provider")
+    key = ((conf.get("model_providers") or {}).get(provider) or {}).get("env_key") if provider else None
+    return key if isinstance(key, str) else None
+
+
+def write_env_file(path: Path, names: Sequence[str]) -> bool:
+    """Create the service's environment file, owner-only, with the variable names and no values. An
+    existing file is kept (it holds the person's secrets). True when it was created."""
+    if path.exists():
+        return False
+    _secure_dir(path.parent)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# PatchRelay's secrets for the service (KEY=value, one per line). Owner-only: keep it so.\n"
+                + "".join(f"{n}=\n" for n in names))
+    return True
+
+
+def _systemctl(*args: str) -> subprocess.CompletedProcess | None:
+    """`systemctl --user ...`; None when there is no systemctl or no user manager to talk to."""
+    if not shutil.which("systemctl"):
+        return None
+    try:
+        p = subprocess.run(["systemctl", "--user", *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if p.returncode != 0 and re.search(r"Failed to connect|No medium|not been booted|DBUS_SESSION_BUS_ADDRESS|"
+                                       r"XDG_RUNTIME_DIR", p.stderr):
+        return None
+    return p
+
+
+def _crontab() -> list[str] | None:
+    """The user's crontab lines; None when there is no crontab command."""
+    if not shutil.which("crontab"):
+        return None
+    p = subprocess.run(["crontab", "-l"], capture_output=True, text=True, timeout=30)
+    return p.stdout.splitlines() if p.returncode == 0 else []
+
+
+def _set_crontab(lines: list[str]) -> None:
+    p = subprocess.run(["crontab", "-"], input="".join(f"{ln}\n" for ln in lines), capture_output=True, text=True,
+                       timeout=30)
+    if p.returncode != 0:
+        raise UsageError(f"crontab: {one_line(p.stderr, 200)}")
+
+
+@cli.group(cls=CLI)
+def service() -> None:
+    """Run PatchRelay as a systemd user service (or from cron): install, status, uninstall."""
+
+
+@service.command("install")
+@click.option("--timer", "timer", type=click.FloatRange(min=1), metavar="SECONDS",
+              help="A oneshot `tick` started by a systemd timer every SECONDS.")
+@click.option("--watch", "watch_mode", is_flag=True, help="A long-running `patchrelay watch` (the default).")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=5.0, show_default=True,
+              help="Seconds between ticks for --watch.")
+@click.option("--cron", is_flag=True, help="A crontab line (every minute) instead of systemd.")
+@click.option("--no-start", is_flag=True, help="Write the files only; do not enable or start anything.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document: what was written and started.")
+@click.pass_obj
+def service_install(c: Ctx, timer: float | None, watch_mode: bool, interval: float, cron: bool, no_start: bool,
+                    as_json: bool) -> None:
+    """Write a systemd user unit (and timer), or a crontab line, with the absolute paths of patchrelay, codex,
+    node and git found now, KillMode=process, and an owner-only environment file for the tokens."""
+    if sum(bool(x) for x in (timer, watch_mode, cron)) > 1:
+        raise UsageError("service install: choose one of --timer SECONDS, --watch, --cron")
+    cfg = c.cfg
+    if cfg.path is None:
+        raise UsageError("service install: no config file (run `patchrelay init` first)")
+    mode = "cron" if cron else "timer" if timer else "watch"
+    found = {name: shutil.which(name) for name in (cfg.codex.bin, "node", "git")}
+    plan = ServicePlan(mode=mode, interval=timer or interval, argv=self_argv(), config=Path(cfg.path).resolve(),
+                       env_file=service_env_file(),
+                       path_dirs=tuple(dict.fromkeys(str(Path(p).parent) for p in
+                                                     [sys.executable, *found.values()] if p)),
+                       log=cfg.state_dir / "logs" / "cron.log")
+    names = [n for n in dict.fromkeys([cfg.linear.token_env, cfg.github.token_env, model_key_env(cfg)]) if n]
+    created = write_env_file(plan.env_file, names)
+    out: dict[str, Any] = {"mode": mode, "env_file": str(plan.env_file), "env_file_created": created,
+                           "env_names": names, "missing": [n for n, p in found.items() if not p], "files": [],
+                           "started": False, "next": []}
+    if mode == "cron":
+        line = plan.cron_line()
+        _secure_dir(plan.log.parent)
+        tab = _crontab()
+        out["cron_line"] = line
+        if tab is None:
+            out["next"].append("no `crontab` here: add this line to the user's crontab by hand")
+        elif not no_start:
+            _set_crontab([ln for ln in tab if not ln.endswith(CRON_TAG)] + [line])
+            out["started"] = True
+    else:
+        d = systemd_user_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        for stale in (f"{SERVICE}.timer",):        # switching from --timer to --watch
+            if stale not in plan.units() and (d / stale).exists():
+                _systemctl("disable", "--now", stale)
+                (d / stale).unlink()
+        for name, text in plan.units().items():
+            (d / name).write_text(text)
+            out["files"].append(str(d / name))
+        unit = f"{SERVICE}.timer" if mode == "timer" else f"{SERVICE}.service"
+        if not no_start:
+            r = _systemctl("daemon-reload")
+            r = r and _systemctl("enable", "--now", unit)
+            if r is not None and r.returncode == 0:
+                out["started"] = True
+            else:
+                out["next"].append(f"systemctl --user daemon-reload && systemctl --user enable --now {unit}"
+                                   + (f" (systemctl said: {one_line(r.stderr, 160)})" if r is not None else
+                                      " (no user systemd reachable from here)"))
+        out["next"].append(f"loginctl enable-linger {os.environ.get('USER') or '$USER'}   "
+                           "(so it runs while you are logged out)")
+    if created or not plan.env_file.stat().st_size or any(
+            not re.search(rf"^{re.escape(n)}=\S", plan.env_file.read_text(), re.M) for n in names):
+        out["next"].insert(0, f"fill in {plan.env_file}: " + ", ".join(f"{n}=..." for n in names))
+    if as_json:
+        _dump(out)
+        return
+    for f in out["files"]:
+        click.echo(f"wrote {f}")
+    if mode == "cron":
+        click.echo(("installed" if out["started"] else "crontab line") + f":\n  {out['cron_line']}")
+    click.echo(f"environment file: {plan.env_file} ({'created, ' if created else ''}owner-only)")
+    for name in out["missing"]:
+        click.echo(f"warning: {name} is not on PATH now; the service will not find it either", err=True)
+    if out["started"] and mode != "cron":
+        click.echo(f"enabled and started {SERVICE}.{'timer' if mode == 'timer' else 'service'}")
+    if out["next"]:
+        click.echo("next:")
+        for n in out["next"]:
+            click.echo(f"  {n}")
+
+
+@service.command("status")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document: unit files, systemd's view, crontab, "
+              "environment file.")
+@click.pass_obj
+def service_status(c: Ctx, as_json: bool) -> None:
+    """Whether the service is installed, enabled and running, and what it runs."""
+    d = systemd_user_dir()
+    files = {n: (d / n).exists() for n in (f"{SERVICE}.service", f"{SERVICE}.timer")}
+    units = {}
+    for name, exists in files.items():
+        if exists:
+            act, en = _systemctl("is-active", name), _systemctl("is-enabled", name)
+            units[name] = {"file": str(d / name), "active": act.stdout.strip() if act else None,
+                           "enabled": en.stdout.strip() if en else None}
+    tab = _crontab()
+    cron = [ln for ln in (tab or []) if ln.endswith(CRON_TAG)]
+    env = service_env_file()
+    env_info = {"path": str(env), "exists": env.exists(),
+                "mode": oct(stat.S_IMODE(env.stat().st_mode)) if env.exists() else None}
+    out = {"installed": bool(units or cron), "units": units, "cron": cron, "env_file": env_info}
+    if as_json:
+        _dump(out)
+        return
+    if not out["installed"]:
+        click.echo("not installed (`patchrelay service install`)")
+    for name, u in units.items():
+        state = "systemd not reachable" if u["active"] is None else f"{u['active']}, {u['enabled']}"
+        click.echo(f"{name}: {state} ({u['file']})")
+        for ln in (d / name).read_text().splitlines():
+            if ln.startswith(("ExecStart=", "OnUnitActiveSec=")):
+                click.echo(f"  {ln}")
+    for ln in cron:
+        click.echo(f"crontab: {ln}")
+    if env.exists():
+        click.echo(f"environment file: {env} ({env_info['mode']})"
+                   + ("  WARNING: readable by others; chmod 600 it" if stat.S_IMODE(env.stat().st_mode) & 0o077
+                      else ""))
+
+
+@service.command("uninstall")
+@click.pass_obj
+def service_uninstall(c: Ctx) -> None:
+    """Stop and remove the unit files and the crontab line. The environment file (your secrets), the
+    database and the worktrees stay."""
+    d = systemd_user_dir()
+    removed = []
+    for name in (f"{SERVICE}.timer", f"{SERVICE}.service"):
+        if (d / name).exists():
+            _systemctl("disable", "--now", name)
+            (d / name).unlink()
+            removed.append(str(d / name))
+    if removed:
+        _systemctl("daemon-reload")
+    tab = _crontab()
+    if tab and any(ln.endswith(CRON_TAG) for ln in tab):
+        _set_crontab([ln for ln in tab if not ln.endswith(CRON_TAG)])
+        removed.append("the crontab line")
+    if not removed:
+        click.echo("not installed; nothing to remove")
+        return
+    for r in removed:
+        click.echo(f"removed {r}")
+    click.echo(f"kept {service_env_file()} (your tokens), the database and the worktrees; running workers finish "
+               "on their own")
 
 
 @cli.command()

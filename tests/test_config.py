@@ -389,3 +389,15 @@ def test_token_pasted_into_token_env_is_rejected_and_never_echoed(world):
     assert APP_TOKEN not in p.stdout + p.stderr
     db = Path(world.config["database"]["path"])
     assert not db.exists() or APP_TOKEN.encode() not in _state_bytes(world)
+
+
+def test_config_and_verbose_work_after_the_subcommand_and_h_is_help(world):
+    p = cli(world, "status", "--json", "--config", str(world.config_path), config=False, check=0)
+    assert json.loads(p.stdout)["issues"] == []
+    p = cli(world, "doctor", "--json", "-v", check=None)
+    assert "HTTP" in p.stderr or "POST" in p.stderr, p.stderr        # -v after the command logs the calls
+    for argv in (["-h"], ["status", "-h"], ["list", "-h"]):
+        p = cli(world, *argv, config=False, check=0)
+        assert p.stdout.startswith("Usage: ") and "Options:" in p.stdout, (argv, p.stdout)
+    p = cli(world, "status", "--config", str(world.tmp / "nope.yaml"), config=False, check=2)
+    assert "nope.yaml: config file not found" in p.stderr
