@@ -307,6 +307,9 @@ class CodexConfig:
     stall_timeout: float = 600.0
     turn_timeout: float = 3600.0
     max_follow_up_turns: int = 5
+    max_tokens_per_run: int | None = None       # token spend caps (None: no cap)
+    max_tokens_per_issue: int | None = None
+    max_tokens_per_day: int | None = None        # all runs, per UTC day
 
 
 @dataclass(frozen=True)
@@ -521,7 +524,8 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
 
     cs = top.sub("codex", ["bin", "args", "home", "model", "model_provider", "approval_policy",
                            "approval_decision", "sandbox", "developer_instructions", "request_timeout",
-                           "stall_timeout", "turn_timeout", "max_follow_up_turns"])
+                           "stall_timeout", "turn_timeout", "max_follow_up_turns", "max_tokens_per_run",
+                           "max_tokens_per_issue", "max_tokens_per_day"])
     home = cs.str("home", path=True)
     codex = CodexConfig(
         bin=cs.str("bin", "codex"),
@@ -537,6 +541,8 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
         stall_timeout=cs.num("stall_timeout", 600.0, minimum=1),
         turn_timeout=cs.num("turn_timeout", 3600.0, minimum=1),
         max_follow_up_turns=cs.num("max_follow_up_turns", 5, minimum=0, integer=True),
+        **{k: cs.num(k, None, minimum=1, integer=True, maximum=10 ** 12)
+           for k in ("max_tokens_per_run", "max_tokens_per_issue", "max_tokens_per_day")},
     )
 
     ds = top.sub("database", ["path", "retention_days"])
@@ -961,7 +967,12 @@ SCHEMA_V7 = """
 ALTER TABLE issues ADD COLUMN paused TEXT;
 """
 
-MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7]
+SCHEMA_V8 = """
+ALTER TABLE runs ADD COLUMN tokens_spent INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX runs_claimed_at ON runs(claimed_at);
+"""
+
+MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8]
 
 ISSUE_COLUMNS = frozenset({
     "project_id", "linear_id", "key", "title", "description", "url", "team_id", "team_key", "linear_state",
@@ -973,7 +984,7 @@ ISSUE_COLUMNS = frozenset({
 RUN_COLUMNS = frozenset({
     "status", "trigger", "context", "prompt", "attempt", "worker_pid", "worker_started", "appserver_pid",
     "appserver_started", "thread_id", "turn_ids", "head_before", "started_at", "turn_started_at", "heartbeat_at",
-    "ended_at", "failure_reason", "summary", "report", "tokens"})
+    "ended_at", "failure_reason", "summary", "report", "tokens", "tokens_spent"})
 
 
 def _secure_dir(path: Path) -> None:
@@ -1215,6 +1226,16 @@ class Store:
 
     def active_runs(self) -> list[dict]:
         return self._all("SELECT * FROM runs WHERE status IN ('claimed', 'running') ORDER BY id")
+
+    def tokens_spent(self, issue_id: int | None = None, since: str | None = None,
+                     excluding_run: int | None = None) -> int:
+        """Tokens spent by runs (of one issue, or claimed since a time), without one run."""
+        sql, args = "SELECT COALESCE(SUM(tokens_spent), 0) FROM runs WHERE id != ?", [excluding_run or 0]
+        if issue_id is not None:
+            sql, args = sql + " AND issue_id = ?", args + [issue_id]
+        if since is not None:
+            sql, args = sql + " AND claimed_at >= ?", args + [since]
+        return self.db.execute(sql, args).fetchone()[0]
 
     def count_active_runs(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM runs WHERE status IN ('claimed', 'running')").fetchone()[0]
@@ -3260,6 +3281,34 @@ class Identity:
     label: str = "patchrelay"
 
 
+def utc_day_start(now: dt.datetime | None = None) -> str:
+    """The start of the current UTC day (the daily token cap's window)."""
+    return iso((now or utcnow()).astimezone(dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0))
+
+
+def token_cap_crossed(c: CodexConfig, run_spent: int, issue_before: int, day_before: int) -> str | None:
+    """What a run's spend crossed, told to the person (None while within every cap)."""
+    for cap, spent, what, key, then in (
+            (c.max_tokens_per_run, run_spent, "this run", "max_tokens_per_run",
+             "Reply here to continue in a new run."),
+            (c.max_tokens_per_issue, issue_before + run_spent, "this issue", "max_tokens_per_issue",
+             "This issue gets no new run until the operator raises the cap."),
+            (c.max_tokens_per_day, day_before + run_spent, "today's runs", "max_tokens_per_day",
+             "New runs wait until 00:00 UTC, or until the operator raises the cap.")):
+        if cap is not None and spent > cap:
+            return f"I stopped: {what} spent {spent:,} tokens, over codex.{key} ({cap:,}). {then}"
+    return None
+
+
+def token_hold(c: CodexConfig, issue_spent: int, day_spent: int) -> str | None:
+    """Why no run may start for an issue now because of the token caps (None: it may)."""
+    if c.max_tokens_per_day is not None and day_spent >= c.max_tokens_per_day:
+        return f"daily token cap: {day_spent:,} of {c.max_tokens_per_day:,} spent today; runs wait until 00:00 UTC"
+    if c.max_tokens_per_issue is not None and issue_spent >= c.max_tokens_per_issue:
+        return f"issue token cap: {issue_spent:,} of {c.max_tokens_per_issue:,} spent; raise codex.max_tokens_per_issue"
+    return None
+
+
 def run_label(run_type: str) -> str:
     return run_type.replace("_", " ")
 
@@ -4510,10 +4559,17 @@ def launch(ctx: TickContext) -> dict:
     if runner_paused(cfg, store):
         return {"paused": True, "launched": [], "waiting": [i["key"] for i in store.runnable_issues(iso())]}
     free = cfg.runner.max_concurrent_runs - store.count_active_runs()
-    launched, waiting = [], []
+    launched, waiting, held = [], [], {}
+    capped = cfg.codex.max_tokens_per_issue is not None or cfg.codex.max_tokens_per_day is not None
+    day_spent = store.tokens_spent(since=utc_day_start()) if capped else 0
     for issue in store.runnable_issues(iso()):
         if issue.get("paused"):
             waiting.append(issue["key"])
+            continue
+        hold = token_hold(cfg.codex, store.tokens_spent(issue["id"]) if capped else 0, day_spent)
+        if hold:
+            waiting.append(issue["key"])
+            held[issue["key"]] = hold
             continue
         if free <= 0:
             waiting.append(issue["key"])
@@ -4545,7 +4601,7 @@ def launch(ctx: TickContext) -> dict:
         launched.append({"issue": issue["key"], "run_id": run_id, "pid": pid})
         ctx.note(f"{issue['key']}: launched run {run_id} (pid {pid})")
         free -= 1
-    return {"launched": launched, "waiting": waiting}
+    return {"launched": launched, "waiting": waiting, **({"held": held} if held else {})}
 
 
 def runner_paused(cfg: Config, store: Store | None) -> dict | None:
@@ -4968,6 +5024,10 @@ class TurnDriver:
         self.question: str | None = None
         self.items: list[dict] = []
         self.tokens: dict | None = None
+        self.spent = 0              # tokens of this run: the sum of each model response's usage
+        day = utc_day_start()
+        self.issue_before = store.tokens_spent(issue["id"], excluding_run=run_id)
+        self.day_before = store.tokens_spent(since=day, excluding_run=run_id)
         self.last_error: str | None = None
 
     # -- server -> client requests (answered at once; never stall a run)
@@ -5021,9 +5081,16 @@ class TurnDriver:
                     items.append(item)
                     self._echo_item(item)
                 elif method == "thread/tokenUsage/updated":
-                    self.tokens = (params.get("tokenUsage") or {}).get("total")
+                    usage = params.get("tokenUsage") or {}
+                    self.tokens = usage.get("total")
+                    self.spent += int((usage.get("last") or {}).get("totalTokens") or 0)
                     with self.store.tx():
-                        self.store.update_run(self.run_id, {"tokens": json.dumps(self.tokens)})
+                        self.store.update_run(self.run_id, {"tokens": json.dumps(self.tokens),
+                                                            "tokens_spent": self.spent})
+                    crossed = token_cap_crossed(self.cfg.codex, self.spent, self.issue_before, self.day_before)
+                    if crossed and self.question is None:
+                        self.question = self.interrupt_reason = crossed
+                        self._event(crossed, "warn")
                 elif method == "error" and not params.get("willRetry"):
                     self.last_error = one_line(str((params.get("error") or {}).get("message")), 300)
             if now - last_inbox >= poll and interrupt_at is None:
@@ -5607,7 +5674,9 @@ def status(c: Ctx, as_json: bool, show_all: bool) -> None:
     if not c.has_database():      # a read never creates the database
         if as_json:
             _dump({"issues": [], "others": 0, "outbox": [], "api": [], "last_tick": None,
-                   "paused": runner_paused(c.cfg, None), "unrouted": []})
+                   "paused": runner_paused(c.cfg, None), "unrouted": [],
+                   "tokens": {"today": 0, "day_cap": c.cfg.codex.max_tokens_per_day,
+                              "issue_cap": c.cfg.codex.max_tokens_per_issue, "run_cap": c.cfg.codex.max_tokens_per_run}})
         else:
             click.echo(f"No tracked issues yet (no database at {c.cfg.database_path}; the first "
                        "`patchrelay tick` creates it).")
@@ -5629,9 +5698,12 @@ def status(c: Ctx, as_json: bool, show_all: bool) -> None:
         last = {"started_at": t["started_at"], "ended_at": t["ended_at"], "result": result, "errors": errors}
     paused = runner_paused(c.cfg, store)
     unrouted = [{"key": u["issue_key"], "at": u["at"], "message": u["message"]} for u in store.unrouted()]
+    cx = c.cfg.codex
+    tokens = {"today": store.tokens_spent(since=utc_day_start()), "day_cap": cx.max_tokens_per_day,
+              "issue_cap": cx.max_tokens_per_issue, "run_cap": cx.max_tokens_per_run}
     if as_json:
         _dump({"issues": issues, "others": others, "outbox": outbox, "api": api, "last_tick": last,
-               "paused": paused, "unrouted": unrouted})
+               "paused": paused, "unrouted": unrouted, "tokens": tokens})
         return
     for u in unrouted:
         click.echo(f"unrouted: {u['key'] or '?'} (delegated {u['at']}; no project routes it)")
@@ -5647,6 +5719,10 @@ def status(c: Ctx, as_json: bool, show_all: bool) -> None:
     if others:
         click.echo(f"... and {others} closed issue(s) unchanged for a day (`patchrelay status --all`, "
                    "`patchrelay list`)")
+    caps = ", ".join(f"{k} {v:,}" for k, v in (("per run", cx.max_tokens_per_run), ("per issue",
+                     cx.max_tokens_per_issue), ("per day", cx.max_tokens_per_day)) if v is not None)
+    if tokens["today"] or caps:
+        click.echo(f"tokens today: {tokens['today']:,}" + (f" (caps: {caps})" if caps else ""))
     click.echo()
     if outbox:
         click.echo(tabulate([[o["id"], o["issue"] or "", o["kind"], o["status"], o["attempts"],
@@ -5892,6 +5968,12 @@ def why(c: Ctx, issue: str, as_json: bool) -> None:
     gate("concurrency", len(holders) < cfg.runner.max_concurrent_runs,
          f"{len(holders)} of {cfg.runner.max_concurrent_runs} in use" + (f" by {', '.join(holders)}" if holders else ""))
     gate("repair budgets", row["factory_state"] != "escalated", json.loads(row["repair_counts"] or "{}"))
+    c_ = cfg.codex
+    spent_issue, spent_day = store.tokens_spent(row["id"]), store.tokens_spent(since=utc_day_start())
+    hold = token_hold(c_, spent_issue, spent_day)
+    gate("token caps", not hold, hold or {"issue": spent_issue, "issue_cap": c_.max_tokens_per_issue,
+                                          "today": spent_day, "day_cap": c_.max_tokens_per_day,
+                                          "run_cap": c_.max_tokens_per_run})
     waits = {b["api"]: b["limited_until"] for b in store.budgets()
              if b["limited_until"] and (parse_iso(b["limited_until"]) or utcnow()) > utcnow()}
     gate("rate limits", not waits, waits or "none")
@@ -5911,6 +5993,8 @@ def why(c: Ctx, issue: str, as_json: bool) -> None:
             nxt = f"launch the {run_label(row['pending_run_type'])} run after {row['not_before']} (retry backoff)"
         elif len(holders) >= cfg.runner.max_concurrent_runs:
             nxt = f"launch the {run_label(row['pending_run_type'])} run when a slot frees ({', '.join(holders)})"
+        elif hold:
+            nxt = f"wait: {hold}"
         else:
             nxt = f"launch the {run_label(row['pending_run_type'])} run at the next tick"
     elif st == "escalated":

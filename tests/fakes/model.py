@@ -41,9 +41,10 @@ def _sse(event_type, **fields):
     return f"event: {event_type}\ndata: {json.dumps(fields)}\n\n".encode()
 
 
-def _usage():
-    return {"input_tokens": 10, "input_tokens_details": None, "output_tokens": 5,
-            "output_tokens_details": None, "total_tokens": 15}
+def _usage(total=15):
+    """The usage a response reports: 15 tokens, or a step's "tokens" (for spend caps)."""
+    return {"input_tokens": total - 5, "input_tokens_details": None, "output_tokens": 5,
+            "output_tokens_details": None, "total_tokens": total}
 
 
 def sse_events(step):
@@ -75,7 +76,7 @@ def sse_events(step):
             "content": [{"type": "output_text", "text": text, "annotations": []}]}))
     else:
         raise ValueError(f"not a streamed step: {step!r}")
-    out.append(_sse("response.completed", response={"id": resp_id, "usage": _usage()}))
+    out.append(_sse("response.completed", response={"id": resp_id, "usage": _usage(step.get("tokens", 15))}))
     return out
 
 
