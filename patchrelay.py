@@ -36,6 +36,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -3012,15 +3013,16 @@ def _ensure_worktree(project: ProjectConfig, branch: str, path: Path) -> str:
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise GitError(f"worktree {path} exists but is not a directory")
     registered = _worktrees(repo)
-    for leftover in [p for p in registered if p.name.startswith(".") and p.name.endswith(".partial")] + \
-            [_partial(path)]:
-        run_git(["worktree", "unlock", str(leftover)], repo, check=False)     # `add` locks it while it runs
-        run_git(["worktree", "remove", "--force", "--force", str(leftover)], repo, check=False)
-        shutil.rmtree(leftover, ignore_errors=True)
     if path.exists() and path.resolve() not in registered and (path / ".git").is_file():
-        # killed between the rename and `worktree repair`: git still lists the partial path
+        # killed between the rename and `worktree repair`: git still lists the partial path; repair first,
+        # or the cleanup below would take the moved worktree's administrative files for a leftover's
         run_git(["worktree", "repair", str(path)], repo, check=False)
         registered = _worktrees(repo)
+    for leftover in [p for p in registered if p.name.startswith(".") and p.name.endswith(".partial")]:
+        run_git(["worktree", "unlock", str(leftover)], repo, check=False)     # `add` locks it while it runs
+        run_git(["worktree", "remove", "--force", "--force", str(leftover)], repo, check=False)
+        shutil.rmtree(leftover, ignore_errors=True)         # then `worktree prune` below drops its records
+    shutil.rmtree(_partial(path), ignore_errors=True)
     if path.exists():
         if path.resolve() not in registered:
             raise GitError(f"worktree {path} exists but is not a worktree of {repo}; move it away")
@@ -5380,83 +5382,14 @@ def recover_run(cfg: Config, store: Store, run: dict) -> str:
 # line on stderr and an exit code: 1 for a failed step or run, 2 for usage and
 # config errors.
 
-EXAMPLE_CONFIG = """\
-# PatchRelay configuration. Every key is shown with its default; uncomment to change.
-# Strings may use ${VAR} and ${VAR:-default}. Tokens are never written here: they come from
-# the environment variables named by *.token_env (GitHub may also use `gh auth token`).
-
-linear:
-  # api_url: https://api.linear.app/graphql
-  # token_env: LINEAR_API_KEY          # OAuth app-actor token (app mode) or personal API key (user mode)
-  # mode: auto                         # auto (app if the token's viewer is an app user) | app | user
-  # delegation: [delegate, label]     # user mode: what counts as "delegated to me"; add `assignee`
-  #                                    # to also take every open issue assigned to the key's owner
-  # delegation_label: patchrelay       # user mode: issues with this label count as delegated
-  # poll_overlap: 10                   # seconds re-read behind each cursor (Linear's own clock)
-  # timeout: 30                        # seconds per HTTP request
-  # retry: {attempts: 4, max_wait: 30} # transport errors, 5xx and short rate limits
-  # review_state: In Review            # Linear state for an issue whose pull request is open
-
-github:
-  # api_url: https://api.github.com
-  # graphql_url: https://api.github.com/graphql   # default: <api_url>/graphql
-  # token_env: GITHUB_TOKEN
-  # use_gh_cli: true                   # fall back to `gh auth token`
-  # timeout: 30
-  # retry: {attempts: 3, max_wait: 30} # 5xx, timeouts and short rate limits
-  # poll_interval: 30                  # seconds between observations of a repository
-  # draft_prs: false                   # open pull requests as drafts
-  # auto_merge: false                  # approved and green: enable auto-merge / enqueue
-  # review_quiet_seconds: 60           # wait after the last review before a review fix
-  # ci_repair_budget: 2                # per pull request and failing-check signature
-  # queue_repair_budget: 2             # per pull request and queue-removal reason
-  # review_fix_budget: 3               # review rounds per pull request
-
-codex:
-  # bin: codex
-  # args: [app-server]
-  # home: ~/.codex                     # CODEX_HOME for the app-server (default: inherited / ~/.codex)
-  # model: null                        # default: Codex's configured model
-  # model_provider: null
-  # approval_policy: never             # never | on-request | untrusted
-  # approval_decision: decline         # answer to approval requests: accept | decline | cancel
-  # sandbox: workspace-write           # read-only | workspace-write | danger-full-access
-  # developer_instructions: null
-  # request_timeout: 60                # seconds per JSON-RPC request
-  # stall_timeout: 600                 # a turn silent this long is interrupted
-  # turn_timeout: 3600                 # a turn running this long is interrupted
-  # max_follow_up_turns: 5             # turns for messages that arrive after a turn ends
-
-database:
-  # path: ~/.local/state/patchrelay/patchrelay.sqlite   # $XDG_STATE_HOME/patchrelay/...
-
-runner:
-  # max_concurrent_runs: 2
-  # paused: false                      # true: track and acknowledge issues, launch no runs
-  # retry_budget: 2                    # requeues of an interrupted run before it fails
-  # retry_backoff: 60                  # seconds, times the attempt number
-  # hook_timeout: 300                  # .patchrelay/hooks/prepare-worktree
-  # inbox_poll_interval: 1.0           # how often a worker checks for steer/stop messages
-  # git_author_name: PatchRelay        # used when the repo has no user.name/user.email
-  # git_author_email: patchrelay@localhost
-
-projects:
-  - id: app
-    repo_path: ~/src/app               # a clone whose `origin` is the GitHub repository
-    github_repo: acme/app              # owner/name
-    # base_branch: main
-    # worktree_root: ~/.local/share/patchrelay/worktrees/app
-    # branch_prefix: app               # default: the project id, slugged
-    issue_key_prefixes: [APP]          # routing; a single project with no routing keys takes every issue
-    # linear_team_keys: []
-    # linear_team_ids: []
-    # trusted_actors:                  # empty = everyone in the workspace
-    #   ids: []
-    #   names: []
-    #   emails: []
-    #   email_domains: []
-    # trusted_reviewers: []            # GitHub logins; empty = OWNER, MEMBER, COLLABORATOR
-"""
+def example_config() -> str:
+    """The commented example config: patchrelay.yaml.example, beside this file in a checkout, or installed as
+    data (share/patchrelay/) by pip. It lives once."""
+    for d in (Path(__file__).resolve().parent, Path(sys.prefix) / "share" / "patchrelay",
+              Path(sysconfig.get_path("data")) / "share" / "patchrelay"):
+        with contextlib.suppress(OSError):
+            return (d / "patchrelay.yaml.example").read_text()
+    raise UsageError("patchrelay.yaml.example is missing from this installation; reinstall PatchRelay")
 
 
 def _dump(obj: Any) -> None:
@@ -5569,7 +5502,7 @@ def cli(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
 
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Poll and print what would happen; change nothing.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
 def tick(c: Ctx, dry_run: bool, as_json: bool) -> None:
     """One pass: reconcile, poll Linear, decide, launch workers, publish."""
@@ -5622,21 +5555,38 @@ def _active_run(store: Store, row: dict) -> dict | None:
     return store.run_by_id(row["active_run_id"]) if row.get("active_run_id") else None
 
 
-def _issue_item(r: Mapping[str, Any]) -> dict:
-    """One issue as `status` and `list` show it (a row of Store.issues_listed)."""
-    return {"key": r["key"], "title": r["title"], "project": r["project_id"],
-            "linear_state": r["linear_state"], "factory_state": r["factory_state"],
-            "pending_run": r["pending_run_type"],
-            "active_run": {"id": r["active_run_id"], "type": r["active_run_type"], "status": r["active_run_status"]}
-            if r["active_run_id"] and r["active_run_type"] else None,
-            "paused": json.loads(r["paused"]) if r["paused"] else None,
-            "pr": {"number": r["pr_number"], "url": r["pr_url"], "state": r["pr_state"], "ci": r["pr_ci"],
-                   "review": r["pr_review"], "queue": r["pr_queue"]} if r["pr_number"] else None,
-            "age_seconds": round(age_seconds(r["created_at"]) or 0), "updated_at": r["updated_at"]}
+def _issue_item(r: Mapping[str, Any], detail: bool = False) -> dict:
+    """One issue in every command's JSON (status, list, show): the same key names everywhere, documented in
+    the README. `r` is an issues row with active_run_type / active_run_status (Store.issues_listed); `detail`
+    adds what `show` says of one issue."""
+    out = {"key": r["key"], "title": r["title"], "project": r["project_id"],
+           "linear_state": r["linear_state"], "factory_state": r["factory_state"],
+           "pending_run": r["pending_run_type"],
+           "active_run": {"id": r["active_run_id"], "type": r["active_run_type"], "status": r["active_run_status"]}
+           if r["active_run_id"] and r.get("active_run_type") else None,
+           "paused": json.loads(r["paused"]) if r["paused"] else None,
+           "pr": {"number": r["pr_number"], "url": r["pr_url"], "state": r["pr_state"], "ci": r["pr_ci"],
+                  "review": r["pr_review"], "queue": r["pr_queue"]} if r["pr_number"] else None,
+           "age_seconds": round(age_seconds(r["created_at"]) or 0), "updated_at": r["updated_at"]}
+    if detail:
+        out.update({"url": r["url"], "delegated": bool(r["delegated"]), "agent_session_id": r["agent_session_id"],
+                    "branch": r["branch"], "worktree": r["worktree"], "thread_id": r["thread_id"],
+                    "retries": r["retries"], "pending_since": r["pending_since"], "not_before": r["not_before"],
+                    "pending_context": json.loads(r["pending_context"]) if r["pending_context"] else None,
+                    "created_at": r["created_at"]})
+    return out
+
+
+def _table(rows: list[list[Any]], headers: list[str]) -> str:
+    """A table: aligned on a terminal, tab-separated (with its header line) when piped."""
+    if sys.stdout.isatty():
+        return tabulate(rows, headers=headers)
+    clean = lambda v: "" if v is None else str(v).replace("\t", " ").replace("\n", " ")  # noqa: E731
+    return "\n".join("\t".join(clean(v) for v in row) for row in [headers, *rows])
 
 
 def _issue_table(issues: list[dict]) -> str:
-    return tabulate([[i["key"], shown(one_line(i["title"]), 40), i["linear_state"] or "", i["factory_state"],
+    return _table([[i["key"], shown(one_line(i["title"]), 40), i["linear_state"] or "", i["factory_state"],
                       i["pending_run"] or "",
                       f"{i['active_run']['type']} #{i['active_run']['id']} {i['active_run']['status']}"
                       if i["active_run"] else "",
@@ -5666,7 +5616,7 @@ def list_issues(c: Ctx, state: str | None, project: str | None, limit: int | Non
 
 @cli.command()
 @click.option("--all", "show_all", is_flag=True, help="every tracked issue, closed ones too (see also `list`)")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
 def status(c: Ctx, as_json: bool, show_all: bool) -> None:
     """What needs attention: open issues and those changed in the last day (a count of the rest; `--all` or
@@ -5725,7 +5675,7 @@ def status(c: Ctx, as_json: bool, show_all: bool) -> None:
         click.echo(f"tokens today: {tokens['today']:,}" + (f" (caps: {caps})" if caps else ""))
     click.echo()
     if outbox:
-        click.echo(tabulate([[o["id"], o["issue"] or "", o["kind"], o["status"], o["attempts"],
+        click.echo(_table([[o["id"], o["issue"] or "", o["kind"], o["status"], o["attempts"],
                               one_line(o["last_error"], 60)] for o in outbox],
                             headers=["outbox", "issue", "kind", "status", "attempts", "last error"]))
     else:
@@ -5750,7 +5700,7 @@ def _age(seconds: float | None) -> str:
 
 @cli.command()
 @click.argument("issue")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
 def show(c: Ctx, issue: str, as_json: bool) -> None:
     """Everything known about one issue, and its event log."""
@@ -5786,7 +5736,11 @@ def show(c: Ctx, issue: str, as_json: bool) -> None:
             "reviews_seen": len((snap.get("acted") or {}).get("reviews") or []), "queue": row["pr_queue"],
             "budgets_used": json.loads(row.get("repair_counts") or "{}")} if row["pr_number"] else None
     if as_json:
-        _dump({"issue": row, "pull_request": pull, "runs": runs, "events": events, "outbox": outbox, "inbox": inbox})
+        active = _active_run(store, row)
+        item = _issue_item({**row, "active_run_type": active and active["run_type"],
+                            "active_run_status": active and active["status"]}, detail=True)
+        _dump({"issue": item, "pull_request": pull, "runs": runs, "events": events, "outbox": outbox,
+               "inbox": inbox})
         return
     click.echo(f"{row['key']}  {shown(one_line(row['title']), 200)}")
     for k in ("url", "project_id", "linear_state", "factory_state", "delegated", "pending_run_type",
@@ -5803,7 +5757,7 @@ def show(c: Ctx, issue: str, as_json: bool) -> None:
             click.echo("  repair budget used: " + ", ".join(f"{k} {v}" for k, v in sorted(pull["budgets_used"].items())))
     if runs:
         click.echo("\nRuns:")
-        click.echo(tabulate([[r["id"], r["run_type"], r["status"], r["started_at"] or r["claimed_at"],
+        click.echo(_table([[r["id"], r["run_type"], r["status"], r["started_at"] or r["claimed_at"],
                               shown(one_line(r["failure_reason"] or r["summary"]), 70)] for r in runs],
                             headers=["run", "type", "status", "started", "summary / reason"]))
     if inbox:
@@ -6038,7 +5992,7 @@ def stop(c: Ctx, issue: str) -> None:
 @click.argument("issue")
 @click.option("--type", "run_type", type=click.Choice(RUN_TYPES), default="implementation", show_default=True)
 @click.option("--reason", default="", help="Why; stored with the run.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
 def retry(c: Ctx, issue: str, run_type: str, reason: str, as_json: bool) -> None:
     """Queue a new run for ISSUE; the next tick launches it."""
@@ -6078,7 +6032,7 @@ def _queue_retry(store: Store, issue: str, run_type: str, reason: str) -> dict:
 
 @cli.command()
 @click.argument("issue")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
 def report(c: Ctx, issue: str, as_json: bool) -> None:
     """Per-run reports: agent messages, commands, changed files, tokens."""
@@ -6118,7 +6072,8 @@ def report(c: Ctx, issue: str, as_json: bool) -> None:
 @cli.command()
 @click.argument("issue")
 @click.option("--follow", is_flag=True, help="Keep printing new events.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document: {\"issue\", \"events\": [...]}; with "
+              "--follow, one JSON object per line.")
 @click.pass_obj
 def events(c: Ctx, issue: str, follow: bool, as_json: bool) -> None:
     """ISSUE's event log."""
@@ -6126,13 +6081,17 @@ def events(c: Ctx, issue: str, follow: bool, as_json: bool) -> None:
     store = c.store(readonly=True)
     row = _issue_or_fail(store, issue)
     last = 0
+    if as_json and not follow:
+        _dump({"issue": row["key"], "events": [{k: e[k] for k in ("id", "at", "level", "kind", "message", "run_id")}
+                                               for e in store.events_for_issue(row["id"], 0)]})
+        return
     while True:
         for e in store.events_for_issue(row["id"], last):
             last = e["id"]
             if as_json:
                 click.echo(json.dumps({k: e[k] for k in ("id", "at", "level", "kind", "message", "run_id")}))
             else:
-                click.echo(f"{e['at']} {e['level']:5} {e['kind']:9} {e['message']}")
+                click.echo(f"{e['at']} {e['level']:5} {e['kind']:9} {shown(e['message'], 500)}")
         if not follow:
             return
         try:
@@ -6144,7 +6103,7 @@ def events(c: Ctx, issue: str, follow: bool, as_json: bool) -> None:
 @cli.command()
 @click.argument("issue")
 @click.option("--cd", "cd_only", is_flag=True, help="Print only the path (for `cd $(patchrelay worktree X --cd)`).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
 def worktree(c: Ctx, issue: str, cd_only: bool, as_json: bool) -> None:
     """Where ISSUE's worktree and branch are."""
@@ -6165,7 +6124,7 @@ def worktree(c: Ctx, issue: str, cd_only: bool, as_json: bool) -> None:
 @cli.command(name="open")
 @click.argument("issue")
 @click.option("--print", "print_only", is_flag=True, help="Print the command instead of running it.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
 def open_cmd(c: Ctx, issue: str, print_only: bool, as_json: bool) -> None:
     """Resume ISSUE's Codex thread interactively in its worktree."""
@@ -6198,7 +6157,7 @@ class _Reported(Exception):
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
 def doctor(c: Ctx, as_json: bool) -> None:
     """Check config, database, tokens, repos, git and codex."""
@@ -6622,7 +6581,7 @@ def init(c: Ctx, force: bool) -> None:
     if path.exists() and not force:
         raise UsageError(f"{path}: already exists (use --force to overwrite)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(EXAMPLE_CONFIG)
+    path.write_text(example_config())
     click.echo(f"wrote {path}\n\nNext steps:\n"
                f"  1. edit {path}: set projects[0].repo_path, github_repo and issue_key_prefixes\n"
                "  2. export LINEAR_API_KEY=...   (OAuth app-actor token, or a personal API key)\n"

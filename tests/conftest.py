@@ -120,7 +120,7 @@ class World:
         """Tick until the issue has no active or pending run (workers are detached)."""
         def done():
             s = self.show(key)
-            return s if not s["issue"]["active_run_id"] and not s["issue"]["pending_run_type"] else None
+            return s if not s["issue"]["active_run"] and not s["issue"]["pending_run"] else None
         return self.wait_for(done, timeout=timeout, what=f"{key} run to finish")
 
     # ---- Linear helpers

@@ -87,14 +87,14 @@ def test_a_bad_linear_answer_is_one_line_and_nothing_is_lost_or_done_twice(world
     st = status(world)
     assert [i["key"] for i in st["issues"]] == ["APP-1"], (kind, op, st)
     s = show(world, "APP-1")
-    assert s["issue"]["pending_run_type"] == "implementation" and s["runs"] == []
+    assert s["issue"]["pending_run"] == "implementation" and s["runs"] == []
     acks = picked_up(world, session)
     assert len(acks) == 1, (kind, op, [a["content"] for a in acks])
     assert st["outbox"] == [], st["outbox"]
     before = json.dumps(show(world, "APP-1")["issue"], sort_keys=True)
     tick(world)
     after = show(world, "APP-1")["issue"]
-    assert after["pending_run_type"] == "implementation" and after["factory_state"] == "delegated"
+    assert after["pending_run"] == "implementation" and after["factory_state"] == "delegated"
     assert len(picked_up(world, session)) == 1
     assert json.loads(before)["factory_state"] == after["factory_state"]
 
@@ -160,5 +160,5 @@ def test_a_bad_github_answer_is_one_line_and_never_opens_twice_or_loses_the_pr(w
     tick(world)
     tick(world)
     s = show(world, "APP-1")
-    assert s["issue"]["factory_state"] == "pr_open" and s["issue"]["pr_number"] == 1
+    assert s["issue"]["factory_state"] == "pr_open" and s["issue"]["pr"]["number"] == 1
     assert len(world.github.prs("acme/app")) == 1

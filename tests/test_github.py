@@ -213,11 +213,11 @@ def test_a_lost_answer_to_opening_the_pr_never_opens_a_second(world, attempts):
     assert "Traceback" not in r.stderr
     if attempts == 1:
         assert r.returncode == 1 and "transport error" in r.stderr, r.stderr
-        assert world.show("APP-1")["issue"]["pr_number"] is None and len(world.github.prs(REPO)) == 1
+        assert world.show("APP-1")["issue"]["pr"] is None and len(world.github.prs(REPO)) == 1
         r = world.tick()
     assert r.returncode == 0 and "APP-1: opened pull request #1" in r.stdout, r.stdout + r.stderr
     s = world.show("APP-1")
-    assert s["issue"]["pr_number"] == 1 and s["issue"]["factory_state"] == "pr_open"
+    assert s["issue"]["pr"]["number"] == 1 and s["issue"]["factory_state"] == "pr_open"
     assert len(world.github.prs(REPO)) == 1
     opened = [a for a in world.linear.activities(session) if (a["content"].get("body") or "").startswith("Opened")]
     assert len(opened) == 1
@@ -233,7 +233,7 @@ def test_a_secondary_rate_limit_postpones_observation_and_loses_nothing(world):
     r = world.tick(check=1)
     assert "secondary rate limit" in r.stderr and "Traceback" not in r.stderr
     s = world.show("APP-1")
-    assert s["issue"]["factory_state"] == "pr_open" and s["issue"]["pr_number"] == 1
+    assert s["issue"]["factory_state"] == "pr_open" and s["issue"]["pr"]["number"] == 1
     assert s["pull_request"] == before["pull_request"]                     # the stored observation is kept
     st = json.loads(world.cli("status", "--json", check=0).stdout)
     gh = next(b for b in st["api"] if b["api"] == "github")

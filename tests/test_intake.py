@@ -138,7 +138,7 @@ def test_delegation_is_picked_up_and_acknowledged_once_in_linear(world):
     assert [u["input"] for u in world.linear.issue_updates] == [{"stateId": world.linear.state_of(issue)["id"]}]
     # the request of the session is kept for the agent's prompt
     shown = show(world, "APP-1")
-    assert json.loads(shown["issue"]["pending_context"])["prompt"] == "please do it"
+    assert shown["issue"]["pending_context"]["prompt"] == "please do it"
     assert all(o["status"] == "sent" for o in shown["outbox"])
 
 
@@ -292,7 +292,7 @@ def test_session_from_untrusted_actor_starts_nothing_and_posts_nothing(world):
     st = tracked(world)["APP-1"]
     assert st["factory_state"] == "delegated" and st["pending_run"] == "implementation"
     assert world.activity_types(s2) == ["thought"] and world.activity_types(session) == []
-    ctx = json.loads(show(world, "APP-1")["issue"]["pending_context"])
+    ctx = show(world, "APP-1")["issue"]["pending_context"]
     assert ctx["prompt"] == "please fix it properly"
 
 
@@ -327,7 +327,7 @@ def test_trusted_comment_on_a_done_issue_starts_no_run(world):
 
     shown = show(world, "APP-1")
     assert shown["issue"]["factory_state"] == "done"
-    assert shown["issue"]["pending_run_type"] is None and shown["issue"]["active_run_id"] is None
+    assert shown["issue"]["pending_run"] is None and shown["issue"]["active_run"] is None
     assert shown["inbox"] == [] and shown["runs"] == []
     assert world.activity_types(session) == acts_before
 
@@ -343,7 +343,7 @@ def test_comment_on_an_active_issue_becomes_an_inbox_message(world):
     assert [(m["kind"], m["author"], m["source"], m["body"], m["delivered_at"]) for m in shown["inbox"]] == \
         [("prompt", "Alice Smith", "comment", "Use British spelling, please.", None)]
     # still one queued run, no new acknowledgement
-    assert shown["issue"]["pending_run_type"] == "implementation"
+    assert shown["issue"]["pending_run"] == "implementation"
     assert world.activity_types(session) == ["thought"]
 
 
@@ -379,7 +379,7 @@ def test_undelegating_a_pending_issue_drops_the_pending_run(world):
     assert report["steps"]["launch"]["waiting"] == []
 
     shown = show(world, "APP-1")
-    assert shown["issue"]["pending_run_type"] is None and shown["issue"]["delegated"] == 0
+    assert shown["issue"]["pending_run"] is None and shown["issue"]["delegated"] is False
     assert shown["issue"]["factory_state"] == "awaiting_input"
     assert world.activity_types(session) == ["thought", "response"]
     assert "un-delegated" in world.linear.activities(session)[-1]["content"]["body"]
@@ -395,7 +395,7 @@ def test_linear_stop_signal_records_a_stop_and_drops_the_pending_run(world):
 
     shown = show(world, "APP-1")
     assert any(e["kind"] == "stop" and "Alice Smith" in e["message"] for e in shown["events"])
-    assert shown["issue"]["pending_run_type"] is None
+    assert shown["issue"]["pending_run"] is None
     assert shown["issue"]["factory_state"] == "awaiting_input"
     assert shown["inbox"] == []      # a stop is not a message for the agent
     assert world.activity_types(session) == ["thought", "response"]

@@ -60,7 +60,7 @@ def test_a_bad_issue_does_not_roll_back_the_others_and_is_named(world):
     assert "APP-1" in r.stderr and "illegal factory transition bogus -> done" in r.stderr, r.stderr
     assert "APP-2: new agent session -> implementation queued" in r.stdout
     assert world.activity_types(s2) == ["thought"]                      # the other issue went through
-    assert show(world, "APP-2")["issue"]["pending_run_type"] == "implementation"
+    assert show(world, "APP-2")["issue"]["pending_run"] == "implementation"
     assert cursor(world, "linear.poll.issues") >= before                      # the cursor is not held back
     events = show(world, "APP-1")["events"]
     assert any(e["level"] == "error" and "could not apply a Linear change" in e["message"] for e in events)
@@ -121,7 +121,7 @@ def test_reopening_a_done_issue_that_is_still_delegated_starts_work_again(world)
     out = tick(world).stdout
     assert "APP-1: reopened in Linear -> implementation queued" in out
     i = show(world, "APP-1")["issue"]
-    assert i["factory_state"] == "delegated" and i["pending_run_type"] == "implementation"
+    assert i["factory_state"] == "delegated" and i["pending_run"] == "implementation"
 
 
 def test_reopened_but_not_delegated_waits_and_a_new_delegation_session_starts_work(world):
@@ -133,7 +133,7 @@ def test_reopened_but_not_delegated_waits_and_a_new_delegation_session_starts_wo
     world.linear.update_issue(issue, state="Todo")
     tick(world)
     i = show(world, "APP-1")["issue"]
-    assert i["factory_state"] == "awaiting_input" and i["pending_run_type"] is None and i["delegated"] == 0
+    assert i["factory_state"] == "awaiting_input" and i["pending_run"] is None and i["delegated"] is False
 
     # delegating again: Linear sets the delegate and opens a new agent session
     world.linear.update_issue(issue, delegate=world.app)
@@ -224,7 +224,7 @@ def test_a_mention_on_a_tracked_idle_undelegated_issue_starts_no_run(world):
     mention = world.linear.add_session(issue, world.alice, world.app, body="@PatchRelay one more idea")
     tick(world)
     i = show(world, "APP-1")
-    assert i["issue"]["pending_run_type"] is None and i["runs"] == []
+    assert i["issue"]["pending_run"] is None and i["runs"] == []
     assert [a["content"]["type"] for a in world.linear.activities(mention)] == ["response"]
     assert [m["body"] for m in i["inbox"] if m["kind"] == "prompt"] == ["@PatchRelay one more idea"]
 

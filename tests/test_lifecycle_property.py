@@ -310,7 +310,7 @@ class Sequence:
             self.fail(f"{key}: a single tick did not queue the fresh delegation; tick said:\n{out}")
         shown = show(w, key)
         i = shown["issue"]
-        if not (i["pending_run_type"] == "implementation" or i["active_run_id"] or shown["runs"]):
+        if not (i["pending_run"] == "implementation" or i["active_run"] or shown["runs"]):
             self.fail(f"{key}: neither a pending implementation run nor a run after the tick: {i}")
         acks = [o for o in shown["outbox"] if o["kind"] == "activity" and o["payload"]["content"]["type"] == "thought"]
         if not acks:

@@ -53,7 +53,7 @@ def test_release_stops_tracking_and_tells_the_session_why(world):
     assert r.exit_code == 0, r.output
     tick(world)
     s = show(world, "APP-1")
-    assert s["issue"]["factory_state"] == "canceled" and s["issue"]["pending_run_type"] is None
+    assert s["issue"]["factory_state"] == "canceled" and s["issue"]["pending_run"] is None
     bodies = [a["content"]["body"] for a in world.linear.activities(session) if a["content"]["type"] == "response"]
     assert bodies == ["An operator released APP-1 from PatchRelay: we will do this by hand. I will not work on it "
                       "unless it is delegated to me again."]
@@ -69,7 +69,7 @@ def test_why_explains_an_untracked_issue_and_every_gate_of_a_tracked_one(world):
     w = why(world, "APP-1")
     names = [g["gate"] for g in w["gates"]]
     assert names == ["routed", "delegated", "trusted", "runner not paused", "issue not paused", "active run",
-                     "pending run", "concurrency", "repair budgets", "rate limits", "Linear outbox"]
+                     "pending run", "concurrency", "repair budgets", "token caps", "rate limits", "Linear outbox"]
     text = cli_inproc(world, "why", "APP-1").stdout
     assert text.startswith("APP-1  delegated") and "next: " in text
 

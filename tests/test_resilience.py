@@ -185,9 +185,9 @@ def test_linear_outage_keeps_tracked_issues_and_queued_outbox_rows(world):
     assert [(i["key"], i["factory_state"], i["pending_run"]) for i in st["issues"]] == \
         [("APP-1", "delegated", "implementation")]
     after = show(world, "APP-1")["issue"]
-    assert {k: after[k] for k in ("factory_state", "pending_run_type", "pending_context", "agent_session_id",
+    assert {k: after[k] for k in ("factory_state", "pending_run", "pending_context", "agent_session_id",
                                   "delegated")} == \
-        {k: before[k] for k in ("factory_state", "pending_run_type", "pending_context", "agent_session_id",
+        {k: before[k] for k in ("factory_state", "pending_run", "pending_context", "agent_session_id",
                                 "delegated")}
     rows = st["outbox"]
     assert [(o["kind"], o["status"]) for o in rows] == [("activity", "queued"), ("plan", "queued")]

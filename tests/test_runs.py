@@ -402,7 +402,9 @@ def test_model_http_500_fails_the_run_with_a_linear_error_then_retry_runs_it_aga
     for needle in ("implementation queued", "run claimed", "worker ", "run failed", "queued by operator",
                    "run completed"):
         assert needle in ev, (needle, ev)
-    evj = [json.loads(line) for line in world.cli("events", "APP-1", "--json", check=0).stdout.splitlines()]
+    doc = json.loads(world.cli("events", "APP-1", "--json", check=0).stdout)     # one JSON document
+    assert doc["issue"] == "APP-1"
+    evj = doc["events"]
     assert evj and all({"id", "at", "level", "kind", "message", "run_id"} <= set(e) for e in evj)
     assert [e["id"] for e in evj] == sorted(e["id"] for e in evj)
 
@@ -702,7 +704,8 @@ def test_hostile_title_and_team_key_make_valid_branches_and_execute_nothing(worl
         assert s["issue"]["factory_state"] in ("ready_for_pr", "pr_open"), (key, s["runs"])
         assert branch in heads and file_at(world.bare, branch, "hi.txt") == "hi\n"
         assert types(world, session)[:3] == ["thought", "thought", "response"]
-        pr = world.github.pr("acme/app", s["issue"]["pr_number"]) if s["issue"]["pr_number"] else None
+        number = (s["issue"].get("pr") or {}).get("number") if "pr" in s["issue"] else s["issue"]["pr_number"]
+        pr = world.github.pr("acme/app", number) if number else None
         assert pr is None or (pr["headRefName"] == branch and pr["title"].startswith(key)), pr
     msg = git(world.bare, "log", "-1", "--format=%s", world.show("APP-1")["issue"]["branch"])
     assert msg.startswith("APP-1: ../../etc/passwd \"quoted\"") and len(msg) < 100, msg
@@ -815,6 +818,25 @@ def test_leftovers_of_a_worker_killed_while_preparing_the_worktree_are_cleared(w
     for name in tracked:
         assert (world.tmp / "worktrees" / "APP-1" / name).exists(), name
     assert _changed_on_origin(world) == {"hello.txt"}          # nothing committed as deleted
+    assert str(partial) not in git(world.repo, "worktree", "list")
+
+
+def test_a_worktree_moved_into_place_but_not_yet_repaired_is_repaired_and_reused(world):
+    """Killed between the rename of the finished checkout and `git worktree repair`: git still lists the
+    partial path; the next run repairs the moved worktree instead of removing it as a leftover."""
+    partial = world.tmp / "worktrees" / ".APP-1.partial"
+    path = world.tmp / "worktrees" / "APP-1"
+    git(world.repo, "fetch", "-q", "origin")
+    git(world.repo, "worktree", "add", "-q", "--no-track", "-b", BRANCH, partial, "origin/main")
+    (partial / "notes.txt").write_text("work in progress\n")     # the worktree's own state must survive
+    os.rename(partial, path)
+    world.use_codex([tool("echo hello > hello.txt"), say("Added hello.txt.")])
+    world.delegate()
+    world.tick()
+    s = wait_done(world)
+    assert s["issue"]["factory_state"] == "ready_for_pr", s["runs"]
+    assert "(reused)" in " ".join(e["message"] for e in s["events"] if e["kind"] == "git")
+    assert _changed_on_origin(world) == {"hello.txt", "notes.txt"}
     assert str(partial) not in git(world.repo, "worktree", "list")
 
 
