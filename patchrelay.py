@@ -5586,7 +5586,8 @@ def _table(rows: list[list[Any]], headers: list[str]) -> str:
 
 
 def _issue_table(issues: list[dict]) -> str:
-    return _table([[i["key"], shown(one_line(i["title"]), 40), i["linear_state"] or "", i["factory_state"],
+    return _table([[i["key"], shown(one_line(i["title"]), 40), i["linear_state"] or "",
+                    i["factory_state"] + (" (paused)" if i["paused"] else ""),
                       i["pending_run"] or "",
                       f"{i['active_run']['type']} #{i['active_run']['id']} {i['active_run']['status']}"
                       if i["active_run"] else "",
@@ -5747,6 +5748,10 @@ def show(c: Ctx, issue: str, as_json: bool) -> None:
               "agent_session_id", "branch", "worktree", "thread_id", "retries"):
         if row.get(k) not in (None, ""):
             click.echo(f"  {k}: {shown(row[k], 300)}")
+    if row.get("paused"):
+        pz = json.loads(row["paused"])
+        click.echo(f"  paused: by {pz.get('by')} at {pz.get('at')}" + (f": {shown(pz['reason'], 200)}"
+                                                                       if pz.get("reason") else ""))
     if pull:
         click.echo(f"\nPull request #{pull['number']} ({pull['state']}): {pull['url']}")
         click.echo(f"  head: {pull['head_sha'] or '?'}   checks: {pull['ci'] or '?'}   review: "

@@ -31,6 +31,11 @@ def test_pause_and_resume_globally_and_per_issue_hold_launches_and_say_who_and_w
     assert cli_inproc(world, "resume").exit_code == 0
     w2 = why(world, "APP-2")
     assert {g["gate"]: g["value"] for g in w2["gates"]}["issue not paused"]["reason"] == "waiting for design"
+    table = cli_inproc(world, "status").stdout                 # piped: tab-separated, the pause in the state
+    row = next(ln.split("\t") for ln in table.splitlines() if ln.startswith("APP-2\t"))
+    assert row[3] == "delegated (paused)", row
+    assert "paused: by " in cli_inproc(world, "show", "APP-2").stdout and "waiting for design" in \
+        cli_inproc(world, "show", "APP-2").stdout
     assert why(world, "APP-1")["next"] == "launch the implementation run at the next tick"
     assert cli_inproc(world, "resume", "APP-2").exit_code == 0
     assert why(world, "APP-2")["next"] == "launch the implementation run at the next tick"
