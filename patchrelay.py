@@ -5385,8 +5385,10 @@ def recover_run(cfg: Config, store: Store, run: dict) -> str:
 def example_config() -> str:
     """The commented example config: patchrelay.yaml.example, beside this file in a checkout, or installed as
     data (share/patchrelay/) by pip. It lives once."""
+    import site
     for d in (Path(__file__).resolve().parent, Path(sys.prefix) / "share" / "patchrelay",
-              Path(sysconfig.get_path("data")) / "share" / "patchrelay"):
+              Path(sysconfig.get_path("data")) / "share" / "patchrelay",
+              Path(site.getuserbase()) / "share" / "patchrelay"):     # pip install --user
         with contextlib.suppress(OSError):
             return (d / "patchrelay.yaml.example").read_text()
     raise UsageError("patchrelay.yaml.example is missing from this installation; reinstall PatchRelay")
