@@ -795,6 +795,16 @@ def _changed_on_origin(world):
     return set(git(world.bare, "diff", "--name-only", f"main..{BRANCH}").split())
 
 
+def _hello_run(world):
+    """One implementation run that adds hello.txt; returns show --json and the run's git event text."""
+    world.use_codex([tool("echo hello > hello.txt"), say("Added hello.txt.")])
+    world.delegate()
+    world.tick()
+    s = wait_done(world)
+    assert s["issue"]["factory_state"] == "ready_for_pr", s["runs"]
+    return s, " ".join(e["message"] for e in s["events"] if e["kind"] == "git")
+
+
 def test_leftovers_of_a_worker_killed_while_preparing_the_worktree_are_cleared(world):
     """A worker killed inside `git worktree add` leaves a half-filled, locked partial worktree holding the
     branch, and a killed fetch leaves a ref lock: the next run clears both and starts from a full checkout."""
@@ -808,13 +818,9 @@ def test_leftovers_of_a_worker_killed_while_preparing_the_worktree_are_cleared(w
     lock = world.repo / ".git" / "refs" / "remotes" / "origin" / "main.lock"
     lock.write_text("")
     os.utime(lock, (time.time() - 60, time.time() - 60))
-    world.use_codex([tool("echo hello > hello.txt"), say("Added hello.txt.")])
-    world.delegate()
-    world.tick()
-    s = wait_done(world)
-    assert s["issue"]["factory_state"] == "ready_for_pr", s["runs"]
+    s, how = _hello_run(world)
     assert not partial.exists() and not lock.exists()
-    assert "checked out local branch" in " ".join(e["message"] for e in s["events"] if e["kind"] == "git")
+    assert "checked out local branch" in how
     for name in tracked:
         assert (world.tmp / "worktrees" / "APP-1" / name).exists(), name
     assert _changed_on_origin(world) == {"hello.txt"}          # nothing committed as deleted
@@ -830,12 +836,8 @@ def test_a_worktree_moved_into_place_but_not_yet_repaired_is_repaired_and_reused
     git(world.repo, "worktree", "add", "-q", "--no-track", "-b", BRANCH, partial, "origin/main")
     (partial / "notes.txt").write_text("work in progress\n")     # the worktree's own state must survive
     os.rename(partial, path)
-    world.use_codex([tool("echo hello > hello.txt"), say("Added hello.txt.")])
-    world.delegate()
-    world.tick()
-    s = wait_done(world)
-    assert s["issue"]["factory_state"] == "ready_for_pr", s["runs"]
-    assert "(reused)" in " ".join(e["message"] for e in s["events"] if e["kind"] == "git")
+    s, how = _hello_run(world)
+    assert "(reused)" in how
     assert _changed_on_origin(world) == {"hello.txt", "notes.txt"}
     assert str(partial) not in git(world.repo, "worktree", "list")
 
@@ -844,12 +846,8 @@ def test_a_worktree_with_gits_placeholder_head_is_rebuilt_not_reused(world):
     path = world.tmp / "worktrees" / "APP-1"
     git(world.repo, "worktree", "add", "-q", "--detach", path, "HEAD")
     (world.repo / ".git" / "worktrees" / "APP-1" / "HEAD").write_text("0" * 40 + "\n")   # a checkout cut short
-    world.use_codex([tool("echo hello > hello.txt"), say("Added hello.txt.")])
-    world.delegate()
-    world.tick()
-    s = wait_done(world)
-    assert s["issue"]["factory_state"] == "ready_for_pr", s["runs"]
-    assert "created" in " ".join(e["message"] for e in s["events"] if e["kind"] == "git")
+    s, how = _hello_run(world)
+    assert "created" in how
     assert _changed_on_origin(world) == {"hello.txt"}
 
 
