@@ -6092,19 +6092,19 @@ def events(c: Ctx, issue: str, follow: bool, as_json: bool) -> None:
         _dump({"issue": row["key"], "events": [{k: e[k] for k in ("id", "at", "level", "kind", "message", "run_id")}
                                                for e in store.events_for_issue(row["id"], 0)]})
         return
-    while True:
-        for e in store.events_for_issue(row["id"], last):
-            last = e["id"]
-            if as_json:
-                click.echo(json.dumps({k: e[k] for k in ("id", "at", "level", "kind", "message", "run_id")}))
-            else:
-                click.echo(f"{e['at']} {e['level']:5} {e['kind']:9} {shown(e['message'], 500)}")
-        if not follow:
-            return
-        try:
+    try:
+        while True:
+            for e in store.events_for_issue(row["id"], last):
+                last = e["id"]
+                if as_json:
+                    click.echo(json.dumps({k: e[k] for k in ("id", "at", "level", "kind", "message", "run_id")}))
+                else:
+                    click.echo(f"{e['at']} {e['level']:5} {e['kind']:9} {shown(e['message'], 500)}")
+            if not follow:
+                return
             time.sleep(1.0)
-        except KeyboardInterrupt:
-            return                      # Ctrl-C ends --follow quietly, exit 0
+    except KeyboardInterrupt:
+        return                          # Ctrl-C ends --follow quietly, exit 0
 
 
 @cli.command()

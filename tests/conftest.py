@@ -85,9 +85,12 @@ class World:
         env.update(extra)
         return {k: v for k, v in env.items() if v is not None}
 
-    def cli(self, *args, env=None, timeout=120, check=None, config=True):
-        argv = [sys.executable, str(PATCHRELAY)] + (["--config", str(self.config_path)] if config else []) \
+    def cli_argv(self, *args, config=True):
+        return [sys.executable, str(PATCHRELAY)] + (["--config", str(self.config_path)] if config else []) \
             + [str(a) for a in args]
+
+    def cli(self, *args, env=None, timeout=120, check=None, config=True):
+        argv = self.cli_argv(*args, config=config)
         p = subprocess.run(argv, capture_output=True, text=True, env=self.env(**(env or {})), timeout=timeout)
         if check is not None and p.returncode != check:
             raise AssertionError(f"patchrelay {' '.join(map(str, args))} exited {p.returncode}, wanted {check}\n"

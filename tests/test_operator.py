@@ -101,3 +101,36 @@ def test_status_shows_what_needs_attention_and_list_reaches_the_rest(world):
         == ["APP-3"]
     assert json.loads(cli_inproc(world, "list", "--project", "nope", "--json").output) == {"issues": []}
     assert "APP-1" in cli_inproc(world, "list").output
+
+
+def test_run_of_a_finished_issue_asks_for_force(world):
+    pause_runner(world)
+    issue, _ = world.delegate()
+    tick(world)
+    world.linear.update_issue(issue, state="Done")
+    tick(world)
+    assert show(world, "APP-1")["issue"]["factory_state"] == "done"
+    r = cli_inproc(world, "run", "APP-1")
+    assert r.exit_code == 2 and "is done; add --force" in r.stderr, r.stderr
+
+
+def test_ctrl_c_ends_events_follow_quietly_with_exit_0(world):
+    import signal
+    import subprocess
+    import time
+    pause_runner(world)
+    world.delegate()
+    tick(world)
+    p = subprocess.Popen(world.cli_argv("events", "APP-1", "--follow"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=world.env())
+    deadline = time.time() + 30
+    first = p.stdout.readline()                     # the log so far is printed before following
+    assert first.strip(), "events --follow printed nothing"
+    while time.time() < deadline and p.poll() is None:
+        p.send_signal(signal.SIGINT)
+        try:
+            p.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            continue
+    out, err = p.communicate(timeout=10)
+    assert p.returncode == 0 and err == "", (p.returncode, err)
