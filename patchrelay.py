@@ -4977,7 +4977,7 @@ def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
             ctx.note(f"would cost {reads + writes} Linear request(s): {reads} read(s) made, "
                      f"up to {writes} write(s) to send")
             taken = (report["steps"].get("intake") or {}).get("queued") or []
-            if taken:
+            if "intake" in report["steps"] and "skipped" not in report["steps"]["intake"]:
                 rule = delegation_rule(cfg, store.meta_get("linear.mode") == "app")
                 ctx.note(f"would take {len(taken)} issue(s) ({rule})")
         else:
@@ -6252,7 +6252,9 @@ def doctor(c: Ctx, as_json: bool) -> None:
             scope = f"projects[{i}]"
             try:
                 if not p.repo_path.is_dir():
-                    raise GitError(f"repo_path {p.repo_path} does not exist")
+                    raise GitError(f"repo_path {p.repo_path} does not exist: clone the repository there "
+                                   f"(`git clone https://github.com/{p.github_repo}.git {p.repo_path}`) or fix "
+                                   f"projects[{i}].repo_path")
                 run_git(["rev-parse", "--git-dir"], p.repo_path)
                 has_base = run_git(["rev-parse", "--verify", "--quiet", f"refs/remotes/origin/{p.base_branch}"],
                                    p.repo_path, check=False).returncode == 0 or \

@@ -242,10 +242,13 @@ def test_concurrent_tick_exits_zero_with_a_one_line_notice(world):
 # ----------------------------------------------------------------------------- dry run and --json
 def test_dry_run_prints_what_it_would_do_and_changes_nothing(world):
     pause(world)
+    p = tick(world, "--dry-run", check=0)                  # nothing delegated yet: says so
+    assert "would take 0 issue(s) (delegated to the app)" in p.stdout, p.stdout
     issue, session = world.delegate()
 
     p = tick(world, "--dry-run", check=0)
     assert "would: APP-1: new agent session -> implementation queued" in p.stdout
+    assert "would take 1 issue(s) (delegated to the app)" in p.stdout, p.stdout
 
     assert status(world) == {"issues": [], "others": 0, "outbox": [], "api": [], "last_tick": None,
                              "paused": {"by": "config", "reason": "runner.paused: true", "at": None},
