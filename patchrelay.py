@@ -64,16 +64,20 @@ class PatchRelayError(Exception):
     no secret an API or a tool echoed back travels further."""
     exit_code = 1
 
+    named_secrets = True        # a config or usage error names keys like `linear.token`: not secrets
+
     def __init__(self, *args: Any):
-        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
+        super().__init__(*(redact(a, named=self.named_secrets) if isinstance(a, str) else a for a in args))
 
 
 class ConfigError(PatchRelayError):
     exit_code = 2
+    named_secrets = False
 
 
 class UsageError(PatchRelayError):
     exit_code = 2
+    named_secrets = False
 
 
 class StoreError(PatchRelayError):
@@ -196,13 +200,14 @@ _SECRET_PATTERNS = [
 KNOWN_SECRETS: set[str] = set()      # every token PatchRelay has read, whatever its shape
 
 
-def redact(text: str | None, secrets: Iterable[str] = ()) -> str:
-    """Remove known secrets and token-shaped strings from text bound for logs, SQLite or Linear."""
+def redact(text: str | None, secrets: Iterable[str] = (), named: bool = True) -> str:
+    """Remove known secrets and token-shaped strings from text bound for logs, SQLite or Linear. `named`:
+    also whatever follows `token=`, `password:` and the like (off for messages that name config keys)."""
     out = text or ""
     for s in sorted({*secrets, *KNOWN_SECRETS}, key=len, reverse=True):
         if s and len(s) >= 6:
             out = out.replace(s, "[redacted]")
-    for pat, rep in _SECRET_PATTERNS:
+    for pat, rep in _SECRET_PATTERNS if named else _SECRET_PATTERNS[:-1]:
         out = pat.sub(rep, out)
     return out
 
@@ -1012,7 +1017,9 @@ def read_only_file(path: Path) -> bool:
 
 
 class Store:
-    def __init__(self, path: Path, readonly: bool = False):
+    def __init__(self, path: Path, readonly: bool = False, verify: bool = False):
+        """`verify`: check the file (PRAGMA quick_check) before anything is written to it, and refuse a
+        damaged one (an operator's write)."""
         self.path = Path(path)
         check_database_path(self.path)
         if not readonly and read_only_file(self.path):
@@ -1036,11 +1043,16 @@ class Store:
         try:
             self.db.execute("PRAGMA busy_timeout = 30000")
             self.db.execute("PRAGMA foreign_keys = ON")
+            if verify and (check := self.quick_check()) != "ok":
+                self.db.close()
+                raise StoreError(f"database.path: {self.path} is damaged ({one_line(check, 160)}); nothing "
+                                 "written (`patchrelay doctor` says what to do)")
             if not readonly:
                 self.db.execute("PRAGMA journal_mode = WAL")
                 self.db.execute("PRAGMA synchronous = NORMAL")
                 self.migrate()
-            elif self.schema_version() < len(MIGRATIONS) and os.access(self.path, os.W_OK):
+            elif self.schema_version() < len(MIGRATIONS) and os.access(self.path, os.W_OK) \
+                    and not read_only_file(self.path):
                 self.migrate()          # a read after an upgrade, before any tick
         except sqlite3.Error as e:
             raise StoreError(f"database.path: {self.path}: {e}") from None
@@ -1236,6 +1248,8 @@ class Store:
             sql, args = sql + " AND issue_id = ?", args + [issue_id]
         if since is not None:
             sql, args = sql + " AND claimed_at >= ?", args + [since]
+        if self.schema_version() < 8:       # read-only and not migrated: runs before spend was recorded
+            return 0
         return self.db.execute(sql, args).fetchone()[0]
 
     def count_active_runs(self) -> int:
@@ -2609,13 +2623,17 @@ def git_push_env(cfg: Config, remote_url: str) -> dict[str, str]:
     GIT_CONFIG_* environment (never on a command line, never to Codex)."""
     if not remote_url.startswith("https://"):
         return {}
-    host = re.match(r"https://([^/]+)/", remote_url + "/")
+    host = re.match(r"https://([^/@]+@)?([^/]+)/", remote_url + "/")
+    api_host = re.match(r"https?://([^/]+)", cfg.github.api_url)
+    github_hosts = {"github.com"} | ({api_host.group(1).removeprefix("api.")} if api_host else set())
+    if not host or host.group(2).lower() not in github_hosts:
+        return {}                       # never hand the GitHub token to another host
     tok = github_token(cfg)
-    if not tok or not host:
+    if not tok:
         return {}
     import base64
     basic = base64.b64encode(f"x-access-token:{tok}".encode()).decode()
-    return {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": f"http.https://{host.group(1)}/.extraheader",
+    return {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": f"http.https://{host.group(2)}/.extraheader",
             "GIT_CONFIG_VALUE_0": f"AUTHORIZATION: basic {basic}"}
 
 
@@ -2825,7 +2843,8 @@ def probe_codex(cfg: Config, workdir: Path) -> list[tuple[str, str]]:
     env = stripped_child_env(cfg, {"CODEX_HOME": str(cfg.codex.home)} if cfg.codex.home else {})
     try:
         ver = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, env=env)
-        version = (ver.stdout.strip() or ver.stderr.strip()).split()[-1] if (ver.stdout or ver.stderr) else "?"
+        words = (ver.stdout.strip() or ver.stderr.strip()).split()
+        version = words[-1] if words else "?"
     except (OSError, subprocess.TimeoutExpired) as e:
         return [("FAIL", f"{path} --version failed: {e}; reinstall Codex")]
     out.append(("PASS" if version == SUPPORTED_CODEX else "WARN",
@@ -2843,10 +2862,11 @@ def probe_codex(cfg: Config, workdir: Path) -> list[tuple[str, str]]:
         acct = server.request("account/read", {"refreshToken": False})
         conf = (server.request("config/read", {}).get("config") or {})
     except CodexError as e:
-        return out + [("FAIL", f"codex app-server handshake failed: {e} (its log: {log_path})")]
+        said = one_line(server.stderr_tail(3), 200)
+        return out + [("FAIL", f"codex app-server handshake failed: {e}" + (f" (it said: {said})" if said else ""))]
     finally:
         server.close()
-    provider = conf.get("model_provider") or "openai"
+    provider = cfg.codex.model_provider or conf.get("model_provider") or "openai"
     account = acct.get("account") or {}
     if acct.get("requiresOpenaiAuth") and not account:
         out.append(("FAIL", f"codex app-server: not logged in (model provider {provider}); run `codex login` (or "
@@ -3013,12 +3033,17 @@ def _ensure_worktree(project: ProjectConfig, branch: str, path: Path) -> str:
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise GitError(f"worktree {path} exists but is not a directory")
     registered = _worktrees(repo)
-    if path.exists() and path.resolve() not in registered and (path / ".git").is_file():
-        # killed between the rename and `worktree repair`: git still lists the partial path; repair first,
-        # or the cleanup below would take the moved worktree's administrative files for a leftover's
-        run_git(["worktree", "repair", str(path)], repo, check=False)
+    partials = [p for p in registered if p.name.startswith(".") and p.name.endswith(".partial")]
+    # A worker killed between the rename and `worktree repair` (of this issue or another one): git still
+    # lists the partial path while the checkout sits at its final one. Repair those first, or the cleanup
+    # below would take a moved worktree's records for a leftover's.
+    moved = [q for q in (p.with_name(p.name[1:-len(".partial")]) for p in partials if not p.exists())
+             if q.is_dir() and (q / ".git").is_file() and q.resolve() not in registered]
+    if moved:
+        run_git(["worktree", "repair", *map(str, moved)], repo, check=False)
         registered = _worktrees(repo)
-    for leftover in [p for p in registered if p.name.startswith(".") and p.name.endswith(".partial")]:
+        partials = [p for p in registered if p.name.startswith(".") and p.name.endswith(".partial")]
+    for leftover in partials:
         run_git(["worktree", "unlock", str(leftover)], repo, check=False)     # `add` locks it while it runs
         run_git(["worktree", "remove", "--force", "--force", str(leftover)], repo, check=False)
         shutil.rmtree(leftover, ignore_errors=True)         # then `worktree prune` below drops its records
@@ -4977,7 +5002,7 @@ def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
             ctx.note(f"would cost {reads + writes} Linear request(s): {reads} read(s) made, "
                      f"up to {writes} write(s) to send")
             taken = (report["steps"].get("intake") or {}).get("queued") or []
-            if "intake" in report["steps"] and "skipped" not in report["steps"]["intake"]:
+            if "intake" in report["steps"] and not {"skipped", "error"} & set(report["steps"]["intake"]):
                 rule = delegation_rule(cfg, store.meta_get("linear.mode") == "app")
                 ctx.note(f"would take {len(taken)} issue(s) ({rule})")
         else:
@@ -5089,6 +5114,8 @@ class TurnDriver:
                     with self.store.tx():
                         self.store.update_run(self.run_id, {"tokens": json.dumps(self.tokens),
                                                             "tokens_spent": self.spent})
+                    if self.cfg.codex.max_tokens_per_day is not None:      # concurrent runs spend too
+                        self.day_before = self.store.tokens_spent(since=utc_day_start(), excluding_run=self.run_id)
                     crossed = token_cap_crossed(self.cfg.codex, self.spent, self.issue_before, self.day_before)
                     if crossed and self.question is None:
                         self.question = self.interrupt_reason = crossed
@@ -5422,12 +5449,7 @@ class Ctx:
         """The database. `verify`: an operator's write (pause, retry, ...) first checks that the file is
         sound (PRAGMA quick_check), so a damaged database is never written to by hand."""
         if self._store is None:
-            self._store = Store(self.cfg.database_path, readonly=readonly)
-            if verify:
-                check = self._store.quick_check()
-                if check != "ok":
-                    raise StoreError(f"database.path: {self.cfg.database_path} is damaged ({one_line(check, 160)}); "
-                                     "nothing written (`patchrelay doctor` says what to do)")
+            self._store = Store(self.cfg.database_path, readonly=readonly, verify=verify)
         return self._store
 
     def has_database(self) -> bool:
@@ -6335,8 +6357,8 @@ class ServicePlan:
             f"EnvironmentFile={self.env_file}\n"
             "# workers outlive the tick that launched them (and a restart of the service)\n"
             "KillMode=process\n"
-            + ("Restart=on-failure\nRestartSec=10\n" if self.mode == "watch" else "")
-            + "\n[Install]\nWantedBy=default.target\n")
+            + ("Restart=on-failure\nRestartSec=10\n\n[Install]\nWantedBy=default.target\n" if self.mode == "watch"
+               else ""))                            # a timer's service is started by the timer only
         units = {f"{SERVICE}.service": service}
         if self.mode == "timer":
             units[f"{SERVICE}.timer"] = (
@@ -6379,7 +6401,7 @@ def model_key_env(cfg: Config) -> str | None:
         conf = tomllib.loads((Path(home) / "config.toml").read_text())
     except (OSError, ValueError):
         return None
-    provider = conf.get("model_provider")
+    provider = cfg.codex.model_provider or conf.get("model_provider")
     key = ((conf.get("model_providers") or {}).get(provider) or {}).get("env_key") if provider else None
     return key if isinstance(key, str) else None
 
@@ -6451,7 +6473,8 @@ def service_install(c: Ctx, timer: float | None, watch_mode: bool, interval: flo
     if cfg.path is None:
         raise UsageError("service install: no config file (run `patchrelay init` first)")
     mode = "cron" if cron else "timer" if timer else "watch"
-    found = {name: shutil.which(name) for name in (cfg.codex.bin, "node", "git")}
+    found = {name: shutil.which(name) for name in (cfg.codex.bin, "node", "git",
+                                                   *(("gh",) if cfg.github.use_gh_cli else ()))}
     plan = ServicePlan(mode=mode, interval=timer or interval, argv=self_argv(), config=Path(cfg.path).resolve(),
                        env_file=service_env_file(),
                        path_dirs=tuple(dict.fromkeys(str(Path(p).parent) for p in
@@ -6460,8 +6483,8 @@ def service_install(c: Ctx, timer: float | None, watch_mode: bool, interval: flo
     names = [n for n in dict.fromkeys([cfg.linear.token_env, cfg.github.token_env, model_key_env(cfg)]) if n]
     created = write_env_file(plan.env_file, names)
     out: dict[str, Any] = {"mode": mode, "env_file": str(plan.env_file), "env_file_created": created,
-                           "env_names": names, "missing": [n for n, p in found.items() if not p], "files": [],
-                           "started": False, "next": []}
+                           "env_names": names, "missing": [n for n, p in found.items() if not p and n != "gh"],
+                           "files": [], "started": False, "next": []}
     if mode == "cron":
         line = plan.cron_line()
         _secure_dir(plan.log.parent)
@@ -6475,21 +6498,31 @@ def service_install(c: Ctx, timer: float | None, watch_mode: bool, interval: flo
     else:
         d = systemd_user_dir()
         d.mkdir(parents=True, exist_ok=True)
-        for stale in (f"{SERVICE}.timer",):        # switching from --timer to --watch
-            if stale not in plan.units() and (d / stale).exists():
-                _systemctl("disable", "--now", stale)
-                (d / stale).unlink()
+        old = (d / f"{SERVICE}.service").read_text() if (d / f"{SERVICE}.service").exists() else ""
+        was_watch = bool(re.search(r"^ExecStart=.* watch( |$)", old, re.M))
+        if mode == "watch" and (d / f"{SERVICE}.timer").exists():      # switching from --timer to --watch
+            if not no_start:
+                _systemctl("disable", "--now", f"{SERVICE}.timer")
+            (d / f"{SERVICE}.timer").unlink()
         for name, text in plan.units().items():
             (d / name).write_text(text)
             out["files"].append(str(d / name))
-        unit = f"{SERVICE}.timer" if mode == "timer" else f"{SERVICE}.service"
+        # a new unit takes effect: the watch service is restarted (workers outlive it: KillMode=process);
+        # a watch service replaced by a timer is stopped and disabled first
+        steps = [("daemon-reload",)] + (
+            [("enable", f"{SERVICE}.service"), ("restart", f"{SERVICE}.service")] if mode == "watch" else
+            ([("disable", "--now", f"{SERVICE}.service")] if was_watch else []) +
+            [("enable", "--now", f"{SERVICE}.timer")])
         if not no_start:
-            r = _systemctl("daemon-reload")
-            r = r and _systemctl("enable", "--now", unit)
+            r = None
+            for step in steps:
+                r = _systemctl(*step)
+                if r is None or r.returncode != 0:
+                    break
             if r is not None and r.returncode == 0:
                 out["started"] = True
             else:
-                out["next"].append(f"systemctl --user daemon-reload && systemctl --user enable --now {unit}"
+                out["next"].append(" && ".join(f"systemctl --user {' '.join(st)}" for st in steps)
                                    + (f" (systemctl said: {one_line(r.stderr, 160)})" if r is not None else
                                       " (no user systemd reachable from here)"))
         out["next"].append(f"loginctl enable-linger {os.environ.get('USER') or '$USER'}   "

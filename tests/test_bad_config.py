@@ -215,3 +215,36 @@ def test_an_operator_write_to_a_database_damaged_off_to_the_side_is_refused(worl
         assert "damaged" in line and str(db) in line, (cmd, line)
     assert db.read_bytes() == before                              # nothing was written
     assert not Path(str(db) + "-wal").exists() or Path(str(db) + "-wal").stat().st_size == 0
+
+
+def test_a_read_only_database_of_an_older_schema_is_read_without_migrating_it(world):
+    pause(world)
+    world.delegate()
+    world.tick()
+    db = Path(world.config["database"]["path"])
+    con = sqlite3.connect(str(db))
+    with con:                                   # as a database from before token spend was recorded
+        con.execute("DROP INDEX runs_claimed_at")
+        con.execute("ALTER TABLE runs DROP COLUMN tokens_spent")
+        con.execute("PRAGMA user_version = 7")
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    os.chmod(db, 0o444)
+    try:
+        import json
+        st = json.loads(world.cli("status", "--json", check=0).stdout)
+        assert [i["key"] for i in st["issues"]] == ["APP-1"] and st["tokens"]["today"] == 0
+        assert world.cli("why", "APP-1", "--json").returncode == 0
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 7       # not migrated behind the owner's back
+        con.close()
+        assert stat.S_IMODE(db.stat().st_mode) == 0o444
+    finally:
+        os.chmod(db, 0o600)
+
+
+def test_a_config_error_naming_a_token_key_is_not_redacted(world):
+    world.config["linear"]["token"] = "x"
+    world.write_config()
+    line = one_line_error(world.cli("status"))
+    assert line.startswith("patchrelay: linear.token: ") and "[redacted]" not in line, line

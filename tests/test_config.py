@@ -401,3 +401,14 @@ def test_config_and_verbose_work_after_the_subcommand_and_h_is_help(world):
         assert p.stdout.startswith("Usage: ") and "Options:" in p.stdout, (argv, p.stdout)
     p = cli(world, "status", "--config", str(world.tmp / "nope.yaml"), config=False, check=2)
     assert "nope.yaml: config file not found" in p.stderr
+
+
+def test_the_github_token_is_offered_to_github_only_when_pushing(world, monkeypatch):
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_pushtoken0000000000000000000000000")
+    cfg = patchrelay.load_config(str(world.config_path))
+    env = patchrelay.git_push_env(cfg, "https://github.com/acme/app.git")
+    assert env["GIT_CONFIG_KEY_0"] == "http.https://github.com/.extraheader"
+    assert "ghp_pushtoken" not in env["GIT_CONFIG_VALUE_0"]                    # base64, in the environment only
+    for url in ("https://gitlab.example.com/acme/app.git", "https://github.com.evil.example/acme/app.git",
+                "git@github.com:acme/app.git", "/srv/git/app.git"):
+        assert patchrelay.git_push_env(cfg, url) == {}, url

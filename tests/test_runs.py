@@ -842,6 +842,20 @@ def test_a_worktree_moved_into_place_but_not_yet_repaired_is_repaired_and_reused
     assert str(partial) not in git(world.repo, "worktree", "list")
 
 
+def test_another_issues_run_repairs_a_moved_worktree_instead_of_removing_its_records(world):
+    """APP-7's worker was killed between the rename and the repair; APP-1's run (same repository, same lock)
+    must not take APP-7's moved worktree for a leftover: it repairs it."""
+    partial = world.tmp / "worktrees" / ".APP-7.partial"
+    other = world.tmp / "worktrees" / "APP-7"
+    git(world.repo, "fetch", "-q", "origin")
+    git(world.repo, "worktree", "add", "-q", "--no-track", "-b", "app/APP-7-other", partial, "origin/main")
+    os.rename(partial, other)
+    _hello_run(world)
+    assert git(other, "rev-parse", "--abbrev-ref", "HEAD") == "app/APP-7-other"       # still a worktree
+    listed = git(world.repo, "worktree", "list", "--porcelain")
+    assert f"worktree {other.resolve()}" in listed and str(partial) not in listed, listed
+
+
 def test_a_worktree_with_gits_placeholder_head_is_rebuilt_not_reused(world):
     path = world.tmp / "worktrees" / "APP-1"
     git(world.repo, "worktree", "add", "-q", "--detach", path, "HEAD")

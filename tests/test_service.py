@@ -79,8 +79,20 @@ def test_watch_install_replaces_the_timer_and_keeps_the_persons_env_file(svc):
     assert next(ln for ln in service.splitlines() if ln.startswith("ExecStart=")).endswith("watch --interval 7")
     assert svc.env_file.read_text().startswith("LINEAR_API_KEY=lin_api_mine")      # never overwritten
     assert "fill in" not in p.stdout                                  # every name has a value
-    assert "systemctl --user disable --now patchrelay.timer" in svc.calls()
-    assert svc.calls()[-1] == "systemctl --user enable --now patchrelay.service"
+    assert svc.calls() == ["systemctl --user disable --now patchrelay.timer", "systemctl --user daemon-reload",
+                           "systemctl --user enable patchrelay.service",
+                           "systemctl --user restart patchrelay.service"]      # the new unit takes effect
+
+
+def test_a_timer_replacing_the_watch_service_stops_and_disables_it(svc):
+    svc("install", "--watch")
+    svc("install", "--timer", "20")
+    calls = svc.calls()
+    assert calls[-3:] == ["systemctl --user daemon-reload", "systemctl --user disable --now patchrelay.service",
+                          "systemctl --user enable --now patchrelay.timer"], calls
+    service = unit(svc, "patchrelay.service")
+    assert "[Install]" not in service and service.count("ExecStart=") == 1    # started by the timer only
+    assert next(ln for ln in service.splitlines() if ln.startswith("ExecStart=")).endswith(" tick")
 
 
 def test_status_and_uninstall(svc):
