@@ -97,6 +97,17 @@ def pause(world):
     world.write_config()
 
 
+def finished_issue(world):
+    """A paused world with APP-1 delegated, tracked, then moved to Done in Linear: (issue, session)."""
+    pause(world)
+    issue, session = world.delegate()
+    tick(world)
+    world.linear.update_issue(issue, state="Done")
+    tick(world)
+    assert tracked(world)["APP-1"]["factory_state"] == "done"
+    return issue, session
+
+
 def tracked(world):
     """{key: status entry} of `patchrelay status --json`."""
     return {i["key"]: i for i in status(world)["issues"]}
@@ -312,12 +323,7 @@ def test_comment_from_untrusted_actor_never_reaches_the_agent(world):
 
 # ----------------------------------------------------------------------------- comments, status changes, stop
 def test_trusted_comment_on_a_done_issue_starts_no_run(world):
-    pause(world)
-    issue, session = world.delegate()
-    tick(world)
-    world.linear.update_issue(issue, state="Done")
-    tick(world)
-    assert tracked(world)["APP-1"]["factory_state"] == "done"
+    issue, session = finished_issue(world)
     acts_before = world.activity_types(session)
 
     world.linear.add_comment(issue, world.alice, "could you also do the docs?")

@@ -10,7 +10,7 @@ import sqlite3
 import time
 
 from fakes.world import db_exec
-from test_intake import cli_inproc, pause, show, show_untracked, status, tick, user_mode
+from test_intake import cli_inproc, finished_issue, pause, show, show_untracked, status, tick, user_mode
 from test_runs import say, tool, wait_done
 
 import patchrelay as pr
@@ -110,12 +110,7 @@ def test_patchrelay_stop_with_nothing_running_is_refused_and_leaves_no_stop_behi
 
 # ----------------------------------------------------------------------------- 3. restart a finished issue
 def test_reopening_a_done_issue_that_is_still_delegated_starts_work_again(world):
-    pause(world)
-    issue, session = world.delegate()
-    tick(world)
-    world.linear.update_issue(issue, state="Done")
-    tick(world)
-    assert show(world, "APP-1")["issue"]["factory_state"] == "done"
+    issue, session = finished_issue(world)
 
     world.linear.update_issue(issue, state="Todo")
     out = tick(world).stdout

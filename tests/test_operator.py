@@ -2,7 +2,7 @@
 import json
 
 from fakes.world import db_exec
-from test_intake import cli_inproc, pause as pause_runner, show, status, tick
+from test_intake import cli_inproc, finished_issue, pause as pause_runner, show, status, tick
 
 
 def why(world, key):
@@ -104,12 +104,7 @@ def test_status_shows_what_needs_attention_and_list_reaches_the_rest(world):
 
 
 def test_run_of_a_finished_issue_asks_for_force(world):
-    pause_runner(world)
-    issue, _ = world.delegate()
-    tick(world)
-    world.linear.update_issue(issue, state="Done")
-    tick(world)
-    assert show(world, "APP-1")["issue"]["factory_state"] == "done"
+    finished_issue(world)
     r = cli_inproc(world, "run", "APP-1")
     assert r.exit_code == 2 and "is done; add --force" in r.stderr, r.stderr
 
