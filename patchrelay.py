@@ -1480,6 +1480,11 @@ class Store:
     def last_tick(self) -> dict | None:
         return self._one("SELECT * FROM ticks ORDER BY id DESC LIMIT 1")
 
+    def recent_ticks(self, n: int = 30) -> list[dict]:
+        """The newest finished ticks, newest first."""
+        return self._all("SELECT started_at, summary FROM ticks WHERE ended_at IS NOT NULL ORDER BY id DESC "
+                         "LIMIT ?", (n,))
+
 
 # ============================================================== linear
 # The Linear GraphQL client (requests + tenacity): timeouts on every call,
@@ -3308,6 +3313,27 @@ class Identity:
     label: str = "patchrelay"
 
 
+def api_use(ticks: Sequence[Mapping[str, Any]], limits: Mapping[str, int | None]) -> dict:
+    """Requests per tick and the projected hourly use of each API, from recent ticks (newest first: their
+    start times and `api_cost`) at the rate they ran; `limits`: each API's hourly request limit, if known."""
+    starts = [t for t in (parse_iso(x["started_at"]) for x in ticks) if t]
+    gaps = sorted((a - b).total_seconds() for a, b in zip(starts, starts[1:]) if a > b)
+    interval = gaps[len(gaps) // 2] if gaps else None
+    out: dict[str, Any] = {"ticks": len(ticks), "interval_seconds": round(interval, 1) if interval else None}
+    for api in ("linear", "github"):
+        costs = [c for c in ((json.loads(x["summary"] or "{}").get("api_cost") or {}).get(f"{api}_requests")
+                             for x in ticks) if isinstance(c, (int, float))]
+        if not costs:
+            continue
+        per_tick = sum(costs) / len(costs)
+        hourly = per_tick * 3600 / interval if interval else None
+        limit = limits.get(api)
+        out[api] = {"requests_per_tick": round(per_tick, 1),
+                    "projected_per_hour": round(hourly) if hourly is not None else None,
+                    "share_of_limit": round(100 * hourly / limit) if hourly is not None and limit else None}
+    return out
+
+
 def utc_day_start(now: dt.datetime | None = None) -> str:
     """The start of the current UTC day (the daily token cap's window)."""
     return iso((now or utcnow()).astimezone(dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0))
@@ -5008,6 +5034,8 @@ def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
         else:
             step("publish", lambda c: publish(cfg, store, c.linear(), None) if store.outbox_queued() else
                  {"sent": 0, "failed": 0, "queued": 0})
+            report["api_cost"] = {"linear_requests": ctx._linear.requests_made if ctx._linear else 0,
+                                  "github_requests": ctx._github.requests_made if ctx._github else 0}
             last = parse_iso(store.meta_get("prune.last"))
             if last is None or (utcnow() - last).total_seconds() > 86400:
                 step("prune", lambda c: store.prune(iso(utcnow() - dt.timedelta(days=cfg.database_retention_days))))
@@ -5648,7 +5676,8 @@ def status(c: Ctx, as_json: bool, show_all: bool) -> None:
     `list` shows them), queued Linear messages, API budget, last tick (from SQLite only)."""
     if not c.has_database():      # a read never creates the database
         if as_json:
-            _dump({"issues": [], "others": 0, "outbox": [], "api": [], "last_tick": None,
+            _dump({"issues": [], "others": 0, "outbox": [], "api": [], "api_use": {"ticks": 0, "interval_seconds": None},
+                   "last_tick": None,
                    "paused": runner_paused(c.cfg, None), "unrouted": [],
                    "tokens": {"today": 0, "day_cap": c.cfg.codex.max_tokens_per_day,
                               "issue_cap": c.cfg.codex.max_tokens_per_issue, "run_cap": c.cfg.codex.max_tokens_per_run}})
@@ -5676,8 +5705,9 @@ def status(c: Ctx, as_json: bool, show_all: bool) -> None:
     cx = c.cfg.codex
     tokens = {"today": store.tokens_spent(since=utc_day_start()), "day_cap": cx.max_tokens_per_day,
               "issue_cap": cx.max_tokens_per_issue, "run_cap": cx.max_tokens_per_run}
+    use = api_use(store.recent_ticks(), {b["api"]: b["requests_limit"] for b in api})
     if as_json:
-        _dump({"issues": issues, "others": others, "outbox": outbox, "api": api, "last_tick": last,
+        _dump({"issues": issues, "others": others, "outbox": outbox, "api": api, "api_use": use, "last_tick": last,
                "paused": paused, "unrouted": unrouted, "tokens": tokens})
         return
     for u in unrouted:
@@ -5713,6 +5743,12 @@ def status(c: Ctx, as_json: bool, show_all: bool) -> None:
         if b["limited_until"] and (parse_iso(b["limited_until"]) or utcnow()) > utcnow():
             line += f"; rate limited until {b['limited_until']}"
         click.echo(line)
+    for name in ("linear", "github"):
+        u = use.get(name)
+        if u and u["projected_per_hour"] is not None:
+            click.echo(f"{name} use: {u['requests_per_tick']:g} request(s) per tick, ~{u['projected_per_hour']:,}/h at "
+                       f"one tick every {use['interval_seconds']:g} s"
+                       + (f" ({u['share_of_limit']} % of the hourly limit)" if u["share_of_limit"] is not None else ""))
     click.echo(f"last tick: {last['started_at']} {last['result']}" if last else "last tick: never")
     for e in (last or {}).get("errors") or []:
         click.echo(f"  {one_line(e, 200)}")

@@ -483,3 +483,17 @@ def test_distinct_ordinary_keys_get_distinct_worktrees(tmp_path):
     keys = ["APP-1", "APP-2", "APP-10", "OPS-1"]
     assert len({pr.worktree_for(project, k) for k in keys}) == len(keys)
     assert len({pr.branch_for(project, k, "same title") for k in keys}) == len(keys)
+
+
+def test_api_use_projects_the_hourly_requests_from_recent_ticks():
+    t0 = pr.parse_iso("2026-01-01T00:00:00.000Z")
+    ticks = [{"started_at": pr.iso(t0 + dt.timedelta(seconds=5 * i)),
+              "summary": json.dumps({"api_cost": {"linear_requests": 1 if i else 3, "github_requests": 0}})}
+             for i in reversed(range(5))]                  # newest first, one every 5 s
+    use = pr.api_use(ticks, {"linear": 5000, "github": None})
+    assert use["interval_seconds"] == 5.0 and use["ticks"] == 5
+    assert use["linear"] == {"requests_per_tick": 1.4, "projected_per_hour": 1008, "share_of_limit": 20}
+    assert use["github"] == {"requests_per_tick": 0.0, "projected_per_hour": 0, "share_of_limit": None}
+    assert pr.api_use([], {}) == {"ticks": 0, "interval_seconds": None}
+    one = pr.api_use(ticks[:1], {"linear": 5000})          # one tick: no rate to project from
+    assert one["linear"]["projected_per_hour"] is None and one["interval_seconds"] is None

@@ -152,6 +152,24 @@ def test_rate_limit_headers_are_shown_in_status(world):
         in text
 
 
+def test_status_shows_requests_per_tick_and_the_projected_hourly_use(world):
+    pause(world)
+    world.delegate()
+    n0 = len(world.linear.requests)
+    for _ in range(4):                                   # the intake tick, then idle ones
+        tick(world)
+        time.sleep(0.3)
+    per_tick = (len(world.linear.requests) - n0) / 4
+    use = status(world)["api_use"]
+    assert use["ticks"] == 4 and use["interval_seconds"] >= 0.3, use
+    lin = use["linear"]
+    assert lin["requests_per_tick"] == round(per_tick, 1), (lin, per_tick)
+    hourly = per_tick * 3600 / use["interval_seconds"]      # the interval is shown rounded to 0.1 s
+    assert abs(lin["projected_per_hour"] - hourly) <= 0.2 * hourly, (lin, hourly)
+    assert lin["share_of_limit"] == round(100 * lin["projected_per_hour"] / 5000)
+    assert "linear use: " in cli_inproc(world, "status").stdout
+
+
 def test_exhausted_request_budget_is_treated_as_a_rate_limit(world):
     pause(world)
     world.delegate()
@@ -250,7 +268,7 @@ def test_dry_run_prints_what_it_would_do_and_changes_nothing(world):
     assert "would: APP-1: new agent session -> implementation queued" in p.stdout
     assert "would take 1 issue(s) (delegated to the app)" in p.stdout, p.stdout
 
-    assert status(world) == {"issues": [], "others": 0, "outbox": [], "api": [], "last_tick": None,
+    assert status(world) == {"issues": [], "others": 0, "outbox": [], "api": [], "api_use": {"ticks": 0, "interval_seconds": None}, "last_tick": None,
                              "paused": {"by": "config", "reason": "runner.paused: true", "at": None},
                              "unrouted": [], "tokens": {"today": 0, "day_cap": None, "issue_cap": None, "run_cap": None}}
     assert world.activity_types(session) == [] and world.linear.plans_for(session) == []
