@@ -3229,8 +3229,12 @@ def run_hook(project: ProjectConfig, cfg: Config, name: str, worktree: Path, env
         return False
     if not os.access(hook, os.X_OK):
         raise HookError(f"{name} hook {hook} is not executable")
+    # The hook starts only once its process is on record: a shell waits for a line on stdin, sent after
+    # `on_start`, then execs the hook (same pid). A worker killed in between closes that pipe, and the
+    # shell exits without running the hook, so nothing runs that reconcile would not know to stop.
     try:
-        proc = subprocess.Popen([str(hook)], cwd=str(worktree), env=stripped_child_env(cfg, env),
+        proc = subprocess.Popen(["sh", "-c", 'read -r _ || exit 0; exec "$0" </dev/null', str(hook)],
+                                cwd=str(worktree), env=stripped_child_env(cfg, env), stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     except OSError as e:
         raise HookError(f"{name} hook could not start: {e.strerror}") from None
@@ -3238,7 +3242,7 @@ def run_hook(project: ProjectConfig, cfg: Config, name: str, worktree: Path, env
     if on_start:
         on_start(proc.pid, started)
     try:
-        _, err = proc.communicate(timeout=cfg.runner.hook_timeout)
+        _, err = proc.communicate(input="go\n", timeout=cfg.runner.hook_timeout)
     except subprocess.TimeoutExpired:
         kill_process_group(proc.pid, started, grace=2)
         proc.communicate()

@@ -865,6 +865,24 @@ def test_a_worktree_with_gits_placeholder_head_is_rebuilt_not_reused(world):
     assert _changed_on_origin(world) == {"hello.txt"}
 
 
+def test_a_hook_never_runs_when_its_worker_dies_before_recording_it(world):
+    """The worker dies right after starting the hook's process, before the pid is on record (where reconcile
+    would find it): the hook must not run at all, and nothing is left behind."""
+    ran = world.tmp / "hook-ran"
+    pid_file = world.tmp / "hook-pid"
+    _commit_hook(world, f"#!/bin/sh\ntouch '{ran}'\nsleep 30\n")
+    child = (f"import os, sys; sys.path.insert(0, {str(Path(patchrelay.__file__).parent)!r}); import patchrelay as pr; "
+             f"cfg = pr.load_config({str(world.config_path)!r}); "
+             f"pr.run_hook(cfg.projects[0], cfg, 'prepare-worktree', pr.Path({str(world.repo)!r}), {{}}, "
+             f"lambda pid, st: (open({str(pid_file)!r}, 'w').write(str(pid)), os._exit(9)))")
+    p = subprocess.run([sys.executable, "-c", child], env=world.env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 9, p.stderr
+    pid = int(pid_file.read_text())
+    wait_until("the hook's shell to exit", lambda: patchrelay.proc_start_time(pid) is None, world, timeout=10)
+    time.sleep(0.5)
+    assert not ran.exists(), "the hook ran although its worker died before recording it"
+
+
 # ----------------------------------------------------------------------------- secrets
 def test_codex_never_sees_the_tokens_and_nothing_stores_them(world):
     gh_cli_token = "gho_othertoken1111111111111111111111"
