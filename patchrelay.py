@@ -1051,8 +1051,7 @@ class Store:
                 self.db.execute("PRAGMA journal_mode = WAL")
                 self.db.execute("PRAGMA synchronous = NORMAL")
                 self.migrate()
-            elif self.schema_version() < len(MIGRATIONS) and os.access(self.path, os.W_OK) \
-                    and not read_only_file(self.path):
+            elif self.schema_version() < len(MIGRATIONS) and not read_only_file(self.path):
                 self.migrate()          # a read after an upgrade, before any tick
         except sqlite3.Error as e:
             raise StoreError(f"database.path: {self.path}: {e}") from None
@@ -1243,13 +1242,13 @@ class Store:
     def tokens_spent(self, issue_id: int | None = None, since: str | None = None,
                      excluding_run: int | None = None) -> int:
         """Tokens spent by runs (of one issue, or claimed since a time), without one run."""
+        if self.schema_version() < 8:       # read-only and not migrated: runs before spend was recorded
+            return 0
         sql, args = "SELECT COALESCE(SUM(tokens_spent), 0) FROM runs WHERE id != ?", [excluding_run or 0]
         if issue_id is not None:
             sql, args = sql + " AND issue_id = ?", args + [issue_id]
         if since is not None:
             sql, args = sql + " AND claimed_at >= ?", args + [since]
-        if self.schema_version() < 8:       # read-only and not migrated: runs before spend was recorded
-            return 0
         return self.db.execute(sql, args).fetchone()[0]
 
     def count_active_runs(self) -> int:
@@ -1530,7 +1529,6 @@ class LinearSession:
     comment_body: str | None
     recent: tuple["LinearActivity", ...] = ()     # its newest activities, oldest first
     recent_all: bool = False                       # ... and there are no others
-
 
 
 @dataclass(frozen=True)
@@ -2092,7 +2090,6 @@ _WRITE_FIELDS = {"activity": ("agentActivityCreate", "AgentActivityCreateInput",
                  "comment": ("commentCreate", "CommentCreateInput", False),
                  "session_update": ("agentSessionUpdate", "AgentSessionUpdateInput", True),
                  "issue_update": ("issueUpdate", "IssueUpdateInput", True)}
-
 
 
 def _activity(n: dict, session_id: str) -> LinearActivity:
@@ -2836,6 +2833,14 @@ class AppServer:
 SUPPORTED_CODEX = "0.169.0"     # the app-server protocol this PatchRelay speaks (codex-protocol/0.169.0)
 
 
+def provider_key(cfg: Config, conf: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """The model provider runs use (codex.model_provider, else Codex's own config `conf`) and the environment
+    variable it reads its key from, if any."""
+    provider = cfg.codex.model_provider or conf.get("model_provider")
+    key = ((conf.get("model_providers") or {}).get(provider) or {}).get("env_key") if provider else None
+    return provider, key if isinstance(key, str) else None
+
+
 def probe_codex(cfg: Config, workdir: Path) -> list[tuple[str, str]]:
     """Prove that a run can work: start `codex app-server` as a run would (same environment, tokens
     stripped), complete the handshake, read the account and the model provider's key variable, and run a
@@ -2871,7 +2876,8 @@ def probe_codex(cfg: Config, workdir: Path) -> list[tuple[str, str]]:
         return out + [("FAIL", f"codex app-server handshake failed: {e}" + (f" (it said: {said})" if said else ""))]
     finally:
         server.close()
-    provider = cfg.codex.model_provider or conf.get("model_provider") or "openai"
+    provider, key = provider_key(cfg, conf)
+    provider = provider or "openai"
     account = acct.get("account") or {}
     if acct.get("requiresOpenaiAuth") and not account:
         out.append(("FAIL", f"codex app-server: not logged in (model provider {provider}); run `codex login` (or "
@@ -2880,7 +2886,6 @@ def probe_codex(cfg: Config, workdir: Path) -> list[tuple[str, str]]:
     else:
         how = f"{account.get('type')} account" if account else f"model provider {provider}, no OpenAI login needed"
         out.append(("PASS", f"codex app-server handshake ok ({how})"))
-    key = ((conf.get("model_providers") or {}).get(provider) or {}).get("env_key")
     if key and not env.get(key):
         out.append(("FAIL", f"model provider {provider} reads its key from ${key}, which is not set in "
                             "PatchRelay's environment: add it to the environment file of the service "
@@ -3024,6 +3029,12 @@ def _partial(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
+def _final_of(path: Path) -> Path | None:
+    """The worktree path a partial one is moved to (the inverse of `_partial`); None for any other path."""
+    m = re.fullmatch(r"\.(.+)\.partial", path.name)
+    return path.with_name(m.group(1)) if m else None
+
+
 def _ensure_worktree(project: ProjectConfig, branch: str, path: Path) -> str:
     """Create or reuse the issue's worktree; never reset a branch that holds work (G-W2).
     Returns how: 'reused', 'checked out local branch', 'tracked remote branch' or 'created'.
@@ -3038,17 +3049,15 @@ def _ensure_worktree(project: ProjectConfig, branch: str, path: Path) -> str:
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise GitError(f"worktree {path} exists but is not a directory")
     registered = _worktrees(repo)
-    partials = [p for p in registered if p.name.startswith(".") and p.name.endswith(".partial")]
     # A worker killed between the rename and `worktree repair` (of this issue or another one): git still
     # lists the partial path while the checkout sits at its final one. Repair those first, or the cleanup
     # below would take a moved worktree's records for a leftover's.
-    moved = [q for q in (p.with_name(p.name[1:-len(".partial")]) for p in partials if not p.exists())
-             if q.is_dir() and (q / ".git").is_file() and q.resolve() not in registered]
+    moved = [q for p in registered if (q := _final_of(p)) and not p.exists()
+             and q.is_dir() and (q / ".git").is_file() and q.resolve() not in registered]
     if moved:
         run_git(["worktree", "repair", *map(str, moved)], repo, check=False)
         registered = _worktrees(repo)
-        partials = [p for p in registered if p.name.startswith(".") and p.name.endswith(".partial")]
-    for leftover in partials:
+    for leftover in [p for p in registered if _final_of(p)]:
         run_git(["worktree", "unlock", str(leftover)], repo, check=False)     # `add` locks it while it runs
         run_git(["worktree", "remove", "--force", "--force", str(leftover)], repo, check=False)
         shutil.rmtree(leftover, ignore_errors=True)         # then `worktree prune` below drops its records
@@ -5084,9 +5093,8 @@ class TurnDriver:
         self.items: list[dict] = []
         self.tokens: dict | None = None
         self.spent = 0              # tokens of this run: the sum of each model response's usage
-        day = utc_day_start()
-        self.issue_before = store.tokens_spent(issue["id"], excluding_run=run_id)
-        self.day_before = store.tokens_spent(since=day, excluding_run=run_id)
+        self.issue_before = store.tokens_spent(issue["id"], excluding_run=run_id) \
+            if cfg.codex.max_tokens_per_issue is not None else 0
         self.last_error: str | None = None
 
     # -- server -> client requests (answered at once; never stall a run)
@@ -5146,9 +5154,9 @@ class TurnDriver:
                     with self.store.tx():
                         self.store.update_run(self.run_id, {"tokens": json.dumps(self.tokens),
                                                             "tokens_spent": self.spent})
-                    if self.cfg.codex.max_tokens_per_day is not None:      # concurrent runs spend too
-                        self.day_before = self.store.tokens_spent(since=utc_day_start(), excluding_run=self.run_id)
-                    crossed = token_cap_crossed(self.cfg.codex, self.spent, self.issue_before, self.day_before)
+                    day_before = self.store.tokens_spent(since=utc_day_start(), excluding_run=self.run_id) \
+                        if self.cfg.codex.max_tokens_per_day is not None else 0     # concurrent runs spend too
+                    crossed = token_cap_crossed(self.cfg.codex, self.spent, self.issue_before, day_before)
                     if crossed and self.question is None:
                         self.question = self.interrupt_reason = crossed
                         self._event(crossed, "warn")
@@ -5641,17 +5649,23 @@ def _table(rows: list[list[Any]], headers: list[str]) -> str:
     return "\n".join("\t".join(clean(v) for v in row) for row in [headers, *rows])
 
 
+def _tokens_status(cfg: Config, store: Store | None) -> dict:
+    cx = cfg.codex
+    return {"today": store.tokens_spent(since=utc_day_start()) if store else 0, "day_cap": cx.max_tokens_per_day,
+            "issue_cap": cx.max_tokens_per_issue, "run_cap": cx.max_tokens_per_run}
+
+
 def _issue_table(issues: list[dict]) -> str:
     return _table([[i["key"], shown(one_line(i["title"]), 40), i["linear_state"] or "",
                     i["factory_state"] + (" (paused)" if i["paused"] else ""),
-                      i["pending_run"] or "",
-                      f"{i['active_run']['type']} #{i['active_run']['id']} {i['active_run']['status']}"
-                      if i["active_run"] else "",
-                      f"#{i['pr']['number']}" if i["pr"] else "", (i["pr"] or {}).get("ci") or "",
-                      ((i["pr"] or {}).get("review") or "").lower().replace("_", " "),
-                      ((i["pr"] or {}).get("queue") or "").lower(), _age(i["age_seconds"])] for i in issues],
-                    headers=["issue", "title", "linear", "state", "pending", "active run", "pr", "checks",
-                             "review", "queue", "age"])
+                    i["pending_run"] or "",
+                    f"{i['active_run']['type']} #{i['active_run']['id']} {i['active_run']['status']}"
+                    if i["active_run"] else "",
+                    f"#{i['pr']['number']}" if i["pr"] else "", (i["pr"] or {}).get("ci") or "",
+                    ((i["pr"] or {}).get("review") or "").lower().replace("_", " "),
+                    ((i["pr"] or {}).get("queue") or "").lower(), _age(i["age_seconds"])] for i in issues],
+                  headers=["issue", "title", "linear", "state", "pending", "active run", "pr", "checks",
+                           "review", "queue", "age"])
 
 
 @cli.command("list")
@@ -5680,11 +5694,9 @@ def status(c: Ctx, as_json: bool, show_all: bool) -> None:
     `list` shows them), queued Linear messages, API budget, last tick (from SQLite only)."""
     if not c.has_database():      # a read never creates the database
         if as_json:
-            _dump({"issues": [], "others": 0, "outbox": [], "api": [], "api_use": {"ticks": 0, "interval_seconds": None},
-                   "last_tick": None,
-                   "paused": runner_paused(c.cfg, None), "unrouted": [],
-                   "tokens": {"today": 0, "day_cap": c.cfg.codex.max_tokens_per_day,
-                              "issue_cap": c.cfg.codex.max_tokens_per_issue, "run_cap": c.cfg.codex.max_tokens_per_run}})
+            _dump({"issues": [], "others": 0, "outbox": [], "api": [], "api_use": api_use([], {}),
+                   "last_tick": None, "paused": runner_paused(c.cfg, None), "unrouted": [],
+                   "tokens": _tokens_status(c.cfg, None)})
         else:
             click.echo(f"No tracked issues yet (no database at {c.cfg.database_path}; the first "
                        "`patchrelay tick` creates it).")
@@ -5707,8 +5719,7 @@ def status(c: Ctx, as_json: bool, show_all: bool) -> None:
     paused = runner_paused(c.cfg, store)
     unrouted = [{"key": u["issue_key"], "at": u["at"], "message": u["message"]} for u in store.unrouted()]
     cx = c.cfg.codex
-    tokens = {"today": store.tokens_spent(since=utc_day_start()), "day_cap": cx.max_tokens_per_day,
-              "issue_cap": cx.max_tokens_per_issue, "run_cap": cx.max_tokens_per_run}
+    tokens = _tokens_status(c.cfg, store)
     use = api_use(store.recent_ticks(), {b["api"]: b["requests_limit"] for b in api})
     if as_json:
         _dump({"issues": issues, "others": others, "outbox": outbox, "api": api, "api_use": use, "last_tick": last,
@@ -6221,10 +6232,6 @@ def open_cmd(c: Ctx, issue: str, print_only: bool, as_json: bool) -> None:
         raise CodexError(f"codex.bin: cannot run {argv[0]}: {e.strerror}") from None
 
 
-class _Reported(Exception):
-    """A doctor check that has already added its line."""
-
-
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
@@ -6242,16 +6249,13 @@ def doctor(c: Ctx, as_json: bool) -> None:
         cfg = None
     if cfg:
         try:
-            if read_only_file(cfg.database_path):
-                ro = Store(cfg.database_path, readonly=True)
-                check = ro.quick_check()
-                ro.close()
+            read_only = read_only_file(cfg.database_path)
+            store = Store(cfg.database_path, readonly=read_only)
+            check = store.quick_check()
+            if read_only:
                 add("FAIL", "database", f"{cfg.database_path} is read-only (quick_check {one_line(check, 120)}); "
                                         "PatchRelay will not write to it: `chmod u+w` it if that was not meant")
-                raise _Reported()
-            store = Store(cfg.database_path)
-            check = store.quick_check()
-            if check != "ok":
+            elif check != "ok":
                 add("FAIL", "database", f"{cfg.database_path}: damaged ({one_line(check, 200)}); move it away and "
                                         "let PatchRelay start a new one, or restore a backup")
             else:
@@ -6260,8 +6264,6 @@ def doctor(c: Ctx, as_json: bool) -> None:
                 add("PASS", "database", f"{cfg.database_path} writable (schema v{store.schema_version()}, "
                                         "quick_check ok)")
             store.close()
-        except _Reported:
-            pass
         except (StoreError, ConfigError) as e:
             add("FAIL", "database", str(e))
         except sqlite3.Error as e:
@@ -6441,9 +6443,7 @@ def model_key_env(cfg: Config) -> str | None:
         conf = tomllib.loads((Path(home) / "config.toml").read_text())
     except (OSError, ValueError):
         return None
-    provider = cfg.codex.model_provider or conf.get("model_provider")
-    key = ((conf.get("model_providers") or {}).get(provider) or {}).get("env_key") if provider else None
-    return key if isinstance(key, str) else None
+    return provider_key(cfg, conf)[1]
 
 
 def write_env_file(path: Path, names: Sequence[str]) -> bool:
@@ -6479,6 +6479,10 @@ def _crontab() -> list[str] | None:
         return None
     p = subprocess.run(["crontab", "-l"], capture_output=True, text=True, timeout=30)
     return p.stdout.splitlines() if p.returncode == 0 else []
+
+
+def _ours(line: str) -> bool:
+    return line.endswith(CRON_TAG)
 
 
 def _set_crontab(lines: list[str]) -> None:
@@ -6533,7 +6537,7 @@ def service_install(c: Ctx, timer: float | None, watch_mode: bool, interval: flo
         if tab is None:
             out["next"].append("no `crontab` here: add this line to the user's crontab by hand")
         elif not no_start:
-            _set_crontab([ln for ln in tab if not ln.endswith(CRON_TAG)] + [line])
+            _set_crontab([ln for ln in tab if not _ours(ln)] + [line])
             out["started"] = True
     else:
         d = systemd_user_dir()
@@ -6567,8 +6571,8 @@ def service_install(c: Ctx, timer: float | None, watch_mode: bool, interval: flo
                                       " (no user systemd reachable from here)"))
         out["next"].append(f"loginctl enable-linger {os.environ.get('USER') or '$USER'}   "
                            "(so it runs while you are logged out)")
-    if created or not plan.env_file.stat().st_size or any(
-            not re.search(rf"^{re.escape(n)}=\S", plan.env_file.read_text(), re.M) for n in names):
+    env_text = plan.env_file.read_text()
+    if any(not re.search(rf"^{re.escape(n)}=\S", env_text, re.M) for n in names):
         out["next"].insert(0, f"fill in {plan.env_file}: " + ", ".join(f"{n}=..." for n in names))
     if as_json:
         _dump(out)
@@ -6595,15 +6599,14 @@ def service_install(c: Ctx, timer: float | None, watch_mode: bool, interval: flo
 def service_status(c: Ctx, as_json: bool) -> None:
     """Whether the service is installed, enabled and running, and what it runs."""
     d = systemd_user_dir()
-    files = {n: (d / n).exists() for n in (f"{SERVICE}.service", f"{SERVICE}.timer")}
     units = {}
-    for name, exists in files.items():
-        if exists:
+    for name in (f"{SERVICE}.service", f"{SERVICE}.timer"):
+        if (d / name).exists():
             act, en = _systemctl("is-active", name), _systemctl("is-enabled", name)
             units[name] = {"file": str(d / name), "active": act.stdout.strip() if act else None,
                            "enabled": en.stdout.strip() if en else None}
     tab = _crontab()
-    cron = [ln for ln in (tab or []) if ln.endswith(CRON_TAG)]
+    cron = [ln for ln in (tab or []) if _ours(ln)]
     env = service_env_file()
     env_info = {"path": str(env), "exists": env.exists(),
                 "mode": oct(stat.S_IMODE(env.stat().st_mode)) if env.exists() else None}
@@ -6642,8 +6645,8 @@ def service_uninstall(c: Ctx) -> None:
     if removed:
         _systemctl("daemon-reload")
     tab = _crontab()
-    if tab and any(ln.endswith(CRON_TAG) for ln in tab):
-        _set_crontab([ln for ln in tab if not ln.endswith(CRON_TAG)])
+    if tab and any(map(_ours, tab)):
+        _set_crontab([ln for ln in tab if not _ours(ln)])
         removed.append("the crontab line")
     if not removed:
         click.echo("not installed; nothing to remove")
