@@ -43,7 +43,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn, Sequence
 
 import click
 import requests
@@ -84,14 +84,20 @@ class StoreError(PatchRelayError):
     pass
 
 
-class LinearError(PatchRelayError):
-    """A Linear API failure. `transient` errors (transport, 5xx, rate limits) never
-    change what we believe about an issue; they only postpone work."""
+class ApiError(PatchRelayError):
+    """A Linear or GitHub API failure. `transient` errors (transport, 5xx, rate limits) never change what we
+    believe about an issue; they only postpone work. `code`: the API's own error code, when it gave one;
+    `until`: when a rate limit ends (epoch seconds), for the rate-limit errors."""
+    until: float | None = None
 
     def __init__(self, message: str, transient: bool = False, code: str | None = None):
         super().__init__(message)
         self.transient = transient
         self.code = code
+
+
+class LinearError(ApiError):
+    """A Linear API failure."""
 
 
 class NotSent(LinearError):
@@ -107,8 +113,14 @@ class LinearRateLimited(LinearError):
         self.until = until
 
 
-class GitHubError(PatchRelayError):
-    pass
+class GitHubError(ApiError):
+    """A GitHub API failure."""
+
+
+class GitHubRateLimited(GitHubError):
+    def __init__(self, message: str, until: float):
+        super().__init__(message, transient=True)
+        self.until = until
 
 
 class CodexError(PatchRelayError):
@@ -1485,6 +1497,255 @@ class Store:
                          "LIMIT ?", (n,))
 
 
+# ============================================================== transport
+# How PatchRelay reaches other programs. HTTP: one transport under both API
+# clients (timeouts, bounded retries and their waits, rate limits and budget
+# recording, request counting, operation names, shape checks). Processes: start
+# times, liveness and killing of the children PatchRelay starts (workers,
+# app-servers, hooks). Knows nothing of issues and decides nothing.
+
+# ---- HTTP
+
+def _log_http(resp: requests.Response, *args: Any, **kwargs: Any) -> None:
+    """-v: every HTTP call, its status and duration (never a header: tokens stay out of logs)."""
+    req = resp.request
+    url = re.sub(r"\?.*", "", req.url or "")
+    log.debug("HTTP %s %s -> %s in %.0f ms", req.method, url, resp.status_code,
+              resp.elapsed.total_seconds() * 1000)
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    """-v: every retry wait, with the error that caused it (tenacity's before_sleep hook)."""
+    exc = state.outcome.exception() if state.outcome else None
+    wait = state.next_action.sleep if state.next_action else 0
+    log.info("retry %d in %.1f s after: %s", state.attempt_number, wait, exc)
+
+
+class _Retry(Exception):
+    """An attempt that may be repeated: `err` is raised as itself when the attempts are spent; `wait` is how
+    long the server asked us to wait (None: back off exponentially)."""
+
+    def __init__(self, err: ApiError, wait: float | None = None):
+        super().__init__(str(err))
+        self.err, self.wait = err, wait
+
+
+def operation_name(document: str, default: str = "query") -> str:
+    """The name of a GraphQL document's operation (`query PatchRelayPoll(...)` -> PatchRelayPoll)."""
+    m = re.search(r"(?:query|mutation)\s+(\w+)", document)
+    return m.group(1) if m else default
+
+
+@dataclass(frozen=True)
+class BudgetHeaders:
+    """Where an API's answers carry its rate-limit budget: (budget column, header) pairs, and the header
+    with the reset time (in `reset_unit` seconds since the epoch)."""
+    counts: tuple[tuple[str, str], ...]
+    reset: str
+    reset_unit: float = 1.0
+
+
+class Transport:
+    """One API's HTTP session, under its client. It owns the requests session and its headers (the token
+    lives only there), the retry policy (`attempts`, waits capped at `max_wait`, a server's Retry-After
+    honoured), the count of requests made (a tick's API cost), the server's clock (the Date header of its
+    last answer) and the budget record: `on_budget` receives the rate-limit headers of every answer, a rate
+    limit's end and the last error. Every error it makes names the API, the operation and the host."""
+
+    def __init__(self, api: str, error: type[ApiError], base_url: str, *, timeout: float, attempts: int,
+                 max_wait: float, headers: Mapping[str, str], budget: BudgetHeaders,
+                 on_budget: Callable[[dict], None] | None = None):
+        self.api, self.error, self.budget = api, error, budget
+        self.timeout, self.attempts, self.max_wait, self.on_budget = timeout, attempts, max_wait, on_budget
+        self.http = requests.Session()
+        self.http.hooks["response"].append(_log_http)
+        self.http.headers.update({"User-Agent": f"patchrelay/{__version__}", **headers})
+        self.host = re.sub(r"^https?://", "", base_url).split("/")[0]
+        self.requests_made = 0
+        self.server_time: str | None = None
+
+    def fail(self, what: str, detail: str, transient: bool = False) -> ApiError:
+        """The error for operation `what`: "<API> <what> (<host>): <detail>"."""
+        return self.error(f"{self.api} {what} ({self.host}): {detail}", transient=transient)
+
+    def retrying(self, attempt: Callable[[], Any]) -> Any:
+        """Call `attempt` until it returns or raises anything but _Retry, at most `attempts` times; the last
+        _Retry's error is raised as itself."""
+        retrying = tenacity.Retrying(stop=tenacity.stop_after_attempt(self.attempts), wait=self._wait,
+                                     retry=tenacity.retry_if_exception_type(_Retry), before_sleep=_log_retry,
+                                     reraise=True)
+        try:
+            return retrying(attempt)
+        except _Retry as t:
+            raise t.err from None
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, _Retry) and exc.wait is not None:
+            return min(max(exc.wait, 0.0), self.max_wait)
+        return min(self.max_wait, 0.5 * (2 ** (state.attempt_number - 1)))
+
+    def send(self, method: str, url: str, what: str,
+             rate_limit: Callable[[requests.Response], ApiError | None], **kw: Any) -> requests.Response:
+        """One attempt, inside `retrying`: the answer, its headers recorded. A transport error, a 5xx, or a
+        rate limit (as `rate_limit` reads the answer) short enough to wait for raise _Retry."""
+        self.requests_made += 1
+        try:
+            resp = self.http.request(method, url, timeout=self.timeout, **kw)
+        except requests.RequestException as e:
+            log.debug("HTTP %s %s (%s) -> transport error: %s", method, re.sub(r"\?.*", "", url), what, _cause(e))
+            raise _Retry(self.fail(what, f"transport error: {_cause(e)}", transient=True)) from None
+        self._record(resp)
+        limited = rate_limit(resp)
+        if limited is not None:
+            self.limited(limited)
+        if resp.status_code >= 500:
+            raise _Retry(self.fail(what, f"HTTP {resp.status_code}", transient=True), _retry_after(resp.headers))
+        return resp
+
+    def limited(self, err: ApiError, wait_for_it: bool = True) -> NoReturn:
+        """Record a rate limit until `err.until`. Wait for it (inside `retrying`) when it ends within
+        `max_wait`, else raise it: longer than a tick may block; `status` shows the wait."""
+        until = err.until or time.time()
+        self.note({"limited_until": iso(dt.datetime.fromtimestamp(until, dt.timezone.utc)), "last_error": str(err)})
+        wait = until - time.time()
+        if not wait_for_it or wait > self.max_wait:
+            raise err
+        raise _Retry(err, wait)
+
+    def ok(self) -> None:
+        """An answer that was not refused: no rate limit, no error."""
+        self.note({"limited_until": None, "last_error": None})
+
+    def note(self, fields: dict) -> None:
+        if self.on_budget:
+            self.on_budget(fields)
+
+    def _record(self, resp: requests.Response) -> None:
+        date = resp.headers.get("date")
+        if date:
+            with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+                t = email.utils.parsedate_to_datetime(date)
+                self.server_time = iso(t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc))
+        if not self.on_budget:
+            return
+        fields: dict[str, Any] = {}
+        for col, name in self.budget.counts:
+            v = _int_header(resp.headers, name)
+            if v is not None:
+                fields[col] = v
+        reset = _int_header(resp.headers, self.budget.reset)
+        if reset:
+            fields["reset_at"] = iso(dt.datetime.fromtimestamp(reset * self.budget.reset_unit, dt.timezone.utc))
+        if fields:
+            self.on_budget(fields)
+
+
+def shaped(fn: Callable) -> Callable:
+    """A client read whose answer lacks a field it needs raises a transient error naming the operation,
+    never a KeyError, and never passes for an empty result."""
+    @functools.wraps(fn)
+    def wrapper(self: Any, *a: Any, **kw: Any) -> Any:
+        try:
+            return fn(self, *a, **kw)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise self.transport.fail(fn.__name__, f"unexpected response shape ({type(e).__name__}: "
+                                                   f"{one_line(str(e), 80)})", transient=True) from None
+    return wrapper
+
+
+def json_body(resp: requests.Response) -> dict | None:
+    """The answer as a JSON object, or None."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def graphql_errors(body: dict | None) -> list[dict]:
+    """A GraphQL answer's errors, each a dict (an API that answers with something else is not trusted)."""
+    errors = (body or {}).get("errors") or []
+    if not isinstance(errors, list):
+        errors = [{"message": str(errors)}]
+    return [e if isinstance(e, dict) else {"message": str(e)} for e in errors]
+
+
+def _error_codes(errors: list[dict]) -> set[str]:
+    """The codes of GraphQL errors: `extensions.code` and `extensions.type`, upper-cased ("" for none)."""
+    return {str((e.get("extensions") or {}).get(k) or "").upper() if isinstance(e.get("extensions"), dict)
+            else "" for e in errors for k in ("code", "type")}
+
+
+def _cause(e: BaseException) -> str:
+    """A transport error's kind and cause in a few words (never a URL with a token in it)."""
+    text = str(e).lower()
+    for needle, words in (("timed out", "timed out"), ("timeout", "timed out"), ("refused", "connection refused"),
+                          ("reset", "connection reset"), ("name or service", "host not found"),
+                          ("nodename", "host not found"), ("ssl", "TLS error"),
+                          ("remote end closed", "connection closed without a response"),
+                          ("connection aborted", "connection closed without a response")):
+        if needle in text:
+            return f"{type(e).__name__} ({words})"
+    return type(e).__name__
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    v = headers.get("retry-after")
+    if v is None:
+        return None
+    try:
+        return max(0.0, float(v))
+    except ValueError:
+        t = parse_iso(v)
+        return max(0.0, (t - utcnow()).total_seconds()) if t else None
+
+
+def _int_header(headers: Mapping[str, str], name: str) -> int | None:
+    v = headers.get(name)
+    try:
+        return int(float(v)) if v is not None else None
+    except ValueError:
+        return None
+
+
+
+# ---- processes
+
+def proc_start_time(pid: int | None) -> str | None:
+    """The kernel's start time of a process (clock ticks since boot), or None if it is gone or a zombie."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()
+    if fields and fields[0] in ("Z", "X"):
+        return None   # never reaped here: a Popen still waiting for it would read exit status 0
+    return fields[19] if len(fields) > 19 else None
+
+
+def process_alive(pid: int | None, started: str | None) -> bool:
+    return bool(pid) and started is not None and proc_start_time(pid) == started
+
+
+def kill_process_group(pid: int | None, started: str | None, grace: float = 3.0) -> bool:
+    """Terminate the process group led by pid if pid is still the same process."""
+    if not process_alive(pid, started):
+        return False
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        deadline = time.time() + grace
+        while time.time() < deadline:
+            if not process_alive(pid, started):
+                return True
+            time.sleep(0.05)
+    return not process_alive(pid, started)
+
+
 # ============================================================== linear
 # The Linear GraphQL client (requests + tenacity): timeouts on every call,
 # bounded retries on transport errors, 5xx and rate limits, rate-limit headers
@@ -1667,117 +1928,63 @@ M_COMMENT = """mutation PatchRelayComment($input: CommentCreateInput!) {
 }"""
 
 
-def _log_http(resp: requests.Response, *args: Any, **kwargs: Any) -> None:
-    """-v: every HTTP call, its status and duration (never a header: tokens stay out of logs)."""
-    req = resp.request
-    url = re.sub(r"\?.*", "", req.url or "")
-    log.debug("HTTP %s %s -> %s in %.0f ms", req.method, url, resp.status_code,
-              resp.elapsed.total_seconds() * 1000)
-
-
-def _log_retry(state: tenacity.RetryCallState) -> None:
-    """-v: every retry wait, with the error that caused it (tenacity's before_sleep hook)."""
-    exc = state.outcome.exception() if state.outcome else None
-    wait = state.next_action.sleep if state.next_action else 0
-    log.info("retry %d in %.1f s after: %s", state.attempt_number, wait, exc)
-
-
-class _Transient(Exception):
-    def __init__(self, err: LinearError, wait: float | None = None):
-        super().__init__(str(err))
-        self.err, self.wait = err, wait
-
-
-def _shaped(fn: Callable) -> Callable:
-    """A read whose answer lacks a field it needs raises a transient LinearError naming the operation,
-    never a KeyError, and never passes for an empty result."""
-    @functools.wraps(fn)
-    def wrapper(self: "LinearClient", *a: Any, **kw: Any) -> Any:
-        try:
-            return fn(self, *a, **kw)
-        except (KeyError, TypeError, AttributeError) as e:
-            raise LinearError(f"Linear {fn.__name__} ({self.host}): unexpected response shape "
-                              f"({type(e).__name__}: {one_line(str(e), 80)})", transient=True) from None
-    return wrapper
-
-
 class LinearClient:
-    def __init__(self, cfg: LinearConfig, token: str, on_budget: Callable[[dict], None] | None = None):
-        self.cfg, self.token, self.on_budget = cfg, token, on_budget
-        self.http = requests.Session()
-        self.http.hooks["response"].append(_log_http)
-        self.http.headers.update({"Content-Type": "application/json", "User-Agent": f"patchrelay/{__version__}",
-                                  # personal API keys go bare, OAuth tokens as Bearer
-                                  "Authorization": token if token.startswith("lin_api_") else f"Bearer {token}"})
-        self.requests_made = 0
-        self.host = re.sub(r"^https?://", "", cfg.api_url).split("/")[0]
-        self.server_time: str | None = None      # Linear's clock (the Date header of its last answer)
+    """Linear's GraphQL API: reads that return frozen observations, and writes (single or batched with
+    aliases, idempotent by client id). Owns its Transport; holds no other state."""
 
-    def _wait(self, state: tenacity.RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        base = min(self.cfg.retry_max_wait, 0.5 * (2 ** (state.attempt_number - 1)))
-        if isinstance(exc, _Transient) and exc.wait is not None:
-            return min(max(exc.wait, 0.0), self.cfg.retry_max_wait)
-        return base
+    BUDGET = BudgetHeaders((("requests_limit", "x-ratelimit-requests-limit"),
+                            ("requests_remaining", "x-ratelimit-requests-remaining"),
+                            ("complexity_limit", "x-ratelimit-complexity-limit"),
+                            ("complexity_remaining", "x-ratelimit-complexity-remaining")),
+                           "x-ratelimit-requests-reset", reset_unit=0.001)
+
+    def __init__(self, cfg: LinearConfig, token: str, on_budget: Callable[[dict], None] | None = None):
+        self.cfg = cfg
+        self.transport = Transport(
+            "Linear", LinearError, cfg.api_url, timeout=cfg.timeout, attempts=cfg.retry_attempts,
+            max_wait=cfg.retry_max_wait, budget=self.BUDGET, on_budget=on_budget,
+            # personal API keys go bare, OAuth tokens as Bearer
+            headers={"Content-Type": "application/json",
+                     "Authorization": token if token.startswith("lin_api_") else f"Bearer {token}"})
+
+    @property
+    def host(self) -> str:
+        return self.transport.host
+
+    @property
+    def requests_made(self) -> int:
+        return self.transport.requests_made
+
+    @property
+    def server_time(self) -> str | None:
+        """Linear's clock: the Date header of its last answer."""
+        return self.transport.server_time
 
     def query(self, document: str, variables: Mapping[str, Any] | None = None, partial: bool = False) -> dict:
         """The response's data. With `partial`, errors that name a top-level field (path[0]) do not raise:
         they come back as LinearErrors under data["__errors__"][field] (several mutations in one request)."""
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.cfg.retry_attempts),
-            wait=self._wait,
-            retry=tenacity.retry_if_exception_type(_Transient),
-            before_sleep=_log_retry,
-            reraise=True,
-        )
         variables = dict(variables or {})
         if "$label: String!" in document:    # issues carry only the delegation label (one object, not twenty)
             variables.setdefault("label", self.cfg.delegation_label)
-        try:
-            return retrying(self._post, document, variables, partial)
-        except _Transient as t:
-            raise t.err from None
+        return self.transport.retrying(lambda: self._post(document, variables, partial))
+
+    def _rate_limit(self, resp: requests.Response, op_name: str) -> LinearError | None:
+        """HTTP 429 or a RATELIMITED error: limited until Retry-After (else a minute, or the reset)."""
+        if resp.status_code != 429 and "RATELIMITED" not in _error_codes(graphql_errors(json_body(resp))):
+            return None
+        retry_after = _retry_after(resp.headers)
+        until = time.time() + (retry_after if retry_after is not None else 60.0)
+        reset = _int_header(resp.headers, "x-ratelimit-requests-reset")
+        if retry_after is None and reset:
+            until = max(until, reset / 1000.0)
+        return LinearRateLimited(f"Linear {op_name} ({self.host}): rate limited (HTTP {resp.status_code})", until)
 
     def _post(self, document: str, variables: dict, partial: bool = False) -> dict:
-        op = re.search(r"(?:query|mutation)\s+(\w+)", document)
-        op_name = op.group(1) if op else "query"
-        self.requests_made += 1
-        try:
-            resp = self.http.post(self.cfg.api_url, json={"query": document, "variables": variables,
-                                                          "operationName": op_name}, timeout=self.cfg.timeout)
-        except requests.RequestException as e:
-            log.debug("HTTP POST %s (%s) -> transport error: %s", self.cfg.api_url, op_name, _cause(e))
-            raise _Transient(LinearError(f"Linear {op_name} ({self.host}): transport error: {_cause(e)}",
-                                         transient=True)) from None
-        self._record_headers(resp)
-        try:
-            body = resp.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            body = None
-        errors = (body or {}).get("errors") or []
-        if not isinstance(errors, list):
-            errors = [{"message": str(errors)}]
-        errors = [e if isinstance(e, dict) else {"message": str(e)} for e in errors]
-        codes = _error_codes(errors)
-        retry_after = _retry_after(resp.headers)
-        if resp.status_code == 429 or "RATELIMITED" in codes:
-            until = time.time() + (retry_after if retry_after is not None else 60.0)
-            reset = _int_header(resp.headers, "x-ratelimit-requests-reset")
-            if retry_after is None and reset:
-                until = max(until, reset / 1000.0)
-            err = LinearRateLimited(f"Linear {op_name} ({self.host}): rate limited (HTTP {resp.status_code})", until)
-            if self.on_budget:
-                self.on_budget({"limited_until": iso(dt.datetime.fromtimestamp(until, dt.timezone.utc)),
-                                "last_error": str(err)})
-            wait = until - time.time()
-            if wait > self.cfg.retry_max_wait:
-                raise err  # longer than we may block a tick: give up now, `status` shows the wait
-            raise _Transient(err, wait)
-        if resp.status_code >= 500:
-            raise _Transient(LinearError(f"Linear {op_name} ({self.host}): HTTP {resp.status_code}", transient=True),
-                             retry_after)
+        op_name = operation_name(document)
+        resp = self.transport.send("POST", self.cfg.api_url, op_name, lambda r: self._rate_limit(r, op_name),
+                                   json={"query": document, "variables": variables, "operationName": op_name})
+        body = json_body(resp)
+        errors = graphql_errors(body)
         fields: dict[str, list[dict]] = {}
         if errors and partial and body is not None and "data" in body and resp.status_code < 400:
             for e in errors:
@@ -1788,20 +1995,18 @@ class LinearClient:
                 fields.setdefault(path[0], []).append(e)
         if errors and not fields:
             raise self._graphql_error(op_name, errors, resp.status_code)
-        if fields:
+        if body is not None and fields:
             data = body["data"] if isinstance(body.get("data"), dict) else {}
-            if self.on_budget:
-                self.on_budget({"limited_until": None, "last_error": None})
+            self.transport.ok()
             return {**data, "__errors__": {f: self._graphql_error(op_name, es, resp.status_code)
                                            for f, es in fields.items()}}
         if body is None or not isinstance(body.get("data"), dict):
             what = "not a JSON object" if body is None else "no data"
-            raise _Transient(LinearError(f"Linear {op_name} ({self.host}): HTTP {resp.status_code}, unexpected "
-                                         f"response ({what})", transient=True), retry_after)
+            raise _Retry(self.transport.fail(op_name, f"HTTP {resp.status_code}, unexpected response ({what})",
+                                             transient=True), _retry_after(resp.headers))
         if resp.status_code >= 400:
-            raise LinearError(f"Linear {op_name} ({self.host}): HTTP {resp.status_code}")
-        if self.on_budget:
-            self.on_budget({"limited_until": None, "last_error": None})
+            raise self.transport.fail(op_name, f"HTTP {resp.status_code}")
+        self.transport.ok()
         return body["data"]
 
     def _graphql_error(self, op_name: str, errors: list[dict], status: int) -> "LinearError":
@@ -1813,29 +2018,6 @@ class LinearClient:
         return LinearError(f"Linear {op_name} ({self.host}): {msg}" + (" (check the Linear token)" if auth else ""),
                            transient=not known and not auth and status < 400 or "INTERNAL_SERVER_ERROR" in codes,
                            code=next(iter(sorted(known)), None))
-
-    def _record_headers(self, resp: requests.Response) -> None:
-        date = resp.headers.get("date")
-        if date:
-            with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
-                t = email.utils.parsedate_to_datetime(date)
-                self.server_time = iso(t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc))
-        if not self.on_budget:
-            return
-        h = resp.headers
-        fields = {}
-        for col, name in (("requests_limit", "x-ratelimit-requests-limit"),
-                          ("requests_remaining", "x-ratelimit-requests-remaining"),
-                          ("complexity_limit", "x-ratelimit-complexity-limit"),
-                          ("complexity_remaining", "x-ratelimit-complexity-remaining")):
-            v = _int_header(h, name)
-            if v is not None:
-                fields[col] = v
-        reset = _int_header(h, "x-ratelimit-requests-reset")
-        if reset:
-            fields["reset_at"] = iso(dt.datetime.fromtimestamp(reset / 1000.0, dt.timezone.utc))
-        if fields:
-            self.on_budget(fields)
 
     # ---- reads
     def viewer(self) -> Viewer:
@@ -1859,7 +2041,7 @@ class LinearClient:
     def _paged(self, document: str, variables: dict, path: str, max_pages: int = 40,
                stop: Callable[[list], bool] | None = None) -> tuple[list, dict]:
         out, after, data = [], None, {}
-        op = (re.search(r"(?:query|mutation)\s+(\w+)", document) or [None, "query"])[1]
+        op = operation_name(document)
         for _ in range(max_pages):
             data = self.query(document, {**variables, "after": after})
             conn = data
@@ -1875,7 +2057,7 @@ class LinearClient:
             after = info["endCursor"]
         return out, data
 
-    @_shaped
+    @shaped
     def issue(self, id_or_key: str) -> LinearIssue | None:
         data = self.query(Q_ISSUE, {"id": id_or_key})
         if "issue" not in data:
@@ -1900,7 +2082,7 @@ class LinearClient:
         return len(conn["nodes"]), bool((conn.get("pageInfo") or {}).get("hasNextPage"))
 
     # ---- the poll (one request when nothing changed) and its follow-up pages
-    @_shaped
+    @shaped
     def poll(self, issue_filter: dict, comment_filter: dict | None) -> dict:
         """Viewer, the newest agent sessions, and the oldest page of changed issues and comments."""
         data = self.query(Q_POLL, {"issueFilter": issue_filter, "commentFilter": comment_filter or {},
@@ -1913,7 +2095,7 @@ class LinearClient:
             out[key] = conn
         return out
 
-    @_shaped
+    @shaped
     def sessions_page(self, after: str | None) -> dict:
         data = self.query(Q_SESSIONS_PAGE, {"after": after})
         conn = data.get("agentSessions")
@@ -1922,7 +2104,7 @@ class LinearClient:
                               transient=True)
         return conn
 
-    @_shaped
+    @shaped
     def older_page(self, kind: str, filt: dict, before: str) -> dict:
         doc = Q_ISSUES_PAGE if kind == "issues" else Q_COMMENTS_PAGE
         conn = self.query(doc, {"filter": filt, "before": before}).get(kind)
@@ -1930,7 +2112,7 @@ class LinearClient:
             raise LinearError(f"Linear {kind} page ({self.host}): response without {kind}.nodes", transient=True)
         return conn
 
-    @_shaped
+    @shaped
     def activities_batch(self, wanted: list[tuple[str, str | None]]) -> dict[str, list[LinearActivity]]:
         """New activities of several sessions in one request (aliases); a session with more than one page
         is read on its own."""
@@ -2149,55 +2331,11 @@ def _issue(n: dict) -> LinearIssue:
         updated_at=n.get("updatedAt"))
 
 
-def _error_codes(errors: list[dict]) -> set[str]:
-    """The codes of GraphQL errors: `extensions.code` and `extensions.type`, upper-cased ("" for none)."""
-    return {str((e.get("extensions") or {}).get(k) or "").upper() if isinstance(e.get("extensions"), dict)
-            else "" for e in errors for k in ("code", "type")}
-
-
-def _cause(e: BaseException) -> str:
-    """A transport error's kind and cause in a few words (never a URL with a token in it)."""
-    text = str(e).lower()
-    for needle, words in (("timed out", "timed out"), ("timeout", "timed out"), ("refused", "connection refused"),
-                          ("reset", "connection reset"), ("name or service", "host not found"),
-                          ("nodename", "host not found"), ("ssl", "TLS error"),
-                          ("remote end closed", "connection closed without a response"),
-                          ("connection aborted", "connection closed without a response")):
-        if needle in text:
-            return f"{type(e).__name__} ({words})"
-    return type(e).__name__
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    v = headers.get("retry-after")
-    if v is None:
-        return None
-    try:
-        return max(0.0, float(v))
-    except ValueError:
-        t = parse_iso(v)
-        return max(0.0, (t - utcnow()).total_seconds()) if t else None
-
-
-def _int_header(headers: Mapping[str, str], name: str) -> int | None:
-    v = headers.get(name)
-    try:
-        return int(float(v)) if v is not None else None
-    except ValueError:
-        return None
-
-
 # ============================================================== github
 # The GitHub client (requests + tenacity): one batched GraphQL query per
 # repository and up to 50 branches / pull requests, REST only where GraphQL has
 # nothing (opening a PR, job logs, reruns). Primary and secondary rate limits,
 # 5xx and timeouts are handled here. Returns frozen observations; decides nothing.
-
-class GitHubRateLimited(GitHubError):
-    def __init__(self, message: str, until: float):
-        super().__init__(message)
-        self.until = until
-
 
 @dataclass(frozen=True)
 class CheckObs:
@@ -2325,54 +2463,33 @@ Q_GH_REPO = """query PatchRelayRepository($owner: String!, $name: String!) {
 
 
 class GitHubClient:
+    """GitHub's GraphQL API (observation, merge requests) and REST (PR creation, job logs, reruns). Owns
+    its Transport; `login` is the token's user, learnt from the observation query."""
+
+    BUDGET = BudgetHeaders((("requests_limit", "x-ratelimit-limit"), ("requests_remaining", "x-ratelimit-remaining")),
+                           "x-ratelimit-reset")
+
     def __init__(self, cfg: GitHubConfig, token: str | None, on_budget: Callable[[dict], None] | None = None):
-        self.cfg, self.on_budget = cfg, on_budget
-        self.http = requests.Session()
-        self.http.hooks["response"].append(_log_http)
-        self.http.headers.update({"Accept": "application/vnd.github+json", "User-Agent": f"patchrelay/{__version__}",
-                                  "X-GitHub-Api-Version": "2022-11-28"})
+        self.cfg = cfg
+        headers = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": "2022-11-28"}
         if token:
-            self.http.headers["Authorization"] = f"Bearer {token}"
-        self.requests_made = 0
+            headers["Authorization"] = f"Bearer {token}"
+        self.transport = Transport("GitHub", GitHubError, cfg.api_url, timeout=cfg.timeout,
+                                   attempts=cfg.retry_attempts, max_wait=cfg.retry_max_wait, headers=headers,
+                                   budget=self.BUDGET, on_budget=on_budget)
         self.login: str | None = None          # the token's user, learnt from the observation query
-        self.host = re.sub(r"^https?://", "", cfg.api_url).split("/")[0]
 
-    # ---- transport
+    @property
+    def host(self) -> str:
+        return self.transport.host
+
+    @property
+    def requests_made(self) -> int:
+        return self.transport.requests_made
+
     def _send(self, method: str, url: str, what: str, **kw: Any) -> requests.Response:
-        def attempt() -> requests.Response:
-            self.requests_made += 1
-            try:
-                resp = self.http.request(method, url, timeout=self.cfg.timeout, **kw)
-            except requests.RequestException as e:
-                log.debug("HTTP %s %s -> transport error: %s", method, re.sub(r"\?.*", "", url), _cause(e))
-                raise _Transient(GitHubError(f"GitHub {what} ({self.host}): transport error: {_cause(e)}")) from None
-            self._record(resp)
-            limited = self._rate_limit(resp, what)
-            if limited is not None:
-                if self.on_budget:
-                    self.on_budget({"limited_until": iso(dt.datetime.fromtimestamp(limited.until, dt.timezone.utc)),
-                                    "last_error": str(limited)})
-                wait = limited.until - time.time()
-                if wait > self.cfg.retry_max_wait:
-                    raise limited
-                raise _Transient(limited, wait)
-            if resp.status_code >= 500:
-                raise _Transient(GitHubError(f"GitHub {what} ({self.host}): HTTP {resp.status_code}"),
-                                 _retry_after(resp.headers))
-            return resp
-        retrying = tenacity.Retrying(stop=tenacity.stop_after_attempt(self.cfg.retry_attempts),
-                                     wait=self._wait, retry=tenacity.retry_if_exception_type(_Transient),
-                                     before_sleep=_log_retry, reraise=True)
-        try:
-            return retrying(attempt)
-        except _Transient as t:
-            raise t.err from None
-
-    def _wait(self, state: tenacity.RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, _Transient) and exc.wait is not None:
-            return min(max(exc.wait, 0.0), self.cfg.retry_max_wait)
-        return min(self.cfg.retry_max_wait, 0.5 * (2 ** (state.attempt_number - 1)))
+        return self.transport.retrying(lambda: self.transport.send(
+            method, url, what, lambda r: self._rate_limit(r, what), **kw))
 
     def _rate_limit(self, resp: requests.Response, what: str) -> GitHubRateLimited | None:
         """Primary (remaining 0 -> until reset) and secondary limits (403/429 with retry-after or the
@@ -2390,50 +2507,30 @@ class GitHubClient:
                                      float(reset) if reset and reset > time.time() else time.time() + 60.0)
         return None
 
-    def _record(self, resp: requests.Response) -> None:
-        if not self.on_budget:
-            return
-        h, fields = resp.headers, {}
-        for col, name in (("requests_limit", "x-ratelimit-limit"), ("requests_remaining", "x-ratelimit-remaining")):
-            v = _int_header(h, name)
-            if v is not None:
-                fields[col] = v
-        reset = _int_header(h, "x-ratelimit-reset")
-        if reset:
-            fields["reset_at"] = iso(dt.datetime.fromtimestamp(reset, dt.timezone.utc))
-        if fields:
-            self.on_budget(fields)
-
     def graphql(self, document: str, variables: Mapping[str, Any] | None = None) -> dict:
-        op = re.search(r"(?:query|mutation)\s+(\w+)", document)
-        what = op.group(1) if op else "graphql"
+        what = operation_name(document, "graphql")
         resp = self._send("POST", self.cfg.graphql_url, what, json={"query": document, "variables": dict(variables or {})})
-        try:
-            body = resp.json()
-        except ValueError:
-            raise GitHubError(f"GitHub {what} ({self.host}): HTTP {resp.status_code}, not JSON") from None
-        if not isinstance(body, dict):
+        body = json_body(resp)
+        if body is None:
+            try:
+                resp.json()
+            except ValueError:
+                raise GitHubError(f"GitHub {what} ({self.host}): HTTP {resp.status_code}, not JSON") from None
             raise GitHubError(f"GitHub {what} ({self.host}): unexpected response shape")
-        errors = body.get("errors") or []
-        if errors and not isinstance(errors, list):
-            errors = [{"message": str(errors)}]
-        if any(isinstance(e, dict) and e.get("type") == "RATE_LIMITED" for e in errors):
+        errors = graphql_errors(body) if body.get("errors") else []
+        if any(e.get("type") == "RATE_LIMITED" for e in errors):
             reset = _int_header(resp.headers, "x-ratelimit-reset")
-            err = GitHubRateLimited(f"GitHub {what} ({self.host}): GraphQL rate limit",
-                                    float(reset) if reset and reset > time.time() else time.time() + 60.0)
-            if self.on_budget:
-                self.on_budget({"limited_until": iso(dt.datetime.fromtimestamp(err.until, dt.timezone.utc)),
-                                "last_error": str(err)})
-            raise err
+            self.transport.limited(GitHubRateLimited(
+                f"GitHub {what} ({self.host}): GraphQL rate limit",
+                float(reset) if reset and reset > time.time() else time.time() + 60.0), wait_for_it=False)
         if resp.status_code == 401:
             raise GitHubError(f"GitHub {what} ({self.host}): bad credentials (check the GitHub token)")
         if errors and not body.get("data"):
-            msg = "; ".join(one_line(str((e or {}).get("message") if isinstance(e, dict) else e), 200) for e in errors)
+            msg = "; ".join(one_line(str(e.get("message")), 200) for e in errors)
             raise GitHubError(f"GitHub {what} ({self.host}): {msg}")
         if resp.status_code >= 400 or not isinstance(body.get("data"), dict):
             raise GitHubError(f"GitHub {what} ({self.host}): HTTP {resp.status_code} without data")
-        if self.on_budget:
-            self.on_budget({"limited_until": None, "last_error": None})
+        self.transport.ok()
         return body["data"]
 
     def rest(self, method: str, path: str, ok: Iterable[int] = (200,), **kw: Any) -> requests.Response:
@@ -2643,40 +2740,6 @@ def git_push_env(cfg: Config, remote_url: str) -> dict[str, str]:
 # A blocking JSON-RPC client for `codex app-server` over stdio (one JSON object
 # per line). A reader thread only moves lines into a queue; every decision is
 # made by the caller's thread. Server-to-client requests are answered at once.
-
-def proc_start_time(pid: int | None) -> str | None:
-    """The kernel's start time of a process (clock ticks since boot), or None if it is gone or a zombie."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2:].split()
-    if fields and fields[0] in ("Z", "X"):
-        return None   # never reaped here: a Popen still waiting for it would read exit status 0
-    return fields[19] if len(fields) > 19 else None
-
-
-def process_alive(pid: int | None, started: str | None) -> bool:
-    return bool(pid) and started is not None and proc_start_time(pid) == started
-
-
-def kill_process_group(pid: int | None, started: str | None, grace: float = 3.0) -> bool:
-    """Terminate the process group led by pid if pid is still the same process."""
-    if not process_alive(pid, started):
-        return False
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, sig)
-        deadline = time.time() + grace
-        while time.time() < deadline:
-            if not process_alive(pid, started):
-                return True
-            time.sleep(0.05)
-    return not process_alive(pid, started)
-
 
 class AppServer:
     """One `codex app-server` child. `request` blocks for its response; notifications that
