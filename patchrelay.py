@@ -7,11 +7,21 @@ detached workers that drive `codex app-server` over stdio JSON-RPC, and
 publishes a Linear outbox. SQLite (WAL) holds all state and is the mailbox
 between tick and workers. README.md explains how to run it and how it works.
 
-Sections, in dependency order:
-  1. errors and constants     5. github              9. tick
-  2. config                   6. codex              10. worker
-  3. store                    7. git                11. cli
-  4. linear                   8. factory
+Sections, in dependency order (each uses only what the sections above it define;
+tests/test_structure.py checks it). Grep a banner: `# ==== <name>`, `# ---- <name>`.
+   1. errors and constants  exception types (one per boundary), shared constants, redaction
+   2. config                YAML -> frozen dataclasses; every error names its key path
+   3. store                 SQLite: schema, migrations, every SQL statement
+   4. transport             one HTTP transport for both API clients; child processes
+   5. linear                Linear GraphQL client: reads -> frozen observations, batched writes
+   6. github                GitHub GraphQL + REST client: batched PR observation, PR creation
+   7. codex                 blocking JSON-RPC client for `codex app-server`
+   8. git                   worktrees, branches, commits, pushes, repository hooks
+   9. factory               the transition table and every decision; pure, no I/O
+  10. apply                 decisions written to the store; the Linear outbox published
+  11. worker                drives one run (the detached worker and `patchrelay run`)
+  12. tick                  one pass: reconcile, intake, observe, launch, publish
+  13. cli                   click commands: parse, call, print
 """
 from __future__ import annotations
 
@@ -1709,7 +1719,6 @@ def _int_header(headers: Mapping[str, str], name: str) -> int | None:
         return None
 
 
-
 # ---- processes
 
 def proc_start_time(pid: int | None) -> str | None:
@@ -2149,27 +2158,15 @@ class LinearClient:
         return sorted((_comment(n) for n in nodes), key=lambda c: (c.created_at, c.id))
 
     # ---- writes
-    def move_issue(self, issue_linear_id: str, name: str | None = None, type: str = "started",
-                   states: list[dict] | None = None, current: dict | None = None) -> tuple[str | None, list[dict]]:
-        """Move the issue to its team's state called `name` (when the team has one), else to the team's first
-        state of `type`. Never moves a closed issue, nor backwards: an issue already started is not
-        "started" again, an issue already completed is not completed again. With the team's `states` (cached
-        by the caller) and the issue's `current` state ({"name", "type"}) it is one request; without, two.
-        Returns (the state moved to or None, the team's states)."""
-        if states is None or current is None:
-            data = self.query(Q_ISSUE_STATES, {"id": issue_linear_id})
-            if "issue" not in data:
-                raise LinearError(f"Linear PatchRelayIssueStates ({self.host}): response without issue",
-                                  transient=True)
-            issue = data["issue"]
-            if not isinstance(issue, dict):
-                raise LinearError(f"Linear issue {issue_linear_id}: not found")
-            current = issue.get("state") or {}
-            states = ((issue.get("team") or {}).get("states") or {}).get("nodes") or []
-        target = move_target(name, type, states, current)
-        if target:
-            self._write_one(LinearWrite("issue_update", {"stateId": target["id"]}, issue_linear_id))
-        return (target["name"] if target else None), states
+    def issue_states(self, issue_linear_id: str) -> tuple[dict, list[dict]]:
+        """The issue's current state ({"id", "type"}) and its team's workflow states (one request)."""
+        data = self.query(Q_ISSUE_STATES, {"id": issue_linear_id})
+        if "issue" not in data:
+            raise LinearError(f"Linear PatchRelayIssueStates ({self.host}): response without issue", transient=True)
+        issue = data["issue"]
+        if not isinstance(issue, dict):
+            raise LinearError(f"Linear issue {issue_linear_id}: not found")
+        return issue.get("state") or {}, ((issue.get("team") or {}).get("states") or {}).get("nodes") or []
 
     def write_batch(self, writes: Sequence["LinearWrite"]) -> list["LinearError | None"]:
         """Several writes in one request (aliases), executed by Linear in order. Returns, per write, None
@@ -2177,7 +2174,7 @@ class LinearClient:
         and is simply sent again (creates are idempotent by their client id, updates set a value). A failure
         of the whole request raises."""
         if len(writes) == 1:
-            self._write_one(writes[0])
+            self.write_one(writes[0])
             return [None]
         defs, parts, variables = [], [], {}
         for n, w in enumerate(writes):
@@ -2212,7 +2209,8 @@ class LinearClient:
                 out.append(None)
         return out
 
-    def _write_one(self, w: "LinearWrite") -> None:
+    def write_one(self, w: "LinearWrite") -> None:
+        """One write in a request of its own."""
         if w.kind in ("activity", "comment"):
             # idempotent by client id: a resend after a crash or a lost response is looked up, never repeated
             try:
@@ -2239,23 +2237,6 @@ class LinearClient:
             if miss.transient:
                 raise
             return False    # "Entity not found": it really was not created
-
-
-def move_target(name: str | None, type: str, states: list[dict], current: dict) -> dict | None:
-    """The team state to move an issue to, or None: never a closed issue, never backwards (an issue already
-    started is not "started" again), never to where it is."""
-    if current.get("type") in ("completed", "canceled"):
-        return None
-    if name:
-        named = [s for s in states if (s.get("name") or "").lower() == name.lower()]
-        if not named or named[0].get("id") == current.get("id") or \
-                (current.get("name") or "").lower() == name.lower():
-            return None
-        return named[0]
-    if current.get("type") == type:
-        return None
-    typed = [s for s in states if s.get("type") == type]
-    return min(typed, key=lambda s: s.get("position") or 0) if typed else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2717,25 +2698,6 @@ def log_tail(text: str, secrets: Iterable[str] = (), lines: int = 150, limit: in
     return redact(tail(clean, lines, limit), secrets)
 
 
-def git_push_env(cfg: Config, remote_url: str) -> dict[str, str]:
-    """Credentials for PatchRelay's own `git push` to an https GitHub remote, passed through git's
-    GIT_CONFIG_* environment (never on a command line, never to Codex)."""
-    if not remote_url.startswith("https://"):
-        return {}
-    host = re.match(r"https://([^/@]+@)?([^/]+)/", remote_url + "/")
-    api_host = re.match(r"https?://([^/]+)", cfg.github.api_url)
-    github_hosts = {"github.com"} | ({api_host.group(1).removeprefix("api.")} if api_host else set())
-    if not host or host.group(2).lower() not in github_hosts:
-        return {}                       # never hand the GitHub token to another host
-    tok = github_token(cfg)
-    if not tok:
-        return {}
-    import base64
-    basic = base64.b64encode(f"x-access-token:{tok}".encode()).decode()
-    return {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": f"http.https://{host.group(2)}/.extraheader",
-            "GIT_CONFIG_VALUE_0": f"AUTHORIZATION: basic {basic}"}
-
-
 # ============================================================== codex
 # A blocking JSON-RPC client for `codex app-server` over stdio (one JSON object
 # per line). A reader thread only moves lines into a queue; every decision is
@@ -2904,76 +2866,6 @@ def provider_key(cfg: Config, conf: Mapping[str, Any]) -> tuple[str | None, str 
     return provider, key if isinstance(key, str) else None
 
 
-def probe_codex(cfg: Config, workdir: Path) -> list[tuple[str, str]]:
-    """Prove that a run can work: start `codex app-server` as a run would (same environment, tokens
-    stripped), complete the handshake, read the account and the model provider's key variable, and run a
-    command in the configured sandbox (in `workdir`). [(level, message)]; every FAIL names its fix."""
-    out: list[tuple[str, str]] = []
-    path = shutil.which(cfg.codex.bin)
-    if not path:
-        return [("FAIL", f"codex.bin: {cfg.codex.bin} not found on PATH; install it with "
-                         f"`npm install -g @openai/codex@{SUPPORTED_CODEX}` or set codex.bin to its path")]
-    env = stripped_child_env(cfg, {"CODEX_HOME": str(cfg.codex.home)} if cfg.codex.home else {})
-    try:
-        ver = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, env=env)
-        words = (ver.stdout.strip() or ver.stderr.strip()).split()
-        version = words[-1] if words else "?"
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return [("FAIL", f"{path} --version failed: {e}; reinstall Codex")]
-    out.append(("PASS" if version == SUPPORTED_CODEX else "WARN",
-                f"{path}: codex {version}" + ("" if version == SUPPORTED_CODEX else
-                                              f" (PatchRelay speaks the protocol of {SUPPORTED_CODEX}; "
-                                              f"`npm install -g @openai/codex@{SUPPORTED_CODEX}`)")))
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / "app-server.log"
-    try:
-        server = AppServer(cfg, workdir, log_path)
-    except CodexError as e:
-        return out + [("FAIL", str(e))]
-    try:
-        server.initialize()
-        acct = server.request("account/read", {"refreshToken": False})
-        conf = (server.request("config/read", {}).get("config") or {})
-    except CodexError as e:
-        said = one_line(server.stderr_tail(3), 200)
-        return out + [("FAIL", f"codex app-server handshake failed: {e}" + (f" (it said: {said})" if said else ""))]
-    finally:
-        server.close()
-    provider, key = provider_key(cfg, conf)
-    provider = provider or "openai"
-    account = acct.get("account") or {}
-    if acct.get("requiresOpenaiAuth") and not account:
-        out.append(("FAIL", f"codex app-server: not logged in (model provider {provider}); run `codex login` (or "
-                            "`codex login --with-api-key`) as this user" +
-                            (f" with CODEX_HOME={cfg.codex.home}" if cfg.codex.home else "")))
-    else:
-        how = f"{account.get('type')} account" if account else f"model provider {provider}, no OpenAI login needed"
-        out.append(("PASS", f"codex app-server handshake ok ({how})"))
-    if key and not env.get(key):
-        out.append(("FAIL", f"model provider {provider} reads its key from ${key}, which is not set in "
-                            "PatchRelay's environment: add it to the environment file of the service "
-                            "(`patchrelay service install` creates one) or export it"))
-    if cfg.codex.sandbox != "danger-full-access" and sys.platform.startswith("linux"):
-        if not shutil.which("bwrap", path=env.get("PATH")):
-            out.append(("WARN", "bubblewrap (bwrap) is not on PATH; Codex falls back to its bundled copy: "
-                                "install it (`apt install bubblewrap`)"))
-        probe = "echo ok > sandbox-probe.txt" if cfg.codex.sandbox == "workspace-write" else "true"
-        try:
-            p = subprocess.run([path, "sandbox", "-c", f'sandbox_mode="{cfg.codex.sandbox}"', "--", "sh", "-c", probe],
-                               capture_output=True, text=True, timeout=60, env=env, cwd=str(workdir))
-            said = [ln for ln in (p.stderr or p.stdout).splitlines() if ln.strip() and not ln.startswith("WARNING")]
-            ok = p.returncode == 0 and (cfg.codex.sandbox != "workspace-write"
-                                        or (workdir / "sandbox-probe.txt").exists())
-            out.append(("PASS", f"sandbox {cfg.codex.sandbox} runs commands") if ok else
-                       ("FAIL", f"sandbox {cfg.codex.sandbox} cannot run a command: "
-                                f"{one_line(' '.join(said[-2:]), 200) or f'exit {p.returncode}'}; Codex's Linux "
-                                "sandbox needs bubblewrap and unprivileged user namespaces "
-                                "(`apt install bubblewrap`; `sysctl kernel.unprivileged_userns_clone=1`)"))
-        except (OSError, subprocess.TimeoutExpired) as e:
-            out.append(("FAIL", f"sandbox {cfg.codex.sandbox}: {e}"))
-    return out
-
-
 def text_input(text: str) -> list[dict]:
     return [{"type": "text", "text": text, "text_elements": []}]
 
@@ -2998,6 +2890,25 @@ def run_git(args: list[str], cwd: Path, env: Mapping[str, str] | None = None, ti
         msg = one_line(redact(p.stderr or p.stdout), 500) or f"exit code {p.returncode}"
         raise GitError(f"git {args[0]} failed in {cwd}: {msg}")
     return p
+
+
+def git_push_env(cfg: Config, remote_url: str) -> dict[str, str]:
+    """Credentials for PatchRelay's own `git push` to an https GitHub remote, passed through git's
+    GIT_CONFIG_* environment (never on a command line, never to Codex)."""
+    if not remote_url.startswith("https://"):
+        return {}
+    host = re.match(r"https://([^/@]+@)?([^/]+)/", remote_url + "/")
+    api_host = re.match(r"https?://([^/]+)", cfg.github.api_url)
+    github_hosts = {"github.com"} | ({api_host.group(1).removeprefix("api.")} if api_host else set())
+    if not host or host.group(2).lower() not in github_hosts:
+        return {}                       # never hand the GitHub token to another host
+    tok = github_token(cfg)
+    if not tok:
+        return {}
+    import base64
+    basic = base64.b64encode(f"x-access-token:{tok}".encode()).decode()
+    return {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": f"http.https://{host.group(2)}/.extraheader",
+            "GIT_CONFIG_VALUE_0": f"AUTHORIZATION: basic {basic}"}
 
 
 def safe_key(key: str) -> str:
@@ -3157,23 +3068,6 @@ def github_repo_of(url: str) -> str | None:
     m = re.fullmatch(r"(?:https://(?:[^@/]+@)?github\.com/|(?:ssh://)?git@github\.com[:/])([^/]+/[^/]+?)(?:\.git)?/?",
                      url.strip())
     return m.group(1) if m else None
-
-
-def probe_push(cfg: Config, project: ProjectConfig) -> tuple[str, str]:
-    """Whether PatchRelay can push a branch: `git push --dry-run` of the base branch to a throwaway ref name,
-    with the credentials a run's push uses. Nothing is created on the remote."""
-    repo = project.repo_path
-    url = run_git(["remote", "get-url", "origin"], repo).stdout.strip()
-    ref = f"refs/heads/{project.branch_prefix}/patchrelay-doctor-probe"
-    src = f"refs/remotes/origin/{project.base_branch}"
-    if run_git(["rev-parse", "--verify", "--quiet", src], repo, check=False).returncode != 0:
-        src = f"refs/heads/{project.base_branch}"
-    p = run_git(["push", "--dry-run", "--quiet", "origin", f"{src}:{ref}"], repo, env=git_push_env(cfg, url),
-                timeout=60, check=False)
-    if p.returncode == 0:
-        return "PASS", f"can push branches to origin ({redact(url)})"
-    return "FAIL", (f"cannot push to origin ({redact(url)}): {one_line(redact(p.stderr or p.stdout), 200)}; give the "
-                    "GitHub token (or this user's git credentials) write access to the repository")
 
 
 def git_head(path: Path) -> str | None:
@@ -3364,6 +3258,23 @@ def transition(current: str, new: str) -> str:
     if new not in TRANSITIONS.get(current, ()):
         raise IllegalTransition(f"illegal factory transition {current} -> {new}")
     return new
+
+
+def move_target(name: str | None, type: str, states: list[dict], current: dict) -> dict | None:
+    """The team state to move an issue to, or None: never a closed issue, never backwards (an issue already
+    started is not "started" again), never to where it is."""
+    if current.get("type") in ("completed", "canceled"):
+        return None
+    if name:
+        named = [s for s in states if (s.get("name") or "").lower() == name.lower()]
+        if not named or named[0].get("id") == current.get("id") or \
+                (current.get("name") or "").lower() == name.lower():
+            return None
+        return named[0]
+    if current.get("type") == type:
+        return None
+    typed = [s for s in states if s.get("type") == type]
+    return min(typed, key=lambda s: s.get("position") or 0) if typed else None
 
 
 @dataclass(frozen=True)
@@ -4079,34 +3990,11 @@ def build_report(items: list[dict], changed: list[str], tokens: dict | None, dur
             "tokens": tokens or {}, "duration_seconds": round(duration, 3) if duration is not None else None}
 
 
-# ============================================================== tick
-# One pass: reconcile runs, poll Linear and decide, launch workers, publish the
-# outbox. Holds an exclusive lock; each step's failure is reported and the
-# other steps still run. Decisions come from the factory section.
-
-class TickLocked(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def tick_lock(cfg: Config) -> Iterator[None]:
-    check_database_path(cfg.database_path)
-    _secure_dir(cfg.state_dir)
-    path = Path(str(cfg.database_path) + ".tick.lock")
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    except OSError as e:
-        raise StoreError(f"database.path: cannot create the tick lock {path}: {e.strerror}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise TickLocked() from None
-            raise
-        yield
-    finally:
-        os.close(fd)
+# ============================================================== apply
+# Decisions made durable and told: the API clients a pass needs (tokens from the
+# environment, budgets recorded in the store), apply_decision (one factory
+# Decision written in the caller's transaction) and the publisher that sends
+# the Linear outbox. Used by the worker and the tick alike.
 
 
 def linear_client(cfg: Config, store: Store | None) -> LinearClient:
@@ -4167,572 +4055,6 @@ def apply_decision(store: Store, row: dict | None, d: Decision, run_id: int | No
     return issue_id
 
 
-def _minus(ts: str | None, seconds: float) -> str | None:
-    t = parse_iso(ts)
-    return iso(t - dt.timedelta(seconds=seconds)) if t else None
-
-
-def delegation_rule(cfg: Config, app_mode: bool) -> str:
-    """The delegation rule in words."""
-    if app_mode:
-        return "delegated to the app"
-    return " or ".join({"delegate": "delegated to you", "assignee": "assigned to you",
-                        "label": f"labelled {cfg.linear.delegation_label}"}[d] for d in cfg.linear.delegation)
-
-
-def delegated_filter(cfg: Config, ident: Identity) -> dict:
-    """The open issues the delegation rule gives us, in the routed teams (the first poll)."""
-    who: list[dict] = [{"delegate": {"isMe": {"eq": True}}}]
-    if not ident.app_mode:
-        if "assignee" in ident.delegation:
-            who.append({"assignee": {"isMe": {"eq": True}}})
-        if "label" in ident.delegation:
-            who.append({"labels": {"some": {"name": {"eqIgnoreCase": ident.label}}}})
-    filt: dict[str, Any] = {"or": who, "state": {"type": {"nin": ["completed", "canceled"]}}}
-    scope = team_scope(cfg)
-    if scope:
-        filt["team"] = scope
-    return filt
-
-
-class TickContext:
-    def __init__(self, cfg: Config, store: Store, dry_run: bool = False):
-        self.cfg, self.store, self.dry_run = cfg, store, dry_run
-        self.actions: list[str] = []
-        self._linear: LinearClient | None = None
-        self._github: GitHubClient | None = None
-        self.merge_queue: dict[str, bool] = {}
-
-    def linear(self) -> LinearClient:
-        if self._linear is None:
-            self._linear = linear_client(self.cfg, None if self.dry_run else self.store)
-        return self._linear
-
-    def github(self) -> GitHubClient:
-        if self._github is None:
-            self._github = github_client(self.cfg, None if self.dry_run else self.store)
-        return self._github
-
-    def note(self, message: str) -> None:
-        self.actions.append(message)
-        log.info("%s", message)
-
-
-@dataclass
-class LinearReads:
-    ident: Identity
-    ours: list[LinearSession]
-    session_acts: dict[str, list[LinearActivity]]
-    issues: list[LinearIssue]           # oldest change first
-    comments: list[LinearComment]
-    unsynced: list[str]
-    cursors: dict[str, str]
-    meta: dict[str, str | None]
-
-
-READ_PAGE_CAP = 40        # follow-up pages per stream and tick; a longer read resumes on the next tick
-
-
-def team_scope(cfg: Config) -> dict | None:
-    """The routed teams as an IssueFilter fragment (None when one project takes every issue)."""
-    if not all(p.has_routing for p in cfg.projects):
-        return None
-    keys = sorted({k for p in cfg.projects for k in (*p.issue_key_prefixes, *p.linear_team_keys)})
-    ids = sorted({i for p in cfg.projects for i in p.linear_team_ids})
-    scope = ([{"key": {"in": keys}}] if keys else []) + ([{"id": {"in": ids}}] if ids else [])
-    return scope[0] if len(scope) == 1 else {"or": scope}
-
-
-def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
-    """Everything that changed in Linear since the cursors: one request when nothing did. Cursors come
-    from Linear's clock (its Date header) minus linear.poll_overlap, and move only past what was fully
-    read; a read cut short (page cap, rate limit) resumes where it stopped."""
-    overlap = cfg.linear.poll_overlap
-    scope = team_scope(cfg)
-    issues_since = store.cursor_get("linear.poll.issues")
-    comments_since = store.cursor_get("linear.poll.comments")
-    viewer_id = store.meta_get("linear.viewer_id")
-    if issues_since:
-        ifilter: dict = {"updatedAt": {"gt": issues_since}, **({"team": scope} if scope else {})}
-    else:
-        # First poll: the open issues delegated to us (the rule needs the viewer; learnt once, then cached).
-        mode = store.meta_get("linear.mode")
-        if not viewer_id or not mode:
-            v = lc.viewer()
-            viewer_id, mode = v.id, "app" if v.app else "user"
-        app0 = mode == "app" if cfg.linear.mode == "auto" else cfg.linear.mode == "app"
-        ifilter = delegated_filter(cfg, Identity(viewer_id, app0, cfg.linear.delegation,
-                                                 cfg.linear.delegation_label))
-    open_ids = store.tracked_open_linear_ids()
-    cfilter = {"createdAt": {"gt": comments_since}, **({"issue": {"team": scope}} if scope else {})} \
-        if comments_since and open_ids else None
-    r = lc.poll(ifilter, cfilter)
-    viewer = r["viewer"]
-    read_at = r["date"] or iso()
-    app_mode = viewer.app if cfg.linear.mode == "auto" else cfg.linear.mode == "app"
-    ident = Identity(viewer.id, app_mode, cfg.linear.delegation, cfg.linear.delegation_label)
-    cursors: dict[str, str] = {}
-    meta: dict[str, str | None] = {"linear.viewer_id": viewer.id, "linear.mode": "app" if app_mode else "user"}
-    floor_at = _minus(read_at, overlap) or read_at
-
-    # -- sessions: newest first (agentSessions has no filter), down to the floor; a cut read resumes
-    floor = store.cursor_get("linear.poll.sessions")
-    resume, resume_top = store.meta_get("linear.sessions.resume"), store.meta_get("linear.sessions.resume_top")
-    conn = r["agentSessions"]
-    nodes = [n for n in conn["nodes"] if isinstance(n, dict)]
-    pages = 0
-
-    def page_down(after: str | None, stop_at: str | None) -> tuple[str | None, bool]:
-        """Read pages after `after` until an item at or below `stop_at`; (endCursor, finished)."""
-        nonlocal pages
-        while after and pages < READ_PAGE_CAP:
-            pages += 1
-            c = lc.sessions_page(after)
-            got = [n for n in c["nodes"] if isinstance(n, dict)]
-            nodes.extend(got)
-            if stop_at and any((n.get("updatedAt") or "") <= stop_at for n in got):
-                return None, True
-            if not (c.get("pageInfo") or {}).get("hasNextPage"):
-                return None, True
-            after = (c.get("pageInfo") or {}).get("endCursor")
-        return after, not after
-
-    top_info = conn.get("pageInfo") or {}
-    reached = lambda mark: mark and any((n.get("updatedAt") or "") <= mark for n in nodes)  # noqa: E731
-    cut, finished = None, True
-    if resume:
-        # new arrivals above the top of the cut read, then on from where it stopped
-        if not reached(resume_top) and top_info.get("hasNextPage"):
-            page_down(top_info.get("endCursor"), resume_top)
-        cut, finished = page_down(resume, floor)
-    elif not reached(floor) and top_info.get("hasNextPage"):
-        cut, finished = page_down(top_info.get("endCursor"), floor)
-    if finished:
-        cursors["linear.poll.sessions"] = floor_at
-        meta.update({"linear.sessions.resume": None, "linear.sessions.resume_top": None})
-    else:
-        meta.update({"linear.sessions.resume": cut, "linear.sessions.resume_top":
-                     resume_top or max((n.get("updatedAt") or "" for n in nodes), default=floor_at)})
-    sessions = [_session(n) for n in {n["id"]: n for n in nodes}.values()]
-    ours = [x for x in sessions if x.app_user_id == viewer.id]
-    want = []
-    for x in ours:
-        known = store.session(x.id)
-        if known and known["seen_updated_at"] and x.updated_at <= known["seen_updated_at"]:
-            continue  # nothing new in this session since we last read it
-        want.append((x, _minus(known["activity_cursor"], overlap) if known and known["activity_cursor"] else None))
-    session_acts = {x.id: acts for x, since in want if (acts := covered_by_recent(x, since)) is not None}
-    rest = [(x.id, since) for x, since in want if x.id not in session_acts]
-    session_acts.update(lc.activities_batch(rest) if rest else {})
-    ours = [x for x in ours if x.id in session_acts]
-
-    # -- issues and comments: oldest first; a cut read stops the cursor at the last item read
-    def ascending(kind: str, first: dict, filt: dict) -> tuple[list[dict], bool]:
-        items = list(reversed([n for n in first["nodes"] if isinstance(n, dict)]))
-        info, n_pages = first.get("pageInfo") or {}, 0
-        while info.get("hasPreviousPage") and info.get("startCursor"):
-            if n_pages >= READ_PAGE_CAP:
-                return items, False
-            n_pages += 1
-            try:
-                c = lc.older_page(kind, filt, info["startCursor"])
-            except LinearError:
-                if not items:
-                    raise
-                return items, False            # keep what was read; the cursor stops at it
-            items.extend(reversed([n for n in c["nodes"] if isinstance(n, dict)]))
-            info = c.get("pageInfo") or {}
-        return items, True
-
-    issue_nodes, complete = ascending("issues", r["issues"], ifilter)
-    issues = [_issue(n) for n in issue_nodes]
-    cursors["linear.poll.issues"] = floor_at if complete else \
-        (_minus(issue_nodes[-1].get("updatedAt"), 0.001) or issues_since or floor_at)
-    comments: list[LinearComment] = []
-    if cfilter is not None:
-        comment_nodes, complete = ascending("comments", r["comments"], cfilter)
-        comments = [_comment(n) for n in comment_nodes]
-        cursors["linear.poll.comments"] = floor_at if complete else \
-            (_minus(comment_nodes[-1].get("createdAt"), 0.001) or comments_since)
-    elif open_ids or not comments_since:
-        cursors["linear.poll.comments"] = floor_at
-    # every comment of issues tracked since the last tick (their history), only when there are some
-    unsynced = store.tracked_open_linear_ids(comments_synced=False)
-    if unsynced:
-        comments += lc.comment_history(unsynced)
-        comments.sort(key=lambda c: (c.created_at, c.id))
-    # what changed but is not ours is dropped here, client side
-    tracked = set(store.tracked_linear_ids())
-    issues = [i for i in issues if i.id in tracked or is_delegated(i, ident)]
-    comments = [c for c in comments if c.issue_linear_id in tracked]
-    return LinearReads(ident, ours, session_acts, issues, comments, unsynced, cursors, meta)
-
-
-def intake(ctx: TickContext) -> dict:
-    cfg, store = ctx.cfg, ctx.store
-    budget = store.budget("linear")
-    until = parse_iso((budget or {}).get("limited_until"))
-    if until and until > utcnow():
-        ctx.note(f"Linear rate limit: skipping intake until {iso(until)}")
-        return {"skipped": "rate limited", "until": iso(until)}
-    lc = ctx.linear()
-    reads = read_linear(cfg, store, lc)
-    ident = reads.ident
-    ours, session_acts, issues, comments = reads.ours, reads.session_acts, reads.issues, reads.comments
-    unsynced = reads.unsynced
-    summary: dict[str, Any] = {"sessions": len(ours), "issues": len(issues), "comments": len(comments),
-                               "queued": [], "errors": []}
-    notes: list[str] = []   # printed only once the transaction that stored them has committed
-
-    def guarded(key: str | None, issue_linear_id: str | None, fn: Callable[[], None]) -> None:
-        """Apply one observation. A decision that fails (an illegal transition is a bug) is undone on its
-        own, recorded on its issue, and reported; every other issue's intake and the cursors still commit."""
-        mark = len(notes)
-        try:
-            with store.savepoint():
-                fn()
-        except (IllegalTransition, StoreError) as e:
-            del notes[mark:]
-            row = store.issue_by_linear_id(issue_linear_id) if issue_linear_id else None
-            store.add_event(row["id"] if row else None, "intake", f"could not apply a Linear change: {e}", "error",
-                            issue_key=key)
-            summary["errors"].append(f"{key or '?'}: {e}")
-            log.error("%s: could not apply a Linear change: %s", key or "?", e)
-
-    with store.tx(deferred=ctx.dry_run):
-        now = iso()
-        for s in sorted(ours, key=lambda x: x.created_at):
-            obs = s.issue
-            guarded(obs.key if obs else None, obs.id if obs else None,
-                    lambda s=s, obs=obs: _intake_session(ctx, s, obs, session_acts[s.id], ident, now, summary, notes))
-        for obs in sorted(issues, key=lambda i: i.updated_at or ""):
-            guarded(obs.key, obs.id, lambda obs=obs: _intake_issue(ctx, obs, ident, now, summary, notes))
-        for c in comments:
-            if store.seen(f"comment:{c.id}"):
-                continue
-            store.mark_seen(f"comment:{c.id}")
-            row = store.issue_by_linear_id(c.issue_linear_id)
-            if row is None:
-                continue
-            guarded(row["key"], row["linear_id"], lambda c=c, row=row: _intake_comment(ctx, c, row, ident, now, summary,
-                                                                                       notes))
-        # Cursors advance in the same transaction that stored what was read.
-        for stream, value in reads.cursors.items():
-            store.cursor_set(stream, value)
-        for key, value in reads.meta.items():
-            store.meta_set(key, value)
-        store.mark_comments_synced(unsynced)
-    for n in notes:
-        ctx.note(n)
-    return summary
-
-
-def _queued(summary: dict, notes: list[str], key: str, why: str) -> None:
-    summary["queued"].append(key)
-    notes.append(f"{key}: {why} -> implementation queued")
-
-
-def _intake_session(ctx: TickContext, s: LinearSession, obs: LinearIssue | None, acts: list[LinearActivity],
-                    ident: Identity, now: str, summary: dict, notes: list[str]) -> None:
-    cfg, store = ctx.cfg, ctx.store
-    known = store.session(s.id)
-    project = resolve_project(cfg, obs.key, obs.team_key, obs.team_id) if obs else None
-    if project is None:
-        if not known:
-            store.upsert_session(s.id, None, s.creator.label(), False, s.updated_at, s.updated_at)
-            msg = f"{obs.key if obs else '?'}: agent session but no project routes it " \
-                  "(check issue_key_prefixes / linear_team_keys / linear_team_ids)"
-            store.add_event(None, "intake", msg, "warn", issue_key=obs.key if obs else None)
-            store.mark_seen(f"unrouted:{obs.id}" if obs else f"unrouted-session:{s.id}")
-            team = (obs.team_key if obs else None) or "?"
-            # the person who delegated is told, in the session, instead of facing silence
-            store.add_outbox(None, "activity", s.id, {"content": {"type": "response", "body": (
-                f"No project of this PatchRelay takes team {team}, so I cannot work on "
-                f"{obs.key if obs else 'this issue'}; ask the operator to route it (projects[].linear_team_keys "
-                "or issue_key_prefixes).")}, "ephemeral": False})
-            notes.append(msg)
-        return
-    row = store.issue_by_linear_id(obs.id)
-    if known is None:
-        trusted = actor_trusted(project.trusted_actors, s.creator.id, s.creator.name, s.creator.email)
-        prompts = [a for a in acts if a.type == "prompt" and not a.user.app]
-        prompt = "\n\n".join(a.body for a in prompts if a.body.strip()) or (s.comment_body or None)
-        d = decide_session(row, s, trusted, project.id, prompt, ident, now)
-        issue_id = apply_decision(store, row, d, key=obs.key)
-        for a in acts:
-            store.mark_seen(f"activity:{a.id}")
-        store.upsert_session(s.id, issue_id, s.creator.label(), trusted,
-                             max([a.created_at for a in acts] + [s.created_at]), s.updated_at)
-        if d.fields.get("pending_run_type"):
-            _queued(summary, notes, obs.key, "new agent session")
-        elif not trusted:
-            notes.append(f"{obs.key}: ignored session from untrusted {s.creator.label()}")
-        elif d.outbox:
-            notes.append(f"{obs.key}: agent session answered, no run started")
-        return
-    for a in acts:
-        if store.seen(f"activity:{a.id}"):
-            continue
-        store.mark_seen(f"activity:{a.id}")
-        row = store.issue_by_linear_id(obs.id)
-        if row is None:
-            continue
-        trusted = actor_trusted(project.trusted_actors, a.user.id, a.user.name, a.user.email)
-        d = decide_prompt(row, a, trusted, now)
-        apply_decision(store, row, d)
-        if d.fields.get("pending_run_type"):
-            _queued(summary, notes, row["key"], "follow-up prompt")
-    store.upsert_session(s.id, None, s.creator.label(), bool(known["trusted"]),
-                         max([a.created_at for a in acts] + [known["activity_cursor"] or ""]) or None, s.updated_at)
-
-
-def _intake_issue(ctx: TickContext, obs: LinearIssue, ident: Identity, now: str, summary: dict,
-                  notes: list[str]) -> None:
-    cfg, store = ctx.cfg, ctx.store
-    row = store.issue_by_linear_id(obs.id)
-    project = cfg.project(row["project_id"]) if row and any(p.id == row["project_id"] for p in cfg.projects) \
-        else resolve_project(cfg, obs.key, obs.team_key, obs.team_id)
-    if project is None:
-        if row is None and is_delegated(obs, ident):
-            key = f"unrouted:{obs.id}"
-            if not store.seen(key):
-                store.mark_seen(key)
-                store.add_event(None, "intake", f"{obs.key}: delegated but no project routes it "
-                                                "(check issue_key_prefixes / linear_team_keys)", "warn",
-                                issue_key=obs.key)
-                notes.append(f"{obs.key}: delegated but no project routes it")
-        return
-    d = decide_issue(row, obs, ident, project.id, now,
-                     session_required=ident.app_mode and project.trusted_actors.configured)
-    apply_decision(store, row, d)
-    if d.fields.get("pending_run_type"):
-        trigger = json.loads(d.fields["pending_context"])["trigger"]
-        _queued(summary, notes, obs.key, "delegated" if trigger == "delegation" else trigger)
-
-
-def _intake_comment(ctx: TickContext, c: LinearComment, row: dict, ident: Identity, now: str, summary: dict,
-                    notes: list[str]) -> None:
-    project = ctx.cfg.project(row["project_id"])
-    trusted = actor_trusted(project.trusted_actors, c.user.id, c.user.name, c.user.email)
-    d = decide_comment(row, c, trusted, ident, now)
-    apply_decision(ctx.store, row, d)
-    if d.fields.get("pending_run_type"):
-        _queued(summary, notes, row["key"], "reply in a comment")
-
-
-class _DryRunRollback(Exception):
-    pass
-
-
-def reconcile(ctx: TickContext) -> dict:
-    """A run is running only while its worker lives. Dead workers' runs are resolved here (G-R3, G-R5)."""
-    cfg, store = ctx.cfg, ctx.store
-    result = {"alive": 0, "relaunched": [], "recovered": [], "interrupted": []}
-    for run in store.active_runs():
-        if process_alive(run["worker_pid"], run["worker_started"]):
-            result["alive"] += 1
-            continue
-        issue = store.issue_by_id(run["issue_id"])
-        if run["status"] == "claimed" and not run["worker_pid"] and (age_seconds(run["claimed_at"]) or 0) < 15:
-            continue  # a claim whose worker is being spawned right now
-        if ctx.dry_run:
-            ctx.note(f"{issue['key']}: would resolve run {run['id']} (worker gone)")
-            continue
-        if kill_process_group(run["appserver_pid"], run["appserver_started"]):
-            store.add_event(issue["id"], "reconcile", f"killed app-server left by run {run['id']}", "warn", run["id"])
-        if run["status"] == "claimed":
-            finish_run(cfg, store, run["id"], RunOutcome("interrupted", reason="worker exited before the turn started"))
-            result["relaunched"].append(issue["key"])
-            ctx.note(f"{issue['key']}: run {run['id']} never started; requeued")
-            continue
-        outcome = recover_run(cfg, store, run)
-        result["recovered" if outcome == "completed" else "interrupted"].append(issue["key"])
-        ctx.note(f"{issue['key']}: run {run['id']} worker gone; {outcome}")
-    return result
-
-
-def observe(ctx: TickContext) -> dict:
-    """Poll GitHub for every issue with a pull request (or a pushed branch that needs one): one batched
-    request per repository and 50 issues, at most every github.poll_interval seconds per repository and
-    at once after our own push. Opens missing pull requests, then decides from each observation."""
-    cfg, store = ctx.cfg, ctx.store
-    budget = store.budget("github")
-    until = parse_iso((budget or {}).get("limited_until"))
-    if until and until > utcnow():
-        ctx.note(f"GitHub rate limit: not observing until {iso(until)}")
-        return {"skipped": "rate limited", "until": iso(until)}
-    by_repo: dict[str, list[dict]] = {}
-    for row in store.github_watched():
-        try:
-            by_repo.setdefault(cfg.project(row["project_id"]).github_repo, []).append(row)
-        except ConfigError:
-            continue
-    result: dict[str, Any] = {"repos": 0, "observed": 0, "opened": [], "errors": []}
-    now = utcnow()
-    for repo, rows in by_repo.items():
-        due = [r for r in rows if not r["gh_observed_at"] or (r["pushed_at"] or "") > r["gh_observed_at"]
-               or (age_seconds(r["gh_observed_at"], now) or 0) >= cfg.github.poll_interval]
-        if not due:
-            continue
-        gh = ctx.github()
-        base = cfg.project(rows[0]["project_id"]).base_branch
-        acted = {r["branch"]: set((json.loads(r["gh_snapshot"] or "{}").get("acted") or {}).get("reviews") or ())
-                 for r in rows}
-
-        def needs_detail(branch: str, o: PullRequestObs) -> bool:   # a review not acted on yet: read its texts
-            return any(rv.state == "CHANGES_REQUESTED" and rv.id not in acted.get(branch, ()) for rv in o.reviews)
-        try:
-            observed, has_queue = gh.observe(repo, base, [(r["branch"], r["pr_number"]) for r in rows],
-                                             needs_detail)
-        except GitHubRateLimited:
-            raise
-        except GitHubError as e:          # one repository's failure must not stop the others
-            result["errors"].append(f"{repo}: {e}")
-            continue
-        ctx.merge_queue[repo] = has_queue
-        result["repos"] += 1
-        result["observed"] += len(rows)
-        for row in rows:
-            try:
-                _observe_issue(ctx, gh, repo, row, observed.get(row["branch"]), result)
-            except (GitHubError, GitError, IllegalTransition) as e:
-                if isinstance(e, GitHubRateLimited):
-                    raise
-                result["errors"].append(f"{row['key']}: {e}")
-                if not ctx.dry_run:
-                    with store.tx():
-                        store.add_event(row["id"], "github", str(e), "error")
-    return result
-
-
-def _observe_issue(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs: PullRequestObs | None,
-                   result: dict) -> None:
-    cfg, store = ctx.cfg, ctx.store
-    project = cfg.project(row["project_id"])
-    stamp = {"gh_observed_at": iso()}
-    if obs is None or (obs.state != "OPEN" and not row["pr_number"]):
-        if row["factory_state"] != "ready_for_pr" or row["pr_number"] or row["active_run_id"]:
-            if not ctx.dry_run:
-                with store.tx():
-                    store.update_issue(row["id"], stamp)
-            return
-        if ctx.dry_run:
-            ctx.note(f"{row['key']}: would open a pull request for {row['branch']}")
-            return
-        last = next((r for r in store.runs_for_issue(row["id"]) if r["summary"]), None)
-        body = "\n\n".join(x for x in (
-            (last or {}).get("summary") or "", f"Linear issue: [{row['key']}]({row['url']})" if row["url"] else "",
-            f"Opened by PatchRelay for {row['key']}.") if x)
-        pr = gh.create_pr(repo, row["branch"], project.base_branch, f"{row['key']}: {one_line(row['title'], 200)}",
-                          body, cfg.github.draft_prs)
-        with store.tx():
-            fresh = store.issue_by_id(row["id"])
-            apply_decision(store, fresh, decide_pr_opened(fresh, pr, cfg.linear.review_state, None))
-            store.update_issue(row["id"], {"gh_observed_at": None})    # observe the new PR on the next tick
-        result["opened"].append(row["key"])
-        ctx.note(f"{row['key']}: opened pull request #{pr['number']}")
-        return
-    if not row["pr_number"]:
-        # ours (opened by an earlier tick whose answer was lost) or a person's PR for the issue branch
-        adopter = None if obs.author and obs.author == gh.login else (obs.author or "someone")
-        if ctx.dry_run:
-            ctx.note(f"{row['key']}: would record pull request #{obs.number}")
-            return
-        with store.tx():
-            fresh = store.issue_by_id(row["id"])
-            apply_decision(store, fresh, decide_pr_opened(fresh, obs, cfg.linear.review_state, adopter))
-            store.update_issue(row["id"], {"gh_observed_at": None})
-        ctx.note(f"{row['key']}: " + (f"adopted pull request #{obs.number} (opened by {adopter})" if adopter
-                                      else f"opened pull request #{obs.number}"))
-        return
-    snap = json.loads(row["gh_snapshot"] or "{}")
-    pd = decide_pull_request(row, snap, obs, cfg.github, project.trusted_reviewers, utcnow())
-    d = pd.decision
-    if pd.failing and d.fields.get("pending_run_type") == "ci_repair":
-        ctx_json = json.loads(d.fields["pending_context"])
-        for c in ctx_json.get("checks") or []:
-            if c.get("job_id") and c.get("app") == "github-actions" and not ctx.dry_run:
-                try:
-                    c["log"] = log_tail(gh.job_log(repo, c["job_id"]))
-                except GitHubError as e:
-                    c["log"] = f"(log unavailable: {e})"
-        d = dataclasses.replace(d, fields={**d.fields, "pending_context": json.dumps(ctx_json)})
-    if ctx.dry_run:
-        for _, kind, message in d.events:
-            ctx.note(f"{row['key']}: {message}")
-        return
-    with store.tx():
-        fresh = store.issue_by_id(row["id"])
-        if fresh["active_run_id"] != row["active_run_id"] or fresh["pending_run_type"] != row["pending_run_type"]:
-            return          # a run started or ended meanwhile: decide on the next observation
-        apply_decision(store, fresh, d)
-        store.update_issue(row["id"], {**stamp, "gh_snapshot": json.dumps(pd.snapshot, sort_keys=True)})
-    for _, kind, message in d.events:
-        if kind in ("github",):
-            ctx.note(f"{row['key']}: {message}")
-    if pd.merge_when_ready:
-        try:
-            gh.merge_when_ready(obs.node_id, queue=ctx.merge_queue.get(repo, False))
-        except GitHubError as e:
-            with store.tx():
-                store.add_event(row["id"], "github", f"could not ask GitHub to merge: {e}", "warn")
-    if pd.cleanup and row["worktree"] and not row["active_run_id"]:
-        how = remove_worktree(project, Path(row["worktree"]), row["branch"])
-        with store.tx():
-            store.add_event(row["id"], "git", f"worktree {row['worktree']}: {how}",
-                            "warn" if how.startswith("kept") else "info")
-
-
-def launch(ctx: TickContext) -> dict:
-    cfg, store = ctx.cfg, ctx.store
-    if runner_paused(cfg, store):
-        return {"paused": True, "launched": [], "waiting": [i["key"] for i in store.runnable_issues(iso())]}
-    free = cfg.runner.max_concurrent_runs - store.count_active_runs()
-    launched, waiting, held = [], [], {}
-    capped = cfg.codex.max_tokens_per_issue is not None or cfg.codex.max_tokens_per_day is not None
-    day_spent = store.tokens_spent(since=utc_day_start()) if capped else 0
-    for issue in store.runnable_issues(iso()):
-        if issue.get("paused"):
-            waiting.append(issue["key"])
-            continue
-        hold = token_hold(cfg.codex, store.tokens_spent(issue["id"]) if capped else 0, day_spent)
-        if hold:
-            waiting.append(issue["key"])
-            held[issue["key"]] = hold
-            continue
-        if free <= 0:
-            waiting.append(issue["key"])
-            continue
-        try:
-            project = cfg.project(issue["project_id"])
-        except ConfigError:
-            waiting.append(issue["key"])
-            continue
-        if ctx.dry_run:
-            ctx.note(f"{issue['key']}: would launch a {run_label(issue['pending_run_type'])} run")
-            free -= 1
-            continue
-        try:
-            run_id = claim(cfg, store, issue["id"], project)
-        except IllegalTransition as e:
-            with store.tx():  # never let one bad pending run block the others
-                store.update_issue(issue["id"], {"pending_run_type": None, "pending_context": None,
-                                                 "pending_since": None})
-                store.add_event(issue["id"], "run", f"pending {issue['pending_run_type']} run dropped: {e}", "error")
-            ctx.note(f"{issue['key']}: pending run dropped: {e}")
-            continue
-        if run_id is None:
-            continue
-        pid = spawn_worker(cfg, run_id)
-        with store.tx():
-            store.update_run(run_id, {"worker_pid": pid, "worker_started": proc_start_time(pid)})
-            store.add_event(issue["id"], "run", f"worker {pid} launched for run {run_id}", run_id=run_id)
-        launched.append({"issue": issue["key"], "run_id": run_id, "pid": pid})
-        ctx.note(f"{issue['key']}: launched run {run_id} (pid {pid})")
-        free -= 1
-    return {"launched": launched, "waiting": waiting, **({"held": held} if held else {})}
-
-
 def runner_paused(cfg: Config, store: Store | None) -> dict | None:
     """The global pause: `patchrelay pause` (stored, with who/when/why) or runner.paused in the config
     (the boot-time default, until `patchrelay resume` overrides it; alone when there is no database yet)."""
@@ -4742,53 +4064,15 @@ def runner_paused(cfg: Config, store: Store | None) -> dict | None:
     return {"by": "config", "reason": "runner.paused: true", "at": None} if cfg.runner.paused else None
 
 
-def claim(cfg: Config, store: Store, issue_id: int, project: ProjectConfig) -> int | None:
-    """Atomic claim: the pending run becomes a `claimed` run row and the factory state moves."""
-    with store.tx():
-        row = store.issue_by_id(issue_id)
-        if not row:
-            return None
-        branch = row["branch"] or branch_for(project, row["key"], row["title"])
-        worktree = row["worktree"] or str(worktree_for(project, row["key"]))
-        run_id = store.claim_run(issue_id)
-        if run_id is None:
-            return None
-        run = store.run_by_id(run_id)
-        apply_decision(store, store.issue_by_id(issue_id), decide_claim(row, run["run_type"], branch, worktree),
-                       run_id)
-        return run_id
-
-
-def spawn_worker(cfg: Config, run_id: int) -> int:
-    """Start `patchrelay run --run-id N` detached, in its own process group; returns its pid."""
-    logs = cfg.state_dir / "logs"
-    _secure_dir(logs)
-    # Import the module (its bytecode is cached) instead of running the file as a script (recompiled at
-    # every start): a worker starts faster.
-    here = os.path.dirname(os.path.abspath(__file__))
-    argv = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); import patchrelay; "
-            "sys.argv[0] = 'patchrelay'; patchrelay.main()", here]
-    if cfg.path:
-        argv += ["--config", str(cfg.path)]
-    argv += ["run", "--run-id", str(run_id)]
-    with open(logs / f"run-{run_id}.log", "ab") as out:
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                             start_new_session=True, close_fds=True)
-    _SPAWNED.append(p)
-    return p.pid
-
-
-_SPAWNED: list[subprocess.Popen] = []
-
-
-def reap_workers() -> None:
-    """Collect the exit status of workers this process launched and that have ended (watch mode runs for
-    days; only the Popen that launched a child may reap it, or a concurrent wait would read status 0)."""
-    _SPAWNED[:] = [p for p in _SPAWNED if p.poll() is None]
+# ---- publish: the Linear outbox, batched
 
 
 WRITE_BATCH = 100                # Linear writes per request (aliases)
+
+
 _OPTIONAL_WRITES = ("plan", "issue_state")
+
+
 _LATEST_WINS = ("plan", "issue_state")
 
 
@@ -4919,8 +4203,13 @@ class _Publisher:
         if not self.lease([row]):
             return
         try:
-            moved, states = self.client.move_issue(issue["linear_id"], name, type_,
-                                                   cached["states"] if fresh else None, current)
+            states = cached["states"] if fresh else None
+            if states is None or current is None:
+                current, states = self.client.issue_states(issue["linear_id"])
+            target = move_target(name, type_, states, current)
+            if target:
+                self.client.write_one(LinearWrite("issue_update", {"stateId": target["id"]}, issue["linear_id"]))
+            moved = target["name"] if target else None
         except LinearError as e:
             if fresh and not e.transient:      # a stale cache (a state was deleted): read again
                 with store.tx():
@@ -5055,86 +4344,11 @@ def publish_quietly(cfg: Config, store: Store, issue_id: int) -> None:
         log.warning("publish deferred to the next tick: %s", redact(str(e)))
 
 
-def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
-    """One pass. A dry run takes every step against a transaction that is rolled back at the end, so it
-    shows what the pass would do (launches of the runs its own intake would queue included) and what it
-    would cost in API requests, and changes nothing."""
-    ctx = TickContext(cfg, store, dry_run)
-    report: dict[str, Any] = {"result": "ok", "dry_run": dry_run, "steps": {}, "errors": []}
-    tick_id = None if dry_run else store.start_tick(os.getpid(), proc_start_time(os.getpid()))
-
-    def step(name: str, fn: Callable[[TickContext], dict]) -> None:
-        try:
-            result = report["steps"][name] = fn(ctx)
-        except PatchRelayError as e:
-            report["result"] = "failed"
-            report["errors"].append(f"{name}: {e}")
-            report["steps"][name] = {"error": str(e)}
-            report["exit_code"] = max(report.get("exit_code", 1), e.exit_code)   # a config error is 2
-            log.info("%s failed: %s", name, e)  # the CLI prints the error once
-            return
-        except sqlite3.Error as e:
-            report["result"] = "failed"
-            report["errors"].append(f"{name}: database {cfg.database_path}: {type(e).__name__}: {e}")
-            report["steps"][name] = {"error": f"{type(e).__name__}: {e}"}
-            return
-        except Exception as e:  # noqa: BLE001 - a step's bug must not stop the other steps
-            report["result"] = "failed"
-            report["errors"].append(f"{name}: {type(e).__name__}: {redact(str(e))}")
-            report["steps"][name] = {"error": f"{type(e).__name__}: {e}"}
-            log.exception("%s failed", name)
-            return
-        for err in (result or {}).get("errors") or ():   # a step that went on past one issue's failure
-            report["result"] = "failed"
-            report["errors"].append(f"{name}: {err}")
-
-    def steps() -> None:
-        step("reconcile", reconcile)
-        step("intake", intake)
-        step("observe", observe)
-        step("launch", launch)
-        if dry_run:
-            queued = store.outbox_queued()
-            writes = sum(2 if o["kind"] == "issue_state" else 1 for o in queued)
-            reads = ctx._linear.requests_made if ctx._linear else 0
-            report["steps"]["publish"] = {"would_send": len(queued)}
-            report["api_cost"] = {"linear_reads": reads, "linear_writes": writes, "linear_requests": reads + writes}
-            if queued:
-                ctx.note(f"would send {len(queued)} queued Linear message(s)")
-            ctx.note(f"would cost {reads + writes} Linear request(s): {reads} read(s) made, "
-                     f"up to {writes} write(s) to send")
-            taken = (report["steps"].get("intake") or {}).get("queued") or []
-            if "intake" in report["steps"] and not {"skipped", "error"} & set(report["steps"]["intake"]):
-                rule = delegation_rule(cfg, store.meta_get("linear.mode") == "app")
-                ctx.note(f"would take {len(taken)} issue(s) ({rule})")
-        else:
-            step("publish", lambda c: publish(cfg, store, c.linear(), None) if store.outbox_queued() else
-                 {"sent": 0, "failed": 0, "queued": 0})
-            report["api_cost"] = {"linear_requests": ctx._linear.requests_made if ctx._linear else 0,
-                                  "github_requests": ctx._github.requests_made if ctx._github else 0}
-            last = parse_iso(store.meta_get("prune.last"))
-            if last is None or (utcnow() - last).total_seconds() > 86400:
-                step("prune", lambda c: store.prune(iso(utcnow() - dt.timedelta(days=cfg.database_retention_days))))
-
-    if dry_run:
-        try:
-            with store.tx(deferred=True):
-                steps()
-                raise _DryRunRollback()
-        except _DryRunRollback:
-            pass
-    else:
-        steps()
-    report["actions"] = ctx.actions
-    if tick_id is not None:
-        store.end_tick(tick_id, report["result"], {k: v for k, v in report.items() if k != "actions"})
-    return report
-
-
 # ============================================================== worker
 # Drives one run: worktree, hook, app-server, turns (steering and stopping from
 # the SQLite inbox), then git bookkeeping, report and the run's final state.
 # Also resolves the runs of dead workers for reconcile.
+
 
 @dataclass
 class TurnResult:
@@ -5507,10 +4721,739 @@ def recover_run(cfg: Config, store: Store, run: dict) -> str:
     return "interrupted"
 
 
+# ============================================================== tick
+# One pass: reconcile runs, poll Linear and decide, launch workers, publish the
+# outbox. Holds an exclusive lock; each step's failure is reported and the
+# other steps still run. Decisions come from the factory section.
+
+class TickLocked(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def tick_lock(cfg: Config) -> Iterator[None]:
+    check_database_path(cfg.database_path)
+    _secure_dir(cfg.state_dir)
+    path = Path(str(cfg.database_path) + ".tick.lock")
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError as e:
+        raise StoreError(f"database.path: cannot create the tick lock {path}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise TickLocked() from None
+            raise
+        yield
+    finally:
+        os.close(fd)
+
+
+class TickContext:
+    def __init__(self, cfg: Config, store: Store, dry_run: bool = False):
+        self.cfg, self.store, self.dry_run = cfg, store, dry_run
+        self.actions: list[str] = []
+        self._linear: LinearClient | None = None
+        self._github: GitHubClient | None = None
+        self.merge_queue: dict[str, bool] = {}
+
+    def linear(self) -> LinearClient:
+        if self._linear is None:
+            self._linear = linear_client(self.cfg, None if self.dry_run else self.store)
+        return self._linear
+
+    def github(self) -> GitHubClient:
+        if self._github is None:
+            self._github = github_client(self.cfg, None if self.dry_run else self.store)
+        return self._github
+
+    def note(self, message: str) -> None:
+        self.actions.append(message)
+        log.info("%s", message)
+
+
+# ---- intake: Linear, read since the cursors and decided
+
+def _minus(ts: str | None, seconds: float) -> str | None:
+    t = parse_iso(ts)
+    return iso(t - dt.timedelta(seconds=seconds)) if t else None
+
+
+def delegation_rule(cfg: Config, app_mode: bool) -> str:
+    """The delegation rule in words."""
+    if app_mode:
+        return "delegated to the app"
+    return " or ".join({"delegate": "delegated to you", "assignee": "assigned to you",
+                        "label": f"labelled {cfg.linear.delegation_label}"}[d] for d in cfg.linear.delegation)
+
+
+def delegated_filter(cfg: Config, ident: Identity) -> dict:
+    """The open issues the delegation rule gives us, in the routed teams (the first poll)."""
+    who: list[dict] = [{"delegate": {"isMe": {"eq": True}}}]
+    if not ident.app_mode:
+        if "assignee" in ident.delegation:
+            who.append({"assignee": {"isMe": {"eq": True}}})
+        if "label" in ident.delegation:
+            who.append({"labels": {"some": {"name": {"eqIgnoreCase": ident.label}}}})
+    filt: dict[str, Any] = {"or": who, "state": {"type": {"nin": ["completed", "canceled"]}}}
+    scope = team_scope(cfg)
+    if scope:
+        filt["team"] = scope
+    return filt
+
+
+@dataclass
+class LinearReads:
+    ident: Identity
+    ours: list[LinearSession]
+    session_acts: dict[str, list[LinearActivity]]
+    issues: list[LinearIssue]           # oldest change first
+    comments: list[LinearComment]
+    unsynced: list[str]
+    cursors: dict[str, str]
+    meta: dict[str, str | None]
+
+
+READ_PAGE_CAP = 40        # follow-up pages per stream and tick; a longer read resumes on the next tick
+
+
+def team_scope(cfg: Config) -> dict | None:
+    """The routed teams as an IssueFilter fragment (None when one project takes every issue)."""
+    if not all(p.has_routing for p in cfg.projects):
+        return None
+    keys = sorted({k for p in cfg.projects for k in (*p.issue_key_prefixes, *p.linear_team_keys)})
+    ids = sorted({i for p in cfg.projects for i in p.linear_team_ids})
+    scope = ([{"key": {"in": keys}}] if keys else []) + ([{"id": {"in": ids}}] if ids else [])
+    return scope[0] if len(scope) == 1 else {"or": scope}
+
+
+def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
+    """Everything that changed in Linear since the cursors: one request when nothing did. Cursors come
+    from Linear's clock (its Date header) minus linear.poll_overlap, and move only past what was fully
+    read; a read cut short (page cap, rate limit) resumes where it stopped."""
+    overlap = cfg.linear.poll_overlap
+    scope = team_scope(cfg)
+    issues_since = store.cursor_get("linear.poll.issues")
+    comments_since = store.cursor_get("linear.poll.comments")
+    viewer_id = store.meta_get("linear.viewer_id")
+    if issues_since:
+        ifilter: dict = {"updatedAt": {"gt": issues_since}, **({"team": scope} if scope else {})}
+    else:
+        # First poll: the open issues delegated to us (the rule needs the viewer; learnt once, then cached).
+        mode = store.meta_get("linear.mode")
+        if not viewer_id or not mode:
+            v = lc.viewer()
+            viewer_id, mode = v.id, "app" if v.app else "user"
+        app0 = mode == "app" if cfg.linear.mode == "auto" else cfg.linear.mode == "app"
+        ifilter = delegated_filter(cfg, Identity(viewer_id, app0, cfg.linear.delegation,
+                                                 cfg.linear.delegation_label))
+    open_ids = store.tracked_open_linear_ids()
+    cfilter = {"createdAt": {"gt": comments_since}, **({"issue": {"team": scope}} if scope else {})} \
+        if comments_since and open_ids else None
+    r = lc.poll(ifilter, cfilter)
+    viewer = r["viewer"]
+    read_at = r["date"] or iso()
+    app_mode = viewer.app if cfg.linear.mode == "auto" else cfg.linear.mode == "app"
+    ident = Identity(viewer.id, app_mode, cfg.linear.delegation, cfg.linear.delegation_label)
+    cursors: dict[str, str] = {}
+    meta: dict[str, str | None] = {"linear.viewer_id": viewer.id, "linear.mode": "app" if app_mode else "user"}
+    floor_at = _minus(read_at, overlap) or read_at
+
+    # -- sessions: newest first (agentSessions has no filter), down to the floor; a cut read resumes
+    floor = store.cursor_get("linear.poll.sessions")
+    resume, resume_top = store.meta_get("linear.sessions.resume"), store.meta_get("linear.sessions.resume_top")
+    conn = r["agentSessions"]
+    nodes = [n for n in conn["nodes"] if isinstance(n, dict)]
+    pages = 0
+
+    def page_down(after: str | None, stop_at: str | None) -> tuple[str | None, bool]:
+        """Read pages after `after` until an item at or below `stop_at`; (endCursor, finished)."""
+        nonlocal pages
+        while after and pages < READ_PAGE_CAP:
+            pages += 1
+            c = lc.sessions_page(after)
+            got = [n for n in c["nodes"] if isinstance(n, dict)]
+            nodes.extend(got)
+            if stop_at and any((n.get("updatedAt") or "") <= stop_at for n in got):
+                return None, True
+            if not (c.get("pageInfo") or {}).get("hasNextPage"):
+                return None, True
+            after = (c.get("pageInfo") or {}).get("endCursor")
+        return after, not after
+
+    top_info = conn.get("pageInfo") or {}
+    reached = lambda mark: mark and any((n.get("updatedAt") or "") <= mark for n in nodes)  # noqa: E731
+    cut, finished = None, True
+    if resume:
+        # new arrivals above the top of the cut read, then on from where it stopped
+        if not reached(resume_top) and top_info.get("hasNextPage"):
+            page_down(top_info.get("endCursor"), resume_top)
+        cut, finished = page_down(resume, floor)
+    elif not reached(floor) and top_info.get("hasNextPage"):
+        cut, finished = page_down(top_info.get("endCursor"), floor)
+    if finished:
+        cursors["linear.poll.sessions"] = floor_at
+        meta.update({"linear.sessions.resume": None, "linear.sessions.resume_top": None})
+    else:
+        meta.update({"linear.sessions.resume": cut, "linear.sessions.resume_top":
+                     resume_top or max((n.get("updatedAt") or "" for n in nodes), default=floor_at)})
+    sessions = [_session(n) for n in {n["id"]: n for n in nodes}.values()]
+    ours = [x for x in sessions if x.app_user_id == viewer.id]
+    want = []
+    for x in ours:
+        known = store.session(x.id)
+        if known and known["seen_updated_at"] and x.updated_at <= known["seen_updated_at"]:
+            continue  # nothing new in this session since we last read it
+        want.append((x, _minus(known["activity_cursor"], overlap) if known and known["activity_cursor"] else None))
+    session_acts = {x.id: acts for x, since in want if (acts := covered_by_recent(x, since)) is not None}
+    rest = [(x.id, since) for x, since in want if x.id not in session_acts]
+    session_acts.update(lc.activities_batch(rest) if rest else {})
+    ours = [x for x in ours if x.id in session_acts]
+
+    # -- issues and comments: oldest first; a cut read stops the cursor at the last item read
+    def ascending(kind: str, first: dict, filt: dict) -> tuple[list[dict], bool]:
+        items = list(reversed([n for n in first["nodes"] if isinstance(n, dict)]))
+        info, n_pages = first.get("pageInfo") or {}, 0
+        while info.get("hasPreviousPage") and info.get("startCursor"):
+            if n_pages >= READ_PAGE_CAP:
+                return items, False
+            n_pages += 1
+            try:
+                c = lc.older_page(kind, filt, info["startCursor"])
+            except LinearError:
+                if not items:
+                    raise
+                return items, False            # keep what was read; the cursor stops at it
+            items.extend(reversed([n for n in c["nodes"] if isinstance(n, dict)]))
+            info = c.get("pageInfo") or {}
+        return items, True
+
+    issue_nodes, complete = ascending("issues", r["issues"], ifilter)
+    issues = [_issue(n) for n in issue_nodes]
+    cursors["linear.poll.issues"] = floor_at if complete else \
+        (_minus(issue_nodes[-1].get("updatedAt"), 0.001) or issues_since or floor_at)
+    comments: list[LinearComment] = []
+    if cfilter is not None:
+        comment_nodes, complete = ascending("comments", r["comments"], cfilter)
+        comments = [_comment(n) for n in comment_nodes]
+        cursors["linear.poll.comments"] = floor_at if complete else \
+            (_minus(comment_nodes[-1].get("createdAt"), 0.001) or comments_since)
+    elif open_ids or not comments_since:
+        cursors["linear.poll.comments"] = floor_at
+    # every comment of issues tracked since the last tick (their history), only when there are some
+    unsynced = store.tracked_open_linear_ids(comments_synced=False)
+    if unsynced:
+        comments += lc.comment_history(unsynced)
+        comments.sort(key=lambda c: (c.created_at, c.id))
+    # what changed but is not ours is dropped here, client side
+    tracked = set(store.tracked_linear_ids())
+    issues = [i for i in issues if i.id in tracked or is_delegated(i, ident)]
+    comments = [c for c in comments if c.issue_linear_id in tracked]
+    return LinearReads(ident, ours, session_acts, issues, comments, unsynced, cursors, meta)
+
+
+def intake(ctx: TickContext) -> dict:
+    cfg, store = ctx.cfg, ctx.store
+    budget = store.budget("linear")
+    until = parse_iso((budget or {}).get("limited_until"))
+    if until and until > utcnow():
+        ctx.note(f"Linear rate limit: skipping intake until {iso(until)}")
+        return {"skipped": "rate limited", "until": iso(until)}
+    lc = ctx.linear()
+    reads = read_linear(cfg, store, lc)
+    ident = reads.ident
+    ours, session_acts, issues, comments = reads.ours, reads.session_acts, reads.issues, reads.comments
+    unsynced = reads.unsynced
+    summary: dict[str, Any] = {"sessions": len(ours), "issues": len(issues), "comments": len(comments),
+                               "queued": [], "errors": []}
+    notes: list[str] = []   # printed only once the transaction that stored them has committed
+
+    def guarded(key: str | None, issue_linear_id: str | None, fn: Callable[[], None]) -> None:
+        """Apply one observation. A decision that fails (an illegal transition is a bug) is undone on its
+        own, recorded on its issue, and reported; every other issue's intake and the cursors still commit."""
+        mark = len(notes)
+        try:
+            with store.savepoint():
+                fn()
+        except (IllegalTransition, StoreError) as e:
+            del notes[mark:]
+            row = store.issue_by_linear_id(issue_linear_id) if issue_linear_id else None
+            store.add_event(row["id"] if row else None, "intake", f"could not apply a Linear change: {e}", "error",
+                            issue_key=key)
+            summary["errors"].append(f"{key or '?'}: {e}")
+            log.error("%s: could not apply a Linear change: %s", key or "?", e)
+
+    with store.tx(deferred=ctx.dry_run):
+        now = iso()
+        for s in sorted(ours, key=lambda x: x.created_at):
+            obs = s.issue
+            guarded(obs.key if obs else None, obs.id if obs else None,
+                    lambda s=s, obs=obs: _intake_session(ctx, s, obs, session_acts[s.id], ident, now, summary, notes))
+        for obs in sorted(issues, key=lambda i: i.updated_at or ""):
+            guarded(obs.key, obs.id, lambda obs=obs: _intake_issue(ctx, obs, ident, now, summary, notes))
+        for c in comments:
+            if store.seen(f"comment:{c.id}"):
+                continue
+            store.mark_seen(f"comment:{c.id}")
+            row = store.issue_by_linear_id(c.issue_linear_id)
+            if row is None:
+                continue
+            guarded(row["key"], row["linear_id"], lambda c=c, row=row: _intake_comment(ctx, c, row, ident, now, summary,
+                                                                                       notes))
+        # Cursors advance in the same transaction that stored what was read.
+        for stream, value in reads.cursors.items():
+            store.cursor_set(stream, value)
+        for key, value in reads.meta.items():
+            store.meta_set(key, value)
+        store.mark_comments_synced(unsynced)
+    for n in notes:
+        ctx.note(n)
+    return summary
+
+
+def _queued(summary: dict, notes: list[str], key: str, why: str) -> None:
+    summary["queued"].append(key)
+    notes.append(f"{key}: {why} -> implementation queued")
+
+
+def _intake_session(ctx: TickContext, s: LinearSession, obs: LinearIssue | None, acts: list[LinearActivity],
+                    ident: Identity, now: str, summary: dict, notes: list[str]) -> None:
+    cfg, store = ctx.cfg, ctx.store
+    known = store.session(s.id)
+    project = resolve_project(cfg, obs.key, obs.team_key, obs.team_id) if obs else None
+    if project is None:
+        if not known:
+            store.upsert_session(s.id, None, s.creator.label(), False, s.updated_at, s.updated_at)
+            msg = f"{obs.key if obs else '?'}: agent session but no project routes it " \
+                  "(check issue_key_prefixes / linear_team_keys / linear_team_ids)"
+            store.add_event(None, "intake", msg, "warn", issue_key=obs.key if obs else None)
+            store.mark_seen(f"unrouted:{obs.id}" if obs else f"unrouted-session:{s.id}")
+            team = (obs.team_key if obs else None) or "?"
+            # the person who delegated is told, in the session, instead of facing silence
+            store.add_outbox(None, "activity", s.id, {"content": {"type": "response", "body": (
+                f"No project of this PatchRelay takes team {team}, so I cannot work on "
+                f"{obs.key if obs else 'this issue'}; ask the operator to route it (projects[].linear_team_keys "
+                "or issue_key_prefixes).")}, "ephemeral": False})
+            notes.append(msg)
+        return
+    row = store.issue_by_linear_id(obs.id)
+    if known is None:
+        trusted = actor_trusted(project.trusted_actors, s.creator.id, s.creator.name, s.creator.email)
+        prompts = [a for a in acts if a.type == "prompt" and not a.user.app]
+        prompt = "\n\n".join(a.body for a in prompts if a.body.strip()) or (s.comment_body or None)
+        d = decide_session(row, s, trusted, project.id, prompt, ident, now)
+        issue_id = apply_decision(store, row, d, key=obs.key)
+        for a in acts:
+            store.mark_seen(f"activity:{a.id}")
+        store.upsert_session(s.id, issue_id, s.creator.label(), trusted,
+                             max([a.created_at for a in acts] + [s.created_at]), s.updated_at)
+        if d.fields.get("pending_run_type"):
+            _queued(summary, notes, obs.key, "new agent session")
+        elif not trusted:
+            notes.append(f"{obs.key}: ignored session from untrusted {s.creator.label()}")
+        elif d.outbox:
+            notes.append(f"{obs.key}: agent session answered, no run started")
+        return
+    for a in acts:
+        if store.seen(f"activity:{a.id}"):
+            continue
+        store.mark_seen(f"activity:{a.id}")
+        row = store.issue_by_linear_id(obs.id)
+        if row is None:
+            continue
+        trusted = actor_trusted(project.trusted_actors, a.user.id, a.user.name, a.user.email)
+        d = decide_prompt(row, a, trusted, now)
+        apply_decision(store, row, d)
+        if d.fields.get("pending_run_type"):
+            _queued(summary, notes, row["key"], "follow-up prompt")
+    store.upsert_session(s.id, None, s.creator.label(), bool(known["trusted"]),
+                         max([a.created_at for a in acts] + [known["activity_cursor"] or ""]) or None, s.updated_at)
+
+
+def _intake_issue(ctx: TickContext, obs: LinearIssue, ident: Identity, now: str, summary: dict,
+                  notes: list[str]) -> None:
+    cfg, store = ctx.cfg, ctx.store
+    row = store.issue_by_linear_id(obs.id)
+    project = cfg.project(row["project_id"]) if row and any(p.id == row["project_id"] for p in cfg.projects) \
+        else resolve_project(cfg, obs.key, obs.team_key, obs.team_id)
+    if project is None:
+        if row is None and is_delegated(obs, ident):
+            key = f"unrouted:{obs.id}"
+            if not store.seen(key):
+                store.mark_seen(key)
+                store.add_event(None, "intake", f"{obs.key}: delegated but no project routes it "
+                                                "(check issue_key_prefixes / linear_team_keys)", "warn",
+                                issue_key=obs.key)
+                notes.append(f"{obs.key}: delegated but no project routes it")
+        return
+    d = decide_issue(row, obs, ident, project.id, now,
+                     session_required=ident.app_mode and project.trusted_actors.configured)
+    apply_decision(store, row, d)
+    if d.fields.get("pending_run_type"):
+        trigger = json.loads(d.fields["pending_context"])["trigger"]
+        _queued(summary, notes, obs.key, "delegated" if trigger == "delegation" else trigger)
+
+
+def _intake_comment(ctx: TickContext, c: LinearComment, row: dict, ident: Identity, now: str, summary: dict,
+                    notes: list[str]) -> None:
+    project = ctx.cfg.project(row["project_id"])
+    trusted = actor_trusted(project.trusted_actors, c.user.id, c.user.name, c.user.email)
+    d = decide_comment(row, c, trusted, ident, now)
+    apply_decision(ctx.store, row, d)
+    if d.fields.get("pending_run_type"):
+        _queued(summary, notes, row["key"], "reply in a comment")
+
+
+# ---- reconcile: runs whose worker is gone
+
+def reconcile(ctx: TickContext) -> dict:
+    """A run is running only while its worker lives. Dead workers' runs are resolved here (G-R3, G-R5)."""
+    cfg, store = ctx.cfg, ctx.store
+    result = {"alive": 0, "relaunched": [], "recovered": [], "interrupted": []}
+    for run in store.active_runs():
+        if process_alive(run["worker_pid"], run["worker_started"]):
+            result["alive"] += 1
+            continue
+        issue = store.issue_by_id(run["issue_id"])
+        if run["status"] == "claimed" and not run["worker_pid"] and (age_seconds(run["claimed_at"]) or 0) < 15:
+            continue  # a claim whose worker is being spawned right now
+        if ctx.dry_run:
+            ctx.note(f"{issue['key']}: would resolve run {run['id']} (worker gone)")
+            continue
+        if kill_process_group(run["appserver_pid"], run["appserver_started"]):
+            store.add_event(issue["id"], "reconcile", f"killed app-server left by run {run['id']}", "warn", run["id"])
+        if run["status"] == "claimed":
+            finish_run(cfg, store, run["id"], RunOutcome("interrupted", reason="worker exited before the turn started"))
+            result["relaunched"].append(issue["key"])
+            ctx.note(f"{issue['key']}: run {run['id']} never started; requeued")
+            continue
+        outcome = recover_run(cfg, store, run)
+        result["recovered" if outcome == "completed" else "interrupted"].append(issue["key"])
+        ctx.note(f"{issue['key']}: run {run['id']} worker gone; {outcome}")
+    return result
+
+
+# ---- observe: GitHub, one batched read per repository
+
+def observe(ctx: TickContext) -> dict:
+    """Poll GitHub for every issue with a pull request (or a pushed branch that needs one): one batched
+    request per repository and 50 issues, at most every github.poll_interval seconds per repository and
+    at once after our own push. Opens missing pull requests, then decides from each observation."""
+    cfg, store = ctx.cfg, ctx.store
+    budget = store.budget("github")
+    until = parse_iso((budget or {}).get("limited_until"))
+    if until and until > utcnow():
+        ctx.note(f"GitHub rate limit: not observing until {iso(until)}")
+        return {"skipped": "rate limited", "until": iso(until)}
+    by_repo: dict[str, list[dict]] = {}
+    for row in store.github_watched():
+        try:
+            by_repo.setdefault(cfg.project(row["project_id"]).github_repo, []).append(row)
+        except ConfigError:
+            continue
+    result: dict[str, Any] = {"repos": 0, "observed": 0, "opened": [], "errors": []}
+    now = utcnow()
+    for repo, rows in by_repo.items():
+        due = [r for r in rows if not r["gh_observed_at"] or (r["pushed_at"] or "") > r["gh_observed_at"]
+               or (age_seconds(r["gh_observed_at"], now) or 0) >= cfg.github.poll_interval]
+        if not due:
+            continue
+        gh = ctx.github()
+        base = cfg.project(rows[0]["project_id"]).base_branch
+        acted = {r["branch"]: set((json.loads(r["gh_snapshot"] or "{}").get("acted") or {}).get("reviews") or ())
+                 for r in rows}
+
+        def needs_detail(branch: str, o: PullRequestObs) -> bool:   # a review not acted on yet: read its texts
+            return any(rv.state == "CHANGES_REQUESTED" and rv.id not in acted.get(branch, ()) for rv in o.reviews)
+        try:
+            observed, has_queue = gh.observe(repo, base, [(r["branch"], r["pr_number"]) for r in rows],
+                                             needs_detail)
+        except GitHubRateLimited:
+            raise
+        except GitHubError as e:          # one repository's failure must not stop the others
+            result["errors"].append(f"{repo}: {e}")
+            continue
+        ctx.merge_queue[repo] = has_queue
+        result["repos"] += 1
+        result["observed"] += len(rows)
+        for row in rows:
+            try:
+                _observe_issue(ctx, gh, repo, row, observed.get(row["branch"]), result)
+            except (GitHubError, GitError, IllegalTransition) as e:
+                if isinstance(e, GitHubRateLimited):
+                    raise
+                result["errors"].append(f"{row['key']}: {e}")
+                if not ctx.dry_run:
+                    with store.tx():
+                        store.add_event(row["id"], "github", str(e), "error")
+    return result
+
+
+def _observe_issue(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs: PullRequestObs | None,
+                   result: dict) -> None:
+    cfg, store = ctx.cfg, ctx.store
+    project = cfg.project(row["project_id"])
+    stamp = {"gh_observed_at": iso()}
+    if obs is None or (obs.state != "OPEN" and not row["pr_number"]):
+        if row["factory_state"] != "ready_for_pr" or row["pr_number"] or row["active_run_id"]:
+            if not ctx.dry_run:
+                with store.tx():
+                    store.update_issue(row["id"], stamp)
+            return
+        if ctx.dry_run:
+            ctx.note(f"{row['key']}: would open a pull request for {row['branch']}")
+            return
+        last = next((r for r in store.runs_for_issue(row["id"]) if r["summary"]), None)
+        body = "\n\n".join(x for x in (
+            (last or {}).get("summary") or "", f"Linear issue: [{row['key']}]({row['url']})" if row["url"] else "",
+            f"Opened by PatchRelay for {row['key']}.") if x)
+        pr = gh.create_pr(repo, row["branch"], project.base_branch, f"{row['key']}: {one_line(row['title'], 200)}",
+                          body, cfg.github.draft_prs)
+        with store.tx():
+            fresh = store.issue_by_id(row["id"])
+            apply_decision(store, fresh, decide_pr_opened(fresh, pr, cfg.linear.review_state, None))
+            store.update_issue(row["id"], {"gh_observed_at": None})    # observe the new PR on the next tick
+        result["opened"].append(row["key"])
+        ctx.note(f"{row['key']}: opened pull request #{pr['number']}")
+        return
+    if not row["pr_number"]:
+        # ours (opened by an earlier tick whose answer was lost) or a person's PR for the issue branch
+        adopter = None if obs.author and obs.author == gh.login else (obs.author or "someone")
+        if ctx.dry_run:
+            ctx.note(f"{row['key']}: would record pull request #{obs.number}")
+            return
+        with store.tx():
+            fresh = store.issue_by_id(row["id"])
+            apply_decision(store, fresh, decide_pr_opened(fresh, obs, cfg.linear.review_state, adopter))
+            store.update_issue(row["id"], {"gh_observed_at": None})
+        ctx.note(f"{row['key']}: " + (f"adopted pull request #{obs.number} (opened by {adopter})" if adopter
+                                      else f"opened pull request #{obs.number}"))
+        return
+    snap = json.loads(row["gh_snapshot"] or "{}")
+    pd = decide_pull_request(row, snap, obs, cfg.github, project.trusted_reviewers, utcnow())
+    d = pd.decision
+    if pd.failing and d.fields.get("pending_run_type") == "ci_repair":
+        ctx_json = json.loads(d.fields["pending_context"])
+        for c in ctx_json.get("checks") or []:
+            if c.get("job_id") and c.get("app") == "github-actions" and not ctx.dry_run:
+                try:
+                    c["log"] = log_tail(gh.job_log(repo, c["job_id"]))
+                except GitHubError as e:
+                    c["log"] = f"(log unavailable: {e})"
+        d = dataclasses.replace(d, fields={**d.fields, "pending_context": json.dumps(ctx_json)})
+    if ctx.dry_run:
+        for _, kind, message in d.events:
+            ctx.note(f"{row['key']}: {message}")
+        return
+    with store.tx():
+        fresh = store.issue_by_id(row["id"])
+        if fresh["active_run_id"] != row["active_run_id"] or fresh["pending_run_type"] != row["pending_run_type"]:
+            return          # a run started or ended meanwhile: decide on the next observation
+        apply_decision(store, fresh, d)
+        store.update_issue(row["id"], {**stamp, "gh_snapshot": json.dumps(pd.snapshot, sort_keys=True)})
+    for _, kind, message in d.events:
+        if kind in ("github",):
+            ctx.note(f"{row['key']}: {message}")
+    if pd.merge_when_ready:
+        try:
+            gh.merge_when_ready(obs.node_id, queue=ctx.merge_queue.get(repo, False))
+        except GitHubError as e:
+            with store.tx():
+                store.add_event(row["id"], "github", f"could not ask GitHub to merge: {e}", "warn")
+    if pd.cleanup and row["worktree"] and not row["active_run_id"]:
+        how = remove_worktree(project, Path(row["worktree"]), row["branch"])
+        with store.tx():
+            store.add_event(row["id"], "git", f"worktree {row['worktree']}: {how}",
+                            "warn" if how.startswith("kept") else "info")
+
+
+# ---- launch: claim pending runs and start their workers, up to the cap
+
+def launch(ctx: TickContext) -> dict:
+    cfg, store = ctx.cfg, ctx.store
+    if runner_paused(cfg, store):
+        return {"paused": True, "launched": [], "waiting": [i["key"] for i in store.runnable_issues(iso())]}
+    free = cfg.runner.max_concurrent_runs - store.count_active_runs()
+    launched, waiting, held = [], [], {}
+    capped = cfg.codex.max_tokens_per_issue is not None or cfg.codex.max_tokens_per_day is not None
+    day_spent = store.tokens_spent(since=utc_day_start()) if capped else 0
+    for issue in store.runnable_issues(iso()):
+        if issue.get("paused"):
+            waiting.append(issue["key"])
+            continue
+        hold = token_hold(cfg.codex, store.tokens_spent(issue["id"]) if capped else 0, day_spent)
+        if hold:
+            waiting.append(issue["key"])
+            held[issue["key"]] = hold
+            continue
+        if free <= 0:
+            waiting.append(issue["key"])
+            continue
+        try:
+            project = cfg.project(issue["project_id"])
+        except ConfigError:
+            waiting.append(issue["key"])
+            continue
+        if ctx.dry_run:
+            ctx.note(f"{issue['key']}: would launch a {run_label(issue['pending_run_type'])} run")
+            free -= 1
+            continue
+        try:
+            run_id = claim(cfg, store, issue["id"], project)
+        except IllegalTransition as e:
+            with store.tx():  # never let one bad pending run block the others
+                store.update_issue(issue["id"], {"pending_run_type": None, "pending_context": None,
+                                                 "pending_since": None})
+                store.add_event(issue["id"], "run", f"pending {issue['pending_run_type']} run dropped: {e}", "error")
+            ctx.note(f"{issue['key']}: pending run dropped: {e}")
+            continue
+        if run_id is None:
+            continue
+        pid = spawn_worker(cfg, run_id)
+        with store.tx():
+            store.update_run(run_id, {"worker_pid": pid, "worker_started": proc_start_time(pid)})
+            store.add_event(issue["id"], "run", f"worker {pid} launched for run {run_id}", run_id=run_id)
+        launched.append({"issue": issue["key"], "run_id": run_id, "pid": pid})
+        ctx.note(f"{issue['key']}: launched run {run_id} (pid {pid})")
+        free -= 1
+    return {"launched": launched, "waiting": waiting, **({"held": held} if held else {})}
+
+
+def claim(cfg: Config, store: Store, issue_id: int, project: ProjectConfig) -> int | None:
+    """Atomic claim: the pending run becomes a `claimed` run row and the factory state moves."""
+    with store.tx():
+        row = store.issue_by_id(issue_id)
+        if not row:
+            return None
+        branch = row["branch"] or branch_for(project, row["key"], row["title"])
+        worktree = row["worktree"] or str(worktree_for(project, row["key"]))
+        run_id = store.claim_run(issue_id)
+        if run_id is None:
+            return None
+        run = store.run_by_id(run_id)
+        apply_decision(store, store.issue_by_id(issue_id), decide_claim(row, run["run_type"], branch, worktree),
+                       run_id)
+        return run_id
+
+
+def spawn_worker(cfg: Config, run_id: int) -> int:
+    """Start `patchrelay run --run-id N` detached, in its own process group; returns its pid."""
+    logs = cfg.state_dir / "logs"
+    _secure_dir(logs)
+    # Import the module (its bytecode is cached) instead of running the file as a script (recompiled at
+    # every start): a worker starts faster.
+    here = os.path.dirname(os.path.abspath(__file__))
+    argv = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); import patchrelay; "
+            "sys.argv[0] = 'patchrelay'; patchrelay.main()", here]
+    if cfg.path:
+        argv += ["--config", str(cfg.path)]
+    argv += ["run", "--run-id", str(run_id)]
+    with open(logs / f"run-{run_id}.log", "ab") as out:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True, close_fds=True)
+    _SPAWNED.append(p)
+    return p.pid
+
+
+_SPAWNED: list[subprocess.Popen] = []
+
+
+def reap_workers() -> None:
+    """Collect the exit status of workers this process launched and that have ended (watch mode runs for
+    days; only the Popen that launched a child may reap it, or a concurrent wait would read status 0)."""
+    _SPAWNED[:] = [p for p in _SPAWNED if p.poll() is None]
+
+
+# ---- the tick: every step, each failure reported, the others still run
+
+class _DryRunRollback(Exception):
+    pass
+
+
+def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
+    """One pass. A dry run takes every step against a transaction that is rolled back at the end, so it
+    shows what the pass would do (launches of the runs its own intake would queue included) and what it
+    would cost in API requests, and changes nothing."""
+    ctx = TickContext(cfg, store, dry_run)
+    report: dict[str, Any] = {"result": "ok", "dry_run": dry_run, "steps": {}, "errors": []}
+    tick_id = None if dry_run else store.start_tick(os.getpid(), proc_start_time(os.getpid()))
+
+    def step(name: str, fn: Callable[[TickContext], dict]) -> None:
+        try:
+            result = report["steps"][name] = fn(ctx)
+        except PatchRelayError as e:
+            report["result"] = "failed"
+            report["errors"].append(f"{name}: {e}")
+            report["steps"][name] = {"error": str(e)}
+            report["exit_code"] = max(report.get("exit_code", 1), e.exit_code)   # a config error is 2
+            log.info("%s failed: %s", name, e)  # the CLI prints the error once
+            return
+        except sqlite3.Error as e:
+            report["result"] = "failed"
+            report["errors"].append(f"{name}: database {cfg.database_path}: {type(e).__name__}: {e}")
+            report["steps"][name] = {"error": f"{type(e).__name__}: {e}"}
+            return
+        except Exception as e:  # noqa: BLE001 - a step's bug must not stop the other steps
+            report["result"] = "failed"
+            report["errors"].append(f"{name}: {type(e).__name__}: {redact(str(e))}")
+            report["steps"][name] = {"error": f"{type(e).__name__}: {e}"}
+            log.exception("%s failed", name)
+            return
+        for err in (result or {}).get("errors") or ():   # a step that went on past one issue's failure
+            report["result"] = "failed"
+            report["errors"].append(f"{name}: {err}")
+
+    def steps() -> None:
+        step("reconcile", reconcile)
+        step("intake", intake)
+        step("observe", observe)
+        step("launch", launch)
+        if dry_run:
+            queued = store.outbox_queued()
+            writes = sum(2 if o["kind"] == "issue_state" else 1 for o in queued)
+            reads = ctx._linear.requests_made if ctx._linear else 0
+            report["steps"]["publish"] = {"would_send": len(queued)}
+            report["api_cost"] = {"linear_reads": reads, "linear_writes": writes, "linear_requests": reads + writes}
+            if queued:
+                ctx.note(f"would send {len(queued)} queued Linear message(s)")
+            ctx.note(f"would cost {reads + writes} Linear request(s): {reads} read(s) made, "
+                     f"up to {writes} write(s) to send")
+            taken = (report["steps"].get("intake") or {}).get("queued") or []
+            if "intake" in report["steps"] and not {"skipped", "error"} & set(report["steps"]["intake"]):
+                rule = delegation_rule(cfg, store.meta_get("linear.mode") == "app")
+                ctx.note(f"would take {len(taken)} issue(s) ({rule})")
+        else:
+            step("publish", lambda c: publish(cfg, store, c.linear(), None) if store.outbox_queued() else
+                 {"sent": 0, "failed": 0, "queued": 0})
+            report["api_cost"] = {"linear_requests": ctx._linear.requests_made if ctx._linear else 0,
+                                  "github_requests": ctx._github.requests_made if ctx._github else 0}
+            last = parse_iso(store.meta_get("prune.last"))
+            if last is None or (utcnow() - last).total_seconds() > 86400:
+                step("prune", lambda c: store.prune(iso(utcnow() - dt.timedelta(days=cfg.database_retention_days))))
+
+    if dry_run:
+        try:
+            with store.tx(deferred=True):
+                steps()
+                raise _DryRunRollback()
+        except _DryRunRollback:
+            pass
+    else:
+        steps()
+    report["actions"] = ctx.actions
+    if tick_id is not None:
+        store.end_tick(tick_id, report["result"], {k: v for k, v in report.items() if k != "actions"})
+    return report
+
+
 # ============================================================== cli
 # click commands. Parse, call, print (tabulate or --json). Errors become one
 # line on stderr and an exit code: 1 for a failed step or run, 2 for usage and
 # config errors.
+
+# ---- the command group: context, output helpers, errors to exit codes
 
 def example_config() -> str:
     """The commented example config: patchrelay.yaml.example, beside this file in a checkout, or installed as
@@ -5627,11 +5570,13 @@ def cli(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     ctx.call_on_close(lambda: ctx.obj._store and ctx.obj._store.close())
 
 
-@cli.command()
+# ---- core commands: the tick, and what is tracked
+
+@cli.command("tick")
 @click.option("--dry-run", is_flag=True, help="Poll and print what would happen; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
-def tick(c: Ctx, dry_run: bool, as_json: bool) -> None:
+def tick_cmd(c: Ctx, dry_run: bool, as_json: bool) -> None:
     """One pass: reconcile, poll Linear, decide, launch workers, publish."""
     with tick_lock(c.cfg):
         report = run_tick(c.cfg, c.store(), dry_run)
@@ -5648,10 +5593,10 @@ def tick(c: Ctx, dry_run: bool, as_json: bool) -> None:
         raise click.exceptions.Exit(report.get("exit_code", 1))
 
 
-@cli.command()
+@cli.command("watch")
 @click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(min=0.2), help="Seconds between ticks.")
 @click.pass_obj
-def watch(c: Ctx, interval: float) -> None:
+def watch_cmd(c: Ctx, interval: float) -> None:
     """Tick in a loop in the foreground; Ctrl-C stops between ticks."""
     stop = {"now": False}
 
@@ -5748,11 +5693,11 @@ def list_issues(c: Ctx, state: str | None, project: str | None, limit: int | Non
         click.echo(_issue_table(issues) if issues else "No matching issues.")
 
 
-@cli.command()
+@cli.command("status")
 @click.option("--all", "show_all", is_flag=True, help="every tracked issue, closed ones too (see also `list`)")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
-def status(c: Ctx, as_json: bool, show_all: bool) -> None:
+def status_cmd(c: Ctx, as_json: bool, show_all: bool) -> None:
     """What needs attention: open issues and those changed in the last day (a count of the rest; `--all` or
     `list` shows them), queued Linear messages, API budget, last tick (from SQLite only)."""
     if not c.has_database():      # a read never creates the database
@@ -5837,11 +5782,11 @@ def _age(seconds: float | None) -> str:
     return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h" if s < 172800 else f"{s // 86400}d"
 
 
-@cli.command()
+@cli.command("show")
 @click.argument("issue")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
-def show(c: Ctx, issue: str, as_json: bool) -> None:
+def show_cmd(c: Ctx, issue: str, as_json: bool) -> None:
     """Everything known about one issue, and its event log."""
     issue = issue_ref(issue)
     store = c.store(readonly=True)
@@ -5913,12 +5858,12 @@ def show(c: Ctx, issue: str, as_json: bool) -> None:
         click.echo(f"  {e['at']} {e['level']:5} {e['kind']:9} {shown(e['message'], 500)}")
 
 
-@cli.command()
+@cli.command("run")
 @click.argument("issue", required=False)
 @click.option("--run-id", type=int, hidden=True, help="Worker mode: drive this claimed run (used by tick).")
 @click.option("--force", is_flag=True, help="Run even though the issue is done or canceled.")
 @click.pass_obj
-def run(c: Ctx, issue: str | None, run_id: int | None, force: bool) -> None:
+def run_cmd(c: Ctx, issue: str | None, run_id: int | None, force: bool) -> None:
     """Run ISSUE's pending run (or a new implementation run) in the foreground."""
     cfg, store = c.cfg, c.store()
     if run_id is not None:
@@ -5962,15 +5907,156 @@ def run(c: Ctx, issue: str | None, run_id: int | None, force: bool) -> None:
     raise click.exceptions.Exit(0 if result["status"] == "completed" else 1)
 
 
+@cli.command("report")
+@click.argument("issue")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
+@click.pass_obj
+def report_cmd(c: Ctx, issue: str, as_json: bool) -> None:
+    """Per-run reports: agent messages, commands, changed files, tokens."""
+    issue = issue_ref(issue)
+    store = c.store(readonly=True)
+    row = _issue_or_fail(store, issue)
+    runs = []
+    for r in store.runs_for_issue(row["id"]):
+        runs.append({"id": r["id"], "run_type": r["run_type"], "status": r["status"], "started_at": r["started_at"],
+                     "ended_at": r["ended_at"], "failure_reason": r["failure_reason"], "summary": r["summary"],
+                     "thread_id": r["thread_id"], "report": json.loads(r["report"]) if r["report"] else None,
+                     "tokens": json.loads(r["tokens"]) if r["tokens"] else None})
+    if as_json:
+        _dump({"issue": row["key"], "runs": runs})
+        return
+    if not runs:
+        click.echo(f"{row['key']}: no runs yet")
+    for r in runs:
+        rep = r["report"] or {}
+        click.echo(f"{r['run_type']} #{r['id']} {r['status']}  {r['started_at'] or ''} -> {r['ended_at'] or ''}")
+        if r["failure_reason"]:
+            click.echo(f"  reason: {r['failure_reason']}")
+        if r["summary"]:
+            click.echo(f"  summary: {one_line(r['summary'], 300)}")
+        for cmd in rep.get("commands") or []:
+            click.echo(f"  $ {one_line(str(cmd['command']), 120)}  (exit {cmd['exit_code']})")
+        if rep.get("changed_files"):
+            click.echo(f"  changed: {', '.join(rep['changed_files'])}")
+        tok = rep.get("tokens") or r["tokens"] or {}
+        if tok:
+            click.echo(f"  tokens: {tok.get('totalTokens', '?')} total ({tok.get('inputTokens', '?')} in, "
+                       f"{tok.get('outputTokens', '?')} out)")
+        if rep.get("duration_seconds") is not None:
+            click.echo(f"  duration: {rep['duration_seconds']:.1f} s")
+
+
+@cli.command("events")
+@click.argument("issue")
+@click.option("--follow", is_flag=True, help="Keep printing new events.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document: {\"issue\", \"events\": [...]}; with "
+              "--follow, one JSON object per line.")
+@click.pass_obj
+def events_cmd(c: Ctx, issue: str, follow: bool, as_json: bool) -> None:
+    """ISSUE's event log."""
+    issue = issue_ref(issue)
+    store = c.store(readonly=True)
+    row = _issue_or_fail(store, issue)
+    last = 0
+    if as_json and not follow:
+        _dump({"issue": row["key"], "events": [{k: e[k] for k in ("id", "at", "level", "kind", "message", "run_id")}
+                                               for e in store.events_for_issue(row["id"], 0)]})
+        return
+    try:
+        while True:
+            for e in store.events_for_issue(row["id"], last):
+                last = e["id"]
+                if as_json:
+                    click.echo(json.dumps({k: e[k] for k in ("id", "at", "level", "kind", "message", "run_id")}))
+                else:
+                    click.echo(f"{e['at']} {e['level']:5} {e['kind']:9} {shown(e['message'], 500)}")
+            if not follow:
+                return
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return                          # Ctrl-C ends --follow quietly, exit 0
+
+
+@cli.command("worktree")
+@click.argument("issue")
+@click.option("--cd", "cd_only", is_flag=True, help="Print only the path (for `cd $(patchrelay worktree X --cd)`).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
+@click.pass_obj
+def worktree_cmd(c: Ctx, issue: str, cd_only: bool, as_json: bool) -> None:
+    """Where ISSUE's worktree and branch are."""
+    key = issue_ref(issue)
+    row = _issue_or_fail(c.store(readonly=True), key)
+    if not row["worktree"]:
+        raise UsageError(f"issue {row['key']}: has no worktree yet")
+    if as_json:
+        _dump({"issue": row["key"], "worktree": row["worktree"], "branch": row["branch"],
+               "project": row["project_id"], "exists": Path(row["worktree"]).is_dir()})
+    elif cd_only:
+        click.echo(row["worktree"])
+    else:
+        click.echo(f"issue: {row['key']}\nworktree: {row['worktree']}\nbranch: {row['branch']}\n"
+                   f"project: {row['project_id']}")
+
+
+@cli.command(name="open")
+@click.argument("issue")
+@click.option("--print", "print_only", is_flag=True, help="Print the command instead of running it.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
+@click.pass_obj
+def open_cmd(c: Ctx, issue: str, print_only: bool, as_json: bool) -> None:
+    """Resume ISSUE's Codex thread interactively in its worktree."""
+    cfg = c.cfg
+    key = issue_ref(issue)
+    row = _issue_or_fail(c.store(readonly=True), key)
+    if not row["worktree"] or not Path(row["worktree"]).is_dir():
+        raise UsageError(f"issue {row['key']}: has no worktree yet")
+    argv = [cfg.codex.bin, "-C", row["worktree"]] + (["resume", row["thread_id"]] if row["thread_id"] else [])
+    env_prefix = f"CODEX_HOME={shlex.quote(str(cfg.codex.home))} " if cfg.codex.home else ""
+    if as_json:
+        _dump({"issue": row["key"], "worktree": row["worktree"], "thread_id": row["thread_id"], "argv": argv,
+               "codex_home": str(cfg.codex.home) if cfg.codex.home else None})
+        return
+    if print_only:
+        click.echo(f"cd {shlex.quote(row['worktree'])} && {env_prefix}{shlex.join(argv)}")
+        return
+    if row["active_run_id"]:
+        raise UsageError(f"issue {row['key']}: run {row['active_run_id']} is active; `patchrelay stop` it first")
+    env = stripped_child_env(cfg, {"CODEX_HOME": str(cfg.codex.home)} if cfg.codex.home else None)
+    os.chdir(row["worktree"])
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as e:
+        raise CodexError(f"codex.bin: cannot run {argv[0]}: {e.strerror}") from None
+
+
+@cli.command("init")
+@click.option("--force", is_flag=True, help="Overwrite an existing config.")
+@click.pass_obj
+def init_cmd(c: Ctx, force: bool) -> None:
+    """Write a commented config to the default location."""
+    path = find_config_path(c.config_path)
+    if path.exists() and not force:
+        raise UsageError(f"{path}: already exists (use --force to overwrite)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(example_config())
+    click.echo(f"wrote {path}\n\nNext steps:\n"
+               f"  1. edit {path}: set projects[0].repo_path, github_repo and issue_key_prefixes\n"
+               "  2. export LINEAR_API_KEY=...   (OAuth app-actor token, or a personal API key)\n"
+               "  3. patchrelay doctor\n"
+               "  4. patchrelay tick   (then run it from cron / a systemd timer, or `patchrelay watch`)")
+
+
+# ---- operator commands: pause, resume, release, why, stop, retry
+
 def _who() -> str:
     return os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid())
 
 
-@cli.command()
+@cli.command("pause")
 @click.argument("issue", required=False)
 @click.option("--reason", default="", help="Why; shown by status, show and why.")
 @click.pass_obj
-def pause(c: Ctx, issue: str | None, reason: str) -> None:
+def pause_cmd(c: Ctx, issue: str | None, reason: str) -> None:
     """Launch nothing (or nothing for ISSUE) until `resume`; tracking and Linear answers go on."""
     store = c.store(verify=True)
     record = json.dumps({"by": _who(), "at": iso(), "reason": reason})
@@ -5985,10 +6071,10 @@ def pause(c: Ctx, issue: str | None, reason: str) -> None:
     click.echo(("all runs" if issue is None else f"{issue_ref(issue)}") + " paused; `patchrelay resume` to go on")
 
 
-@cli.command()
+@cli.command("resume")
 @click.argument("issue", required=False)
 @click.pass_obj
-def resume(c: Ctx, issue: str | None) -> None:
+def resume_cmd(c: Ctx, issue: str | None) -> None:
     """Undo `pause` (global, or for ISSUE)."""
     store = c.store(verify=True)
     with store.tx():
@@ -6002,11 +6088,11 @@ def resume(c: Ctx, issue: str | None) -> None:
     click.echo(("runs resume" if issue is None else f"{issue_ref(issue)} resumed") + " at the next tick")
 
 
-@cli.command()
+@cli.command("release")
 @click.argument("issue")
 @click.option("--reason", required=True, help="Why; told to the Linear session.")
 @click.pass_obj
-def release(c: Ctx, issue: str, reason: str) -> None:
+def release_cmd(c: Ctx, issue: str, reason: str) -> None:
     """Stop tracking ISSUE: its pending run is dropped and the Linear session is told why."""
     store = c.store(verify=True)
     with store.tx():
@@ -6023,11 +6109,11 @@ def release(c: Ctx, issue: str, reason: str) -> None:
     click.echo(f"{row['key']}: released; the Linear session is told at the next tick")
 
 
-@cli.command()
+@cli.command("why")
 @click.argument("issue")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document: every gate and the next action.")
 @click.pass_obj
-def why(c: Ctx, issue: str, as_json: bool) -> None:
+def why_cmd(c: Ctx, issue: str, as_json: bool) -> None:
     """Every gate between ISSUE and its next step, with its value, and the one next action."""
     key = issue_ref(issue)
     cfg = c.cfg
@@ -6116,10 +6202,10 @@ def why(c: Ctx, issue: str, as_json: bool) -> None:
     click.echo(f"next: {nxt}")
 
 
-@cli.command()
+@cli.command("stop")
 @click.argument("issue")
 @click.pass_obj
-def stop(c: Ctx, issue: str) -> None:
+def stop_cmd(c: Ctx, issue: str) -> None:
     """Interrupt ISSUE's active run (or drop its pending run)."""
     store = c.store(verify=True)
     with store.tx():       # read and decide in one transaction: a tick claiming meanwhile cannot slip between
@@ -6131,13 +6217,13 @@ def stop(c: Ctx, issue: str) -> None:
                                                   if row["active_run_id"] else "; pending run dropped"))
 
 
-@cli.command()
+@cli.command("retry")
 @click.argument("issue")
 @click.option("--type", "run_type", type=click.Choice(RUN_TYPES), default="implementation", show_default=True)
 @click.option("--reason", default="", help="Why; stored with the run.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
-def retry(c: Ctx, issue: str, run_type: str, reason: str, as_json: bool) -> None:
+def retry_cmd(c: Ctx, issue: str, run_type: str, reason: str, as_json: bool) -> None:
     """Queue a new run for ISSUE; the next tick launches it."""
     store = c.store(verify=True)
     with store.tx():       # read and decide in one transaction (see `stop`)
@@ -6173,132 +6259,99 @@ def _queue_retry(store: Store, issue: str, run_type: str, reason: str) -> dict:
     return {"issue": row["key"], "queued": run_type, "reason": reason, "factory_state": fields["factory_state"]}
 
 
-@cli.command()
-@click.argument("issue")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
-@click.pass_obj
-def report(c: Ctx, issue: str, as_json: bool) -> None:
-    """Per-run reports: agent messages, commands, changed files, tokens."""
-    issue = issue_ref(issue)
-    store = c.store(readonly=True)
-    row = _issue_or_fail(store, issue)
-    runs = []
-    for r in store.runs_for_issue(row["id"]):
-        runs.append({"id": r["id"], "run_type": r["run_type"], "status": r["status"], "started_at": r["started_at"],
-                     "ended_at": r["ended_at"], "failure_reason": r["failure_reason"], "summary": r["summary"],
-                     "thread_id": r["thread_id"], "report": json.loads(r["report"]) if r["report"] else None,
-                     "tokens": json.loads(r["tokens"]) if r["tokens"] else None})
-    if as_json:
-        _dump({"issue": row["key"], "runs": runs})
-        return
-    if not runs:
-        click.echo(f"{row['key']}: no runs yet")
-    for r in runs:
-        rep = r["report"] or {}
-        click.echo(f"{r['run_type']} #{r['id']} {r['status']}  {r['started_at'] or ''} -> {r['ended_at'] or ''}")
-        if r["failure_reason"]:
-            click.echo(f"  reason: {r['failure_reason']}")
-        if r["summary"]:
-            click.echo(f"  summary: {one_line(r['summary'], 300)}")
-        for cmd in rep.get("commands") or []:
-            click.echo(f"  $ {one_line(str(cmd['command']), 120)}  (exit {cmd['exit_code']})")
-        if rep.get("changed_files"):
-            click.echo(f"  changed: {', '.join(rep['changed_files'])}")
-        tok = rep.get("tokens") or r["tokens"] or {}
-        if tok:
-            click.echo(f"  tokens: {tok.get('totalTokens', '?')} total ({tok.get('inputTokens', '?')} in, "
-                       f"{tok.get('outputTokens', '?')} out)")
-        if rep.get("duration_seconds") is not None:
-            click.echo(f"  duration: {rep['duration_seconds']:.1f} s")
+# ---- doctor: one check per area; every FAIL names its fix
 
-
-@cli.command()
-@click.argument("issue")
-@click.option("--follow", is_flag=True, help="Keep printing new events.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document: {\"issue\", \"events\": [...]}; with "
-              "--follow, one JSON object per line.")
-@click.pass_obj
-def events(c: Ctx, issue: str, follow: bool, as_json: bool) -> None:
-    """ISSUE's event log."""
-    issue = issue_ref(issue)
-    store = c.store(readonly=True)
-    row = _issue_or_fail(store, issue)
-    last = 0
-    if as_json and not follow:
-        _dump({"issue": row["key"], "events": [{k: e[k] for k in ("id", "at", "level", "kind", "message", "run_id")}
-                                               for e in store.events_for_issue(row["id"], 0)]})
-        return
+def probe_codex(cfg: Config, workdir: Path) -> list[tuple[str, str]]:
+    """Prove that a run can work: start `codex app-server` as a run would (same environment, tokens
+    stripped), complete the handshake, read the account and the model provider's key variable, and run a
+    command in the configured sandbox (in `workdir`). [(level, message)]; every FAIL names its fix."""
+    out: list[tuple[str, str]] = []
+    path = shutil.which(cfg.codex.bin)
+    if not path:
+        return [("FAIL", f"codex.bin: {cfg.codex.bin} not found on PATH; install it with "
+                         f"`npm install -g @openai/codex@{SUPPORTED_CODEX}` or set codex.bin to its path")]
+    env = stripped_child_env(cfg, {"CODEX_HOME": str(cfg.codex.home)} if cfg.codex.home else {})
     try:
-        while True:
-            for e in store.events_for_issue(row["id"], last):
-                last = e["id"]
-                if as_json:
-                    click.echo(json.dumps({k: e[k] for k in ("id", "at", "level", "kind", "message", "run_id")}))
-                else:
-                    click.echo(f"{e['at']} {e['level']:5} {e['kind']:9} {shown(e['message'], 500)}")
-            if not follow:
-                return
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        return                          # Ctrl-C ends --follow quietly, exit 0
-
-
-@cli.command()
-@click.argument("issue")
-@click.option("--cd", "cd_only", is_flag=True, help="Print only the path (for `cd $(patchrelay worktree X --cd)`).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
-@click.pass_obj
-def worktree(c: Ctx, issue: str, cd_only: bool, as_json: bool) -> None:
-    """Where ISSUE's worktree and branch are."""
-    key = issue_ref(issue)
-    row = _issue_or_fail(c.store(readonly=True), key)
-    if not row["worktree"]:
-        raise UsageError(f"issue {row['key']}: has no worktree yet")
-    if as_json:
-        _dump({"issue": row["key"], "worktree": row["worktree"], "branch": row["branch"],
-               "project": row["project_id"], "exists": Path(row["worktree"]).is_dir()})
-    elif cd_only:
-        click.echo(row["worktree"])
+        ver = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, env=env)
+        words = (ver.stdout.strip() or ver.stderr.strip()).split()
+        version = words[-1] if words else "?"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return [("FAIL", f"{path} --version failed: {e}; reinstall Codex")]
+    out.append(("PASS" if version == SUPPORTED_CODEX else "WARN",
+                f"{path}: codex {version}" + ("" if version == SUPPORTED_CODEX else
+                                              f" (PatchRelay speaks the protocol of {SUPPORTED_CODEX}; "
+                                              f"`npm install -g @openai/codex@{SUPPORTED_CODEX}`)")))
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "app-server.log"
+    try:
+        server = AppServer(cfg, workdir, log_path)
+    except CodexError as e:
+        return out + [("FAIL", str(e))]
+    try:
+        server.initialize()
+        acct = server.request("account/read", {"refreshToken": False})
+        conf = (server.request("config/read", {}).get("config") or {})
+    except CodexError as e:
+        said = one_line(server.stderr_tail(3), 200)
+        return out + [("FAIL", f"codex app-server handshake failed: {e}" + (f" (it said: {said})" if said else ""))]
+    finally:
+        server.close()
+    provider, key = provider_key(cfg, conf)
+    provider = provider or "openai"
+    account = acct.get("account") or {}
+    if acct.get("requiresOpenaiAuth") and not account:
+        out.append(("FAIL", f"codex app-server: not logged in (model provider {provider}); run `codex login` (or "
+                            "`codex login --with-api-key`) as this user" +
+                            (f" with CODEX_HOME={cfg.codex.home}" if cfg.codex.home else "")))
     else:
-        click.echo(f"issue: {row['key']}\nworktree: {row['worktree']}\nbranch: {row['branch']}\n"
-                   f"project: {row['project_id']}")
+        how = f"{account.get('type')} account" if account else f"model provider {provider}, no OpenAI login needed"
+        out.append(("PASS", f"codex app-server handshake ok ({how})"))
+    if key and not env.get(key):
+        out.append(("FAIL", f"model provider {provider} reads its key from ${key}, which is not set in "
+                            "PatchRelay's environment: add it to the environment file of the service "
+                            "(`patchrelay service install` creates one) or export it"))
+    if cfg.codex.sandbox != "danger-full-access" and sys.platform.startswith("linux"):
+        if not shutil.which("bwrap", path=env.get("PATH")):
+            out.append(("WARN", "bubblewrap (bwrap) is not on PATH; Codex falls back to its bundled copy: "
+                                "install it (`apt install bubblewrap`)"))
+        probe = "echo ok > sandbox-probe.txt" if cfg.codex.sandbox == "workspace-write" else "true"
+        try:
+            p = subprocess.run([path, "sandbox", "-c", f'sandbox_mode="{cfg.codex.sandbox}"', "--", "sh", "-c", probe],
+                               capture_output=True, text=True, timeout=60, env=env, cwd=str(workdir))
+            said = [ln for ln in (p.stderr or p.stdout).splitlines() if ln.strip() and not ln.startswith("WARNING")]
+            ok = p.returncode == 0 and (cfg.codex.sandbox != "workspace-write"
+                                        or (workdir / "sandbox-probe.txt").exists())
+            out.append(("PASS", f"sandbox {cfg.codex.sandbox} runs commands") if ok else
+                       ("FAIL", f"sandbox {cfg.codex.sandbox} cannot run a command: "
+                                f"{one_line(' '.join(said[-2:]), 200) or f'exit {p.returncode}'}; Codex's Linux "
+                                "sandbox needs bubblewrap and unprivileged user namespaces "
+                                "(`apt install bubblewrap`; `sysctl kernel.unprivileged_userns_clone=1`)"))
+        except (OSError, subprocess.TimeoutExpired) as e:
+            out.append(("FAIL", f"sandbox {cfg.codex.sandbox}: {e}"))
+    return out
 
 
-@cli.command(name="open")
-@click.argument("issue")
-@click.option("--print", "print_only", is_flag=True, help="Print the command instead of running it.")
+def probe_push(cfg: Config, project: ProjectConfig) -> tuple[str, str]:
+    """Whether PatchRelay can push a branch: `git push --dry-run` of the base branch to a throwaway ref name,
+    with the credentials a run's push uses. Nothing is created on the remote."""
+    repo = project.repo_path
+    url = run_git(["remote", "get-url", "origin"], repo).stdout.strip()
+    ref = f"refs/heads/{project.branch_prefix}/patchrelay-doctor-probe"
+    src = f"refs/remotes/origin/{project.base_branch}"
+    if run_git(["rev-parse", "--verify", "--quiet", src], repo, check=False).returncode != 0:
+        src = f"refs/heads/{project.base_branch}"
+    p = run_git(["push", "--dry-run", "--quiet", "origin", f"{src}:{ref}"], repo, env=git_push_env(cfg, url),
+                timeout=60, check=False)
+    if p.returncode == 0:
+        return "PASS", f"can push branches to origin ({redact(url)})"
+    return "FAIL", (f"cannot push to origin ({redact(url)}): {one_line(redact(p.stderr or p.stdout), 200)}; give the "
+                    "GitHub token (or this user's git credentials) write access to the repository")
+
+
+@cli.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
-def open_cmd(c: Ctx, issue: str, print_only: bool, as_json: bool) -> None:
-    """Resume ISSUE's Codex thread interactively in its worktree."""
-    cfg = c.cfg
-    key = issue_ref(issue)
-    row = _issue_or_fail(c.store(readonly=True), key)
-    if not row["worktree"] or not Path(row["worktree"]).is_dir():
-        raise UsageError(f"issue {row['key']}: has no worktree yet")
-    argv = [cfg.codex.bin, "-C", row["worktree"]] + (["resume", row["thread_id"]] if row["thread_id"] else [])
-    env_prefix = f"CODEX_HOME={shlex.quote(str(cfg.codex.home))} " if cfg.codex.home else ""
-    if as_json:
-        _dump({"issue": row["key"], "worktree": row["worktree"], "thread_id": row["thread_id"], "argv": argv,
-               "codex_home": str(cfg.codex.home) if cfg.codex.home else None})
-        return
-    if print_only:
-        click.echo(f"cd {shlex.quote(row['worktree'])} && {env_prefix}{shlex.join(argv)}")
-        return
-    if row["active_run_id"]:
-        raise UsageError(f"issue {row['key']}: run {row['active_run_id']} is active; `patchrelay stop` it first")
-    env = stripped_child_env(cfg, {"CODEX_HOME": str(cfg.codex.home)} if cfg.codex.home else None)
-    os.chdir(row["worktree"])
-    try:
-        os.execvpe(argv[0], argv, env)
-    except OSError as e:
-        raise CodexError(f"codex.bin: cannot run {argv[0]}: {e.strerror}") from None
-
-
-@cli.command()
-@click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
-@click.pass_obj
-def doctor(c: Ctx, as_json: bool) -> None:
+def doctor_cmd(c: Ctx, as_json: bool) -> None:
     """Check config, database, tokens, repos, git and codex."""
     checks: list[tuple[str, str, str]] = []
 
@@ -6555,12 +6608,12 @@ def _set_crontab(lines: list[str]) -> None:
         raise UsageError(f"crontab: {one_line(p.stderr, 200)}")
 
 
-@cli.group(cls=CLI)
-def service() -> None:
+@cli.group("service", cls=CLI)
+def service_group() -> None:
     """Run PatchRelay as a systemd user service (or from cron): install, status, uninstall."""
 
 
-@service.command("install")
+@service_group.command("install")
 @click.option("--timer", "timer", type=click.FloatRange(min=1), metavar="SECONDS",
               help="A oneshot `tick` started by a systemd timer every SECONDS.")
 @click.option("--watch", "watch_mode", is_flag=True, help="A long-running `patchrelay watch` (the default).")
@@ -6655,7 +6708,7 @@ def service_install(c: Ctx, timer: float | None, watch_mode: bool, interval: flo
             click.echo(f"  {n}")
 
 
-@service.command("status")
+@service_group.command("status")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document: unit files, systemd's view, crontab, "
               "environment file.")
 @click.pass_obj
@@ -6693,7 +6746,7 @@ def service_status(c: Ctx, as_json: bool) -> None:
                       else ""))
 
 
-@service.command("uninstall")
+@service_group.command("uninstall")
 @click.pass_obj
 def service_uninstall(c: Ctx) -> None:
     """Stop and remove the unit files and the crontab line. The environment file (your secrets), the
@@ -6718,23 +6771,6 @@ def service_uninstall(c: Ctx) -> None:
         click.echo(f"removed {r}")
     click.echo(f"kept {service_env_file()} (your tokens), the database and the worktrees; running workers finish "
                "on their own")
-
-
-@cli.command()
-@click.option("--force", is_flag=True, help="Overwrite an existing config.")
-@click.pass_obj
-def init(c: Ctx, force: bool) -> None:
-    """Write a commented config to the default location."""
-    path = find_config_path(c.config_path)
-    if path.exists() and not force:
-        raise UsageError(f"{path}: already exists (use --force to overwrite)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(example_config())
-    click.echo(f"wrote {path}\n\nNext steps:\n"
-               f"  1. edit {path}: set projects[0].repo_path, github_repo and issue_key_prefixes\n"
-               "  2. export LINEAR_API_KEY=...   (OAuth app-actor token, or a personal API key)\n"
-               "  3. patchrelay doctor\n"
-               "  4. patchrelay tick   (then run it from cron / a systemd timer, or `patchrelay watch`)")
 
 
 def main() -> None:
