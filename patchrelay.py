@@ -53,7 +53,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, NoReturn, Sequence
 
 import click
 import requests
@@ -1000,7 +1000,12 @@ ALTER TABLE runs ADD COLUMN tokens_spent INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX runs_claimed_at ON runs(claimed_at);
 """
 
-MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8]
+SCHEMA_V9 = """
+UPDATE events SET kind = 'unrouted' WHERE issue_id IS NULL AND kind = 'intake' AND message LIKE '%no project routes it%';
+"""
+
+MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8,
+                         SCHEMA_V9]
 
 ISSUE_COLUMNS = frozenset({
     "project_id", "linear_id", "key", "title", "description", "url", "team_id", "team_key", "linear_state",
@@ -1443,8 +1448,7 @@ class Store:
     def unrouted(self) -> list[dict]:
         """Delegations and sessions no project routes (the newest event per issue key)."""
         return self._all("SELECT issue_key, MAX(at) AS at, message FROM events WHERE issue_id IS NULL "
-                         "AND kind = 'intake' AND message LIKE '%no project routes it%' GROUP BY issue_key "
-                         "ORDER BY at DESC LIMIT 50")
+                         "AND kind = 'unrouted' GROUP BY issue_key ORDER BY at DESC LIMIT 50")
 
     def events_for_key(self, key: str, after_id: int = 0) -> list[dict]:
         """Events about an issue PatchRelay does not track (ignored sessions, unrouted delegations)."""
@@ -2332,6 +2336,38 @@ class CheckObs:
     text: str | None = None
 
 
+class ReviewComment(NamedTuple):
+    """An inline comment of a review."""
+    path: str
+    line: int | None
+    body: str
+
+
+class ThreadComment(NamedTuple):
+    """A comment in an unresolved review thread."""
+    path: str
+    line: int | None
+    body: str
+    author: str                 # login, lower-case
+    association: str            # OWNER | MEMBER | COLLABORATOR | CONTRIBUTOR | NONE ...
+
+
+class PrComment(NamedTuple):
+    """A comment on the pull request's conversation."""
+    id: str
+    author: str
+    association: str
+    body: str
+    created_at: str
+
+
+class QueueRemoval(NamedTuple):
+    """A RemovedFromMergeQueueEvent of the pull request."""
+    id: str
+    at: str
+    reason: str
+
+
 @dataclass(frozen=True)
 class ReviewObs:
     id: str
@@ -2341,7 +2377,7 @@ class ReviewObs:
     association: str
     submitted_at: str
     commit: str | None
-    comments: tuple[tuple[str, int | None, str], ...] = ()     # (path, line, body)
+    comments: tuple[ReviewComment, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -2364,9 +2400,18 @@ class PullRequestObs:
     checks: tuple[CheckObs, ...] = ()
     base_checks: tuple[CheckObs, ...] = ()
     reviews: tuple[ReviewObs, ...] = ()
-    threads: tuple[tuple[str, int | None, str, str, str], ...] = ()     # unresolved: (path, line, body, author, assoc)
-    comments: tuple[tuple[str, str, str, str, str], ...] = ()          # (id, author, assoc, body, created_at)
-    removals: tuple[tuple[str, str, str], ...] = ()                   # merge-queue removals: (id, at, reason)
+    threads: tuple[ThreadComment, ...] = ()       # comments of unresolved review threads
+    comments: tuple[PrComment, ...] = ()
+    removals: tuple[QueueRemoval, ...] = ()        # merge-queue removals, oldest first
+
+
+@dataclass(frozen=True)
+class OpenedPr:
+    """A pull request PatchRelay opened (or found open for the branch when it tried)."""
+    number: int
+    url: str
+    node_id: str | None
+    head_sha: str | None
 
 
 _CHECK_NODES = """__typename
@@ -2603,16 +2648,19 @@ class GitHubClient:
         return r.text
 
     # ---- writes
-    def create_pr(self, full_name: str, head: str, base: str, title: str, body: str, draft: bool) -> dict:
+    def create_pr(self, full_name: str, head: str, base: str, title: str, body: str, draft: bool) -> OpenedPr:
         """Open the PR, or return the open PR that already exists for this head (a resend after a crash or
         a lost response, or one a person opened): never a second PR."""
         resp = self.rest("POST", f"/repos/{full_name}/pulls", ok=(201, 422),
                          json={"title": title, "head": head, "base": base, "body": body, "draft": draft})
-        if resp.status_code == 201:
-            return resp.json()
-        existing = self.find_open_pr(full_name, head)
-        if existing:
-            return existing
+        found = resp.json() if resp.status_code == 201 else self.find_open_pr(full_name, head)
+        if found:
+            try:
+                return OpenedPr(int(found["number"]), found["html_url"], found.get("node_id"),
+                                (found.get("head") or {}).get("sha"))
+            except (KeyError, TypeError, ValueError) as e:
+                raise GitHubError(f"GitHub POST /repos/{full_name}/pulls ({self.host}): unexpected response shape "
+                                  f"({type(e).__name__}: {e})") from None
         try:
             detail = json.dumps((resp.json() or {}).get("errors") or resp.json())
         except ValueError:
@@ -2657,20 +2705,21 @@ def _pr_obs(n: dict, base_commit: dict | None = None) -> PullRequestObs:
             id=r["id"], state=r.get("state") or "", body=r.get("body") or "",
             author=((r.get("author") or {}).get("login") or "").lower(), association=r.get("authorAssociation") or "",
             submitted_at=r.get("submittedAt") or "", commit=(r.get("commit") or {}).get("oid"),
-            comments=tuple((c.get("path") or "", c.get("line") or c.get("originalLine"), c.get("body") or "")
+            comments=tuple(ReviewComment(c.get("path") or "", c.get("line") or c.get("originalLine"), c.get("body") or "")
                            for c in ((r.get("comments") or {}).get("nodes") or []) if isinstance(c, dict)))
             for r in ((n.get("reviews") or {}).get("nodes") or []) if isinstance(r, dict))
-        threads = []
+        threads: list[ThreadComment] = []
         for t in ((n.get("reviewThreads") or {}).get("nodes") or []):
             if not isinstance(t, dict) or t.get("isResolved"):
                 continue
             for c in ((t.get("comments") or {}).get("nodes") or []):
-                threads.append((t.get("path") or "", t.get("line"), c.get("body") or "",
-                                ((c.get("author") or {}).get("login") or "").lower(), c.get("authorAssociation") or ""))
-        comments = tuple((c.get("id") or "", ((c.get("author") or {}).get("login") or "").lower(),
+                threads.append(ThreadComment(t.get("path") or "", t.get("line"), c.get("body") or "",
+                                             ((c.get("author") or {}).get("login") or "").lower(),
+                                             c.get("authorAssociation") or ""))
+        comments = tuple(PrComment(c.get("id") or "", ((c.get("author") or {}).get("login") or "").lower(),
                           c.get("authorAssociation") or "", c.get("body") or "", c.get("createdAt") or "")
                          for c in ((n.get("comments") or {}).get("nodes") or []) if isinstance(c, dict))
-        removals = tuple((e.get("id") or "", e.get("createdAt") or "", e.get("reason") or "removed")
+        removals = tuple(QueueRemoval(e.get("id") or "", e.get("createdAt") or "", e.get("reason") or "removed")
                          for e in ((n.get("timelineItems") or {}).get("nodes") or [])
                          if isinstance(e, dict) and e.get("__typename") == "RemovedFromMergeQueueEvent")
         entry = n.get("mergeQueueEntry") or {}
@@ -3277,19 +3326,65 @@ def move_target(name: str | None, type: str, states: list[dict], current: dict) 
     return min(typed, key=lambda s: s.get("position") or 0) if typed else None
 
 
+def may_transition(current: str, new: str) -> bool:
+    """Whether the table allows the move; for a decision that moves only where it may (`transition`
+    still makes the move)."""
+    return current == new or new in TRANSITIONS.get(current, ())
+
+
 @dataclass(frozen=True)
 class Outbound:
-    kind: str                 # activity | plan | issue_state | comment
+    """A message for Linear, queued in the outbox."""
+    kind: str                 # activity | plan | issue_state | session_link (comment: an activity without a session)
     payload: dict
+
+
+class InboxMessage(NamedTuple):
+    """A message for the agent (a prompt) or its run (a stop), kept in the inbox until a run takes it."""
+    kind: str                 # prompt | stop
+    body: str
+    author: str | None
+    source: str               # agent_session | agent_prompt | comment | linear
+    source_id: str | None     # dedup key of what it came from
+    run_id: int | None = None  # a stop is addressed to this run, and never reaches a later one
+
+
+class Event(NamedTuple):
+    """A line of an issue's event log."""
+    level: str                # info | warn | error
+    kind: str                 # intake | run | github | trust | stop | ...
+    message: str
 
 
 @dataclass(frozen=True)
 class Decision:
+    """What the factory decided about one issue; apply_decision writes it in one transaction. `fields` are
+    issue columns; `track` False: an issue PatchRelay does not track (answers may still go to its session)."""
     fields: dict = field(default_factory=dict)
     outbox: tuple[Outbound, ...] = ()
-    inbox: tuple[tuple, ...] = ()     # (kind, body, author, source, source_id, run_id): run_id addresses a stop
-    events: tuple[tuple[str, str, str], ...] = ()                          # level, kind, message
+    inbox: tuple[InboxMessage, ...] = ()
+    events: tuple[Event, ...] = ()
     track: bool = True
+
+
+# An issue without a pending run (a run claimed, dropped or made pointless)
+NO_PENDING_RUN: dict[str, Any] = {"pending_run_type": None, "pending_context": None, "pending_since": None,
+                                  "not_before": None}
+
+
+def merge_decisions(*ds: Decision) -> Decision:
+    """Several decisions about one issue as one (later fields win)."""
+    fields: dict = {}
+    for d in ds:
+        fields.update(d.fields)
+    return Decision(fields=fields, outbox=sum((d.outbox for d in ds), ()), inbox=sum((d.inbox for d in ds), ()),
+                    events=sum((d.events for d in ds), ()), track=all(d.track for d in ds))
+
+
+def rate_limited_until(budget: Mapping[str, Any] | None, now: dt.datetime) -> dt.datetime | None:
+    """When an API's recorded rate limit ends, if it has not yet."""
+    until = parse_iso((budget or {}).get("limited_until"))
+    return until if until and until > now else None
 
 
 @dataclass(frozen=True)
@@ -3405,21 +3500,37 @@ def start_work(row: dict | None, trigger: str, prompt: str | None, key: str, now
     fields = {"factory_state": state, "pending_run_type": "implementation", "pending_context": json.dumps(ctx),
               "pending_since": now, "not_before": None, "retries": 0}
     return Decision(fields=fields, outbox=(*_pickup(key), Outbound("issue_state", {})),
-                    events=(("info", "intake", f"implementation queued ({trigger})"),))
+                    events=(Event("info", "intake", f"implementation queued ({trigger})"),))
+
+
+def adopt_issue(obs: LinearIssue, project_id: str, trigger: str, prompt: str | None, now: str,
+                delegated: bool | None = None) -> Decision:
+    """An issue PatchRelay starts tracking, with its implementation run queued."""
+    return merge_decisions(Decision(fields={**observed_fields(obs, delegated), "project_id": project_id,
+                                            "linear_id": obs.id, "factory_state": "delegated"}),
+                           start_work(None, trigger, prompt, obs.key, now))
+
+
+def decide_unrouted(obs: LinearIssue | None, session_id: str | None) -> Decision:
+    """A delegation (or an agent session) on an issue no project routes: not tracked. The operator sees it
+    (`status` lists it); the person who opened a session is told why in it instead of facing silence."""
+    key = obs.key if obs else None
+    if session_id is None:
+        return Decision(track=False, events=(Event("warn", "unrouted", f"{key}: delegated but no project routes it "
+                                                   "(check issue_key_prefixes / linear_team_keys)"),))
+    team = (obs.team_key if obs else None) or "?"
+    return Decision(track=False, fields={"agent_session_id": session_id}, outbox=(activity(
+        "response", f"No project of this PatchRelay takes team {team}, so I cannot work on "
+                    f"{key or 'this issue'}; ask the operator to route it (projects[].linear_team_keys "
+                    "or issue_key_prefixes)."),),
+        events=(Event("warn", "unrouted", f"{key or '?'}: agent session but no project routes it "
+                                          "(check issue_key_prefixes / linear_team_keys / linear_team_ids)"),))
 
 
 def _pickup(key: str) -> tuple[Outbound, Outbound]:
     """The acknowledgement of a delegation in its agent session."""
     return (activity("thought", f"Picked up {key}. Preparing a worktree and starting the implementation run."),
             plan("implementation", "preparing"))
-
-
-def _merge(*ds: Decision) -> Decision:
-    fields: dict = {}
-    for d in ds:
-        fields.update(d.fields)
-    return Decision(fields=fields, outbox=sum((d.outbox for d in ds), ()), inbox=sum((d.inbox for d in ds), ()),
-                    events=sum((d.events for d in ds), ()), track=all(d.track for d in ds))
 
 
 def _busy(row: dict) -> bool:
@@ -3438,65 +3549,62 @@ def decide_issue(row: dict | None, obs: LinearIssue, ident: Identity, project_id
     if row is None:
         if not delegated or closed or session_required:
             return Decision(track=False)
-        base = Decision(fields={**fields, "project_id": project_id, "linear_id": obs.id,
-                                "factory_state": "delegated"})
-        return _merge(base, start_work(None, "delegation", None, obs.key, now))
+        return adopt_issue(obs, project_id, "delegation", None, now, delegated)
     state = row["factory_state"]
     if closed:
         if state == closed:
             return Decision(fields=fields)
-        return _merge(Decision(fields=fields), close_issue(row, closed, obs.state_name or closed))
+        return merge_decisions(Decision(fields=fields), close_issue(row, closed, obs.state_name or closed))
     if closed_state(row.get("linear_state_type")) and state in CLOSED_STATES:
         # Reopened in Linear: delegated to us -> work again; otherwise tracked, idle, until delegated.
         if delegated and not session_required and _busy(row):
             # the last run is still winding down: queue the work; it starts once that run has ended
             work = start_work(row, "reopened in Linear", None, obs.key, now)
-            return _merge(Decision(fields=fields), dataclasses.replace(
+            return merge_decisions(Decision(fields=fields), dataclasses.replace(
                 work, fields={**work.fields, "factory_state": transition(state, "awaiting_input")}))
         if delegated and not session_required:
-            return _merge(Decision(fields=fields), start_work(row, "reopened in Linear", None, obs.key, now))
+            return merge_decisions(Decision(fields=fields), start_work(row, "reopened in Linear", None, obs.key, now))
         return Decision(fields={**fields, "factory_state": transition(state, "awaiting_input")},
-                        events=(("info", "intake", f"reopened in Linear ({obs.state_name}); waiting for a "
+                        events=(Event("info", "intake", f"reopened in Linear ({obs.state_name}); waiting for a "
                                                    "delegation or a prompt"),))
     if delegated and not row["delegated"]:
         if not _busy(row) and not session_required and \
                 state in FINAL_STATES | {"delegated", "awaiting_input"}:
-            return _merge(Decision(fields=fields), start_work(row, "delegation", None, obs.key, now))
-        return Decision(fields=fields, events=(("info", "intake", f"delegated again while {state}"),))
+            return merge_decisions(Decision(fields=fields), start_work(row, "delegation", None, obs.key, now))
+        return Decision(fields=fields, events=(Event("info", "intake", f"delegated again while {state}"),))
     if not delegated and row["delegated"]:
-        return _merge(Decision(fields=fields), stop_issue(row, "the issue was un-delegated"))
+        return merge_decisions(Decision(fields=fields), stop_issue(row, "the issue was un-delegated"))
     return Decision(fields=fields)
 
 
-def stop_message(row: dict, reason: str) -> tuple:
+def stop_message(row: dict, reason: str) -> InboxMessage:
     """An inbox stop addressed to the issue's active run: it can never reach a later run."""
-    return ("stop", reason, None, "linear", None, row.get("active_run_id"))
+    return InboxMessage("stop", reason, None, "linear", None, row.get("active_run_id"))
 
 
 def close_issue(row: dict, final: str, state_name: str) -> Decision:
-    fields = {"factory_state": transition(row["factory_state"], final), "pending_run_type": None,
-              "pending_context": None, "pending_since": None, "not_before": None}
+    fields = {"factory_state": transition(row["factory_state"], final), **NO_PENDING_RUN}
     inbox = (stop_message(row, f"the Linear issue moved to {state_name}"),) if row.get("active_run_id") else ()
     return Decision(fields=fields, inbox=inbox,
-                    events=(("info", "intake", f"Linear state {state_name}: issue is {final}"),))
+                    events=(Event("info", "intake", f"Linear state {state_name}: issue is {final}"),))
 
 
 def stop_issue(row: dict, reason: str) -> Decision:
     """A stop request: interrupts an active run, drops a pending one, and is a no-op otherwise."""
     if not row.get("active_run_id") and not row.get("pending_run_type"):
-        return Decision(events=(("info", "stop", f"stop requested ({reason}); nothing was running"),))
+        return Decision(events=(Event("info", "stop", f"stop requested ({reason}); nothing was running"),))
     inbox = (stop_message(row, reason),) if row.get("active_run_id") else ()
-    fields: dict = {"pending_run_type": None, "pending_context": None, "pending_since": None, "not_before": None}
+    fields: dict = dict(NO_PENDING_RUN)
     out: tuple[Outbound, ...] = ()
     if not row.get("active_run_id"):
         out = (activity("response", f"Stopped: {reason}. No run was started."),)
         if row["factory_state"] not in CLOSED_STATES:
             fields["factory_state"] = transition(row["factory_state"], "awaiting_input")
-    return Decision(fields=fields, inbox=inbox, outbox=out, events=(("info", "stop", f"stop requested: {reason}"),))
+    return Decision(fields=fields, inbox=inbox, outbox=out, events=(Event("info", "stop", f"stop requested: {reason}"),))
 
 
-def _prompt_message(body: str, author: str | None, source: str, source_id: str | None) -> tuple:
-    return ("prompt", body, author, source, source_id, None)
+def _prompt_message(body: str, author: str | None, source: str, source_id: str | None) -> InboxMessage:
+    return InboxMessage("prompt", body, author, source, source_id)
 
 
 def decide_session(row: dict | None, s: LinearSession, trusted: bool, project_id: str, prompt: str | None,
@@ -3507,7 +3615,7 @@ def decide_session(row: dict | None, s: LinearSession, trusted: bool, project_id
     key = s.issue.key if s.issue else "?"
     if not trusted:
         return Decision(track=row is not None,
-                        events=(("warn", "trust", f"ignored agent session from untrusted actor "
+                        events=(Event("warn", "trust", f"ignored agent session from untrusted actor "
                                                   f"{s.creator.label()}"),))
     obs = s.issue
     delegated = is_delegated(obs, ident) if obs else False
@@ -3518,7 +3626,7 @@ def decide_session(row: dict | None, s: LinearSession, trusted: bool, project_id
         return Decision(fields=fields, track=row is not None, outbox=(activity(
             "response", f"{key} is {closed} in Linear; I am not starting new work on it. Reopen the issue "
                         "(and delegate it to me) to continue."),),
-            events=(("info", "intake", f"agent session on {closed} issue {key}: no run started"),))
+            events=(Event("info", "intake", f"agent session on {closed} issue {key}: no run started"),))
     inbox = (_prompt_message(prompt, s.creator.label(), "agent_session", f"session:{s.id}"),) if prompt else ()
     if row is not None and _busy(row) and not row.get("agent_session_id") and not row.get("active_run_id") \
             and row.get("pending_run_type") == "implementation":
@@ -3533,14 +3641,13 @@ def decide_session(row: dict | None, s: LinearSession, trusted: bool, project_id
                                       "implement it" + ("; I'll include your message." if prompt else "."))
         if row is None:
             return Decision(fields=fields, track=False, outbox=(answer,),
-                            events=(("info", "intake", f"mention on {key} (not delegated): answered, no run"),))
+                            events=(Event("info", "intake", f"mention on {key} (not delegated): answered, no run"),))
         return Decision(fields=fields, inbox=inbox, outbox=(answer,),
-                        events=(("info", "intake", "mention (not delegated): answered, no run started"),))
+                        events=(Event("info", "intake", "mention (not delegated): answered, no run started"),))
     if row is None:
-        base = Decision(fields={**fields, "project_id": project_id, "linear_id": obs.id,
-                                "factory_state": "delegated"})
-        return _merge(base, start_work(None, "agent session", prompt, key, now))
-    return _merge(Decision(fields=fields), start_work(row, "agent session", prompt, key, now))
+        return merge_decisions(adopt_issue(obs, project_id, "agent session", prompt, now, delegated),
+                               Decision(fields={"agent_session_id": s.id}))
+    return merge_decisions(Decision(fields=fields), start_work(row, "agent session", prompt, key, now))
 
 
 def decide_prompt(row: dict, a: LinearActivity, trusted: bool, now: str) -> Decision:
@@ -3548,21 +3655,21 @@ def decide_prompt(row: dict, a: LinearActivity, trusted: bool, now: str) -> Deci
     if a.type != "prompt" or a.user.app:
         return Decision()
     if not trusted:
-        return Decision(events=(("warn", "trust", f"ignored prompt from untrusted actor {a.user.label()}"),))
+        return Decision(events=(Event("warn", "trust", f"ignored prompt from untrusted actor {a.user.label()}"),))
     if a.signal == "stop":
         return stop_issue(row, f"stop requested in Linear by {a.user.label()}")
     if row["factory_state"] in CLOSED_STATES:
         return Decision(outbox=(activity("response", f"{row['key']} is {row['factory_state']}; I am not starting "
                                                      "new work on it. Reopen the issue or delegate it to me "
                                                      "again to continue."),),
-                        events=(("info", "intake", "prompt on closed issue ignored"),))
+                        events=(Event("info", "intake", "prompt on closed issue ignored"),))
     msg = (_prompt_message(a.body, a.user.label(), "agent_prompt", a.id),)
     if row.get("active_run_id"):
         return Decision(inbox=msg, outbox=(activity("thought", "Passing your message to the running agent.",
                                                     ephemeral=True),))
     if row.get("pending_run_type"):
         return Decision(inbox=msg)
-    return _merge(Decision(inbox=msg), start_work(row, "follow-up prompt", None, row["key"], now))
+    return merge_decisions(Decision(inbox=msg), start_work(row, "follow-up prompt", None, row["key"], now))
 
 
 def decide_comment(row: dict, c: LinearComment, trusted: bool, ident: Identity, now: str) -> Decision:
@@ -3571,15 +3678,15 @@ def decide_comment(row: dict, c: LinearComment, trusted: bool, ident: Identity, 
     if c.user.app or c.session_id or (ident.app_mode and c.user.id == ident.viewer_id):
         return Decision()   # an app's (ours included) or an agent-session thread (arrives as a prompt)
     if not trusted:
-        return Decision(events=(("warn", "trust", f"ignored comment from untrusted actor {c.user.label()}"),))
+        return Decision(events=(Event("warn", "trust", f"ignored comment from untrusted actor {c.user.label()}"),))
     if row["factory_state"] in CLOSED_STATES:
-        return Decision(events=(("info", "intake", f"comment by {c.user.label()} on {row['factory_state']} "
+        return Decision(events=(Event("info", "intake", f"comment by {c.user.label()} on {row['factory_state']} "
                                                    "issue ignored; no run started"),))
     msg = Decision(inbox=(_prompt_message(c.body, c.user.label(), "comment", c.id),),
-                   events=(("info", "intake", f"comment by {c.user.label()} queued for the agent"),))
+                   events=(Event("info", "intake", f"comment by {c.user.label()} queued for the agent"),))
     if not ident.app_mode and not row.get("agent_session_id") and row["factory_state"] == "awaiting_input" \
             and row.get("delegated") and not _busy(row):
-        return _merge(msg, start_work(row, "reply in a comment", None, row["key"], now))
+        return merge_decisions(msg, start_work(row, "reply in a comment", None, row["key"], now))
     return msg
 
 
@@ -3589,7 +3696,7 @@ def decide_claim(row: dict, run_type: str, branch: str, worktree: str) -> Decisi
         fields["branch"] = branch
     if not row.get("worktree"):
         fields["worktree"] = worktree
-    return Decision(fields=fields, events=(("info", "run", f"{run_label(run_type)} run claimed"),))
+    return Decision(fields=fields, events=(Event("info", "run", f"{run_label(run_type)} run claimed"),))
 
 
 @dataclass(frozen=True)
@@ -3608,7 +3715,7 @@ def decide_run_end(row: dict, run: dict, out: RunOutcome, runner: RunnerConfig, 
     fields: dict = {"active_run_id": None}
     state = row["factory_state"]
     if state in CLOSED_STATES:
-        return Decision(fields=fields, events=(("info", "run", f"{label} run ended ({out.status}) after the "
+        return Decision(fields=fields, events=(Event("info", "run", f"{label} run ended ({out.status}) after the "
                                                                f"issue became {state}"),))
     if out.status == "interrupted":
         attempt = int(run.get("attempt") or 1)
@@ -3622,7 +3729,7 @@ def decide_run_end(row: dict, run: dict, out: RunOutcome, runner: RunnerConfig, 
             return Decision(fields=fields, outbox=(activity(
                 "thought", f"{label} run was interrupted ({out.reason}); retrying"
                            f"{f' in {delay:g} s' if delay else ''} (retry {attempt} of {runner.retry_budget})."),),
-                events=(("warn", "run", f"{label} run interrupted: {out.reason}; requeued "
+                events=(Event("warn", "run", f"{label} run interrupted: {out.reason}; requeued "
                                         f"(retry {attempt} of {runner.retry_budget})"),))
         out = dataclasses.replace(out, status="failed",
                                   reason=f"{out.reason}; retry budget of {runner.retry_budget} used up")
@@ -3630,7 +3737,7 @@ def decide_run_end(row: dict, run: dict, out: RunOutcome, runner: RunnerConfig, 
         fields["factory_state"] = transition(state, "failed")
         return Decision(fields=fields, outbox=(activity("error", f"{label} run failed: {out.reason}"),
                                                plan(rt, "failed")),
-                        events=(("error", "run", f"{label} run failed: {out.reason}"),))
+                        events=(Event("error", "run", f"{label} run failed: {out.reason}"),))
     summary = (out.summary or "").strip()
     if out.status == "stopped":
         fields["factory_state"] = transition(state, "ready_for_pr" if out.has_work and rt == "implementation"
@@ -3638,14 +3745,14 @@ def decide_run_end(row: dict, run: dict, out: RunOutcome, runner: RunnerConfig, 
         return Decision(fields=fields, outbox=(activity("response", f"Stopped as requested ({out.reason})."
                                                         + (f" Work so far is on `{branch}`." if out.has_work else "")),
                                                plan(rt, "awaiting_input")),
-                        events=(("info", "run", f"{label} run stopped: {out.reason}"),))
+                        events=(Event("info", "run", f"{label} run stopped: {out.reason}"),))
     if out.status == "completed" and rt != "implementation" and not out.new_commits:
         fields["factory_state"] = transition(state, "awaiting_input")
         body = (summary[:2000] or "I did not change anything.") + \
             f"\n\nThe {run_label(rt)} run pushed nothing, so the pull request is unchanged. Reply here to tell me " \
             "how to proceed, or push a fix yourself."
         return Decision(fields=fields, outbox=(activity("elicitation", body), plan(rt, "awaiting_input")),
-                        events=(("warn", "run", f"{label} run pushed nothing; awaiting input"),))
+                        events=(Event("warn", "run", f"{label} run pushed nothing; awaiting input"),))
     if out.status == "completed" and out.has_work:
         target = "pr_open" if row.get("pr_number") else "ready_for_pr"
         fields["factory_state"] = transition(state, target)
@@ -3654,14 +3761,14 @@ def decide_run_end(row: dict, run: dict, out: RunOutcome, runner: RunnerConfig, 
         return Decision(fields=fields, outbox=(activity("response", f"{label} run completed. {pushed}"
                                                         + (f"\n\n{summary[:2000]}" if summary else "")),
                                                plan(rt, "completed")),
-                        events=(("info", "run", f"{label} run completed; {pushed}"),))
+                        events=(Event("info", "run", f"{label} run completed; {pushed}"),))
     # completed without any work on the branch, or Codex asked for input
     fields["factory_state"] = transition(state, "awaiting_input")
     body = summary[:2000] or "I finished without changing anything."
     if out.status == "completed":
         body += "\n\nI made no changes. Reply here to tell me how to proceed."
     return Decision(fields=fields, outbox=(activity("elicitation", body), plan(rt, "awaiting_input")),
-                    events=(("info", "run", f"{label} run needs input"),))
+                    events=(Event("info", "run", f"{label} run needs input"),))
 
 
 # ---- GitHub: pull-request decisions. Pure: the issue row, the stored snapshot and a fresh observation in;
@@ -3705,165 +3812,361 @@ def pr_fields(obs: PullRequestObs, ci: str) -> dict:
             "pr_queue": (obs.queue_state or "QUEUED") if obs.in_queue else None}
 
 
-def decide_pr_opened(row: dict, obs: PullRequestObs | dict, review_state: str, adopted_from: str | None) -> Decision:
+def decide_pr_opened(row: dict, pr: OpenedPr, review_state: str, adopted_from: str | None) -> Decision:
     """A PR opened by PatchRelay (or a person's PR for the issue branch, adopted): record it, tell Linear."""
-    number = obs.number if isinstance(obs, PullRequestObs) else obs["number"]
-    url = obs.url if isinstance(obs, PullRequestObs) else obs["html_url"]
-    fields = {"pr_number": number, "pr_url": url, "pr_state": "open",
+    fields = {"pr_number": pr.number, "pr_url": pr.url, "pr_state": "open", "pr_node_id": pr.node_id,
+              "pr_head_sha": pr.head_sha,
               "factory_state": transition(row["factory_state"], "pr_open")
               if row["factory_state"] == "ready_for_pr" else row["factory_state"]}
-    if isinstance(obs, PullRequestObs):
-        fields.update(pr_node_id=obs.node_id, pr_head_sha=obs.head_sha)
-    else:
-        fields.update(pr_node_id=obs.get("node_id"), pr_head_sha=(obs.get("head") or {}).get("sha"))
-    said = f"Found pull request #{number}, opened by {adopted_from}; I'll watch it: {url}" if adopted_from \
-        else f"Opened pull request #{number}: {url}"
+    said = f"Found pull request #{pr.number}, opened by {adopted_from}; I'll watch it: {pr.url}" if adopted_from \
+        else f"Opened pull request #{pr.number}: {pr.url}"
     return Decision(fields=fields, outbox=(activity("response", said),
-                                           Outbound("session_link", {"label": f"Pull request #{number}", "url": url}),
+                                           Outbound("session_link", {"label": f"Pull request #{pr.number}",
+                                                                     "url": pr.url}),
                                            Outbound("issue_state", {"name": review_state})),
-                    events=(("info", "github", said),))
+                    events=(Event("info", "github", said),))
+
+
+def opened_from(obs: PullRequestObs) -> OpenedPr:
+    return OpenedPr(obs.number, obs.url, obs.node_id, obs.head_sha)
+
+
+@dataclass
+class PrMemory:
+    """What PatchRelay has already answered on a pull request, kept in the issue's GitHub snapshot (its
+    `acted` key), so that each cause starts at most one run however often it is observed."""
+    removals: list[str] = field(default_factory=list)   # merge-queue removal events answered
+    conflict_head: str | None = None        # the head whose merge conflict was answered
+    ci_head: str | None = None              # the head whose CI failure was answered
+    reviews: list[str] = field(default_factory=list)    # reviews answered or ignored (ids)
+    comments_at: str | None = None          # the newest PR comment a review fix has seen
+    merge_head: str | None = None           # the head GitHub was asked to merge
+
+    @classmethod
+    def load(cls, acted: Mapping[str, Any] | None) -> "PrMemory":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (list(v) if isinstance(v, list) else v) for k, v in (acted or {}).items() if k in known})
+
+    def dump(self) -> dict:
+        """As stored: only what was set."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, [])}
+
+
+@dataclass(frozen=True)
+class PrView:
+    """What every pull-request trigger reads: the issue row, the fresh observation and the rules."""
+    row: dict
+    obs: PullRequestObs
+    gh: GitHubConfig
+    trusted_reviewers: tuple[str, ...]
+    now: dt.datetime
+    ci: str                             # none | pending | failure | success (ci_state)
+    failing: tuple[CheckObs, ...]
+
+
+@dataclass(frozen=True)
+class RepairRequest:
+    """A reactive run a trigger asks for; the budget helper grants it or escalates."""
+    run_type: str
+    budget_key: str                     # repair budgets count per failure signature
+    budget: int
+    what: str                           # the cause, in words
+    context: dict                       # the run's prompt context
+    failing: tuple[CheckObs, ...] = ()
+
+
+@dataclass(frozen=True)
+class Reaction:
+    """A trigger's answer: a decision, or a repair run to ask the budget for."""
+    decision: Decision = field(default_factory=Decision)
+    repair: RepairRequest | None = None
+    merge_when_ready: bool = False
+
+
+def _queue_removal(v: PrView, memory: PrMemory, events: list[Event]) -> Reaction | None:
+    """Removed from the merge queue (a removal not answered yet): repair."""
+    removals = [r for r in v.obs.removals if r.id not in memory.removals]
+    if not removals or v.obs.in_queue:
+        return None
+    memory.removals = memory.removals + [r.id for r in removals]
+    reason = removals[-1].reason
+    return Reaction(repair=RepairRequest("queue_repair", f"queue:{reason}", v.gh.queue_repair_budget,
+                                         f"removed from the merge queue ({reason})", {"queue_reason": reason}))
+
+
+def _merge_conflict(v: PrView, memory: PrMemory, events: list[Event]) -> Reaction | None:
+    """A conflict with the base branch, once per head: repair."""
+    head = v.obs.head_sha
+    if v.obs.mergeable != "CONFLICTING" or memory.conflict_head == head or v.obs.in_queue:
+        return None
+    memory.conflict_head = head
+    return Reaction(repair=RepairRequest("queue_repair", "queue:conflict", v.gh.queue_repair_budget,
+                                         "merge conflict with the base branch",
+                                         {"queue_reason": "conflicts with the base branch"}))
+
+
+def _in_merge_queue(v: PrView, memory: PrMemory, events: list[Event]) -> Reaction | None:
+    """In the merge queue: wait for it (nothing below applies to a queued PR)."""
+    if not v.obs.in_queue:
+        return None
+    state = v.row["factory_state"]
+    if state != "awaiting_queue" and may_transition(state, "awaiting_queue"):
+        return Reaction(Decision(fields={"factory_state": transition(state, "awaiting_queue")}))
+    return Reaction()
+
+
+def _ci_failure(v: PrView, memory: PrMemory, events: list[Event]) -> Reaction | None:
+    """CI failed on this head (answered once per head): repair, unless the same checks fail on the base."""
+    head, n = v.obs.head_sha, v.obs.number
+    if v.ci != "failure" or memory.ci_head == head:
+        return None
+    memory.ci_head = head
+    names = sorted({c.name for c in v.failing})
+    base_ci, base_failing = ci_state(v.obs.base_checks)
+    if base_ci == "failure" and set(names) <= {c.name for c in base_failing}:
+        return Reaction(Decision(outbox=(activity(
+            "response", f"CI fails on pull request #{n} ({', '.join(names)}), but the same checks fail on "
+                        f"`{v.obs.base_ref}` too. That is not this change: I am not repairing it and will wait "
+                        "for the base branch to be fixed."),),
+            events=(Event("warn", "github", f"base branch red ({', '.join(names)}): no repair"),)))
+    return Reaction(repair=RepairRequest(
+        "ci_repair", "ci:" + ",".join(names), v.gh.ci_repair_budget, f"CI failed ({', '.join(names)})",
+        {"checks": [{"name": c.name, "conclusion": c.conclusion, "url": c.url, "job_id": c.job_id, "app": c.app,
+                     "title": c.title, "summary": c.summary, "text": c.text} for c in v.failing]},
+        failing=v.failing))
+
+
+def _review(v: PrView, memory: PrMemory, events: list[Event]) -> Reaction | None:
+    """Changes requested by a trusted reviewer (others are logged and ignored): once the reviewer has been
+    quiet for github.review_quiet_seconds, one review fix with every trusted text."""
+    obs, trusted_reviewers = v.obs, v.trusted_reviewers
+    seen = set(memory.reviews)
+    new = [r for r in obs.reviews if r.id not in seen and r.state == "CHANGES_REQUESTED"]
+    untrusted = [r for r in new if not reviewer_trusted(r.author, r.association, trusted_reviewers)]
+    trusted = [r for r in new if r not in untrusted]
+    if untrusted:
+        memory.reviews = sorted(seen | {r.id for r in untrusted})
+        seen = set(memory.reviews)
+        events.extend(Event("warn", "trust", f"ignored review by {r.author} ({r.association or 'no association'}): "
+                                             "not a trusted reviewer") for r in untrusted)
+    if not trusted:
+        return None
+    newest = max(parse_iso(r.submitted_at) or v.now for r in trusted)
+    if (v.now - newest).total_seconds() < v.gh.review_quiet_seconds:
+        return Reaction()          # a review being written lands as one run
+    memory.reviews = sorted(seen | {r.id for r in trusted})
+    since = memory.comments_at or ""
+    comments = [{"author": c.author, "body": c.body} for c in obs.comments
+                if c.created_at > since and reviewer_trusted(c.author, c.association, trusted_reviewers)]
+    memory.comments_at = max([c.created_at for c in obs.comments] + [since])
+    threads = [{"path": t.path, "line": t.line, "author": t.author, "body": t.body} for t in obs.threads
+               if reviewer_trusted(t.author, t.association, trusted_reviewers)]
+    return Reaction(repair=RepairRequest(
+        "review_fix", "review", v.gh.review_fix_budget,
+        f"changes requested by {', '.join(sorted({r.author for r in trusted}))}",
+        {"reviews": [{"author": r.author, "body": r.body, "commit": r.commit,
+                      "comments": [{"path": c.path, "line": c.line, "body": c.body} for c in r.comments]}
+                     for r in trusted],
+         "threads": threads, "pr_comments": comments}))
+
+
+def _approval(v: PrView, memory: PrMemory, events: list[Event]) -> Reaction | None:
+    """Approved and green: ready for the merge queue (and, with github.auto_merge, GitHub is asked once per
+    head to merge it)."""
+    if v.obs.review_decision != "APPROVED" or v.ci not in ("success", "none"):
+        return None
+    state, head, n = v.row["factory_state"], v.obs.head_sha, v.obs.number
+    if state == "awaiting_queue" or not may_transition(state, "awaiting_queue"):
+        return Reaction()
+    ask = v.gh.auto_merge and memory.merge_head != head
+    if ask:
+        memory.merge_head = head
+    return Reaction(Decision(fields={"factory_state": transition(state, "awaiting_queue")}, outbox=(activity(
+        "response", f"Pull request #{n} is approved and green at {head[:8]}"
+                    + ("; I asked GitHub to merge it when ready." if ask else "; it is ready to merge.")),),
+        events=(Event("info", "github", f"pull request #{n} approved and green"),)), merge_when_ready=ask)
+
+
+def _settled(v: PrView, memory: PrMemory, events: list[Event]) -> Reaction | None:
+    """Nothing to act on: an issue waiting for the queue (or for its PR) is back to watching it."""
+    state = v.row["factory_state"]
+    if state in ("awaiting_queue", "ready_for_pr"):
+        return Reaction(Decision(fields={"factory_state": transition(state, "pr_open")}))
+    return Reaction()
+
+
+# The order is the rule of which cause wins when several hold at once: the first trigger that answers decides.
+PR_TRIGGERS: tuple[Callable[[PrView, PrMemory, list[Event]], Reaction | None], ...] = (
+    _queue_removal, _merge_conflict, _in_merge_queue, _ci_failure, _review, _approval, _settled)
+
+
+def grant_repair(row: dict, req: RepairRequest, counts: dict[str, int], head: str, number: int,
+                 now: dt.datetime) -> tuple[Decision, dict[str, int]]:
+    """The budget helper: a repair run within its budget (counted per failure signature), else escalation.
+    Returns the decision and the new counts."""
+    state, used, label = row["factory_state"], counts.get(req.budget_key, 0), run_label(req.run_type)
+    if used >= req.budget:
+        return Decision(fields={"factory_state": transition(state, "escalated")}, outbox=(activity(
+            "error", f"{req.what} on pull request #{number}, and {used} {label} run(s) did not fix it (budget "
+                     f"{req.budget}). A person needs to look: fix it on `{row.get('branch')}` and push, or run "
+                     f"`patchrelay retry {row['key']} --type {req.run_type}` to give me another try."),),
+            events=(Event("warn", "github", f"{req.what}: {label} budget of {req.budget} used up; escalated"),)), counts
+    ctx = {"trigger": req.what, "attempt": 1, "head": head, **req.context}
+    return Decision(
+        fields={"pending_run_type": req.run_type, "pending_context": json.dumps(ctx), "pending_since": iso(now),
+                "not_before": None, "retries": 0,
+                **({"factory_state": transition(state, "pr_open")} if state == "ready_for_pr" else {})},
+        outbox=(activity("thought", f"{req.what} on pull request #{number}; starting a {label} run "
+                                    f"({used + 1} of {req.budget})."),),
+        events=(Event("info", "github", f"{req.what}: {label} queued ({used + 1} of {req.budget})"),)), \
+        {**counts, req.budget_key: used + 1}
 
 
 def decide_pull_request(row: dict, snap: dict, obs: PullRequestObs, gh: GitHubConfig,
                         trusted_reviewers: tuple[str, ...], now: dt.datetime) -> PullRequestDecision:
-    """What a fresh observation of the issue's PR means. Reactive runs are decided only while the issue
-    is idle (no active or pending run); what changed meanwhile is decided from the snapshot after it."""
+    """What a fresh observation of the issue's PR means. A merge or a close ends the work; otherwise
+    reactive runs are decided only while the issue is idle (no active or pending run; what changed
+    meanwhile is decided from the snapshot after it), by the first of PR_TRIGGERS that answers."""
     state, head, n = row["factory_state"], obs.head_sha, obs.number
     ci, failing = ci_state(obs.checks)
     fields = pr_fields(obs, ci)
     active = bool(row.get("active_run_id"))
     if obs.merged or obs.state == "MERGED":
-        fields.update(factory_state=transition(state, "done"), pending_run_type=None, pending_context=None,
-                      pending_since=None, not_before=None)
+        fields.update(factory_state=transition(state, "done"), **NO_PENDING_RUN)
         inbox = (stop_message(row, f"pull request #{n} was merged"),) if active else ()
         return PullRequestDecision(Decision(
             fields=fields, inbox=inbox,
             outbox=(activity("response", f"Pull request #{n} was merged. Done."), plan("implementation", "completed"),
                     Outbound("issue_state", {"type": "completed"})),
-            events=(("info", "github", f"pull request #{n} merged: done"),)), {**snap, "head": head, "state": "MERGED"},
-            cleanup=True)
+            events=(Event("info", "github", f"pull request #{n} merged: done"),)),
+            {**snap, "head": head, "state": "MERGED"}, cleanup=True)
     if obs.state == "CLOSED":
-        fields.update(factory_state=transition(state, "failed"), pending_run_type=None, pending_context=None,
-                      pending_since=None, not_before=None)
+        fields.update(factory_state=transition(state, "failed"), **NO_PENDING_RUN)
         inbox = (stop_message(row, f"pull request #{n} was closed"),) if active else ()
         return PullRequestDecision(Decision(
             fields=fields, inbox=inbox,
             outbox=(activity("error", f"Pull request #{n} was closed without merging. I stopped working on it; the "
                                       f"worktree and branch `{row.get('branch')}` are kept. Reopen the pull request "
                                       "and run `patchrelay retry`, or delegate the issue again."),),
-            events=(("warn", "github", f"pull request #{n} closed without merging: failed"),)),
+            events=(Event("warn", "github", f"pull request #{n} closed without merging: failed"),)),
             {**snap, "head": head, "state": "CLOSED"})
     if active or row.get("pending_run_type"):
         return PullRequestDecision(Decision(fields=fields), snap)   # decided from the fresh snapshot after the run
 
-    acted = {k: (list(v) if isinstance(v, list) else v) for k, v in (snap.get("acted") or {}).items()}
-    counts = json.loads(row.get("repair_counts") or "{}")
-    events: list[tuple[str, str, str]] = []
+    memory = PrMemory.load(snap.get("acted"))
+    counts: dict[str, int] = json.loads(row.get("repair_counts") or "{}")
+    events: list[Event] = []
     if snap.get("head") and snap["head"] != head and head != row.get("pushed_sha"):
         if counts:
-            events.append(("info", "github", f"head {head[:8]} was pushed by someone else: repair budgets reset"))
+            events.append(Event("info", "github", f"head {head[:8]} was pushed by someone else: repair budgets reset"))
         counts = {}
     if ci == "success":
         counts = {k: v for k, v in counts.items() if not k.startswith("ci:")}
+    view = PrView(row, obs, gh, trusted_reviewers, now, ci, failing)
+    reaction = Reaction()
+    for trigger in PR_TRIGGERS:
+        answer = trigger(view, memory, events)
+        if answer is not None:
+            reaction = answer
+            break
+    decision = reaction.decision
+    if reaction.repair is not None:
+        decision, counts = grant_repair(row, reaction.repair, counts, head, n, now)
     new_snap = {"head": head, "state": obs.state, "ci": ci, "in_queue": obs.in_queue,
-                "checks": {c.name: c.conclusion or c.status for c in obs.checks}, "acted": acted}
+                "checks": {c.name: c.conclusion or c.status for c in obs.checks}, "acted": memory.dump()}
+    return PullRequestDecision(
+        merge_decisions(Decision(fields={**fields, "repair_counts": json.dumps(counts, sort_keys=True)},
+                                 events=tuple(events)), decision),
+        new_snap, failing=reaction.repair.failing if reaction.repair else (),
+        merge_when_ready=reaction.merge_when_ready)
 
-    def done(d: Decision, **kw: Any) -> PullRequestDecision:
-        d = _merge(Decision(fields={**fields, "repair_counts": json.dumps(counts, sort_keys=True)},
-                            events=tuple(events)), d)
-        return PullRequestDecision(d, new_snap, **kw)
 
-    def reactive(run_type: str, budget_key: str, budget: int, what: str, context: dict, **kw: Any
-                 ) -> PullRequestDecision:
-        used = counts.get(budget_key, 0)
-        label = run_label(run_type)
-        if used >= budget:
-            target = transition(state, "escalated")
-            return done(Decision(fields={"factory_state": target}, outbox=(activity(
-                "error", f"{what} on pull request #{n}, and {used} {label} run(s) did not fix it (budget "
-                         f"{budget}). A person needs to look: fix it on `{row.get('branch')}` and push, or run "
-                         f"`patchrelay retry {row['key']} --type {run_type}` to give me another try."),),
-                events=(("warn", "github", f"{what}: {label} budget of {budget} used up; escalated"),)), **kw)
-        counts[budget_key] = used + 1
-        ctx = {"trigger": what, "attempt": 1, "head": head, **context}
-        return done(Decision(
-            fields={"pending_run_type": run_type, "pending_context": json.dumps(ctx), "pending_since": iso(now),
-                    "not_before": None, "retries": 0,
-                    **({"factory_state": transition(state, "pr_open")} if state in ("ready_for_pr",) else {})},
-            outbox=(activity("thought", f"{what} on pull request #{n}; starting a {label} run "
-                                        f"({used + 1} of {budget})."),),
-            events=(("info", "github", f"{what}: {label} queued ({used + 1} of {budget})"),)), **kw)
+# ---- operator decisions: release, retry, and the next action `why` names
 
-    removals = [r for r in obs.removals if r[0] not in acted.get("removals", [])]
-    if removals and not obs.in_queue:
-        acted["removals"] = acted.get("removals", []) + [r[0] for r in removals]
-        reason = removals[-1][2]
-        return reactive("queue_repair", f"queue:{reason}", gh.queue_repair_budget,
-                        f"removed from the merge queue ({reason})", {"queue_reason": reason})
-    if obs.mergeable == "CONFLICTING" and acted.get("conflict_head") != head and not obs.in_queue:
-        acted["conflict_head"] = head
-        return reactive("queue_repair", "queue:conflict", gh.queue_repair_budget,
-                        "merge conflict with the base branch", {"queue_reason": "conflicts with the base branch"})
-    if obs.in_queue:
-        if state != "awaiting_queue" and "awaiting_queue" in TRANSITIONS.get(state, ()):
-            return done(Decision(fields={"factory_state": "awaiting_queue"}))
-        return done(Decision())
-    if ci == "failure" and acted.get("ci_head") != head:
-        acted["ci_head"] = head
-        names = sorted({c.name for c in failing})
-        base_ci, base_failing = ci_state(obs.base_checks)
-        if base_ci == "failure" and set(names) <= {c.name for c in base_failing}:
-            return done(Decision(outbox=(activity(
-                "response", f"CI fails on pull request #{n} ({', '.join(names)}), but the same checks fail on "
-                            f"`{obs.base_ref}` too. That is not this change: I am not repairing it and will wait "
-                            "for the base branch to be fixed."),),
-                events=(("warn", "github", f"base branch red ({', '.join(names)}): no repair"),)))
-        return reactive("ci_repair", "ci:" + ",".join(names), gh.ci_repair_budget,
-                        f"CI failed ({', '.join(names)})",
-                        {"checks": [{"name": c.name, "conclusion": c.conclusion, "url": c.url, "job_id": c.job_id,
-                                     "app": c.app, "title": c.title, "summary": c.summary, "text": c.text}
-                                    for c in failing]}, failing=failing)
-    seen_reviews = set(acted.get("reviews", []))
-    new_reviews = [r for r in obs.reviews if r.id not in seen_reviews and r.state == "CHANGES_REQUESTED"]
-    untrusted = [r for r in new_reviews if not reviewer_trusted(r.author, r.association, trusted_reviewers)]
-    trusted = [r for r in new_reviews if r not in untrusted]
-    if untrusted:
-        acted["reviews"] = sorted(seen_reviews | {r.id for r in untrusted})
-        seen_reviews = set(acted["reviews"])
-        for r in untrusted:
-            events.append(("warn", "trust", f"ignored review by {r.author} ({r.association or 'no association'}): "
-                                            "not a trusted reviewer"))
-    if trusted:
-        newest = max(parse_iso(r.submitted_at) or now for r in trusted)
-        if (now - newest).total_seconds() < gh.review_quiet_seconds:
-            return done(Decision())          # a review being written lands as one run
-        acted["reviews"] = sorted(seen_reviews | {r.id for r in trusted})
-        since = acted.get("comments_at") or ""
-        comments = [{"author": a, "body": b} for _, a, assoc, b, at in obs.comments
-                    if at > since and reviewer_trusted(a, assoc, trusted_reviewers)]
-        acted["comments_at"] = max([at for *_, at in obs.comments] + [since])
-        threads = [{"path": p, "line": ln, "author": a, "body": b} for p, ln, b, a, assoc in obs.threads
-                   if reviewer_trusted(a, assoc, trusted_reviewers)]
-        return reactive("review_fix", "review", gh.review_fix_budget,
-                        f"changes requested by {', '.join(sorted({r.author for r in trusted}))}",
-                        {"reviews": [{"author": r.author, "body": r.body, "commit": r.commit,
-                                      "comments": [{"path": p, "line": ln, "body": b} for p, ln, b in r.comments]}
-                                     for r in trusted],
-                         "threads": threads, "pr_comments": comments})
-    if obs.review_decision == "APPROVED" and ci in ("success", "none"):
-        if state != "awaiting_queue" and "awaiting_queue" in TRANSITIONS.get(state, ()):
-            ask = gh.auto_merge and acted.get("merge_head") != head
-            if ask:
-                acted["merge_head"] = head
-            return done(Decision(fields={"factory_state": "awaiting_queue"}, outbox=(activity(
-                "response", f"Pull request #{n} is approved and green at {head[:8]}"
-                            + ("; I asked GitHub to merge it when ready." if ask else "; it is ready to merge.")),),
-                events=(("info", "github", f"pull request #{n} approved and green"),)), merge_when_ready=ask)
-        return done(Decision())
-    if state == "awaiting_queue" or state == "ready_for_pr":
-        return done(Decision(fields={"factory_state": transition(state, "pr_open")}))
-    return done(Decision())
+def decide_release(row: dict, reason: str, who: str) -> Decision:
+    """`patchrelay release`: PatchRelay lets the issue go (closed, pending run dropped); its session is told."""
+    if row["active_run_id"]:
+        raise UsageError(f"issue {row['key']}: run {row['active_run_id']} is active; `patchrelay stop` it first")
+    state = row["factory_state"]
+    fields = {**NO_PENDING_RUN, "factory_state": state if state in CLOSED_STATES else transition(state, "canceled")}
+    return Decision(fields=fields, outbox=(activity(
+        "response", f"An operator released {row['key']} from PatchRelay: {reason}. I will not work on it "
+                    "unless it is delegated to me again."),),
+        events=(Event("info", "release", f"released by {who}: {reason}"),))
 
+
+def decide_retry(row: dict, run_type: str, reason: str, now: str) -> Decision:
+    """`patchrelay retry`: a new run of `run_type` queued, its repair budgets re-armed. A usage error when the
+    issue cannot take one (a run is active, no pull request for a repair, a state that allows none)."""
+    if row["active_run_id"]:
+        raise UsageError(f"issue {row['key']}: run {row['active_run_id']} is active; `patchrelay stop` it first")
+    ctx = {"trigger": "patchrelay retry" + (f": {reason}" if reason else ""), "attempt": 1, "reason": reason}
+    if run_type == "implementation":
+        target = "delegated"
+    elif not row["pr_number"]:
+        raise UsageError(f"issue {row['key']}: a {run_label(run_type)} run needs a pull request, and "
+                         f"{row['key']} has none; use --type implementation")
+    else:
+        target = "pr_open"
+    try:
+        transition(target, CLAIM_STATE[run_type])
+        new_state = transition(row["factory_state"], target)
+    except IllegalTransition:
+        raise UsageError(f"issue {row['key']}: cannot queue a {run_label(run_type)} run from state "
+                         f"{row['factory_state']}") from None
+    fields = {"pending_run_type": run_type, "pending_context": json.dumps(ctx), "pending_since": now,
+              "not_before": None, "retries": 0, "factory_state": new_state, "repair_counts": "{}"}
+    return Decision(fields=fields, events=(
+        Event("info", "retry", f"{run_label(run_type)} run queued by operator" + (f": {reason}" if reason else "")),))
+
+
+@dataclass(frozen=True)
+class Gates:
+    """What stands between an issue and its next step (read by `why`)."""
+    active: dict | None                 # the active run row
+    worker_alive: bool
+    paused_runner: bool
+    paused_issue: bool
+    holders: tuple[str, ...]            # issues whose runs hold the concurrency slots
+    max_runs: int
+    token_hold: str | None
+
+
+def next_action(row: dict, g: Gates, now: dt.datetime) -> str:
+    """The one next step for an issue, and who takes it, in words."""
+    st, pending = row["factory_state"], row["pending_run_type"]
+    if g.active:
+        return f"wait: {run_label(g.active['run_type'])} run {g.active['id']} is {g.active['status']}" + \
+            ("" if g.worker_alive else "; its worker is gone, the next tick resolves it")
+    if st in CLOSED_STATES:
+        return f"nothing: the issue is {st}; reopen or delegate it again in Linear to continue"
+    if pending:
+        not_before = parse_iso(row["not_before"])
+        if g.paused_runner or g.paused_issue:
+            return "a person: `patchrelay resume`" + ("" if g.paused_runner else f" {row['key']}")
+        if not_before and not_before > now:
+            return f"launch the {run_label(pending)} run after {row['not_before']} (retry backoff)"
+        if len(g.holders) >= g.max_runs:
+            return f"launch the {run_label(pending)} run when a slot frees ({', '.join(g.holders)})"
+        if g.token_hold:
+            return f"wait: {g.token_hold}"
+        return f"launch the {run_label(pending)} run at the next tick"
+    if st == "escalated":
+        return f"a person: fix the pull request, or `patchrelay retry {row['key']} --type ci_repair` (or " \
+               "review_fix, queue_repair) to re-arm the budget"
+    if st == "awaiting_input":
+        return "a person: reply in Linear (or `patchrelay retry`) — the agent is waiting"
+    if st == "failed":
+        return f"a person: see `patchrelay show {row['key']}`, then `patchrelay retry {row['key']}`"
+    if st == "ready_for_pr":
+        return "open the pull request at the next tick"
+    if st in ("pr_open", "awaiting_queue"):
+        return "watch the pull request: CI, reviews and the merge queue decide the next run"
+    return "wait for the next tick"
+
+
+
+# ---- prompts and reports
 
 DEFAULT_WORKFLOW = {
     "workspace-write": (
@@ -4032,8 +4335,8 @@ def apply_decision(store: Store, row: dict | None, d: Decision, run_id: int | No
     elif row is not None:
         store.update_issue(row["id"], d.fields)
     if issue_id is not None:
-        for kind, body, author, source, source_id, *rest in d.inbox:
-            store.add_inbox(issue_id, kind, body, author, source, source_id, rest[0] if rest else None)
+        for m in d.inbox:
+            store.add_inbox(issue_id, m.kind, m.body, m.author, m.source, m.source_id, m.run_id)
     session = d.fields.get("agent_session_id") or (row or {}).get("agent_session_id")
     for ob in d.outbox:
         if ob.kind == "session_link":
@@ -4092,8 +4395,8 @@ def publish(cfg: Config, store: Store, client: LinearClient | None, issue_id: in
     if rows and client is None:
         return {"sent": 0, "queued": len(rows), "failed": 0}
     budget = store.budget("linear") or {}
-    until = parse_iso(budget.get("limited_until"))
-    if rows and until and until > utcnow():
+    until = rate_limited_until(budget, utcnow())
+    if rows and until:
         return {"sent": 0, "failed": 0, "queued": len(rows), "skipped": f"rate limited until {iso(until)}"}
     p = _Publisher(cfg, store, client)
     try:
@@ -4956,9 +5259,8 @@ def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
 
 def intake(ctx: TickContext) -> dict:
     cfg, store = ctx.cfg, ctx.store
-    budget = store.budget("linear")
-    until = parse_iso((budget or {}).get("limited_until"))
-    if until and until > utcnow():
+    until = rate_limited_until(store.budget("linear"), utcnow())
+    if until:
         ctx.note(f"Linear rate limit: skipping intake until {iso(until)}")
         return {"skipped": "rate limited", "until": iso(until)}
     lc = ctx.linear()
@@ -5026,17 +5328,8 @@ def _intake_session(ctx: TickContext, s: LinearSession, obs: LinearIssue | None,
     if project is None:
         if not known:
             store.upsert_session(s.id, None, s.creator.label(), False, s.updated_at, s.updated_at)
-            msg = f"{obs.key if obs else '?'}: agent session but no project routes it " \
-                  "(check issue_key_prefixes / linear_team_keys / linear_team_ids)"
-            store.add_event(None, "intake", msg, "warn", issue_key=obs.key if obs else None)
             store.mark_seen(f"unrouted:{obs.id}" if obs else f"unrouted-session:{s.id}")
-            team = (obs.team_key if obs else None) or "?"
-            # the person who delegated is told, in the session, instead of facing silence
-            store.add_outbox(None, "activity", s.id, {"content": {"type": "response", "body": (
-                f"No project of this PatchRelay takes team {team}, so I cannot work on "
-                f"{obs.key if obs else 'this issue'}; ask the operator to route it (projects[].linear_team_keys "
-                "or issue_key_prefixes).")}, "ephemeral": False})
-            notes.append(msg)
+            _unrouted(store, decide_unrouted(obs, s.id), obs, notes)
         return
     row = store.issue_by_linear_id(obs.id)
     if known is None:
@@ -5072,6 +5365,15 @@ def _intake_session(ctx: TickContext, s: LinearSession, obs: LinearIssue | None,
                          max([a.created_at for a in acts] + [known["activity_cursor"] or ""]) or None, s.updated_at)
 
 
+def _unrouted(store: Store, d: Decision, obs: LinearIssue | None, notes: list[str]) -> None:
+    """Record an unrouted delegation or session: its event, and the answer in its session (if any)."""
+    for ob in d.outbox:
+        store.add_outbox(None, ob.kind, d.fields["agent_session_id"], ob.payload)
+    for e in d.events:
+        store.add_event(None, e.kind, e.message, e.level, issue_key=obs.key if obs else None)
+        notes.append(e.message)
+
+
 def _intake_issue(ctx: TickContext, obs: LinearIssue, ident: Identity, now: str, summary: dict,
                   notes: list[str]) -> None:
     cfg, store = ctx.cfg, ctx.store
@@ -5083,10 +5385,7 @@ def _intake_issue(ctx: TickContext, obs: LinearIssue, ident: Identity, now: str,
             key = f"unrouted:{obs.id}"
             if not store.seen(key):
                 store.mark_seen(key)
-                store.add_event(None, "intake", f"{obs.key}: delegated but no project routes it "
-                                                "(check issue_key_prefixes / linear_team_keys)", "warn",
-                                issue_key=obs.key)
-                notes.append(f"{obs.key}: delegated but no project routes it")
+                _unrouted(store, decide_unrouted(obs, None), obs, notes)
         return
     d = decide_issue(row, obs, ident, project.id, now,
                      session_required=ident.app_mode and project.trusted_actors.configured)
@@ -5142,9 +5441,8 @@ def observe(ctx: TickContext) -> dict:
     request per repository and 50 issues, at most every github.poll_interval seconds per repository and
     at once after our own push. Opens missing pull requests, then decides from each observation."""
     cfg, store = ctx.cfg, ctx.store
-    budget = store.budget("github")
-    until = parse_iso((budget or {}).get("limited_until"))
-    if until and until > utcnow():
+    until = rate_limited_until(store.budget("github"), utcnow())
+    if until:
         ctx.note(f"GitHub rate limit: not observing until {iso(until)}")
         return {"skipped": "rate limited", "until": iso(until)}
     by_repo: dict[str, list[dict]] = {}
@@ -5226,7 +5524,7 @@ def _observe_issue(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs
             return
         with store.tx():
             fresh = store.issue_by_id(row["id"])
-            apply_decision(store, fresh, decide_pr_opened(fresh, obs, cfg.linear.review_state, adopter))
+            apply_decision(store, fresh, decide_pr_opened(fresh, opened_from(obs), cfg.linear.review_state, adopter))
             store.update_issue(row["id"], {"gh_observed_at": None})
         ctx.note(f"{row['key']}: " + (f"adopted pull request #{obs.number} (opened by {adopter})" if adopter
                                       else f"opened pull request #{obs.number}"))
@@ -5304,8 +5602,7 @@ def launch(ctx: TickContext) -> dict:
             run_id = claim(cfg, store, issue["id"], project)
         except IllegalTransition as e:
             with store.tx():  # never let one bad pending run block the others
-                store.update_issue(issue["id"], {"pending_run_type": None, "pending_context": None,
-                                                 "pending_since": None})
+                store.update_issue(issue["id"], NO_PENDING_RUN)
                 store.add_event(issue["id"], "run", f"pending {issue['pending_run_type']} run dropped: {e}", "error")
             ctx.note(f"{issue['key']}: pending run dropped: {e}")
             continue
@@ -5763,7 +6060,7 @@ def status_cmd(c: Ctx, as_json: bool, show_all: bool) -> None:
                f"/{b['requests_limit'] or '?'} requests left"
         if b["complexity_remaining"] is not None:
             line += f", {b['complexity_remaining']} complexity points left"
-        if b["limited_until"] and (parse_iso(b["limited_until"]) or utcnow()) > utcnow():
+        if rate_limited_until(b, utcnow()):
             line += f"; rate limited until {b['limited_until']}"
         click.echo(line)
     for name in ("linear", "github"):
@@ -5886,10 +6183,7 @@ def run_cmd(c: Ctx, issue: str | None, run_id: int | None, force: bool) -> None:
         if project is None:
             raise UsageError(f"issue {obs.key}: no project routes it (check issue_key_prefixes / linear_team_keys)")
         with store.tx():
-            d = _merge(Decision(fields={**observed_fields(obs, None), "project_id": project.id,
-                                        "linear_id": obs.id, "factory_state": "delegated"}),
-                       start_work(None, "patchrelay run", None, obs.key, iso()))
-            apply_decision(store, None, d)
+            apply_decision(store, None, adopt_issue(obs, project.id, "patchrelay run", None, iso()))
         row = store.issue_by_key(obs.key)
     if row["active_run_id"]:
         raise UsageError(f"issue {row['key']}: run {row['active_run_id']} is already active")
@@ -6097,15 +6391,7 @@ def release_cmd(c: Ctx, issue: str, reason: str) -> None:
     store = c.store(verify=True)
     with store.tx():
         row = _issue_or_fail(store, issue)
-        if row["active_run_id"]:
-            raise UsageError(f"issue {row['key']}: run {row['active_run_id']} is active; `patchrelay stop` it first")
-        state = row["factory_state"]
-        fields = {"pending_run_type": None, "pending_context": None, "pending_since": None, "not_before": None,
-                  "factory_state": state if state in CLOSED_STATES else transition(state, "canceled")}
-        apply_decision(store, row, Decision(fields=fields, outbox=(activity(
-            "response", f"An operator released {row['key']} from PatchRelay: {reason}. I will not work on it "
-                        "unless it is delegated to me again."),),
-            events=(("info", "release", f"released by {_who()}: {reason}"),)))
+        apply_decision(store, row, decide_release(row, reason, _who()))
     click.echo(f"{row['key']}: released; the Linear session is told at the next tick")
 
 
@@ -6143,7 +6429,6 @@ def why_cmd(c: Ctx, issue: str, as_json: bool) -> None:
     alive = bool(active) and process_alive(active["worker_pid"], active["worker_started"])
     gate("active run", not active, {"id": active["id"], "type": active["run_type"], "status": active["status"],
                                    "worker_alive": alive} if active else None)
-    nb = parse_iso(row["not_before"])
     gate("pending run", bool(row["pending_run_type"]), {"type": row["pending_run_type"],
                                                         "not_before": row["not_before"]} if row["pending_run_type"]
          else None)
@@ -6157,41 +6442,14 @@ def why_cmd(c: Ctx, issue: str, as_json: bool) -> None:
     gate("token caps", not hold, hold or {"issue": spent_issue, "issue_cap": c_.max_tokens_per_issue,
                                           "today": spent_day, "day_cap": c_.max_tokens_per_day,
                                           "run_cap": c_.max_tokens_per_run})
-    waits = {b["api"]: b["limited_until"] for b in store.budgets()
-             if b["limited_until"] and (parse_iso(b["limited_until"]) or utcnow()) > utcnow()}
+    waits = {b["api"]: b["limited_until"] for b in store.budgets() if rate_limited_until(b, utcnow())}
     gate("rate limits", not waits, waits or "none")
     queued = store.outbox_queued(row["id"])
     lag = max((age_seconds(o["created_at"]) or 0 for o in queued), default=0)
     gate("Linear outbox", not queued, f"{len(queued)} queued, oldest {_age(lag)}" if queued else "empty")
     st = row["factory_state"]
-    if active:
-        nxt = f"wait: {run_label(active['run_type'])} run {active['id']} is {active['status']}" + \
-            ("" if alive else "; its worker is gone, the next tick resolves it")
-    elif st in CLOSED_STATES:
-        nxt = f"nothing: the issue is {st}; reopen or delegate it again in Linear to continue"
-    elif row["pending_run_type"]:
-        if paused_global or paused_issue:
-            nxt = "a person: `patchrelay resume`" + ("" if paused_global else f" {row['key']}")
-        elif nb and nb > utcnow():
-            nxt = f"launch the {run_label(row['pending_run_type'])} run after {row['not_before']} (retry backoff)"
-        elif len(holders) >= cfg.runner.max_concurrent_runs:
-            nxt = f"launch the {run_label(row['pending_run_type'])} run when a slot frees ({', '.join(holders)})"
-        elif hold:
-            nxt = f"wait: {hold}"
-        else:
-            nxt = f"launch the {run_label(row['pending_run_type'])} run at the next tick"
-    elif st == "escalated":
-        nxt = f"a person: fix the pull request, or `patchrelay retry {row['key']} --type ci_repair` (or review_fix, " \
-              "queue_repair) to re-arm the budget"
-    elif st in ("failed", "awaiting_input"):
-        nxt = "a person: reply in Linear (or `patchrelay retry`) — the agent is waiting" if st == "awaiting_input" \
-            else f"a person: see `patchrelay show {row['key']}`, then `patchrelay retry {row['key']}`"
-    elif st == "ready_for_pr":
-        nxt = "open the pull request at the next tick"
-    elif st in ("pr_open", "awaiting_queue"):
-        nxt = "watch the pull request: CI, reviews and the merge queue decide the next run"
-    else:
-        nxt = "wait for the next tick"
+    nxt = next_action(row, Gates(active, alive, bool(paused_global), bool(paused_issue), tuple(holders),
+                                 cfg.runner.max_concurrent_runs, hold), utcnow())
     out = {"issue": row["key"], "tracked": True, "factory_state": st, "gates": gates, "next": nxt}
     if as_json:
         _dump(out)
@@ -6236,27 +6494,9 @@ def retry_cmd(c: Ctx, issue: str, run_type: str, reason: str, as_json: bool) -> 
 
 def _queue_retry(store: Store, issue: str, run_type: str, reason: str) -> dict:
     row = _issue_or_fail(store, issue)
-    if row["active_run_id"]:
-        raise UsageError(f"issue {row['key']}: run {row['active_run_id']} is active; `patchrelay stop` it first")
-    ctx = {"trigger": "patchrelay retry" + (f": {reason}" if reason else ""), "attempt": 1, "reason": reason}
-    if run_type == "implementation":
-        target = "delegated"
-    elif not row["pr_number"]:
-        raise UsageError(f"issue {row['key']}: a {run_label(run_type)} run needs a pull request, and "
-                         f"{row['key']} has none; use --type implementation")
-    else:
-        target = "pr_open"
-    try:
-        transition(target, CLAIM_STATE[run_type])
-        new_state = transition(row["factory_state"], target)
-    except IllegalTransition:
-        raise UsageError(f"issue {row['key']}: cannot queue a {run_label(run_type)} run from state "
-                         f"{row['factory_state']}") from None
-    fields = {"pending_run_type": run_type, "pending_context": json.dumps(ctx), "pending_since": iso(),
-              "not_before": None, "retries": 0, "factory_state": new_state, "repair_counts": "{}"}
-    apply_decision(store, row, Decision(fields=fields, events=(
-        ("info", "retry", f"{run_label(run_type)} run queued by operator" + (f": {reason}" if reason else "")),)))
-    return {"issue": row["key"], "queued": run_type, "reason": reason, "factory_state": fields["factory_state"]}
+    d = decide_retry(row, run_type, reason, iso())
+    apply_decision(store, row, d)
+    return {"issue": row["key"], "queued": run_type, "reason": reason, "factory_state": d.fields["factory_state"]}
 
 
 # ---- doctor: one check per area; every FAIL names its fix
