@@ -91,7 +91,7 @@ class UsageError(PatchRelayError):
 
 
 class StoreError(PatchRelayError):
-    pass
+    """The database cannot be opened, read or written."""
 
 
 class ApiError(PatchRelayError):
@@ -152,7 +152,6 @@ class IllegalTransition(PatchRelayError):
 RUN_TYPES = ("implementation", "ci_repair", "review_fix", "queue_repair")
 FINAL_STATES = frozenset({"done", "canceled", "failed", "escalated"})
 CLOSED_STATES = frozenset({"done", "canceled"})
-ACTIVE_RUN_STATUSES = ("claimed", "running")
 TOKEN_ENV_ALWAYS_STRIPPED = ("LINEAR_API_KEY", "GITHUB_TOKEN", "GH_TOKEN", "GH_ENTERPRISE_TOKEN",
                              "GITHUB_ENTERPRISE_TOKEN")
 ISSUE_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,9}-[0-9]{1,9}", re.ASCII)
@@ -416,7 +415,7 @@ class _Section:
     def key(self, k: str) -> str:
         return self._p(self.path, k)
 
-    def str(self, k: str, default: Any = None, required: bool = False, choices: Iterable[str] | None = None,
+    def text(self, k: str, default: Any = None, required: bool = False, choices: Iterable[str] | None = None,
             allow_empty: bool = False, path: bool = False) -> Any:
         v = self.raw.get(k)
         if v is None:
@@ -437,7 +436,7 @@ class _Section:
             raise ConfigError(f"{self.key(k)}: expected one of {', '.join(choices)}, got {v!r}")
         return v
 
-    def num(self, k: str, default: float, minimum: float | None = None, integer: bool = False,
+    def num(self, k: str, default: float | None, minimum: float | None = None, integer: bool = False,
             maximum: float | None = None) -> Any:
         """A number within bounds; by default at most 1000 for counts and 7 days for seconds."""
         v = self.raw.get(k)
@@ -461,7 +460,7 @@ class _Section:
             raise ConfigError(f"{self.key(k)}: must be at least {minimum:g}, got {v}")
         return int(v) if integer else float(v)
 
-    def bool(self, k: str, default: bool) -> bool:
+    def flag(self, k: str, default: bool) -> bool:
         v = self.raw.get(k)
         if v is None:
             return default
@@ -517,14 +516,14 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
     linear = LinearConfig(
         api_url=_url(ls, "api_url", LinearConfig.api_url),
         token_env=_envname(ls, "token_env", LinearConfig.token_env),
-        mode=ls.str("mode", "auto", choices=("auto", "app", "user")),
+        mode=ls.text("mode", "auto", choices=("auto", "app", "user")),
         delegation=delegation,
-        delegation_label=ls.str("delegation_label", LinearConfig.delegation_label),
+        delegation_label=ls.text("delegation_label", LinearConfig.delegation_label),
         poll_overlap=ls.num("poll_overlap", 10.0, minimum=0),
         timeout=ls.num("timeout", 30.0, minimum=0.1),
         retry_attempts=lr.num("attempts", 4, minimum=1, integer=True),
         retry_max_wait=lr.num("max_wait", 30.0, minimum=0),
-        review_state=ls.str("review_state", LinearConfig.review_state),
+        review_state=ls.text("review_state", LinearConfig.review_state),
         max_writes_per_tick=ls.num("max_writes_per_tick", 1000, minimum=1, integer=True, maximum=5000),
     )
 
@@ -537,13 +536,13 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
         api_url=gh_api,
         graphql_url=_url(gs, "graphql_url", gh_api + "/graphql"),
         token_env=_envname(gs, "token_env", GitHubConfig.token_env),
-        use_gh_cli=gs.bool("use_gh_cli", True),
+        use_gh_cli=gs.flag("use_gh_cli", True),
         timeout=gs.num("timeout", 30.0, minimum=0.1),
         retry_attempts=gr.num("attempts", 3, minimum=1, integer=True),
         retry_max_wait=gr.num("max_wait", 30.0, minimum=0),
         poll_interval=gs.num("poll_interval", 30.0, minimum=0),
-        draft_prs=gs.bool("draft_prs", False),
-        auto_merge=gs.bool("auto_merge", False),
+        draft_prs=gs.flag("draft_prs", False),
+        auto_merge=gs.flag("auto_merge", False),
         review_quiet_seconds=gs.num("review_quiet_seconds", 60.0, minimum=0),
         ci_repair_budget=gs.num("ci_repair_budget", 2, minimum=0, integer=True),
         queue_repair_budget=gs.num("queue_repair_budget", 2, minimum=0, integer=True),
@@ -554,17 +553,17 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
                            "approval_decision", "sandbox", "developer_instructions", "request_timeout",
                            "stall_timeout", "turn_timeout", "max_follow_up_turns", "max_tokens_per_run",
                            "max_tokens_per_issue", "max_tokens_per_day"])
-    home = cs.str("home", path=True)
+    home = cs.text("home", path=True)
     codex = CodexConfig(
-        bin=cs.str("bin", "codex"),
+        bin=cs.text("bin", "codex"),
         args=cs.strlist("args", ("app-server",)),
         home=_path(home, base) if home else None,
-        model=cs.str("model"),
-        model_provider=cs.str("model_provider"),
-        approval_policy=cs.str("approval_policy", "never", choices=("never", "on-request", "untrusted")),
-        approval_decision=cs.str("approval_decision", "decline", choices=("accept", "decline", "cancel")),
-        sandbox=cs.str("sandbox", "workspace-write", choices=("read-only", "workspace-write", "danger-full-access")),
-        developer_instructions=cs.str("developer_instructions"),
+        model=cs.text("model"),
+        model_provider=cs.text("model_provider"),
+        approval_policy=cs.text("approval_policy", "never", choices=("never", "on-request", "untrusted")),
+        approval_decision=cs.text("approval_decision", "decline", choices=("accept", "decline", "cancel")),
+        sandbox=cs.text("sandbox", "workspace-write", choices=("read-only", "workspace-write", "danger-full-access")),
+        developer_instructions=cs.text("developer_instructions"),
         request_timeout=cs.num("request_timeout", 60.0, minimum=1),
         stall_timeout=cs.num("stall_timeout", 600.0, minimum=1),
         turn_timeout=cs.num("turn_timeout", 3600.0, minimum=1),
@@ -574,20 +573,20 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
     )
 
     ds = top.sub("database", ["path", "retention_days"])
-    db = ds.str("path", path=True)
+    db = ds.text("path", path=True)
     database_path = _path(db, base) if db else default_state_dir() / "patchrelay.sqlite"
 
     rs = top.sub("runner", ["max_concurrent_runs", "paused", "retry_budget", "retry_backoff", "hook_timeout",
                             "inbox_poll_interval", "git_author_name", "git_author_email"])
     runner = RunnerConfig(
         max_concurrent_runs=rs.num("max_concurrent_runs", 2, minimum=1, integer=True),
-        paused=rs.bool("paused", False),
+        paused=rs.flag("paused", False),
         retry_budget=rs.num("retry_budget", 2, minimum=0, integer=True),
         retry_backoff=rs.num("retry_backoff", 60.0, minimum=0),
         hook_timeout=rs.num("hook_timeout", 300.0, minimum=1),
         inbox_poll_interval=rs.num("inbox_poll_interval", 1.0, minimum=0.05),
-        git_author_name=rs.str("git_author_name", RunnerConfig.git_author_name),
-        git_author_email=rs.str("git_author_email", RunnerConfig.git_author_email),
+        git_author_name=rs.text("git_author_name", RunnerConfig.git_author_name),
+        git_author_email=rs.text("git_author_email", RunnerConfig.git_author_email),
     )
 
     projects_raw = top.raw.get("projects")
@@ -606,7 +605,7 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
 
 
 def _url(s: _Section, k: str, default: str) -> str:
-    v = s.str(k, default)
+    v = s.text(k, default)
     if not re.match(r"^https?://[^\s/]+", v):
         raise ConfigError(f"{s.key(k)}: expected an http(s) URL, got {v!r}")
     return v
@@ -616,7 +615,7 @@ _TOKEN_SHAPED = re.compile(r"^(lin_(api|oauth)_|gh[pousr]_|github_pat_)")
 
 
 def _envname(s: _Section, k: str, default: str) -> str:
-    v = s.str(k, default)
+    v = s.text(k, default)
     if _TOKEN_SHAPED.search(v):
         raise ConfigError(f"{s.key(k)}: looks like a token, not the NAME of an environment variable "
                           "(tokens are never read from the config file; remove it from the file)")
@@ -630,19 +629,19 @@ def _parse_project(raw: Any, path: str, base: Path | None) -> ProjectConfig:
     s = _Section(raw, path, ["id", "repo_path", "github_repo", "base_branch", "worktree_root", "branch_prefix",
                              "issue_key_prefixes", "linear_team_keys", "linear_team_ids", "trusted_actors",
                              "trusted_reviewers"])
-    pid = s.str("id", required=True)
+    pid = s.text("id", required=True)
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", pid):
         raise ConfigError(f"{path}.id: expected letters, digits, '.', '_' or '-', got {pid!r}")
-    repo_path = _path(s.str("repo_path", required=True, path=True), base)
-    gh = s.str("github_repo", required=True)
+    repo_path = _path(s.text("repo_path", required=True, path=True), base)
+    gh = s.text("github_repo", required=True)
     if not re.match(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$", gh):
         raise ConfigError(f'{path}.github_repo: expected "owner/name", got "{gh}"')
-    base_branch = s.str("base_branch", "main")
+    base_branch = s.text("base_branch", "main")
     if not _valid_ref_component(base_branch):
         raise ConfigError(f"{path}.base_branch: not a valid branch name: {base_branch!r}")
-    wt = s.str("worktree_root", path=True)
+    wt = s.text("worktree_root", path=True)
     worktree_root = _path(wt, base) if wt else default_data_dir() / "worktrees" / pid
-    prefix = s.str("branch_prefix") or _slug(pid) or "patchrelay"
+    prefix = s.text("branch_prefix") or _slug(pid) or "patchrelay"
     if not _valid_ref_component(prefix):
         raise ConfigError(f"{path}.branch_prefix: not a valid branch name prefix: {prefix!r}")
     ta = s.sub("trusted_actors", ["ids", "names", "emails", "email_domains"])
@@ -749,7 +748,8 @@ def load_config(explicit: str | None = None) -> Config:
 
 def resolve_project(cfg: Config, issue_key: str | None, team_key: str | None, team_id: str | None
                     ) -> ProjectConfig | None:
-    """Exactly one matching project, else None. A lone project without routing keys matches all (G-L1)."""
+    """Exactly one matching project, else None. A lone project without routing keys takes every issue (with
+    several projects, each must say which issues it takes)."""
     prefix = (issue_key or "").split("-", 1)[0].upper()
     tk = (team_key or "").upper()
     matches = []
@@ -1044,6 +1044,13 @@ def read_only_file(path: Path) -> bool:
 
 
 class Store:
+    """The SQLite database: every SQL statement of the program. It owns the connection (WAL, busy timeout,
+    foreign keys), the schema and its forward migrations (PRAGMA user_version), and the transaction depth
+    (`tx` nests; `savepoint` undoes one unit inside it). Tables: issues (one row per tracked Linear issue:
+    factory state, pending run, branch and worktree, PR fields, GitHub snapshot), runs, inbox (tick ->
+    worker: prompts and stops), outbox (decisions -> Linear), sessions, seen (dedup keys), cursors,
+    events, api_budget, ticks and meta. Rows come back as plain dicts."""
+
     def __init__(self, path: Path, readonly: bool = False, verify: bool = False):
         """`verify`: check the file (PRAGMA quick_check) before anything is written to it, and refuse a
         damaged one (an operator's write)."""
@@ -1150,6 +1157,18 @@ class Store:
         finally:
             self._sp -= 1
 
+    @staticmethod
+    def _inserted(cur: sqlite3.Cursor) -> int:
+        if cur.lastrowid is None:
+            raise StoreError("an INSERT gave no row id")
+        return cur.lastrowid
+
+    @staticmethod
+    def _required(row: dict | None, what: str) -> dict:
+        if row is None:
+            raise StoreError(f"{what}: not in the database")
+        return row
+
     def _one(self, sql: str, args: tuple = ()) -> dict | None:
         r = self.db.execute(sql, args).fetchone()
         return dict(r) if r else None
@@ -1179,14 +1198,15 @@ class Store:
     def issue_by_id(self, issue_id: int) -> dict | None:
         return self._one("SELECT * FROM issues WHERE id = ?", (issue_id,))
 
+    def issue(self, issue_id: int) -> dict:
+        """An issue that must exist (a run's, a claim's)."""
+        return self._required(self.issue_by_id(issue_id), f"issue {issue_id}")
+
     def issue_by_linear_id(self, linear_id: str) -> dict | None:
         return self._one("SELECT * FROM issues WHERE linear_id = ?", (linear_id,))
 
     def issue_by_key(self, key: str) -> dict | None:
         return self._one("SELECT * FROM issues WHERE key = ? COLLATE NOCASE ORDER BY id DESC LIMIT 1", (key,))
-
-    def issues_all(self) -> list[dict]:
-        return self._all("SELECT * FROM issues ORDER BY updated_at DESC, id DESC")
 
     def issues_listed(self, changed_since: str | None = None, state: str | None = None,
                       project: str | None = None, limit: int | None = None) -> list[dict]:
@@ -1234,7 +1254,7 @@ class Store:
         cols = list(fields) + ["created_at", "updated_at"]
         cur = self.db.execute(f"INSERT INTO issues ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                               [*fields.values(), now, now])
-        return cur.lastrowid
+        return self._inserted(cur)
 
     def update_issue(self, issue_id: int, fields: Mapping[str, Any]) -> None:
         if not fields:
@@ -1260,6 +1280,10 @@ class Store:
     def run_by_id(self, run_id: int) -> dict | None:
         return self._one("SELECT * FROM runs WHERE id = ?", (run_id,))
 
+    def run(self, run_id: int) -> dict:
+        """A run that must exist."""
+        return self._required(self.run_by_id(run_id), f"run {run_id}")
+
     def runs_for_issue(self, issue_id: int) -> list[dict]:
         return self._all("SELECT * FROM runs WHERE issue_id = ? ORDER BY id DESC", (issue_id,))
 
@@ -1271,7 +1295,8 @@ class Store:
         """Tokens spent by runs (of one issue, or claimed since a time), without one run."""
         if self.schema_version() < 8:       # read-only and not migrated: runs before spend was recorded
             return 0
-        sql, args = "SELECT COALESCE(SUM(tokens_spent), 0) FROM runs WHERE id != ?", [excluding_run or 0]
+        sql = "SELECT COALESCE(SUM(tokens_spent), 0) FROM runs WHERE id != ?"
+        args: list[Any] = [excluding_run or 0]
         if issue_id is not None:
             sql, args = sql + " AND issue_id = ?", args + [issue_id]
         if since is not None:
@@ -1316,7 +1341,7 @@ class Store:
 
     def add_turn_id(self, run_id: int, turn_id: str) -> None:
         with self.tx():
-            run = self.run_by_id(run_id)
+            run = self.run(run_id)
             turns = json.loads(run["turn_ids"] or "[]")
             if turn_id not in turns:
                 turns.append(turn_id)
@@ -1358,18 +1383,16 @@ class Store:
         cur = self.db.execute(
             "INSERT INTO outbox (issue_id, kind, session_id, client_id, payload, created_at) VALUES (?, ?, ?, ?, ?, ?)",
             (issue_id, kind, session_id, str(uuid.uuid4()), json.dumps(payload), iso()))
-        return cur.lastrowid
+        return self._inserted(cur)
 
     def outbox_client_id(self, outbox_id: int) -> str:
-        return self._one("SELECT client_id FROM outbox WHERE id = ?", (outbox_id,))["client_id"]
+        return self._required(self._one("SELECT client_id FROM outbox WHERE id = ?", (outbox_id,)),
+                              f"outbox row {outbox_id}")["client_id"]
 
     def outbox_queued(self, issue_id: int | None = None) -> list[dict]:
         if issue_id is None:
             return self._all("SELECT * FROM outbox WHERE status = 'queued' ORDER BY id")
         return self._all("SELECT * FROM outbox WHERE status = 'queued' AND issue_id = ? ORDER BY id", (issue_id,))
-
-    def outbox_failed(self) -> list[dict]:
-        return self._all("SELECT * FROM outbox WHERE status = 'failed' ORDER BY id")
 
     def outbox_for_issue(self, issue_id: int) -> list[dict]:
         return self._all("SELECT * FROM outbox WHERE issue_id = ? ORDER BY id", (issue_id,))
@@ -1492,8 +1515,8 @@ class Store:
 
     def start_tick(self, pid: int, pid_started: str | None) -> int:
         with self.tx():
-            tick_id = self.db.execute("INSERT INTO ticks (started_at, pid, pid_started) VALUES (?, ?, ?)",
-                                      (iso(), pid, pid_started)).lastrowid
+            tick_id = self._inserted(self.db.execute("INSERT INTO ticks (started_at, pid, pid_started) "
+                                                     "VALUES (?, ?, ?)", (iso(), pid, pid_started)))
             self.db.execute("DELETE FROM ticks WHERE id < ?", (tick_id - 1000,))
             return tick_id
 
@@ -1746,7 +1769,7 @@ def process_alive(pid: int | None, started: str | None) -> bool:
 
 def kill_process_group(pid: int | None, started: str | None, grace: float = 3.0) -> bool:
     """Terminate the process group led by pid if pid is still the same process."""
-    if not process_alive(pid, started):
+    if not pid or not process_alive(pid, started):
         return False
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -2053,11 +2076,13 @@ class LinearClient:
 
     def _paged(self, document: str, variables: dict, path: str, max_pages: int = 40,
                stop: Callable[[list], bool] | None = None) -> tuple[list, dict]:
-        out, after, data = [], None, {}
+        out: list = []
+        after: str | None = None
+        data: dict = {}
         op = operation_name(document)
         for _ in range(max_pages):
             data = self.query(document, {**variables, "after": after})
-            conn = data
+            conn: Any = data
             for part in path.split("."):
                 conn = conn.get(part) if isinstance(conn, dict) else None
             if not isinstance(conn, dict) or not isinstance(conn.get("nodes"), list):
@@ -2100,7 +2125,7 @@ class LinearClient:
         """Viewer, the newest agent sessions, and the oldest page of changed issues and comments."""
         data = self.query(Q_POLL, {"issueFilter": issue_filter, "commentFilter": comment_filter or {},
                                    "withComments": comment_filter is not None})
-        out = {"viewer": self._viewer(data, "PatchRelayPoll"), "date": self.server_time}
+        out: dict[str, Any] = {"viewer": self._viewer(data, "PatchRelayPoll"), "date": self.server_time}
         for key in ("agentSessions", "issues") + (("comments",) if comment_filter is not None else ()):
             conn = data.get(key)
             if not isinstance(conn, dict) or not isinstance(conn.get("nodes"), list):
@@ -2132,7 +2157,9 @@ class LinearClient:
         out: dict[str, list[LinearActivity]] = {}
         for start in range(0, len(wanted), 50):
             chunk = wanted[start:start + 50]
-            defs, parts, variables = [], [], {}
+            defs: list[str] = []
+            parts: list[str] = []
+            variables: dict[str, Any] = {}
             for n, (sid, since) in enumerate(chunk):
                 defs += [f"$s{n}: String!", f"$f{n}: AgentActivityFilter"]
                 variables[f"s{n}"] = sid
@@ -2180,7 +2207,9 @@ class LinearClient:
         if len(writes) == 1:
             self.write_one(writes[0])
             return [None]
-        defs, parts, variables = [], [], {}
+        defs: list[str] = []
+        parts: list[str] = []
+        variables: dict[str, Any] = {}
         for n, w in enumerate(writes):
             field, input_type, with_id = _WRITE_FIELDS[w.kind]
             defs.append(f"$v{n}: {input_type}!")
@@ -2200,9 +2229,9 @@ class LinearClient:
             alias = f"w{n}"
             if alias in errors:
                 err = errors[alias]
-                if not err.transient and w.kind in ("activity", "comment") and self._exists(w):
-                    err = None                 # an earlier attempt (a lost answer) already created it
-                out.append(err)
+                # an earlier attempt (a lost answer) may already have created it
+                out.append(None if not err.transient and w.kind in ("activity", "comment") and self._exists(w)
+                           else err)
                 failed = True
             elif failed or not isinstance(data.get(alias), dict):
                 out.append(NotSent(f"Linear PatchRelayWrites ({self.host}): no answer for write {n + 1}"))
@@ -2482,7 +2511,6 @@ M_ENQUEUE = """mutation PatchRelayEnqueue($id: ID!) {
 M_AUTO_MERGE = """mutation PatchRelayAutoMerge($id: ID!) {
   enablePullRequestAutoMerge(input: {pullRequestId: $id}) { pullRequest { id } }
 }"""
-Q_GH_VIEWER = "query PatchRelayGitHubViewer { viewer { login } }"
 Q_GH_REPO = """query PatchRelayRepository($owner: String!, $name: String!) {
   repository(owner: $owner, name: $name) { nameWithOwner viewerPermission mergeQueue { url } }
 }"""
@@ -2616,17 +2644,17 @@ class GitHubClient:
                     nodes = [n for n in ((node or {}).get("nodes") or []) if isinstance(n, dict)
                              and ((n.get("headRepository") or {}).get("nameWithOwner") or full_name).lower()
                              == full_name.lower()]
-                    nodes.sort(key=lambda n: {"OPEN": 0, "MERGED": 1}.get(n.get("state"), 2))
+                    nodes.sort(key=lambda n: {"OPEN": 0, "MERGED": 1}.get(str(n.get("state")), 2))
                     node = nodes[0] if nodes else None
                 raw[branch] = node if isinstance(node, dict) else None
         out = {b: (_pr_obs(n, base_commit) if n else None) for b, n in raw.items()}
         wanted = {o.number: b for b, o in out.items() if o is not None and needs_detail and needs_detail(b, o)}
         numbers = list(wanted)
         for start in range(0, len(numbers), 10):
-            chunk = numbers[start:start + 10]
-            data = self.graphql(detail_document(chunk), {"owner": owner, "name": name})
+            some = numbers[start:start + 10]
+            data = self.graphql(detail_document(some), {"owner": owner, "name": name})
             repo = data.get("repository") or {}
-            for number in chunk:
+            for number in some:
                 b, d = wanted[number], repo.get(f"d{number}")
                 if isinstance(d, dict):
                     node = dict(raw[b] or {})
@@ -3059,7 +3087,9 @@ def _final_of(path: Path) -> Path | None:
 
 
 def _ensure_worktree(project: ProjectConfig, branch: str, path: Path) -> str:
-    """Create or reuse the issue's worktree; never reset a branch that holds work (G-W2).
+    """Create or reuse the issue's worktree, branched from a freshly fetched base (never from the main
+    checkout's HEAD), and never reset a branch that holds work: an existing local or remote branch is checked
+    out as it is.
     Returns how: 'reused', 'checked out local branch', 'tracked remote branch' or 'created'.
 
     Crash safety: the checkout is made at a hidden partial path and renamed into place only once complete,
@@ -3482,7 +3512,7 @@ def closed_state(state_type: str | None) -> str | None:
 
 
 def observed_fields(obs: LinearIssue, delegated: bool | None) -> dict:
-    f = {"key": obs.key, "title": obs.title, "description": obs.description, "url": obs.url,
+    f: dict[str, Any] = {"key": obs.key, "title": obs.title, "description": obs.description, "url": obs.url,
          "team_id": obs.team_id, "team_key": obs.team_key, "linear_state": obs.state_name,
          "linear_state_type": obs.state_type}
     if delegated is not None:
@@ -3540,7 +3570,8 @@ def _busy(row: dict) -> bool:
 def decide_issue(row: dict | None, obs: LinearIssue, ident: Identity, project_id: str, now: str,
                  session_required: bool = False) -> Decision:
     """An issue seen by the issues poll: new delegation, un-delegation, closing, reopening, or just new
-    fields. A status change or edit of an issue already being worked starts nothing (G-L2).
+    fields. Only a delegation starts work: a status change or an edit of an issue already being worked
+    starts nothing, nor does a move to a closed state.
     `session_required` (app mode with trusted_actors): only a trusted agent session starts work,
     because the issue itself does not say who delegated it."""
     delegated = is_delegated(obs, ident)
@@ -3644,6 +3675,7 @@ def decide_session(row: dict | None, s: LinearSession, trusted: bool, project_id
                             events=(Event("info", "intake", f"mention on {key} (not delegated): answered, no run"),))
         return Decision(fields=fields, inbox=inbox, outbox=(answer,),
                         events=(Event("info", "intake", "mention (not delegated): answered, no run started"),))
+    assert obs is not None          # delegated: the session has its issue
     if row is None:
         return merge_decisions(adopt_issue(obs, project_id, "agent session", prompt, now, delegated),
                                Decision(fields={"agent_session_id": s.id}))
@@ -3709,7 +3741,9 @@ class RunOutcome:
 
 
 def decide_run_end(row: dict, run: dict, out: RunOutcome, runner: RunnerConfig, now: dt.datetime) -> Decision:
-    """Every run ends in a defined state and moves the factory state explicitly (spec §13)."""
+    """Every run ends in a defined state and moves the factory state explicitly: a completed implementation
+    with no work asks for input (it never stays `implementing`), an interrupted run is requeued within the
+    retry budget, a reactive run that pushed nothing asks for input."""
     rt, branch = run["run_type"], row.get("branch") or "?"
     label = run_label(rt).capitalize()
     fields: dict = {"active_run_id": None}
@@ -3844,8 +3878,10 @@ class PrMemory:
 
     @classmethod
     def load(cls, acted: Mapping[str, Any] | None) -> "PrMemory":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (list(v) if isinstance(v, list) else v) for k, v in (acted or {}).items() if k in known})
+        a = acted or {}
+        return cls(removals=list(a.get("removals") or []), conflict_head=a.get("conflict_head"),
+                   ci_head=a.get("ci_head"), reviews=list(a.get("reviews") or []),
+                   comments_at=a.get("comments_at"), merge_head=a.get("merge_head"))
 
     def dump(self) -> dict:
         """As stored: only what was set."""
@@ -4185,7 +4221,9 @@ DEFAULT_WORKFLOW = {
 
 def build_prompt(issue: dict, run: dict, project: ProjectConfig, sandbox: str, workflow: str | None,
                  follow_ups: list[dict]) -> str:
-    """The turn input: issue, request, follow-ups, where to work, and how (spec 2.4, G-P1/G-P2 fixed)."""
+    """The turn input: the issue (key, title, description), the request that started the run, follow-up
+    messages, the branch (always known: it is decided at the claim), the PR, the run's own context, and how to
+    work (the repository's workflow file, else a default for the sandbox)."""
     ctx = json.loads(run.get("context") or "{}")
     lines = [f"Linear issue {issue['key']}: {issue['title']}"]
     if issue.get("url"):
@@ -4273,7 +4311,7 @@ def steer_text(msg: dict) -> str:
 
 def build_report(items: list[dict], changed: list[str], tokens: dict | None, duration: float | None,
                  turn_ids: list[str]) -> dict:
-    """A run's report, scoped to the run's own turns (G-R4)."""
+    """A run's report, from the run's own turns only (a reactive run shares its thread with earlier runs)."""
     messages, commands, files = [], [], []
     for it in items:
         t = it.get("type")
@@ -4392,7 +4430,7 @@ def publish(cfg: Config, store: Store, client: LinearClient | None, issue_id: in
     Transport errors leave rows queued; a lane whose write failed is skipped for the rest of the pass to
     keep its order; nothing is sent while a recorded rate limit lasts."""
     rows = store.outbox_queued(issue_id)
-    if rows and client is None:
+    if client is None:
         return {"sent": 0, "queued": len(rows), "failed": 0}
     budget = store.budget("linear") or {}
     until = rate_limited_until(budget, utcnow())
@@ -4408,15 +4446,20 @@ def publish(cfg: Config, store: Store, client: LinearClient | None, issue_id: in
 
 
 class _Publisher:
+    """One pass over the Linear outbox. Writes are grouped in lanes (`_lane`): a lane's writes go in order,
+    one per request; a request carries up to WRITE_BATCH writes of different lanes. A row is leased (to this
+    process) before it is sent, so a tick and a worker never send the same row; a lane whose write failed or
+    is leased elsewhere is blocked for the rest of the pass, to keep its order."""
+
     def __init__(self, cfg: Config, store: Store, client: LinearClient):
         self.cfg, self.store, self.client = cfg, store, client
-        self.stats = {"sent": 0, "failed": 0, "busy": 0, "deferred": 0}
-        self.blocked: set[str] = set()
-        self.pending: list[tuple[dict, LinearWrite, str | None]] = []     # (row, write, state moved to)
+        self.stats = {"sent": 0, "failed": 0, "busy": 0, "deferred": 0}     # the pass's report
+        self.blocked: set[str] = set()                                      # lanes skipped for the rest of the pass
+        self.pending: list[tuple[dict, LinearWrite, str | None]] = []     # the next request: (row, write, state moved to)
         self.pending_lanes: set[str] = set()                                # one write per lane per request
-        self.me = os.getpid()
+        self.me = os.getpid()                                               # the lease holder
         self.me_started = proc_start_time(self.me)
-        self.issues: dict[int, dict | None] = {}
+        self.issues: dict[int, dict | None] = {}                            # issue rows read in this pass
 
     def schedule(self, rows: list[dict]) -> list[dict]:
         """Drop queued updates a newer one replaces; then first responses to new sessions first (Linear shows
@@ -4488,13 +4531,14 @@ class _Publisher:
                 store.outbox_result(row["id"], "sent", "issue no longer tracked")
             return
         key = f"linear.team_states.{issue['team_id']}"
-        cached = json.loads(store.meta_get(key) or "null") if issue.get("team_id") else None
-        fresh = cached and (age_seconds(cached.get("at")) or 1e9) < 86400
+        cached: dict | None = json.loads(store.meta_get(key) or "null") if issue.get("team_id") else None
+        fresh = cached is not None and (age_seconds(cached.get("at")) or 1e9) < 86400
+        cached_states: list[dict] | None = cached["states"] if cached is not None and fresh else None
         current = {"name": issue["linear_state"], "type": issue["linear_state_type"]} \
             if issue.get("linear_state_type") else None
         name, type_ = payload.get("name"), payload.get("type", "started")
-        if fresh and current:
-            target = move_target(name, type_, cached["states"], current)
+        if cached_states is not None and current:
+            target = move_target(name, type_, cached_states, current)
             if target:
                 self.enqueue(row, LinearWrite("issue_update", {"stateId": target["id"]}, issue["linear_id"]),
                              target["name"])
@@ -4506,7 +4550,7 @@ class _Publisher:
         if not self.lease([row]):
             return
         try:
-            states = cached["states"] if fresh else None
+            states = cached_states
             if states is None or current is None:
                 current, states = self.client.issue_states(issue["linear_id"])
             target = move_target(name, type_, states, current)
@@ -4662,20 +4706,25 @@ class TurnResult:
 
 
 class TurnDriver:
+    """Drives the turns of one run on its app-server: starts each turn, reads its notifications until it
+    completes, answers the server's requests (approvals, questions), checks the inbox for stops and steers,
+    heartbeats, counts tokens against the caps, and interrupts a turn that stalls, runs too long or must stop.
+    What it learns decides how the run ends (drive_run reads it)."""
+
     def __init__(self, cfg: Config, store: Store, run_id: int, issue: dict,
                  echo: Callable[[str], None] | None = None):
         self.cfg, self.store, self.run_id, self.issue = cfg, store, run_id, issue
         self.echo = echo or (lambda s: None)
-        self.app: AppServer | None = None
-        self.stop_reason: str | None = None
-        self.interrupt_reason: str | None = None
-        self.question: str | None = None
-        self.items: list[dict] = []
-        self.tokens: dict | None = None
+        self.app: AppServer | None = None           # set by drive_run once the app-server runs
+        self.stop_reason: str | None = None         # a stop from the inbox: the run ends `stopped`
+        self.interrupt_reason: str | None = None    # why PatchRelay interrupted the turn (stall, timeout, cap)
+        self.question: str | None = None            # the agent asked for input (or a cap was crossed)
+        self.items: list[dict] = []                 # completed items of every turn: the run's report
+        self.tokens: dict | None = None             # Codex's running total usage of the thread
         self.spent = 0              # tokens of this run: the sum of each model response's usage
         self.issue_before = store.tokens_spent(issue["id"], excluding_run=run_id) \
             if cfg.codex.max_tokens_per_issue is not None else 0
-        self.last_error: str | None = None
+        self.last_error: str | None = None          # the last non-retried error notification
 
     # -- server -> client requests (answered at once; never stall a run)
     def server_request(self, msg: dict) -> Any:
@@ -4805,7 +4854,7 @@ def _load_run(store: Store, cfg: Config, run_id: int) -> tuple[dict, dict, Proje
     run = store.run_by_id(run_id)
     if not run:
         raise UsageError(f"run {run_id}: no such run")
-    issue = store.issue_by_id(run["issue_id"])
+    issue = store.issue(run["issue_id"])
     return run, issue, cfg.project(issue["project_id"])
 
 
@@ -4819,7 +4868,8 @@ def read_workflow(project: ProjectConfig, run_type: str) -> str | None:
 
 
 def start_thread(app: AppServer, issue: dict, worktree: Path, echo: Callable[[str], None]) -> str:
-    """Resume the issue's thread (G-C3) or start a new one."""
+    """Resume the issue's thread with `thread/resume` (a fresh app-server has not loaded it; `turn/start`
+    alone would fail) or, when it cannot be read, start a new one."""
     if issue.get("thread_id"):
         try:
             params = {**app.thread_params(worktree), "threadId": issue["thread_id"], "excludeTurns": True}
@@ -4972,7 +5022,7 @@ def finish_run(cfg: Config, store: Store, run_id: int, outcome: RunOutcome, item
     report = build_report(items or [], changed, tokens, duration, json.loads(run["turn_ids"] or "[]"))
     run_status = {"awaiting_input": "completed"}.get(outcome.status, outcome.status)
     with store.tx():
-        row = store.issue_by_id(issue["id"])
+        row = store.issue(issue["id"])
         store.update_run(run_id, {"status": run_status, "ended_at": iso(), "summary": outcome.summary or None,
                                   "failure_reason": outcome.reason or None, "report": json.dumps(report),
                                   **({"tokens": json.dumps(tokens)} if tokens else {})})
@@ -4990,9 +5040,10 @@ def finish_run(cfg: Config, store: Store, run_id: int, outcome: RunOutcome, item
 def recover_run(cfg: Config, store: Store, run: dict) -> str:
     """A running run whose worker died: read its turn back on a fresh app-server. Completed → finish
     it normally; in progress, interrupted or unreadable → interrupted (requeued within budget)."""
-    issue = store.issue_by_id(run["issue_id"])
+    issue = store.issue(run["issue_id"])
     turn_ids = json.loads(run["turn_ids"] or "[]")
-    status, items, reason = None, [], "worker died mid-turn"
+    status, reason = None, "worker died mid-turn"
+    items: list[dict] = []
     if run["thread_id"] and turn_ids and issue.get("worktree") and Path(issue["worktree"]).is_dir():
         app = None
         try:
@@ -5055,12 +5106,15 @@ def tick_lock(cfg: Config) -> Iterator[None]:
 
 
 class TickContext:
+    """What the steps of one tick share: the config, the store, whether it is a dry run, the API clients
+    (made on first use, so a pass that needs no API spends nothing), and what it did, in words."""
+
     def __init__(self, cfg: Config, store: Store, dry_run: bool = False):
         self.cfg, self.store, self.dry_run = cfg, store, dry_run
-        self.actions: list[str] = []
+        self.actions: list[str] = []                    # printed by `tick`, stored in the tick's summary
         self._linear: LinearClient | None = None
         self._github: GitHubClient | None = None
-        self.merge_queue: dict[str, bool] = {}
+        self.merge_queue: dict[str, bool] = {}          # repository -> whether its base branch has a merge queue
 
     def linear(self) -> LinearClient:
         if self._linear is None:
@@ -5242,7 +5296,7 @@ def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
         comment_nodes, complete = ascending("comments", r["comments"], cfilter)
         comments = [_comment(n) for n in comment_nodes]
         cursors["linear.poll.comments"] = floor_at if complete else \
-            (_minus(comment_nodes[-1].get("createdAt"), 0.001) or comments_since)
+            (_minus(comment_nodes[-1].get("createdAt"), 0.001) or comments_since or floor_at)
     elif open_ids or not comments_since:
         cursors["linear.poll.comments"] = floor_at
     # every comment of issues tracked since the last tick (their history), only when there are some
@@ -5292,9 +5346,9 @@ def intake(ctx: TickContext) -> dict:
         for s in sorted(ours, key=lambda x: x.created_at):
             obs = s.issue
             guarded(obs.key if obs else None, obs.id if obs else None,
-                    lambda s=s, obs=obs: _intake_session(ctx, s, obs, session_acts[s.id], ident, now, summary, notes))
+                    functools.partial(_intake_session, ctx, s, obs, session_acts[s.id], ident, now, summary, notes))
         for obs in sorted(issues, key=lambda i: i.updated_at or ""):
-            guarded(obs.key, obs.id, lambda obs=obs: _intake_issue(ctx, obs, ident, now, summary, notes))
+            guarded(obs.key, obs.id, functools.partial(_intake_issue, ctx, obs, ident, now, summary, notes))
         for c in comments:
             if store.seen(f"comment:{c.id}"):
                 continue
@@ -5302,13 +5356,13 @@ def intake(ctx: TickContext) -> dict:
             row = store.issue_by_linear_id(c.issue_linear_id)
             if row is None:
                 continue
-            guarded(row["key"], row["linear_id"], lambda c=c, row=row: _intake_comment(ctx, c, row, ident, now, summary,
-                                                                                       notes))
+            guarded(row["key"], row["linear_id"],
+                    functools.partial(_intake_comment, ctx, c, row, ident, now, summary, notes))
         # Cursors advance in the same transaction that stored what was read.
         for stream, value in reads.cursors.items():
             store.cursor_set(stream, value)
-        for key, value in reads.meta.items():
-            store.meta_set(key, value)
+        for name, setting in reads.meta.items():
+            store.meta_set(name, setting)
         store.mark_comments_synced(unsynced)
     for n in notes:
         ctx.note(n)
@@ -5325,7 +5379,7 @@ def _intake_session(ctx: TickContext, s: LinearSession, obs: LinearIssue | None,
     cfg, store = ctx.cfg, ctx.store
     known = store.session(s.id)
     project = resolve_project(cfg, obs.key, obs.team_key, obs.team_id) if obs else None
-    if project is None:
+    if obs is None or project is None:
         if not known:
             store.upsert_session(s.id, None, s.creator.label(), False, s.updated_at, s.updated_at)
             store.mark_seen(f"unrouted:{obs.id}" if obs else f"unrouted-session:{s.id}")
@@ -5408,14 +5462,15 @@ def _intake_comment(ctx: TickContext, c: LinearComment, row: dict, ident: Identi
 # ---- reconcile: runs whose worker is gone
 
 def reconcile(ctx: TickContext) -> dict:
-    """A run is running only while its worker lives. Dead workers' runs are resolved here (G-R3, G-R5)."""
+    """A run is running only while its worker lives. A dead worker's run is resolved here, whatever its
+    last turn's status, and a claim whose worker never started is requeued: no run blocks its issue forever."""
     cfg, store = ctx.cfg, ctx.store
-    result = {"alive": 0, "relaunched": [], "recovered": [], "interrupted": []}
+    result: dict[str, Any] = {"alive": 0, "relaunched": [], "recovered": [], "interrupted": []}
     for run in store.active_runs():
         if process_alive(run["worker_pid"], run["worker_started"]):
             result["alive"] += 1
             continue
-        issue = store.issue_by_id(run["issue_id"])
+        issue = store.issue(run["issue_id"])
         if run["status"] == "claimed" and not run["worker_pid"] and (age_seconds(run["claimed_at"]) or 0) < 15:
             continue  # a claim whose worker is being spawned right now
         if ctx.dry_run:
@@ -5510,11 +5565,11 @@ def _observe_issue(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs
         pr = gh.create_pr(repo, row["branch"], project.base_branch, f"{row['key']}: {one_line(row['title'], 200)}",
                           body, cfg.github.draft_prs)
         with store.tx():
-            fresh = store.issue_by_id(row["id"])
+            fresh = store.issue(row["id"])
             apply_decision(store, fresh, decide_pr_opened(fresh, pr, cfg.linear.review_state, None))
             store.update_issue(row["id"], {"gh_observed_at": None})    # observe the new PR on the next tick
         result["opened"].append(row["key"])
-        ctx.note(f"{row['key']}: opened pull request #{pr['number']}")
+        ctx.note(f"{row['key']}: opened pull request #{pr.number}")
         return
     if not row["pr_number"]:
         # ours (opened by an earlier tick whose answer was lost) or a person's PR for the issue branch
@@ -5523,7 +5578,7 @@ def _observe_issue(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs
             ctx.note(f"{row['key']}: would record pull request #{obs.number}")
             return
         with store.tx():
-            fresh = store.issue_by_id(row["id"])
+            fresh = store.issue(row["id"])
             apply_decision(store, fresh, decide_pr_opened(fresh, opened_from(obs), cfg.linear.review_state, adopter))
             store.update_issue(row["id"], {"gh_observed_at": None})
         ctx.note(f"{row['key']}: " + (f"adopted pull request #{obs.number} (opened by {adopter})" if adopter
@@ -5546,7 +5601,7 @@ def _observe_issue(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs
             ctx.note(f"{row['key']}: {message}")
         return
     with store.tx():
-        fresh = store.issue_by_id(row["id"])
+        fresh = store.issue(row["id"])
         if fresh["active_run_id"] != row["active_run_id"] or fresh["pending_run_type"] != row["pending_run_type"]:
             return          # a run started or ended meanwhile: decide on the next observation
         apply_decision(store, fresh, d)
@@ -5629,8 +5684,8 @@ def claim(cfg: Config, store: Store, issue_id: int, project: ProjectConfig) -> i
         run_id = store.claim_run(issue_id)
         if run_id is None:
             return None
-        run = store.run_by_id(run_id)
-        apply_decision(store, store.issue_by_id(issue_id), decide_claim(row, run["run_type"], branch, worktree),
+        run = store.run(run_id)
+        apply_decision(store, store.issue(issue_id), decide_claim(row, run["run_type"], branch, worktree),
                        run_id)
         return run_id
 
@@ -5777,6 +5832,9 @@ def _setup_logging(verbose: bool) -> None:
 
 
 class Ctx:
+    """A command's context: the config and the store, each opened on first use (a read never creates the
+    database)."""
+
     def __init__(self, config_path: str | None, verbose: bool):
         self.config_path, self.verbose = config_path, verbose
         self._cfg: Config | None = None
@@ -5990,23 +6048,11 @@ def list_issues(c: Ctx, state: str | None, project: str | None, limit: int | Non
         click.echo(_issue_table(issues) if issues else "No matching issues.")
 
 
-@cli.command("status")
-@click.option("--all", "show_all", is_flag=True, help="every tracked issue, closed ones too (see also `list`)")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
-@click.pass_obj
-def status_cmd(c: Ctx, as_json: bool, show_all: bool) -> None:
-    """What needs attention: open issues and those changed in the last day (a count of the rest; `--all` or
-    `list` shows them), queued Linear messages, API budget, last tick (from SQLite only)."""
-    if not c.has_database():      # a read never creates the database
-        if as_json:
-            _dump({"issues": [], "others": 0, "outbox": [], "api": [], "api_use": api_use([], {}),
-                   "last_tick": None, "paused": runner_paused(c.cfg, None), "unrouted": [],
-                   "tokens": _tokens_status(c.cfg, None)})
-        else:
-            click.echo(f"No tracked issues yet (no database at {c.cfg.database_path}; the first "
-                       "`patchrelay tick` creates it).")
-        return
-    store = c.store(readonly=True)
+def _status_data(cfg: Config, store: Store | None, show_all: bool) -> dict:
+    """`status` as data (its --json): what needs attention, the outbox, the APIs, the last tick."""
+    if store is None:
+        return {"issues": [], "others": 0, "outbox": [], "api": [], "api_use": api_use([], {}), "last_tick": None,
+                "paused": runner_paused(cfg, None), "unrouted": [], "tokens": _tokens_status(cfg, None)}
     day_ago = iso(utcnow() - dt.timedelta(days=1))
     issues = [_issue_item(r) for r in store.issues_listed(changed_since=None if show_all else day_ago)]
     others = 0 if show_all else store.issues_count() - len(issues)
@@ -6021,22 +6067,23 @@ def status_cmd(c: Ctx, as_json: bool, show_all: bool) -> None:
         result = t["result"] or ("running" if process_alive(t["pid"], t["pid_started"]) else "interrupted")
         errors = (json.loads(t["summary"]) if t["summary"] else {}).get("errors") or []
         last = {"started_at": t["started_at"], "ended_at": t["ended_at"], "result": result, "errors": errors}
-    paused = runner_paused(c.cfg, store)
-    unrouted = [{"key": u["issue_key"], "at": u["at"], "message": u["message"]} for u in store.unrouted()]
-    cx = c.cfg.codex
-    tokens = _tokens_status(c.cfg, store)
-    use = api_use(store.recent_ticks(), {b["api"]: b["requests_limit"] for b in api})
-    if as_json:
-        _dump({"issues": issues, "others": others, "outbox": outbox, "api": api, "api_use": use, "last_tick": last,
-               "paused": paused, "unrouted": unrouted, "tokens": tokens})
-        return
-    for u in unrouted:
+    return {"issues": issues, "others": others, "outbox": outbox, "api": api,
+            "api_use": api_use(store.recent_ticks(), {b["api"]: b["requests_limit"] for b in api}),
+            "last_tick": last, "paused": runner_paused(cfg, store),
+            "unrouted": [{"key": u["issue_key"], "at": u["at"], "message": u["message"]} for u in store.unrouted()],
+            "tokens": _tokens_status(cfg, store)}
+
+
+def _render_status(data: dict, cx: CodexConfig) -> None:
+    for u in data["unrouted"]:
         click.echo(f"unrouted: {u['key'] or '?'} (delegated {u['at']}; no project routes it)")
-    if unrouted:
+    if data["unrouted"]:
         click.echo()
+    paused = data["paused"]
     if paused:
         click.echo(f"PAUSED by {paused.get('by')}" + (f" at {paused['at']}" if paused.get("at") else "")
                    + (f": {paused['reason']}" if paused.get("reason") else "") + " (`patchrelay resume`)\n")
+    issues, others = data["issues"], data["others"]
     if issues:
         click.echo(_issue_table(issues))
     elif not others:
@@ -6046,16 +6093,16 @@ def status_cmd(c: Ctx, as_json: bool, show_all: bool) -> None:
                    "`patchrelay list`)")
     caps = ", ".join(f"{k} {v:,}" for k, v in (("per run", cx.max_tokens_per_run), ("per issue",
                      cx.max_tokens_per_issue), ("per day", cx.max_tokens_per_day)) if v is not None)
-    if tokens["today"] or caps:
-        click.echo(f"tokens today: {tokens['today']:,}" + (f" (caps: {caps})" if caps else ""))
+    if data["tokens"]["today"] or caps:
+        click.echo(f"tokens today: {data['tokens']['today']:,}" + (f" (caps: {caps})" if caps else ""))
     click.echo()
-    if outbox:
+    if data["outbox"]:
         click.echo(_table([[o["id"], o["issue"] or "", o["kind"], o["status"], o["attempts"],
-                              one_line(o["last_error"], 60)] for o in outbox],
+                              one_line(o["last_error"], 60)] for o in data["outbox"]],
                             headers=["outbox", "issue", "kind", "status", "attempts", "last error"]))
     else:
         click.echo("Linear outbox: empty")
-    for b in api:
+    for b in data["api"]:
         line = f"{b['api']} API: {b['requests_remaining'] if b['requests_remaining'] is not None else '?'}" \
                f"/{b['requests_limit'] or '?'} requests left"
         if b["complexity_remaining"] is not None:
@@ -6063,15 +6110,36 @@ def status_cmd(c: Ctx, as_json: bool, show_all: bool) -> None:
         if rate_limited_until(b, utcnow()):
             line += f"; rate limited until {b['limited_until']}"
         click.echo(line)
+    use = data["api_use"]
     for name in ("linear", "github"):
-        u = use.get(name)
-        if u and u["projected_per_hour"] is not None:
-            click.echo(f"{name} use: {u['requests_per_tick']:g} request(s) per tick, ~{u['projected_per_hour']:,}/h at "
-                       f"one tick every {use['interval_seconds']:g} s"
-                       + (f" ({u['share_of_limit']} % of the hourly limit)" if u["share_of_limit"] is not None else ""))
+        per = use.get(name)
+        if per and per["projected_per_hour"] is not None:
+            click.echo(f"{name} use: {per['requests_per_tick']:g} request(s) per tick, ~{per['projected_per_hour']:,}/h "
+                       f"at one tick every {use['interval_seconds']:g} s"
+                       + (f" ({per['share_of_limit']} % of the hourly limit)" if per["share_of_limit"] is not None
+                          else ""))
+    last = data["last_tick"]
     click.echo(f"last tick: {last['started_at']} {last['result']}" if last else "last tick: never")
     for e in (last or {}).get("errors") or []:
         click.echo(f"  {one_line(e, 200)}")
+
+
+@cli.command("status")
+@click.option("--all", "show_all", is_flag=True, help="every tracked issue, closed ones too (see also `list`)")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
+@click.pass_obj
+def status_cmd(c: Ctx, as_json: bool, show_all: bool) -> None:
+    """What needs attention: open issues and those changed in the last day (a count of the rest; `--all` or
+    `list` shows them), queued Linear messages, API budget, last tick (from SQLite only)."""
+    store = c.store(readonly=True) if c.has_database() else None      # a read never creates the database
+    data = _status_data(c.cfg, store, show_all)
+    if as_json:
+        _dump(data)
+    elif store is None:
+        click.echo(f"No tracked issues yet (no database at {c.cfg.database_path}; the first "
+                   "`patchrelay tick` creates it).")
+    else:
+        _render_status(data, c.cfg.codex)
 
 
 def _age(seconds: float | None) -> str:
@@ -6079,28 +6147,14 @@ def _age(seconds: float | None) -> str:
     return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h" if s < 172800 else f"{s // 86400}d"
 
 
-@cli.command("show")
-@click.argument("issue")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
-@click.pass_obj
-def show_cmd(c: Ctx, issue: str, as_json: bool) -> None:
-    """Everything known about one issue, and its event log."""
-    issue = issue_ref(issue)
-    store = c.store(readonly=True)
-    row = store.issue_by_key(issue)
-    if row is None:
-        # Not tracked: what PatchRelay saw of it (ignored sessions, unrouted delegations), if anything.
-        evs = [{"at": e["at"], "level": e["level"], "kind": e["kind"], "message": e["message"]}
-               for e in store.events_for_key(issue)]
-        if not evs:
-            raise UsageError(f"issue {issue}: not tracked by PatchRelay and never seen (see `patchrelay status`)")
-        if as_json:
-            _dump({"issue": None, "key": issue.upper(), "tracked": False, "events": evs})
-            return
-        click.echo(f"{issue.upper()}: not tracked by PatchRelay\n\nEvents:")
-        for e in evs:
-            click.echo(f"  {e['at']} {e['level']:5} {e['kind']:9} {shown(e['message'], 500)}")
-        return
+def _untracked_events(store: Store, key: str) -> list[dict]:
+    """What PatchRelay saw of an issue it does not track (ignored sessions, unrouted delegations)."""
+    return [{"at": e["at"], "level": e["level"], "kind": e["kind"], "message": e["message"]}
+            for e in store.events_for_key(key)]
+
+
+def _show_data(store: Store, row: dict) -> dict:
+    """`show` as data (its --json): the issue, its pull request, runs, events, outbox and inbox."""
     runs = [{k: r[k] for k in ("id", "run_type", "status", "attempt", "trigger", "thread_id", "claimed_at",
                                "started_at", "ended_at", "failure_reason", "summary", "worker_pid")}
             for r in store.runs_for_issue(row["id"])]
@@ -6114,22 +6168,30 @@ def show_cmd(c: Ctx, issue: str, as_json: bool) -> None:
     snap = json.loads(row.get("gh_snapshot") or "{}")
     pull = {"number": row["pr_number"], "url": row["pr_url"], "state": row["pr_state"], "head_sha": row["pr_head_sha"],
             "ci": row["pr_ci"], "checks": snap.get("checks") or {}, "review": row["pr_review"],
-            "reviews_seen": len((snap.get("acted") or {}).get("reviews") or []), "queue": row["pr_queue"],
+            "reviews_seen": len(PrMemory.load(snap.get("acted")).reviews), "queue": row["pr_queue"],
             "budgets_used": json.loads(row.get("repair_counts") or "{}")} if row["pr_number"] else None
-    if as_json:
-        active = _active_run(store, row)
-        item = _issue_item({**row, "active_run_type": active and active["run_type"],
-                            "active_run_status": active and active["status"]}, detail=True)
-        _dump({"issue": item, "pull_request": pull, "runs": runs, "events": events, "outbox": outbox,
-               "inbox": inbox})
-        return
-    click.echo(f"{row['key']}  {shown(one_line(row['title']), 200)}")
-    for k in ("url", "project_id", "linear_state", "factory_state", "delegated", "pending_run_type",
-              "agent_session_id", "branch", "worktree", "thread_id", "retries"):
-        if row.get(k) not in (None, ""):
-            click.echo(f"  {k}: {shown(row[k], 300)}")
-    if row.get("paused"):
-        pz = json.loads(row["paused"])
+    active = _active_run(store, row)
+    item = _issue_item({**row, "active_run_type": active and active["run_type"],
+                        "active_run_status": active and active["status"]}, detail=True)
+    return {"issue": item, "pull_request": pull, "runs": runs, "events": events, "outbox": outbox, "inbox": inbox}
+
+
+# (label, key of the issue item) of the fields `show` prints, when set
+_SHOWN_FIELDS = (("url", "url"), ("project_id", "project"), ("linear_state", "linear_state"),
+                 ("factory_state", "factory_state"), ("delegated", "delegated"), ("pending_run_type", "pending_run"),
+                 ("agent_session_id", "agent_session_id"), ("branch", "branch"), ("worktree", "worktree"),
+                 ("thread_id", "thread_id"), ("retries", "retries"))
+
+
+def _render_show(data: dict) -> None:
+    item, pull, runs, inbox = data["issue"], data["pull_request"], data["runs"], data["inbox"]
+    click.echo(f"{item['key']}  {shown(one_line(item['title']), 200)}")
+    for label, k in _SHOWN_FIELDS:
+        v = int(item[k]) if isinstance(item[k], bool) else item[k]
+        if v not in (None, ""):
+            click.echo(f"  {label}: {shown(v, 300)}")
+    if item["paused"]:
+        pz = item["paused"]
         click.echo(f"  paused: by {pz.get('by')} at {pz.get('at')}" + (f": {shown(pz['reason'], 200)}"
                                                                        if pz.get("reason") else ""))
     if pull:
@@ -6151,7 +6213,31 @@ def show_cmd(c: Ctx, issue: str, as_json: bool) -> None:
             click.echo(f"  [{m['kind']}] {shown(m['author'] or m['source'], 60)}: {shown(one_line(m['body']), 80)}"
                        f"  ({m['delivery'] or 'pending'})")
     click.echo("\nEvents:")
-    for e in events:
+    for e in data["events"]:
+        click.echo(f"  {e['at']} {e['level']:5} {e['kind']:9} {shown(e['message'], 500)}")
+
+
+@cli.command("show")
+@click.argument("issue")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
+@click.pass_obj
+def show_cmd(c: Ctx, issue: str, as_json: bool) -> None:
+    """Everything known about one issue, and its event log."""
+    key = issue_ref(issue)
+    store = c.store(readonly=True)
+    row = store.issue_by_key(key)
+    if row is not None:
+        data = _show_data(store, row)
+        _dump(data) if as_json else _render_show(data)
+        return
+    evs = _untracked_events(store, key)
+    if not evs:
+        raise UsageError(f"issue {key}: not tracked by PatchRelay and never seen (see `patchrelay status`)")
+    if as_json:
+        _dump({"issue": None, "key": key.upper(), "tracked": False, "events": evs})
+        return
+    click.echo(f"{key.upper()}: not tracked by PatchRelay\n\nEvents:")
+    for e in evs:
         click.echo(f"  {e['at']} {e['level']:5} {e['kind']:9} {shown(e['message'], 500)}")
 
 
@@ -6184,7 +6270,7 @@ def run_cmd(c: Ctx, issue: str | None, run_id: int | None, force: bool) -> None:
             raise UsageError(f"issue {obs.key}: no project routes it (check issue_key_prefixes / linear_team_keys)")
         with store.tx():
             apply_decision(store, None, adopt_issue(obs, project.id, "patchrelay run", None, iso()))
-        row = store.issue_by_key(obs.key)
+        row = _issue_or_fail(store, obs.key)
     if row["active_run_id"]:
         raise UsageError(f"issue {row['key']}: run {row['active_run_id']} is already active")
     if not row["pending_run_type"]:
@@ -6395,24 +6481,8 @@ def release_cmd(c: Ctx, issue: str, reason: str) -> None:
     click.echo(f"{row['key']}: released; the Linear session is told at the next tick")
 
 
-@cli.command("why")
-@click.argument("issue")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document: every gate and the next action.")
-@click.pass_obj
-def why_cmd(c: Ctx, issue: str, as_json: bool) -> None:
-    """Every gate between ISSUE and its next step, with its value, and the one next action."""
-    key = issue_ref(issue)
-    cfg = c.cfg
-    store = c.store(readonly=True) if cfg.database_path.exists() else None
-    row = store.issue_by_key(key) if store else None
-    if row is None or store is None:
-        evs = [e["message"] for e in store.events_for_key(key)] if store else []
-        out = {"issue": key, "tracked": False, "gates": [], "events": evs,
-               "next": "nothing: PatchRelay does not track this issue; delegate it to PatchRelay in Linear"
-                       + (" (see the events: it was seen and not taken)" if evs else "")}
-        _dump(out) if as_json else click.echo(f"{key}: not tracked\n" + "".join(f"  {e}\n" for e in evs)
-                                              + f"next: {out['next']}")
-        return
+def _why_data(cfg: Config, store: Store, row: dict) -> dict:
+    """`why` as data (its --json): every gate between the issue and its next step, and that step."""
     gates: list[dict] = []
 
     def gate(name: str, ok: bool, value: Any) -> None:
@@ -6426,38 +6496,63 @@ def why_cmd(c: Ctx, issue: str, as_json: bool) -> None:
     gate("runner not paused", not paused_global, paused_global or "running")
     gate("issue not paused", not paused_issue, paused_issue or "no")
     active = _active_run(store, row)
-    alive = bool(active) and process_alive(active["worker_pid"], active["worker_started"])
+    alive = active is not None and process_alive(active["worker_pid"], active["worker_started"])
     gate("active run", not active, {"id": active["id"], "type": active["run_type"], "status": active["status"],
                                    "worker_alive": alive} if active else None)
     gate("pending run", bool(row["pending_run_type"]), {"type": row["pending_run_type"],
                                                         "not_before": row["not_before"]} if row["pending_run_type"]
          else None)
-    holders = [store.issue_by_id(r["issue_id"])["key"] for r in store.active_runs()]
+    holders = [store.issue(r["issue_id"])["key"] for r in store.active_runs()]
     gate("concurrency", len(holders) < cfg.runner.max_concurrent_runs,
          f"{len(holders)} of {cfg.runner.max_concurrent_runs} in use" + (f" by {', '.join(holders)}" if holders else ""))
     gate("repair budgets", row["factory_state"] != "escalated", json.loads(row["repair_counts"] or "{}"))
-    c_ = cfg.codex
+    cx = cfg.codex
     spent_issue, spent_day = store.tokens_spent(row["id"]), store.tokens_spent(since=utc_day_start())
-    hold = token_hold(c_, spent_issue, spent_day)
-    gate("token caps", not hold, hold or {"issue": spent_issue, "issue_cap": c_.max_tokens_per_issue,
-                                          "today": spent_day, "day_cap": c_.max_tokens_per_day,
-                                          "run_cap": c_.max_tokens_per_run})
+    hold = token_hold(cx, spent_issue, spent_day)
+    gate("token caps", not hold, hold or {"issue": spent_issue, "issue_cap": cx.max_tokens_per_issue,
+                                          "today": spent_day, "day_cap": cx.max_tokens_per_day,
+                                          "run_cap": cx.max_tokens_per_run})
     waits = {b["api"]: b["limited_until"] for b in store.budgets() if rate_limited_until(b, utcnow())}
     gate("rate limits", not waits, waits or "none")
     queued = store.outbox_queued(row["id"])
     lag = max((age_seconds(o["created_at"]) or 0 for o in queued), default=0)
     gate("Linear outbox", not queued, f"{len(queued)} queued, oldest {_age(lag)}" if queued else "empty")
-    st = row["factory_state"]
     nxt = next_action(row, Gates(active, alive, bool(paused_global), bool(paused_issue), tuple(holders),
                                  cfg.runner.max_concurrent_runs, hold), utcnow())
-    out = {"issue": row["key"], "tracked": True, "factory_state": st, "gates": gates, "next": nxt}
-    if as_json:
-        _dump(out)
+    return {"issue": row["key"], "tracked": True, "factory_state": row["factory_state"], "gates": gates,
+            "next": nxt}
+
+
+def _render_why(data: dict) -> None:
+    if not data["tracked"]:
+        click.echo(f"{data['issue']}: not tracked\n" + "".join(f"  {e}\n" for e in data["events"])
+                   + f"next: {data['next']}")
         return
-    click.echo(f"{row['key']}  {st}")
-    for g in gates:
-        click.echo(f"  {'ok ' if g['ok'] else '-- '} {g['gate']}: {g['value'] if not isinstance(g['value'], dict) else json.dumps(g['value'])}")
-    click.echo(f"next: {nxt}")
+    click.echo(f"{data['issue']}  {data['factory_state']}")
+    for g in data["gates"]:
+        value = json.dumps(g["value"]) if isinstance(g["value"], dict) else g["value"]
+        click.echo(f"  {'ok ' if g['ok'] else '-- '} {g['gate']}: {value}")
+    click.echo(f"next: {data['next']}")
+
+
+@cli.command("why")
+@click.argument("issue")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document: every gate and the next action.")
+@click.pass_obj
+def why_cmd(c: Ctx, issue: str, as_json: bool) -> None:
+    """Every gate between ISSUE and its next step, with its value, and the one next action."""
+    key = issue_ref(issue)
+    cfg = c.cfg
+    store = c.store(readonly=True) if cfg.database_path.exists() else None
+    row = store.issue_by_key(key) if store else None
+    if store is not None and row is not None:
+        data = _why_data(cfg, store, row)
+    else:
+        evs = [e["message"] for e in store.events_for_key(key)] if store else []
+        data = {"issue": key, "tracked": False, "gates": [], "events": evs,
+                "next": "nothing: PatchRelay does not track this issue; delegate it to PatchRelay in Linear"
+                        + (" (see the events: it was seen and not taken)" if evs else "")}
+    _dump(data) if as_json else _render_why(data)
 
 
 @cli.command("stop")
@@ -6558,12 +6653,12 @@ def probe_codex(cfg: Config, workdir: Path) -> list[tuple[str, str]]:
         try:
             p = subprocess.run([path, "sandbox", "-c", f'sandbox_mode="{cfg.codex.sandbox}"', "--", "sh", "-c", probe],
                                capture_output=True, text=True, timeout=60, env=env, cwd=str(workdir))
-            said = [ln for ln in (p.stderr or p.stdout).splitlines() if ln.strip() and not ln.startswith("WARNING")]
+            lines = [ln for ln in (p.stderr or p.stdout).splitlines() if ln.strip() and not ln.startswith("WARNING")]
             ok = p.returncode == 0 and (cfg.codex.sandbox != "workspace-write"
                                         or (workdir / "sandbox-probe.txt").exists())
             out.append(("PASS", f"sandbox {cfg.codex.sandbox} runs commands") if ok else
                        ("FAIL", f"sandbox {cfg.codex.sandbox} cannot run a command: "
-                                f"{one_line(' '.join(said[-2:]), 200) or f'exit {p.returncode}'}; Codex's Linux "
+                                f"{one_line(' '.join(lines[-2:]), 200) or f'exit {p.returncode}'}; Codex's Linux "
                                 "sandbox needs bubblewrap and unprivileged user namespaces "
                                 "(`apt install bubblewrap`; `sysctl kernel.unprivileged_userns_clone=1`)"))
         except (OSError, subprocess.TimeoutExpired) as e:
