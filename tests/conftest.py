@@ -97,7 +97,9 @@ class World:
                                  f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}")
         return p
 
-    def tick(self, *args, check=0):
+    def tick_subprocess(self, *args, check=0):
+        """`patchrelay tick ARGS` as a real process, exactly as cron runs it; fails unless it exits `check`.
+        (helpers.tick_inproc runs the same CLI in the test process.)"""
         return self.cli("tick", *args, check=check)
 
     def status(self):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_intake import pause
+from helpers import pause
 
 
 def one_line_error(p, code=2):
@@ -143,7 +143,7 @@ def test_a_database_where_nothing_can_be_created_is_one_line(world):
 def test_a_read_only_database_is_respected_and_never_made_writable(world):
     pause(world)
     world.delegate()
-    world.tick()
+    world.tick_subprocess()
     db = Path(world.config["database"]["path"])
     os.chmod(db, 0o444)
     try:
@@ -167,7 +167,7 @@ def _tracked_database(world, n, title_len):
     pause(world)
     for i in range(n):
         world.linear.add_issue(world.team, f"Issue {i} " + "x" * title_len, delegate=world.app, creator=world.alice)
-    world.tick()
+    world.tick_subprocess()
     db = Path(world.config["database"]["path"])
     con = sqlite3.connect(str(db))
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -220,7 +220,7 @@ def test_an_operator_write_to_a_database_damaged_off_to_the_side_is_refused(worl
 def test_a_read_only_database_of_an_older_schema_is_read_without_migrating_it(world):
     pause(world)
     world.delegate()
-    world.tick()
+    world.tick_subprocess()
     db = Path(world.config["database"]["path"])
     con = sqlite3.connect(str(db))
     with con:                                   # as a database from before token spend was recorded

@@ -2,7 +2,7 @@
 Linear; Linear issue URLs work wherever a key does."""
 import pytest
 
-from test_intake import cli_inproc, pause, tick
+from helpers import cli_inproc, pause, tick_inproc
 
 
 @pytest.mark.parametrize("ref, shown", [
@@ -29,7 +29,7 @@ def test_a_bad_issue_reference_is_one_escaped_line_and_exit_2(world, command, re
 def test_a_linear_issue_url_works_where_a_key_does(world):
     pause(world)
     world.delegate()
-    tick(world)
+    tick_inproc(world)
     url = "https://linear.app/acme/issue/app-1/add-a-greeting"
     r = cli_inproc(world, "show", url)
     assert r.exit_code == 0 and r.stdout.startswith("APP-1  Add a greeting"), r.output
@@ -63,7 +63,7 @@ def test_a_tick_whose_process_is_gone_shows_as_interrupted(world):
     import sqlite3
     import subprocess
     pause(world)
-    tick(world)
+    tick_inproc(world)
     dead = subprocess.Popen(["true"])
     dead.wait()
     con = sqlite3.connect(str(world.state / "patchrelay.sqlite"))

@@ -8,18 +8,15 @@ import copy
 import json
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
+import patchrelay
 from conftest import APP_TOKEN
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import patchrelay  # noqa: E402
+from helpers import git
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -288,7 +285,6 @@ def test_doctor_fails_when_codex_cannot_run_and_names_the_fix(world):
 
 
 def test_doctor_checks_that_origin_is_the_github_repo_and_can_be_pushed_to(world):
-    from fakes.world import git
     healthy_doctor_config(world)
     git(world.repo, "remote", "set-url", "origin", "https://github.com/acme/other.git")
     p, report, checks = doctor(world, check=1)
@@ -336,7 +332,7 @@ def test_database_file_and_directory_are_owner_only(world):
     world.config["runner"]["paused"] = True
     world.write_config()
     world.delegate()
-    world.tick()
+    world.tick_subprocess()
     db = Path(world.config["database"]["path"])
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
     assert stat.S_IMODE(db.parent.stat().st_mode) == 0o700

@@ -52,7 +52,7 @@ fixed seeds cover every variant) and fix every random choice (which request is h
 interleaving with the processes still depends on timing. Every failure message starts with the kind, the seed and the node id that replays it,
 then where the kill landed, the trial's log and the state. PATCHRELAY_CRASH_STATS=FILE appends one JSON
 line per trial (kind, seed, where the kill landed, how the ticks resolved it, outcome, seconds).
-Convergence ticks run the click CLI in this process, like test_intake.py's (the killed tick is always a
+Convergence ticks run the click CLI in this process (`helpers.tick_result`; the killed tick is always a
 real process); PATCHRELAY_TEST_SUBPROCESS=1 runs them as subprocesses.
 """
 import json
@@ -68,13 +68,9 @@ from pathlib import Path
 
 import pytest
 
+import patchrelay as pr
 from conftest import PATCHRELAY
-from fakes.world import db_rows, file_at, git, last_events, remote_branches
-from test_intake import cli_inproc, tick_result
-from test_runs import held, say, tool
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import patchrelay as pr  # noqa: E402
+from helpers import cli_inproc, db_rows, file_at, git, held, last_events, remote_branches, say, tick_result, tool
 
 KINDS = ["tick_intake", "tick_launch", "tick_publish", "worker_before_turn", "worker_mid_turn",
          "worker_commit_push", "worker_final"]

@@ -4,14 +4,12 @@ check-ref-format`, the authority on branch names)."""
 import datetime as dt
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import patchrelay as pr  # noqa: E402
-from patchrelay import (Actor, Decision, IllegalTransition, Identity, LinearActivity, LinearComment,  # noqa: E402
+import patchrelay as pr
+from patchrelay import (Actor, Decision, IllegalTransition, Identity, LinearActivity, LinearComment,
                         LinearIssue, LinearSession, RunOutcome, RunnerConfig)
 
 NOW = "2026-01-02T03:04:05.000Z"

@@ -1,18 +1,15 @@
 """Tests of the GitHub fake itself (tests/fakes/github.py), not of PatchRelay. Real git, no Codex."""
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import requests
-from graphql import OperationDefinitionNode, parse, print_ast
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fakes import world as worldlib  # noqa: E402
-from fakes.github import FakeGitHub  # noqa: E402
-from fakes.world import git  # noqa: E402
+from fakes import world as worldlib
+from fakes.github import FakeGitHub
+from helpers import file_at, git, ops_in, remote_branches
 
 EXAMPLES = Path(__file__).resolve().parent / "schemas" / "github_examples"
 TOKEN = "ghp_patchrelay0000000000000000000000000"
@@ -50,11 +47,6 @@ def data(fake, query, variables=None, **kw):
 def rest(fake, method, path, token=TOKEN, **kw):
     headers = {"Authorization": f"token {token}", "Accept": "application/vnd.github+json"}
     return requests.request(method, fake.api_url + path, headers=headers, timeout=10, **kw)
-
-
-def ops_in(path):
-    doc = parse(path.read_text())
-    return {d.name.value: print_ast(d) for d in doc.definitions if isinstance(d, OperationDefinitionNode)}
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +189,7 @@ def test_batched_aliased_query_reads_head_shas_from_the_bare_repo(w):
     repo = data(f, BRANCH_QUERY, v)["repository"]
     assert {repo[k]["nodes"][0]["headRefName"]: repo[k]["nodes"][0]["headRefOid"] for k in ("b0", "b1", "b2")} == shas
     assert repo["n1"]["headRefOid"] == shas["feat-a"] and repo["n3"]["headRefOid"] == shas["feat-c"]
-    assert repo["n1"]["baseRefOid"] == worldlib.remote_branches(w.bare)["main"]
+    assert repo["n1"]["baseRefOid"] == remote_branches(w.bare)["main"]
     assert f.requests[-1]["aliases"] == 5 and f.requests[-1]["operation"] == "Branches"
     # a later push is seen on the next query; a force push leaves a timeline event
     new_b = push(w.bare, "feat-b", {"more.txt": "x"})
@@ -407,7 +399,7 @@ def test_enqueue_mutation_eject_and_timeline(w):
     entry = out["enqueuePullRequest"]["mergeQueueEntry"]
     assert entry["state"] == "QUEUED" and entry["position"] == 1
     group = entry["headCommit"]["oid"]
-    assert worldlib.remote_branches(w.bare)[f"gh-readonly-queue/main/pr-1-{pr['base']['sha']}"] == group
+    assert remote_branches(w.bare)[f"gh-readonly-queue/main/pr-1-{pr['base']['sha']}"] == group
     assert f.mutations[0]["name"] == "enqueuePullRequest" and f.mutations[0]["input"]["pullRequestId"] == pr["node_id"]
     f.eject(REPO, 1, reason="The required status check \"test\" failed")
     q = """query { repository(owner: "acme", name: "app") { pullRequest(number: 1) {
@@ -422,7 +414,7 @@ def test_enqueue_mutation_eject_and_timeline(w):
     removed = p["timelineItems"]["nodes"][1]
     assert removed["reason"] == "The required status check \"test\" failed"
     assert removed["beforeCommit"]["oid"] == pr["head"]["sha"] and removed["actor"]["login"] == "github-merge-queue"
-    assert not any(b.startswith("gh-readonly-queue/") for b in worldlib.remote_branches(w.bare))
+    assert not any(b.startswith("gh-readonly-queue/") for b in remote_branches(w.bare))
     assert f.validation_errors == []
 
 
@@ -435,13 +427,13 @@ def test_merge_advances_the_base_branch(w):
     for b in ("feat-a", "feat-b", "feat-c", "feat-d"):
         create_pr(w, b)
     f.merge(REPO, 1)                                                  # fast-forward
-    assert worldlib.remote_branches(w.bare)["main"] == a
+    assert remote_branches(w.bare)["main"] == a
     f.enqueue(REPO, 2)
     group = f.queue_entry(REPO, 2)["_headOid"]
     f.merge(REPO, 2)                                                  # the merge-group commit lands
-    main = worldlib.remote_branches(w.bare)["main"]
-    assert main == group and worldlib.file_at(w.bare, main, "a.txt") == "a"
-    assert worldlib.file_at(w.bare, main, "b.txt") == "b"
+    main = remote_branches(w.bare)["main"]
+    assert main == group and file_at(w.bare, main, "a.txt") == "a"
+    assert file_at(w.bare, main, "b.txt") == "b"
     q = """{ repository(owner: "acme", name: "app") { pullRequests(first: 5, states: [MERGED]) { nodes {
       number state merged mergedAt mergeCommit { oid } timelineItems(first: 5, itemTypes: [MERGED_EVENT]) {
         nodes { ... on MergedEvent { commit { oid } } } } } } } }"""
@@ -449,7 +441,7 @@ def test_merge_advances_the_base_branch(w):
     assert [(n["number"], n["state"], n["merged"]) for n in nodes] == [(1, "MERGED", True), (2, "MERGED", True)]
     assert nodes[1]["mergeCommit"]["oid"] == main == nodes[1]["timelineItems"]["nodes"][0]["commit"]["oid"]
     f.merge(REPO, 3)                                                  # not queued, not fast-forward: a merge commit
-    merged = worldlib.remote_branches(w.bare)["main"]
+    merged = remote_branches(w.bare)["main"]
     assert git(w.bare, "rev-list", "--parents", "-n1", merged).split()[1:] == [main, c]
     push(w.bare, "main", {"README.md": "changed on main\n"})
     q4 = '{ repository(owner: "acme", name: "app") { pullRequest(number: 4) { mergeable mergeStateStatus } } }'

@@ -1,15 +1,13 @@
 """Tests of the Linear fake itself (tests/fakes/linear.py), not of PatchRelay."""
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 import requests
-from graphql import OperationDefinitionNode, parse, print_ast
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fakes.linear import FakeLinear  # noqa: E402
+from fakes.linear import FakeLinear
+from helpers import ops_in
 
 EXAMPLES = Path(__file__).resolve().parent / "schemas" / "linear_examples"
 
@@ -49,12 +47,6 @@ def data(fake, query, variables=None, **kw):
     body = r.json()
     assert r.status_code == 200 and "errors" not in body, body
     return body["data"]
-
-
-def ops_in(path):
-    """{operation name: document text} for every operation in an example file."""
-    doc = parse(path.read_text())
-    return {d.name.value: print_ast(d) for d in doc.definitions if isinstance(d, OperationDefinitionNode)}
 
 
 def keys(nodes):

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from test_intake import pause, show, status, tick
+from helpers import pause, say, show, status, tick_inproc, tool, wait_done
 
 READS = ["PatchRelayViewer", "PatchRelayPoll", "PatchRelaySessionActivities", "PatchRelayComments"]
 # Reads a first tick does not make: a healthy tick goes first (it tracks the issue; the next tick reads its
@@ -64,13 +64,13 @@ def test_a_bad_linear_answer_is_one_line_and_nothing_is_lost_or_done_twice(world
     pause(world)
     issue, session = world.delegate()
     if op in LATER:
-        tick(world)
+        tick_inproc(world)
     if op == "PatchRelaySessionActivities":
         for n in range(7):
             world.linear.add_prompt(session, world.alice, f"one more thing ({n})")
     FAULTS[kind](world.linear, op)
 
-    r = tick(world, check=None)
+    r = tick_inproc(world, check=None)
     assert op in world.linear.faults_taken, f"the fault on {op} never fired: {world.linear.operations()[-6:]}"
     out = r.stdout + r.stderr
     assert "Traceback" not in out, out
@@ -82,8 +82,8 @@ def test_a_bad_linear_answer_is_one_line_and_nothing_is_lost_or_done_twice(world
     assert leased_rows(world) == 0, "an outbox row was left leased"
 
     world.linear._faults.clear()                 # Linear heals
-    tick(world)
-    tick(world)
+    tick_inproc(world)
+    tick_inproc(world)
     st = status(world)
     assert [i["key"] for i in st["issues"]] == ["APP-1"], (kind, op, st)
     s = show(world, "APP-1")
@@ -92,7 +92,7 @@ def test_a_bad_linear_answer_is_one_line_and_nothing_is_lost_or_done_twice(world
     assert len(acks) == 1, (kind, op, [a["content"] for a in acks])
     assert st["outbox"] == [], st["outbox"]
     before = json.dumps(show(world, "APP-1")["issue"], sort_keys=True)
-    tick(world)
+    tick_inproc(world)
     after = show(world, "APP-1")["issue"]
     assert after["pending_run"] == "implementation" and after["factory_state"] == "delegated"
     assert len(picked_up(world, session)) == 1
@@ -105,7 +105,7 @@ def test_a_lease_left_by_a_killed_tick_is_taken_over_at_once(world):
     pause(world)
     _, session = world.delegate()
     world.linear.fail_next(9, status=500, operation="PatchRelayWrites")
-    tick(world, check=None)
+    tick_inproc(world, check=None)
     dead = subprocess.Popen(["true"])
     dead.wait()
     con = sqlite3.connect(str(world.state / "patchrelay.sqlite"), timeout=10)
@@ -114,7 +114,7 @@ def test_a_lease_left_by_a_killed_tick_is_taken_over_at_once(world):
                     (time.time() + 3600, dead.pid))
     con.close()
     world.linear._faults.clear()
-    tick(world)
+    tick_inproc(world)
     assert [a["content"]["type"] for a in world.linear.activities(session)] == ["thought"]
     assert status(world)["outbox"] == []
 
@@ -135,13 +135,12 @@ GH_FAULTS = {
 def test_a_bad_github_answer_is_one_line_and_never_opens_twice_or_loses_the_pr(world, kind, match):
     """A run has pushed its branch; GitHub misbehaves on the observation or on opening the PR. The tick
     fails with one line and changes nothing; once GitHub heals, exactly one PR is opened and recorded."""
-    from test_runs import say, tool, wait_done
     world.use_codex([tool("echo hello > hello.txt"), say("Added hello.txt.")])
     world.delegate()
-    tick(world)
+    tick_inproc(world)
     wait_done(world)
     GH_FAULTS[kind](world.github, match)
-    r = tick(world, check=None)
+    r = tick_inproc(world, check=None)
     out = r.stdout + r.stderr
     assert "Traceback" not in out, out
     if kind in ("primary-exhausted",) or match == "PatchRelayPullRequests" or r.returncode:
@@ -157,8 +156,8 @@ def test_a_bad_github_answer_is_one_line_and_never_opens_twice_or_loses_the_pr(w
     with con:
         con.execute("UPDATE api_budget SET limited_until = NULL WHERE api = 'github'")
     con.close()
-    tick(world)
-    tick(world)
+    tick_inproc(world)
+    tick_inproc(world)
     s = show(world, "APP-1")
     assert s["issue"]["factory_state"] == "pr_open" and s["issue"]["pr"]["number"] == 1
     assert len(world.github.prs("acme/app")) == 1

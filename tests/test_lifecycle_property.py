@@ -34,11 +34,8 @@ import uuid
 
 import pytest
 
-from fakes.world import db_rows, last_events
-from test_intake import cli_inproc, show, tick_result
-from test_runs import say, tool
-
 import patchrelay as pr
+from helpers import cli_inproc, db_rows, last_events, say, show, tick_result, tool
 
 STEPS = int(os.environ.get("PATCHRELAY_PROPERTY_STEPS") or 80)
 

@@ -1,7 +1,7 @@
 """Linear intake at scale: what an idle tick costs and that nothing is lost or acknowledged twice.
 
 The runner is paused (issues are tracked and acknowledged, no Codex starts); ticks run the click CLI in this
-process (`tick` from test_intake.py). Assertions are on behaviour, never on timing: the requests the fake
+process (`helpers.tick_inproc`). Assertions are on behaviour, never on timing: the requests the fake
 Linear recorded (`world.linear.requests`, with body sizes), `status --json` / `show --json`, and the
 activities in the fake. bench/linear_scale.py prints the figures behind these properties.
 """
@@ -13,8 +13,7 @@ import pytest
 
 from conftest import World
 from fakes.linear import FakeLinear
-from fakes.world import db_exec
-from test_intake import pause, status, tick
+from helpers import db_exec, pause, status, tick_inproc
 
 MAX_TICKS = 30          # ticks an ingest may take
 IDLE_OVERLAP = 1.0      # linear.poll_overlap of the idle-cost tests (seconds)
@@ -49,7 +48,7 @@ def ingested(world, keys, sessions):
 def tick_until_ingested(world, keys, sessions, max_ticks=MAX_TICKS, check=0, pause_s=0.0):
     """Ticks until everything is ingested; returns the number of ticks it took (fails after max_ticks)."""
     for n in range(1, max_ticks + 1):
-        tick(world, check=check)
+        tick_inproc(world, check=check)
         if ingested(world, keys, sessions):
             return n
         time.sleep(pause_s)
@@ -76,7 +75,7 @@ def settle(world, keys, sessions, extra=3):
     """Ingest, then a few more ticks so PatchRelay has read back its own writes and nothing changed since."""
     tick_until_ingested(world, keys, sessions)
     for _ in range(extra):
-        tick(world)
+        tick_inproc(world)
 
 
 def quiet(world):
@@ -90,13 +89,13 @@ def idle_settled(world, keys, sessions):
     """Settled, then the overlap window passes and one more tick reads what is left in it."""
     settle(world, keys, sessions)
     time.sleep(IDLE_OVERLAP + 0.5)
-    tick(world)
+    tick_inproc(world)
 
 
 def idle_tick(world):
     """One tick with nothing changed in Linear -> the requests it sent (fake records)."""
     before = len(world.linear.requests)
-    tick(world)
+    tick_inproc(world)
     return world.linear.requests[before:]
 
 
@@ -164,7 +163,7 @@ def test_600_delegations_at_once_are_all_tracked_and_each_acknowledged_once(worl
     ticks = tick_until_ingested(world, keys, sessions)
     assert ticks <= MAX_TICKS
     for _ in range(2):                  # later ticks neither lose nor re-acknowledge anything
-        tick(world)
+        tick_inproc(world)
     assert_nothing_lost(world, keys, sessions)
     assert all(i["factory_state"] == "delegated" and i["pending_run"] == "implementation"
                for i in status(world)["issues"])
@@ -181,7 +180,7 @@ def _write_tick_failed(world, n=3):
     pause(world)
     sessions = [world.delegate(title=f"Thing {i}")[1]["id"] for i in range(n)]
     world.linear.fail_next(99, status=503, operation="PatchRelayWrites")
-    tick(world, check=None)
+    tick_inproc(world, check=None)
     world.linear._faults.clear()
     return sessions
 
@@ -193,7 +192,7 @@ def test_a_write_linear_refuses_does_not_hold_back_the_others_in_its_request(wor
     db_exec(world.state, "UPDATE outbox SET session_id = 'gone-session' WHERE kind = 'activity' AND session_id = ?",
                 (sessions[1],))
     before = len(world.linear.requests)
-    tick(world, check=None)
+    tick_inproc(world, check=None)
     got = acks(world, sessions)
     assert got[sessions[0]] == 1 and got[sessions[2]] == 1 and got[sessions[1]] == 0, got
     left = status(world)["outbox"]
@@ -211,7 +210,7 @@ def test_a_request_refused_as_a_whole_is_split_and_each_write_sent_alone(world):
                                          "extensions": {"code": "GRAPHQL_VALIDATION_FAILED"}}]}, 1, status=400,
                             operation="PatchRelayWrites")
     before = len(world.linear.requests)
-    tick(world)
+    tick_inproc(world)
     assert set(acks(world, sessions).values()) == {1}
     assert status(world)["outbox"] == []
     ops = [r["operation"] for r in world.linear.requests[before:]]

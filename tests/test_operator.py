@@ -1,8 +1,7 @@
 """Operator commands: pause / resume (global and per issue), release, and `why`."""
 import json
 
-from fakes.world import db_exec
-from test_intake import cli_inproc, finished_issue, pause as pause_runner, show, status, tick
+from helpers import cli_inproc, db_exec, finished_issue, pause as pause_runner, show, status, tick_inproc
 
 
 def why(world, key):
@@ -16,7 +15,7 @@ def test_pause_and_resume_globally_and_per_issue_hold_launches_and_say_who_and_w
     world.delegate(title="Second thing")
     r = cli_inproc(world, "pause", "--reason", "deploy freeze")
     assert r.exit_code == 0, r.output
-    out = tick(world).stdout
+    out = tick_inproc(world).stdout
     assert "launched" not in out
     st = status(world)
     assert st["paused"]["reason"] == "deploy freeze" and st["paused"]["by"]
@@ -44,7 +43,7 @@ def test_pause_and_resume_globally_and_per_issue_hold_launches_and_say_who_and_w
 def test_config_pause_is_the_boot_default_and_resume_overrides_it(world):
     pause_runner(world)                    # runner.paused: true in the config
     world.delegate()
-    tick(world)
+    tick_inproc(world)
     assert status(world)["paused"]["by"] == "config"
     assert cli_inproc(world, "resume").exit_code == 0
     assert status(world)["paused"] is None
@@ -53,10 +52,10 @@ def test_config_pause_is_the_boot_default_and_resume_overrides_it(world):
 def test_release_stops_tracking_and_tells_the_session_why(world):
     pause_runner(world)
     _, session = world.delegate()
-    tick(world)
+    tick_inproc(world)
     r = cli_inproc(world, "release", "APP-1", "--reason", "we will do this by hand")
     assert r.exit_code == 0, r.output
-    tick(world)
+    tick_inproc(world)
     s = show(world, "APP-1")
     assert s["issue"]["factory_state"] == "canceled" and s["issue"]["pending_run"] is None
     bodies = [a["content"]["body"] for a in world.linear.activities(session) if a["content"]["type"] == "response"]
@@ -70,7 +69,7 @@ def test_why_explains_an_untracked_issue_and_every_gate_of_a_tracked_one(world):
     assert w["tracked"] is False and "delegate it to PatchRelay" in w["next"]
     pause_runner(world)
     world.delegate()
-    tick(world)
+    tick_inproc(world)
     w = why(world, "APP-1")
     names = [g["gate"] for g in w["gates"]]
     assert names == ["routed", "delegated", "trusted", "runner not paused", "issue not paused", "active run",
@@ -85,7 +84,7 @@ def test_status_shows_what_needs_attention_and_list_reaches_the_rest(world):
     pause_runner(world)
     for title in ("One", "Two", "Three"):
         world.delegate(title=title)
-    tick(world)
+    tick_inproc(world)
     db_exec(world.state, "UPDATE issues SET factory_state = 'done', pending_run_type = NULL, "
                          "updated_at = '2020-01-01T00:00:00.000Z' WHERE key = 'APP-1'")
     db_exec(world.state, "UPDATE issues SET factory_state = 'done', pending_run_type = NULL WHERE key = 'APP-2'")
@@ -115,7 +114,7 @@ def test_ctrl_c_ends_events_follow_quietly_with_exit_0(world):
     import time
     pause_runner(world)
     world.delegate()
-    tick(world)
+    tick_inproc(world)
     p = subprocess.Popen(world.cli_argv("events", "APP-1", "--follow"), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=world.env())
     deadline = time.time() + 30

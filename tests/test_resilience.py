@@ -8,7 +8,6 @@ PATCHRELAY_TEST_SUBPROCESS=1 runs every tick as a subprocess.
 """
 import json
 import re
-import os
 import sqlite3
 import subprocess
 import sys
@@ -16,51 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import patchrelay  # noqa: E402
+import patchrelay
+from conftest import PATCHRELAY
+from helpers import cli_inproc, pause, show, status, tick_inproc
 
 
 # ----------------------------------------------------------------------------- helpers
-SUBPROCESS_TICKS = os.environ.get("PATCHRELAY_TEST_SUBPROCESS") == "1"
-
-
-def cli_inproc(world, *args, env=None):
-    """A patchrelay command: the same click CLI, run in this process (a click Result)."""
-    return CliRunner().invoke(patchrelay.cli, ["--config", str(world.config_path), *map(str, args)],
-                              env=world.env(**(env or {})))
-
-
-def tick(world, *args, env=None, check=0):
-    """`patchrelay tick ARGS` -> CompletedProcess; fails unless it exits `check`."""
-    if SUBPROCESS_TICKS:
-        return world.cli("tick", *args, env=env, check=check)
-    r = cli_inproc(world, "tick", *args, env=env)
-    if r.exception and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    assert check is None or r.exit_code == check, f"tick exited {r.exit_code}, wanted {check}\n{r.output}"
-    return subprocess.CompletedProcess(["tick", *args], r.exit_code, r.stdout, r.stderr)
-
-
-def status(world):
-    r = cli_inproc(world, "status", "--json")
-    assert r.exit_code == 0, r.output
-    return json.loads(r.stdout)
-
-
-def show(world, key):
-    r = cli_inproc(world, "show", key, "--json")
-    assert r.exit_code == 0, r.output
-    return json.loads(r.stdout)
-
-
-def pause(world):
-    world.config["runner"]["paused"] = True
-    world.write_config()
-
-
 def linear_api(world):
     [api] = [a for a in status(world)["api"] if a["api"] == "linear"]
     return api
@@ -81,7 +42,7 @@ def test_short_rate_limit_is_waited_out_within_the_tick(world, style):
     issue, session = world.delegate()
     world.linear.rate_limit_next(style=style, retry_after=0.1)
 
-    tick(world, check=0)
+    tick_inproc(world, check=0)
     assert faults(world) == [f"ratelimit{style}"]
     st = status(world)
     assert [(i["key"], i["factory_state"]) for i in st["issues"]] == [("APP-1", "delegated")]
@@ -95,7 +56,7 @@ def test_long_rate_limit_fails_the_tick_records_the_wait_and_loses_nothing(world
     world.linear.rate_limit_next(style="400", retry_after=3600)
 
     t0 = time.time()
-    p = tick(world, check=1)
+    p = tick_inproc(world, check=1)
     assert time.time() - t0 < 10                    # no blocking on a one-hour Retry-After
     assert re.search(r"failed: intake: Linear PatchRelay\w+ \(127\.0\.0\.1:\d+\): rate limited", p.stderr), p.stderr
 
@@ -109,14 +70,14 @@ def test_long_rate_limit_fails_the_tick_records_the_wait_and_loses_nothing(world
 
     # while limited, a tick does not call Linear at all and says why
     n = len(world.linear.requests)
-    p = tick(world, check=0)
+    p = tick_inproc(world, check=0)
     assert f"skipping intake until {api['limited_until']}" in p.stdout
     assert len(world.linear.requests) == n
 
     # time passes (the limit expires): the delegation made during the limit is picked up
     with sqlite3.connect(db_path(world)) as db:
         db.execute("UPDATE api_budget SET limited_until = '2000-01-01T00:00:00.000Z' WHERE api = 'linear'")
-    p = tick(world, check=0)
+    p = tick_inproc(world, check=0)
     assert "APP-1: new agent session -> implementation queued" in p.stdout
     assert world.activity_types(session) == ["thought"]
     assert linear_api(world)["limited_until"] is None
@@ -140,7 +101,7 @@ def test_rate_limit_headers_are_shown_in_status(world):
     world.linear.set_budget(requests_remaining=777, complexity_remaining=123456)
     n0 = len(world.linear.requests)
 
-    tick(world)
+    tick_inproc(world)
     made = len(world.linear.requests) - n0
     api = linear_api(world)
     assert api["requests_limit"] == 5000
@@ -157,7 +118,7 @@ def test_status_shows_requests_per_tick_and_the_projected_hourly_use(world):
     world.delegate()
     n0 = len(world.linear.requests)
     for _ in range(4):                                   # the intake tick, then idle ones
-        tick(world)
+        tick_inproc(world)
         time.sleep(0.3)
     per_tick = (len(world.linear.requests) - n0) / 4
     use = status(world)["api_use"]
@@ -175,7 +136,7 @@ def test_exhausted_request_budget_is_treated_as_a_rate_limit(world):
     world.delegate()
     world.linear.set_budget(requests_remaining=0, reset_in=1800)
 
-    p = tick(world, check=1)
+    p = tick_inproc(world, check=1)
     assert "rate limited" in p.stderr
     api = linear_api(world)
     assert 1700 < patchrelay.parse_iso(api["limited_until"]).timestamp() - time.time() <= 1800
@@ -187,7 +148,7 @@ def test_linear_outage_keeps_tracked_issues_and_queued_outbox_rows(world):
     pause(world)
     issue, session = world.delegate()
     world.linear.fail_next(2, status=500, operation="agentActivityCreate")
-    tick(world)                                    # tracked; the thought (and the plan behind it) stay queued
+    tick_inproc(world)                                    # tracked; the thought (and the plan behind it) stay queued
     before = show(world, "APP-1")["issue"]
     queued = status(world)["outbox"]
     assert [(o["kind"], o["status"]) for o in queued] == [("activity", "queued"), ("plan", "queued")]
@@ -195,7 +156,7 @@ def test_linear_outage_keeps_tracked_issues_and_queued_outbox_rows(world):
     # Linear is unreachable for a whole tick (connection refused)
     world.linear.stop()
     try:
-        p = tick(world, check=1)
+        p = tick_inproc(world, check=1)
     finally:
         world.linear.start()
     assert "transport error" in p.stderr
@@ -213,7 +174,7 @@ def test_linear_outage_keeps_tracked_issues_and_queued_outbox_rows(world):
     assert world.activity_types(session) == []
 
     # healthy again: everything queued is sent, exactly once
-    tick(world, check=0)
+    tick_inproc(world, check=0)
     assert status(world)["outbox"] == []
     assert world.activity_types(session) == ["thought"]
     assert len(world.linear.plans_for(session)) == 1
@@ -223,16 +184,16 @@ def test_linear_outage_keeps_tracked_issues_and_queued_outbox_rows(world):
 def test_http_500s_during_intake_drop_nothing(world):
     pause(world)
     issue, session = world.delegate()
-    tick(world)
+    tick_inproc(world)
     world.linear.add_comment(issue, world.alice, "one more detail")
     world.linear.fail_next(2, status=503, operation="PatchRelayComments")
 
-    p = tick(world, check=1)
+    p = tick_inproc(world, check=1)
     assert "HTTP 503" in p.stderr
     assert show(world, "APP-1")["inbox"] == []          # nothing half-read, cursors not advanced
     assert status(world)["issues"][0]["pending_run"] == "implementation"
 
-    tick(world, check=0)
+    tick_inproc(world, check=0)
     assert [m["body"] for m in show(world, "APP-1")["inbox"]] == ["one more detail"]
 
 
@@ -241,7 +202,7 @@ def test_concurrent_tick_exits_zero_with_a_one_line_notice(world):
     pause(world)
     world.delegate()
     world.linear.hang_next(8)                       # the first tick's first Linear request takes 8 s
-    argv = [sys.executable, str(ROOT / "patchrelay.py"), "--config", str(world.config_path), "tick"]
+    argv = [sys.executable, str(PATCHRELAY), "--config", str(world.config_path), "tick"]
     first = subprocess.Popen(argv, env=world.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         world.wait_for(lambda: world.linear.requests, timeout=20, interval=0.05,
@@ -260,11 +221,11 @@ def test_concurrent_tick_exits_zero_with_a_one_line_notice(world):
 # ----------------------------------------------------------------------------- dry run and --json
 def test_dry_run_prints_what_it_would_do_and_changes_nothing(world):
     pause(world)
-    p = tick(world, "--dry-run", check=0)                  # nothing delegated yet: says so
+    p = tick_inproc(world, "--dry-run", check=0)                  # nothing delegated yet: says so
     assert "would take 0 issue(s) (delegated to the app)" in p.stdout, p.stdout
     issue, session = world.delegate()
 
-    p = tick(world, "--dry-run", check=0)
+    p = tick_inproc(world, "--dry-run", check=0)
     assert "would: APP-1: new agent session -> implementation queued" in p.stdout
     assert "would take 1 issue(s) (delegated to the app)" in p.stdout, p.stdout
 
@@ -277,7 +238,7 @@ def test_dry_run_prints_what_it_would_do_and_changes_nothing(world):
         & set(world.linear.operations())
 
     # cursors did not move either: the real tick still sees the delegation
-    p = tick(world, check=0)
+    p = tick_inproc(world, check=0)
     assert "APP-1: new agent session -> implementation queued" in p.stdout
     assert world.activity_types(session) == ["thought"]
 
@@ -286,7 +247,7 @@ def test_tick_json_report_shape(world):
     pause(world)
     world.delegate()
 
-    report = json.loads(tick(world, "--json").stdout)
+    report = json.loads(tick_inproc(world, "--json").stdout)
     assert set(report) == {"result", "dry_run", "steps", "errors", "actions", "api_cost"}
     assert report["api_cost"]["linear_requests"] >= 1 and report["api_cost"]["github_requests"] == 0
     assert report["result"] == "ok" and report["dry_run"] is False and report["errors"] == []
@@ -298,7 +259,7 @@ def test_tick_json_report_shape(world):
     assert report["actions"] == ["APP-1: new agent session -> implementation queued"]
 
     world.linear.rate_limit_next(style="429", retry_after=3600)
-    p = tick(world, "--json", check=1)
+    p = tick_inproc(world, "--json", check=1)
     report = json.loads(p.stdout)
     assert report["result"] == "failed"
     host = world.linear.url.split("/")[2]
@@ -313,14 +274,14 @@ def test_a_queued_run_that_cannot_be_claimed_does_not_wedge_launching(world):
     later tick fail and keep other issues from being launched."""
     pause(world)
     world.delegate()
-    tick(world)
+    tick_inproc(world)
     assert cli_inproc(world, "stop", "APP-1").exit_code == 0            # APP-1 awaiting_input
     cli_inproc(world, "retry", "APP-1", "--type", "ci_repair")           # accepted or refused
     world.delegate(title="second")
     world.config["runner"]["paused"] = False
     world.write_config()
 
-    p = tick(world, "--json", check=None)
+    p = tick_inproc(world, "--json", check=None)
     report = json.loads(p.stdout)
     assert report["errors"] == [] and p.returncode == 0
     assert "APP-2" in [x["issue"] for x in report["steps"]["launch"]["launched"]]
@@ -331,12 +292,12 @@ def test_a_burst_of_delegations_gets_first_responses_first_and_spreads_over_tick
     world.config["linear"]["max_writes_per_tick"] = 10
     pause(world)
     sessions = [world.delegate(title=f"Thing {n}")[1] for n in range(12)]
-    tick(world)
+    tick_inproc(world)
     firsts = [s for s in sessions if world.activity_types(s) == ["thought"]]
     assert len(firsts) == 10                                   # the cap: 10 writes, all first responses
     assert not any(world.linear.plans.values()) and world.linear.issue_updates == []
     for _ in range(8):
-        tick(world)
+        tick_inproc(world)
     for s in sessions:
         assert world.activity_types(s) == ["thought"], s["id"]  # each acknowledged exactly once
     assert status(world)["outbox"] == []
@@ -347,23 +308,23 @@ def test_optional_writes_yield_while_the_linear_budget_is_low(world):
     pause(world)
     _, session = world.delegate()
     world.linear.set_budget(requests_remaining=400, requests_limit=5000)   # under 20 % left
-    tick(world)
-    tick(world)
+    tick_inproc(world)
+    tick_inproc(world)
     assert world.activity_types(session) == ["thought"]        # the first response still goes out
     assert world.linear.plans_for(session) == [] and world.linear.issue_updates == []
     world.linear.set_budget(requests_remaining=5000)
-    tick(world)
-    tick(world)
+    tick_inproc(world)
+    tick_inproc(world)
     assert len(world.linear.plans_for(session)) == 1 and len(world.linear.issue_updates) == 1
 
 
 def test_team_workflow_states_are_read_once_then_moving_an_issue_is_one_request(world):
     pause(world)
     world.delegate()
-    tick(world)
+    tick_inproc(world)
     world.delegate(title="Second thing")
     world.delegate(title="Third thing")
-    tick(world)
+    tick_inproc(world)
     ops = [r["operation"] for r in world.linear.requests]
     assert ops.count("PatchRelayIssueStates") == 1, ops            # the team's states, read once
     moves = [r for r in world.linear.requests if "issueUpdate" in r["fields"]]

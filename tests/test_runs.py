@@ -20,67 +20,16 @@ from pathlib import Path
 
 import pytest
 
+import patchrelay
 from conftest import APP_TOKEN
 from fakes.model import FakeModel
-from fakes.world import db_rows, file_at, git, remote_branches
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import patchrelay  # noqa: E402
+from helpers import (BRANCH, acts, bodies, db, file_at, git, held, issue_row, logs, remote_branches, runs,
+                     say, tool, wait_done)
 
 GH_TOKEN_VALUE = "ghp_testtoken0000000000000000000000"   # what World.env() puts in GITHUB_TOKEN
-BRANCH = "app/APP-1-add-a-greeting"
 
 
 # ----------------------------------------------------------------------------- helpers
-def tool(cmd):
-    return {"kind": "tool_call", "cmd": cmd}
-
-
-def say(text):
-    return {"kind": "message", "text": text}
-
-
-def held(gate, then):
-    """Hold the model request at `gate`; once opened, answer with `then` (never takes a script step)."""
-    return {"kind": "wait", "event": gate, "then": then}
-
-
-def db(world, sql, args=()):
-    return db_rows(world.state, sql, args)
-
-
-def runs(world):
-    return db(world, "SELECT * FROM runs ORDER BY id")
-
-
-def issue_row(world, key="APP-1"):
-    rows = db(world, "SELECT * FROM issues WHERE key = ?", (key,))
-    return rows[0] if rows else None
-
-
-def logs(world):
-    """Every worker and app-server log, for failure messages."""
-    d = world.state / "logs"
-    if not d.is_dir():
-        return "(no logs)"
-    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in sorted(d.iterdir()))
-
-
-def wait_done(world, key="APP-1", timeout=45):
-    """Until the issue has neither an active nor a pending run and every worker of it has exited (a worker
-    publishes to Linear after recording the run's end). SQLite only; no tick. Returns show --json."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        r = issue_row(world, key)
-        if r and not r["active_run_id"] and not r["pending_run_type"] and not any(
-                patchrelay.process_alive(x["worker_pid"], x["worker_started"])
-                for x in db(world, "SELECT worker_pid, worker_started FROM runs WHERE issue_id = ?", (r["id"],))):
-            # a key no person could type (from a hostile Linear team key): `show` refuses it; read the row
-            return world.show(key) if patchrelay.ISSUE_KEY_RE.fullmatch(key) else {"issue": r}
-        time.sleep(0.2)
-    raise AssertionError(f"{key}: run not finished within {timeout}s\nruns: {runs(world)}\n{logs(world)}")
-
-
 def wait_until(what, predicate, world, timeout=30, interval=0.1):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -111,16 +60,8 @@ def alive(pid):
     return patchrelay.proc_start_time(pid) is not None
 
 
-def acts(world, session):
-    return [(a["content"]["type"], a["content"].get("body") or "") for a in world.linear.activities(session)]
-
-
 def types(world, session):
     return [t for t, _ in acts(world, session)]
-
-
-def bodies(world, session, kind):
-    return [b for t, b in acts(world, session) if t == kind]
 
 
 def valid_branch(name):
@@ -159,7 +100,7 @@ def rollout_has(world, marker):
 def test_delegated_issue_becomes_a_pushed_branch_a_report_and_one_linear_response(world):
     model = world.use_codex([tool("echo hello > hello.txt"), say("Added hello.txt with a greeting.")])
     issue, session = world.delegate()
-    out = world.tick().stdout
+    out = world.tick_subprocess().stdout
     assert "APP-1: launched run 1" in out, out
     s = wait_done(world)
 
@@ -204,7 +145,7 @@ def test_delegated_issue_becomes_a_pushed_branch_a_report_and_one_linear_respons
 
     # the next tick opens the pull request (PatchRelay does, not the agent) and says so in Linear
     n_requests = len(model.requests)
-    assert "APP-1: opened pull request #1" in world.tick().stdout
+    assert "APP-1: opened pull request #1" in world.tick_subprocess().stdout
     pr = world.github.pr("acme/app", 1)
     assert pr["title"] == "APP-1: Add a greeting" and pr["headRefName"] == BRANCH and pr["baseRefName"] == "main"
     assert "Added hello.txt with a greeting." in pr["body"] and "APP-1" in pr["body"]
@@ -215,8 +156,8 @@ def test_delegated_issue_becomes_a_pushed_branch_a_report_and_one_linear_respons
     assert world.linear.state_of(issue)["name"] == "In Review"
 
     # more ticks change nothing: no duplicate activity or PR, no new run, no new request to the model
-    world.tick()
-    world.tick()
+    world.tick_subprocess()
+    world.tick_subprocess()
     assert types(world, session) == ["thought", "thought", "response", "response"]
     assert [r["id"] for r in runs(world)] == [1]
     assert len(model.requests) == n_requests
@@ -232,7 +173,7 @@ def test_linear_messages_keep_their_order_when_tick_and_worker_publish_at_once(w
     world.use_codex([tool("echo hello > hello.txt"), say("Added hello.txt.")])
     issue, session = world.delegate()
     world.linear.hang_next(3, operation="agentActivityCreate")   # the first activity write (the ack) is slow
-    world.tick()
+    world.tick_subprocess()
     wait_done(world)
     a = acts(world, session)
     assert [t for t, _ in a] == ["thought", "thought", "response"], a
@@ -246,7 +187,7 @@ def test_foreground_run_streams_progress_and_exits_0_on_success_and_1_on_failure
                              {"kind": "http_error", "status": 500, "message": "model overloaded"}])
     _, s1 = world.delegate()
     _, s2 = world.delegate(title="Second thing")
-    world.tick()
+    world.tick_subprocess()
     assert [r["id"] for r in runs(world)] == []          # paused: tracked and acknowledged, nothing launched
     assert issue_row(world, "APP-1")["pending_run_type"] == "implementation"
     assert world.cli("report", "APP-1", check=0).stdout.strip() == "APP-1: no runs yet"
@@ -297,7 +238,7 @@ def test_no_change_and_a_question_awaits_input_with_an_elicitation(world):
     question = "Should the greeting say 'hello' or 'hi'? I changed nothing yet."
     world.use_codex([say(question)])
     _, session = world.delegate(description="Add a greeting somewhere")
-    world.tick()
+    world.tick_subprocess()
     s = wait_done(world)
     assert s["issue"]["factory_state"] == "awaiting_input"
     assert [r["status"] for r in s["runs"]] == ["completed"]
@@ -315,13 +256,13 @@ def test_no_change_and_a_question_awaits_input_with_an_elicitation(world):
 def test_follow_up_prompt_after_completion_runs_again_on_the_same_branch_and_thread(world):
     model = world.use_codex([tool("echo hello > hello.txt"), say("Added hello.txt.")])
     _, session = world.delegate()
-    world.tick()
+    world.tick_subprocess()
     s1 = wait_done(world)
     thread = s1["issue"]["thread_id"]
     first_head = remote_branches(world.bare)[BRANCH]
     model.push(tool("echo bye > bye.txt"), say("Added bye.txt too."))
     world.linear.add_prompt(session, world.alice, "please also add bye.txt")
-    out = world.tick().stdout
+    out = world.tick_subprocess().stdout
     assert "follow-up prompt -> implementation queued" in out and "launched run 2" in out, out
     s = wait_done(world)
     assert [(r["id"], r["status"]) for r in s["runs"]] == [(2, "completed"), (1, "completed")]
@@ -345,7 +286,7 @@ def test_codex_that_cannot_start_fails_the_run_with_a_linear_error(world):
     world.config["codex"] = {"bin": str(world.tmp / "no-such-codex"), "home": str(world.tmp / "codex-home")}
     world.write_config()
     _, session = world.delegate()
-    world.tick()
+    world.tick_subprocess()
     s = wait_done(world)
     assert s["issue"]["factory_state"] == "failed"
     reason = s["runs"][0]["failure_reason"]
@@ -357,7 +298,7 @@ def test_codex_that_cannot_start_fails_the_run_with_a_linear_error(world):
 def test_model_http_500_fails_the_run_with_a_linear_error_then_retry_runs_it_again(world):
     model = world.use_codex([{"kind": "http_error", "status": 500, "message": "upstream exploded"}])
     _, session = world.delegate()
-    world.tick()
+    world.tick_subprocess()
     s = wait_done(world)
     assert s["issue"]["factory_state"] == "failed"
     assert [r["status"] for r in s["runs"]] == ["failed"]
@@ -369,7 +310,7 @@ def test_model_http_500_fails_the_run_with_a_linear_error_then_retry_runs_it_aga
     assert BRANCH not in remote_branches(world.bare)
 
     # a failed issue stays failed: more ticks start nothing
-    world.tick()
+    world.tick_subprocess()
     assert len(runs(world)) == 1
 
     # retry: a bad type is a usage error (2); a good one queues, and the next tick runs it
@@ -380,7 +321,7 @@ def test_model_http_500_fails_the_run_with_a_linear_error_then_retry_runs_it_aga
     assert json.loads(p.stdout) == {"issue": "APP-1", "queued": "implementation", "reason": "model is back",
                                     "factory_state": "delegated"}
     model.push(tool("echo hello > hello.txt"), say("Added hello.txt."))
-    world.tick()
+    world.tick_subprocess()
     s = wait_done(world)
     assert s["issue"]["factory_state"] == "ready_for_pr"
     assert [(r["id"], r["status"]) for r in s["runs"]] == [(2, "completed"), (1, "failed")]
@@ -412,7 +353,7 @@ def test_model_http_500_fails_the_run_with_a_linear_error_then_retry_runs_it_aga
 def test_app_server_killed_mid_turn_fails_the_run_naming_the_exit(world):
     model = world.use_codex([held("g", say("never delivered"))])
     _, session = world.delegate()
-    world.tick()
+    world.tick_subprocess()
     run = wait_running(world, model, "g")
     os.killpg(run["appserver_pid"], signal.SIGKILL)
     s = wait_done(world)
@@ -430,12 +371,12 @@ def test_worker_killed_mid_turn_is_reconciled_by_the_next_tick(world, budget):
     world.config["runner"]["retry_budget"] = budget
     model = world.use_codex([held("g", say("never delivered"))])
     _, session = world.delegate()
-    world.tick()
+    world.tick_subprocess()
     run = wait_running(world, model, "g")
     os.kill(run["worker_pid"], signal.SIGKILL)
     wait_until("the worker to die", lambda: not alive(run["worker_pid"]), world, timeout=10)
     model.push(tool("echo hello > hello.txt"), say("Added hello.txt."))
-    out = world.tick().stdout
+    out = world.tick_subprocess().stdout
     assert "run 1 worker gone; interrupted" in out, out
     assert not alive(run["appserver_pid"]), "reconcile must kill the app-server the dead worker left"
     s = wait_done(world)
@@ -458,7 +399,7 @@ def test_worker_killed_mid_turn_is_reconciled_by_the_next_tick(world, budget):
         assert [r["id"] for r in s["runs"]] == [1]
         errors = bodies(world, session, "error")
         assert len(errors) == 1 and "retry budget of 0 used up" in errors[0], acts(world, session)
-        world.tick()
+        world.tick_subprocess()
         assert len(runs(world)) == 1
 
 
@@ -468,7 +409,7 @@ def test_turn_that_completed_after_its_worker_died_is_finished_by_reconcile(worl
     report, respond. No second run."""
     model = world.use_codex([tool("echo hello > hello.txt"), held("g", say("Added hello.txt while alone."))])
     _, session = world.delegate()
-    world.tick()
+    world.tick_subprocess()
     run = wait_running(world, model, "g")
     os.kill(run["worker_pid"], signal.SIGSTOP)
     try:
@@ -478,7 +419,7 @@ def test_turn_that_completed_after_its_worker_died_is_finished_by_reconcile(worl
     finally:
         os.kill(run["worker_pid"], signal.SIGKILL)
     wait_until("the worker to die", lambda: not alive(run["worker_pid"]), world, timeout=10)
-    out = world.tick().stdout
+    out = world.tick_subprocess().stdout
     assert "run 1 worker gone; completed" in out, out + logs(world)
     s = world.show("APP-1")
     assert s["issue"]["factory_state"] == "pr_open"        # the same tick's observe step opened the PR
@@ -496,7 +437,7 @@ def test_turn_that_completed_after_its_worker_died_is_finished_by_reconcile(worl
 def test_stalled_turn_is_interrupted_and_fails_as_stalled(world):
     model = world.use_codex([{"kind": "hang", "seconds": 30}], stall_timeout=2)
     _, session = world.delegate()
-    world.tick()
+    world.tick_subprocess()
     t0 = time.time()
     s = wait_done(world, timeout=30)
     assert time.time() - t0 < 20, "the stall timeout is 2 s"
@@ -516,10 +457,10 @@ def test_follow_up_prompt_is_steered_into_the_live_turn(world):
     model = world.use_codex([held("g", say("Working on it.")), tool("echo bye > bye.txt"),
                              say("Added bye.txt.")])
     _, session = world.delegate()
-    world.tick()
+    world.tick_subprocess()
     wait_running(world, model, "g")
     world.linear.add_prompt(session, world.alice, "also add bye.txt")
-    world.tick()
+    world.tick_subprocess()
 
     def delivered():
         inbox = world.show("APP-1")["inbox"]
@@ -543,7 +484,7 @@ def test_follow_up_prompt_is_steered_into_the_live_turn(world):
 def test_stop_interrupts_the_live_turn_and_awaits_input(world):
     model = world.use_codex([held("g", say("never delivered"))])
     _, session = world.delegate()
-    world.tick()
+    world.tick_subprocess()
     wait_running(world, model, "g")
     # while the run is active, neither a foreground run nor a retry may start a second one
     p = world.cli("run", "APP-1")
@@ -566,7 +507,7 @@ def test_stop_interrupts_the_live_turn_and_awaits_input(world):
     assert len(model.requests) == 1                 # the turn ended; nothing more was asked of the model
     p = world.cli("stop", "APP-1")
     assert p.returncode == 2 and "nothing is running or pending" in p.stderr
-    world.tick()
+    world.tick_subprocess()
     assert len(runs(world)) == 1 and types(world, session).count("response") == 1
 
 
@@ -574,7 +515,7 @@ def test_stop_interrupts_the_live_turn_and_awaits_input(world):
 def test_stop_from_linear_interrupts_the_live_turn(world, how):
     model = world.use_codex([held("g", say("never delivered"))])
     issue, session = world.delegate()
-    world.tick()
+    world.tick_subprocess()
     wait_running(world, model, "g")
     if how == "linear stop signal":
         world.linear.add_prompt(session, world.alice, "stop", signal="stop")
@@ -582,7 +523,7 @@ def test_stop_from_linear_interrupts_the_live_turn(world, how):
         world.linear.update_issue(issue, delegate=None)
     else:
         world.linear.update_issue(issue, state="Done")
-    world.tick()
+    world.tick_subprocess()
     s = wait_done(world, timeout=30)
     assert [r["status"] for r in s["runs"]] == ["stopped"], s["runs"]
     assert [(m["kind"], m["delivery"]) for m in s["inbox"]] == [("stop", "interrupted the turn")]
@@ -593,14 +534,14 @@ def test_stop_from_linear_interrupts_the_live_turn(world, how):
     else:
         assert s["issue"]["factory_state"] == "awaiting_input"
         assert bodies(world, session, "response")[-1].startswith("Stopped as requested")
-    world.tick()
+    world.tick_subprocess()
     assert len(runs(world)) == 1
 
 
 def test_stop_after_the_agent_changed_files_keeps_the_work(world):
     model = world.use_codex([tool("echo hello > hello.txt"), held("g", say("never delivered"))])
     _, session = world.delegate()
-    world.tick()
+    world.tick_subprocess()
     wait_running(world, model, "g")
     world.cli("stop", "APP-1", check=0)
     s = wait_done(world, timeout=30)
@@ -616,7 +557,7 @@ def _claim_without_worker(world):
     """What a tick that died between claiming and spawning leaves: a claimed run row and no worker."""
     world.config["runner"]["paused"] = True
     world.write_config()
-    world.tick()
+    world.tick_subprocess()
     cfg = patchrelay.load_config(str(world.config_path))
     store = patchrelay.Store(cfg.database_path)
     try:
@@ -656,7 +597,7 @@ def test_claimed_run_whose_worker_died_before_starting_is_relaunched(world):
     dead = subprocess.Popen(["true"])
     dead.wait()
     _set_run(world, run_id, worker_pid=dead.pid, worker_started="1")
-    out = world.tick().stdout
+    out = world.tick_subprocess().stdout
     assert "run 1 never started; requeued" in out and "launched run 2" in out, out
     _assert_relaunched_and_completed(world, session)
 
@@ -665,10 +606,10 @@ def test_claimed_run_without_a_worker_pid_is_left_alone_briefly_then_relaunched(
     world.use_codex([tool("echo hello > hello.txt"), say("Added hello.txt.")])
     _, session = world.delegate()
     run_id = _claim_without_worker(world)
-    world.tick()                                 # a claim this fresh may be a spawn in progress
+    world.tick_subprocess()                                 # a claim this fresh may be a spawn in progress
     assert [(r["id"], r["status"]) for r in runs(world)] == [(1, "claimed")]
     _set_run(world, run_id, claimed_at=patchrelay.iso(patchrelay.utcnow() - patchrelay.dt.timedelta(seconds=60)))
-    out = world.tick().stdout
+    out = world.tick_subprocess().stdout
     assert "run 1 never started; requeued" in out, out
     _assert_relaunched_and_completed(world, session)
 
@@ -687,9 +628,9 @@ def test_hostile_title_and_team_key_make_valid_branches_and_execute_nothing(worl
                                     creator=world.alice)
     s2 = world.linear.add_session(issue2, world.alice, world.app, body=f"$(touch {marker})")
     world.write_config(runner={**world.config["runner"], "max_concurrent_runs": 1})
-    world.tick()
+    world.tick_subprocess()
     wait_done(world, "APP-1")
-    world.tick()
+    world.tick_subprocess()
     wait_done(world, issue2["identifier"])
 
     root = (world.tmp / "worktrees").resolve()
@@ -779,7 +720,7 @@ def test_failing_prepare_worktree_hook_fails_the_run_with_its_stderr(world):
                         "exit 3\n")
     model = world.use_codex([tool("echo hello > hello.txt"), say("never")])
     _, session = world.delegate()
-    world.tick()
+    world.tick_subprocess()
     s = wait_done(world)
     assert s["issue"]["factory_state"] == "failed"
     reason = s["runs"][0]["failure_reason"]
@@ -799,7 +740,7 @@ def _hello_run(world):
     """One implementation run that adds hello.txt; returns show --json and the run's git event text."""
     world.use_codex([tool("echo hello > hello.txt"), say("Added hello.txt.")])
     world.delegate()
-    world.tick()
+    world.tick_subprocess()
     s = wait_done(world)
     assert s["issue"]["factory_state"] == "ready_for_pr", s["runs"]
     return s, " ".join(e["message"] for e in s["events"] if e["kind"] == "git")

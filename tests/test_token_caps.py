@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from test_runs import acts, bodies, db, say, tool, wait_done
+from helpers import acts, bodies, db, say, tool, wait_done
 
 
 def spend(tokens, cmd="echo step >> steps.txt"):
@@ -18,7 +18,7 @@ def spend(tokens, cmd="echo step >> steps.txt"):
 def test_a_run_over_its_token_cap_stops_and_asks_in_linear(world):
     model = world.use_codex([spend(80), spend(80), spend(80), say("all done")], max_tokens_per_run=100)
     _, session = world.delegate()
-    world.tick()
+    world.tick_subprocess()
     s = wait_done(world)
     run = s["runs"][0]
     assert s["issue"]["factory_state"] == "awaiting_input", (s["issue"]["factory_state"], run)
@@ -37,7 +37,7 @@ def test_a_run_over_its_token_cap_stops_and_asks_in_linear(world):
 def test_the_daily_and_issue_caps_hold_new_runs_until_raised(world, cap):
     world.use_codex([spend(80), spend(80), say("never reached"), say("Continued.")], **{cap: 100})
     issue, session = world.delegate()
-    world.tick()
+    world.tick_subprocess()
     s = wait_done(world)
     assert s["issue"]["factory_state"] == "awaiting_input"
     ask = bodies(world, session, "elicitation")[0]
@@ -45,7 +45,7 @@ def test_the_daily_and_issue_caps_hold_new_runs_until_raised(world, cap):
     assert f"{what} spent 160 tokens, over codex.{cap} (100)" in ask, ask
     # the person answers: a run is queued, but the cap holds it
     world.linear.add_prompt(session, world.alice, "please go on")
-    p = world.tick()
+    p = world.tick_subprocess()
     assert "launched run" not in p.stdout, p.stdout
     row = db(world, "SELECT pending_run_type FROM issues")[0]
     assert row["pending_run_type"] == "implementation"
@@ -57,7 +57,7 @@ def test_the_daily_and_issue_caps_hold_new_runs_until_raised(world, cap):
     # the operator raises the cap: the run starts
     world.config["codex"][cap] = 10_000
     world.write_config()
-    p = world.tick()
+    p = world.tick_subprocess()
     assert "launched run" in p.stdout, p.stdout
     wait_done(world)
     assert len(db(world, "SELECT id FROM runs")) == 2

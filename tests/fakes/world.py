@@ -2,7 +2,6 @@
 pointed at a fake model, and git repositories (a bare "origin" plus a working clone)."""
 import os
 import shutil
-import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -98,47 +97,3 @@ def make_origin(tmp_path, branch="main"):
     for key, value in GIT_IDENTITY.items():
         git(clone, "config", key, value)
     return bare, clone
-
-
-def remote_branches(bare):
-    """{branch name: commit sha} of the heads in a (bare) repository."""
-    out = git(bare, "for-each-ref", "--format=%(refname:short) %(objectname)", "refs/heads")
-    return dict(line.split(" ", 1) for line in out.splitlines() if line)
-
-
-def file_at(bare, ref, path):
-    """Content of `path` at `ref` in the repository `bare`, or None when it does not exist there."""
-    proc = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=str(bare), capture_output=True, text=True)
-    return proc.stdout if proc.returncode == 0 else None
-
-
-def db_rows(state_dir, sql, args=()):
-    """A read of PatchRelay's database under `state_dir` (read-only, one snapshot): rows as dicts; [] while
-    the database does not exist yet (reading never creates it)."""
-    path = Path(state_dir) / "patchrelay.sqlite"
-    if not path.exists():
-        return []
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute(sql, args)]
-    finally:
-        con.close()
-
-
-def last_events(state_dir, n=40):
-    """The last n events, oldest first, one line each, for failure messages."""
-    rows = db_rows(state_dir, "SELECT at, issue_key, run_id, level, kind, message FROM events ORDER BY id DESC "
-                              "LIMIT ?", (n,))
-    return ["last events:"] + [f"  {r['at'][11:23]} {r['issue_key']} run {r['run_id']} {r['level']} "
-                               f"{r['kind']}: {r['message'][:200]}" for r in reversed(rows)]
-
-
-def db_exec(state_dir, sql, args=()):
-    """One write to PatchRelay's database under `state_dir`, committed (a test arranging a state)."""
-    con = sqlite3.connect(str(Path(state_dir) / "patchrelay.sqlite"), timeout=10)
-    try:
-        with con:
-            con.execute(sql, args)
-    finally:
-        con.close()
