@@ -1314,12 +1314,12 @@ class Store:
                 return None
             if expected_type and issue["pending_run_type"] != expected_type:
                 return None
-            ctx = json.loads(issue["pending_context"] or "{}")
+            context = json.loads(issue["pending_context"] or "{}")
             cur = self.db.execute(
                 "INSERT INTO runs (issue_id, run_type, status, trigger, context, attempt, claimed_at) "
                 "VALUES (?, ?, 'claimed', ?, ?, ?, ?)",
-                (issue_id, issue["pending_run_type"], ctx.get("trigger"), issue["pending_context"],
-                 int(ctx.get("attempt", 1)), iso()))
+                (issue_id, issue["pending_run_type"], context.get("trigger"), issue["pending_context"],
+                 int(context.get("attempt", 1)), iso()))
             run_id = cur.lastrowid
             n = self.db.execute(
                 "UPDATE issues SET active_run_id = ?, pending_run_type = NULL, pending_context = NULL, "
@@ -3524,10 +3524,10 @@ def start_work(row: dict | None, trigger: str, prompt: str | None, key: str, now
     """Record a pending implementation run and acknowledge it in Linear."""
     current = row["factory_state"] if row else "delegated"
     state = transition(current, "delegated")
-    ctx = {"trigger": trigger, "attempt": 1}
+    context = {"trigger": trigger, "attempt": 1}
     if prompt:
-        ctx["prompt"] = prompt
-    fields = {"factory_state": state, "pending_run_type": "implementation", "pending_context": json.dumps(ctx),
+        context["prompt"] = prompt
+    fields = {"factory_state": state, "pending_run_type": "implementation", "pending_context": json.dumps(context),
               "pending_since": now, "not_before": None, "retries": 0}
     return Decision(fields=fields, outbox=(*_pickup(key), Outbound("issue_state", {})),
                     events=(Event("info", "intake", f"implementation queued ({trigger})"),))
@@ -3755,9 +3755,9 @@ def decide_run_end(row: dict, run: dict, out: RunOutcome, runner: RunnerConfig, 
         attempt = int(run.get("attempt") or 1)
         if attempt <= runner.retry_budget:
             delay = runner.retry_backoff * attempt
-            ctx = json.loads(run.get("context") or "{}")
-            ctx.update(attempt=attempt + 1, trigger=f"retry after: {out.reason}")
-            fields.update(pending_run_type=rt, pending_context=json.dumps(ctx), pending_since=iso(now),
+            context = json.loads(run.get("context") or "{}")
+            context.update(attempt=attempt + 1, trigger=f"retry after: {out.reason}")
+            fields.update(pending_run_type=rt, pending_context=json.dumps(context), pending_since=iso(now),
                           not_before=iso(now + dt.timedelta(seconds=delay)), retries=attempt,
                           factory_state=transition(state, "delegated" if rt == "implementation" else state))
             return Decision(fields=fields, outbox=(activity(
@@ -4047,9 +4047,9 @@ def grant_repair(row: dict, req: RepairRequest, counts: dict[str, int], head: st
                      f"{req.budget}). A person needs to look: fix it on `{row.get('branch')}` and push, or run "
                      f"`patchrelay retry {row['key']} --type {req.run_type}` to give me another try."),),
             events=(Event("warn", "github", f"{req.what}: {label} budget of {req.budget} used up; escalated"),)), counts
-    ctx = {"trigger": req.what, "attempt": 1, "head": head, **req.context}
+    context = {"trigger": req.what, "attempt": 1, "head": head, **req.context}
     return Decision(
-        fields={"pending_run_type": req.run_type, "pending_context": json.dumps(ctx), "pending_since": iso(now),
+        fields={"pending_run_type": req.run_type, "pending_context": json.dumps(context), "pending_since": iso(now),
                 "not_before": None, "retries": 0,
                 **({"factory_state": transition(state, "pr_open")} if state == "ready_for_pr" else {})},
         outbox=(activity("thought", f"{req.what} on pull request #{number}; starting a {label} run "
@@ -4136,7 +4136,7 @@ def decide_retry(row: dict, run_type: str, reason: str, now: str) -> Decision:
     issue cannot take one (a run is active, no pull request for a repair, a state that allows none)."""
     if row["active_run_id"]:
         raise UsageError(f"issue {row['key']}: run {row['active_run_id']} is active; `patchrelay stop` it first")
-    ctx = {"trigger": "patchrelay retry" + (f": {reason}" if reason else ""), "attempt": 1, "reason": reason}
+    context = {"trigger": "patchrelay retry" + (f": {reason}" if reason else ""), "attempt": 1, "reason": reason}
     if run_type == "implementation":
         target = "delegated"
     elif not row["pr_number"]:
@@ -4150,7 +4150,7 @@ def decide_retry(row: dict, run_type: str, reason: str, now: str) -> Decision:
     except IllegalTransition:
         raise UsageError(f"issue {row['key']}: cannot queue a {run_label(run_type)} run from state "
                          f"{row['factory_state']}") from None
-    fields = {"pending_run_type": run_type, "pending_context": json.dumps(ctx), "pending_since": now,
+    fields = {"pending_run_type": run_type, "pending_context": json.dumps(context), "pending_since": now,
               "not_before": None, "retries": 0, "factory_state": new_state, "repair_counts": "{}"}
     return Decision(fields=fields, events=(
         Event("info", "retry", f"{run_label(run_type)} run queued by operator" + (f": {reason}" if reason else "")),))
@@ -4224,7 +4224,7 @@ def build_prompt(issue: dict, run: dict, project: ProjectConfig, sandbox: str, w
     """The turn input: the issue (key, title, description), the request that started the run, follow-up
     messages, the branch (always known: it is decided at the claim), the PR, the run's own context, and how to
     work (the repository's workflow file, else a default for the sandbox)."""
-    ctx = json.loads(run.get("context") or "{}")
+    context = json.loads(run.get("context") or "{}")
     lines = [f"Linear issue {issue['key']}: {issue['title']}"]
     if issue.get("url"):
         lines.append(f"URL: {issue['url']}")
@@ -4234,9 +4234,9 @@ def build_prompt(issue: dict, run: dict, project: ProjectConfig, sandbox: str, w
     if issue.get("pr_number"):
         lines.append(f"Pull request: #{issue['pr_number']} {issue.get('pr_url') or ''}".rstrip())
     lines += ["", "## Issue description", "", (issue.get("description") or "").strip() or "(no description)"]
-    if ctx.get("prompt"):
-        lines += ["", "## Request", "", str(ctx["prompt"]).strip()]
-    lines += reactive_context(run["run_type"], ctx, project)
+    if context.get("prompt"):
+        lines += ["", "## Request", "", str(context["prompt"]).strip()]
+    lines += reactive_context(run["run_type"], context, project)
     if follow_ups:
         lines += ["", "## Follow-up messages", ""]
         lines += [f"- {m.get('author') or 'someone'}: {m['body'].strip()}" for m in follow_ups]
@@ -4258,12 +4258,12 @@ REACTIVE_WORKFLOW = {
 }
 
 
-def reactive_context(run_type: str, ctx: dict, project: ProjectConfig) -> list[str]:
+def reactive_context(run_type: str, context: dict, project: ProjectConfig) -> list[str]:
     """The run-specific part of a reactive run's prompt: failing checks with their log tails, the review
     with its inline comments, or the merge-queue removal."""
     if run_type == "ci_repair":
         out = ["", "## Failing checks", ""]
-        for c in ctx.get("checks") or []:
+        for c in context.get("checks") or []:
             out.append(f"### {c.get('name')}: {str(c.get('conclusion') or 'failed').lower()}"
                        + (f" ({c['url']})" if c.get("url") else ""))
             for k in ("title", "summary", "text"):
@@ -4275,26 +4275,26 @@ def reactive_context(run_type: str, ctx: dict, project: ProjectConfig) -> list[s
         return out + ["## What to do", "", REACTIVE_WORKFLOW["ci_repair"]]
     if run_type == "review_fix":
         out = ["", "## Review", ""]
-        for r in ctx.get("reviews") or []:
+        for r in context.get("reviews") or []:
             out.append(f"{r.get('author')} requested changes" + (f" on {str(r['commit'])[:8]}" if r.get("commit") else "")
                        + ":")
             if (r.get("body") or "").strip():
                 out += ["", r["body"].strip(), ""]
             for c in r.get("comments") or []:
                 out.append(f"- `{c.get('path')}` line {c.get('line')}: {c.get('body', '').strip()}")
-        if ctx.get("threads"):
+        if context.get("threads"):
             out += ["", "Unresolved review threads:"]
             out += [f"- `{t.get('path')}` line {t.get('line')} ({t.get('author')}): {t.get('body', '').strip()}"
-                    for t in ctx["threads"]]
-        if ctx.get("pr_comments"):
+                    for t in context["threads"]]
+        if context.get("pr_comments"):
             out += ["", "Comments on the pull request:"]
-            out += [f"- {c.get('author')}: {c.get('body', '').strip()}" for c in ctx["pr_comments"]]
+            out += [f"- {c.get('author')}: {c.get('body', '').strip()}" for c in context["pr_comments"]]
         return out + ["", "## What to do", "", REACTIVE_WORKFLOW["review_fix"]]
     if run_type == "queue_repair":
         out = ["", "## Merge queue", "", f"The pull request left the merge queue without merging: "
-                                         f"{ctx.get('queue_reason') or 'removed'}."]
-        if ctx.get("merge"):
-            out += ["", ctx["merge"]]
+                                         f"{context.get('queue_reason') or 'removed'}."]
+        if context.get("merge"):
+            out += ["", context["merge"]]
         return out + ["", "## What to do", "", REACTIVE_WORKFLOW["queue_repair"]]
     return []
 
@@ -4766,31 +4766,9 @@ class TurnDriver:
             now = time.time()
             if msg is not None:
                 last_output = now
-                method, params = msg.get("method"), msg.get("params") or {}
-                if method == "turn/completed" and (params.get("turn") or {}).get("id") == turn_id:
-                    t = params["turn"]
-                    err = (t.get("error") or {}).get("message") or self.last_error
-                    self.items.extend(items)
-                    return TurnResult(turn_id, t.get("status") or "failed", err, items)
-                if method == "item/completed" and params.get("turnId") == turn_id:
-                    item = params.get("item") or {}
-                    items.append(item)
-                    self._echo_item(item)
-                elif method == "thread/tokenUsage/updated":
-                    usage = params.get("tokenUsage") or {}
-                    self.tokens = usage.get("total")
-                    self.spent += int((usage.get("last") or {}).get("totalTokens") or 0)
-                    with self.store.tx():
-                        self.store.update_run(self.run_id, {"tokens": json.dumps(self.tokens),
-                                                            "tokens_spent": self.spent})
-                    day_before = self.store.tokens_spent(since=utc_day_start(), excluding_run=self.run_id) \
-                        if self.cfg.codex.max_tokens_per_day is not None else 0     # concurrent runs spend too
-                    crossed = token_cap_crossed(self.cfg.codex, self.spent, self.issue_before, day_before)
-                    if crossed and self.question is None:
-                        self.question = self.interrupt_reason = crossed
-                        self._event(crossed, "warn")
-                elif method == "error" and not params.get("willRetry"):
-                    self.last_error = one_line(str((params.get("error") or {}).get("message")), 300)
+                ended = self._on_message(msg, turn_id, items)
+                if ended is not None:
+                    return ended
             if now - last_inbox >= poll and interrupt_at is None:
                 last_inbox = now
                 self._check_inbox(thread_id, turn_id)
@@ -4815,6 +4793,38 @@ class TurnDriver:
             elif now - interrupt_at > 30:
                 raise CodexError(f"{self.interrupt_reason or self.stop_reason}; the turn did not end after "
                                  "turn/interrupt")
+
+    def _on_message(self, msg: dict, turn_id: str, items: list[dict]) -> TurnResult | None:
+        """One notification of the running turn: its end (the result), a completed item, token usage (checked
+        against the caps), or an error Codex will not retry."""
+        method, params = msg.get("method"), msg.get("params") or {}
+        if method == "turn/completed" and (params.get("turn") or {}).get("id") == turn_id:
+            t = params["turn"]
+            err = (t.get("error") or {}).get("message") or self.last_error
+            self.items.extend(items)
+            return TurnResult(turn_id, t.get("status") or "failed", err, items)
+        if method == "item/completed" and params.get("turnId") == turn_id:
+            item = params.get("item") or {}
+            items.append(item)
+            self._echo_item(item)
+        elif method == "thread/tokenUsage/updated":
+            self._on_usage(params.get("tokenUsage") or {})
+        elif method == "error" and not params.get("willRetry"):
+            self.last_error = one_line(str((params.get("error") or {}).get("message")), 300)
+        return None
+
+    def _on_usage(self, usage: dict) -> None:
+        """Record the run's spend; a crossed cap ends the turn as awaiting input."""
+        self.tokens = usage.get("total")
+        self.spent += int((usage.get("last") or {}).get("totalTokens") or 0)
+        with self.store.tx():
+            self.store.update_run(self.run_id, {"tokens": json.dumps(self.tokens), "tokens_spent": self.spent})
+        day_before = self.store.tokens_spent(since=utc_day_start(), excluding_run=self.run_id) \
+            if self.cfg.codex.max_tokens_per_day is not None else 0     # concurrent runs spend too
+        crossed = token_cap_crossed(self.cfg.codex, self.spent, self.issue_before, day_before)
+        if crossed and self.question is None:
+            self.question = self.interrupt_reason = crossed
+            self._event(crossed, "warn")
 
     def _echo_item(self, item: dict) -> None:
         t = item.get("type")
@@ -4917,9 +4927,9 @@ def drive_run(cfg: Config, store: Store, run_id: int, echo: Callable[[str], None
             conflicts = merge_base_into(worktree, project, cfg.runner)
             note = (f"Merging `{project.base_branch}` stopped on conflicts in: {', '.join(conflicts)}." if conflicts
                     else f"`{project.base_branch}` merged cleanly; check that everything still works together.")
-            ctx = json.loads(run.get("context") or "{}")
-            ctx["merge"] = note
-            run = {**run, "context": json.dumps(ctx)}
+            context = json.loads(run.get("context") or "{}")
+            context["merge"] = note
+            run = {**run, "context": json.dumps(context)}
             echo(note)
             with store.tx():
                 store.update_run(run_id, {"context": run["context"]})
@@ -5186,6 +5196,57 @@ def team_scope(cfg: Config) -> dict | None:
     return scope[0] if len(scope) == 1 else {"or": scope}
 
 
+def _read_sessions(store: Store, lc: LinearClient, first: dict, floor_at: str
+                   ) -> tuple[list[dict], bool, dict[str, str | None]]:
+    """The agent sessions that changed since the sessions cursor, as raw nodes; whether the read finished; and
+    the resume point to store.
+
+    Linear's agentSessions connection has no filter: it is read newest first (by updatedAt), down to the
+    cursor (the floor). A read longer than READ_PAGE_CAP pages is cut, and the cursor does not move; the
+    cut is remembered in two meta keys, in the same transaction as what was read:
+      linear.sessions.resume      the endCursor where the read stopped: the next tick goes on from there,
+      linear.sessions.resume_top  the newest updatedAt of the cut read: the next tick first reads what
+                                  arrived above it (the newest pages), then resumes below.
+    When a read reaches the floor, both keys are cleared and the cursor moves to `floor_at`."""
+    floor = store.cursor_get("linear.poll.sessions")
+    resume, resume_top = store.meta_get("linear.sessions.resume"), store.meta_get("linear.sessions.resume_top")
+    nodes = [n for n in first["nodes"] if isinstance(n, dict)]
+    pages = 0
+
+    def page_down(after: str | None, stop_at: str | None) -> tuple[str | None, bool]:
+        """Read pages after `after` until an item at or below `stop_at`; (endCursor, finished)."""
+        nonlocal pages
+        while after and pages < READ_PAGE_CAP:
+            pages += 1
+            c = lc.sessions_page(after)
+            got = [n for n in c["nodes"] if isinstance(n, dict)]
+            nodes.extend(got)
+            if stop_at and any((n.get("updatedAt") or "") <= stop_at for n in got):
+                return None, True
+            if not (c.get("pageInfo") or {}).get("hasNextPage"):
+                return None, True
+            after = (c.get("pageInfo") or {}).get("endCursor")
+        return after, not after
+
+    def reached(mark: str | None) -> bool:
+        return bool(mark) and any((n.get("updatedAt") or "") <= (mark or "") for n in nodes)
+
+    top_info = first.get("pageInfo") or {}
+    cut: str | None = None
+    finished = True
+    if resume:
+        # new arrivals above the top of the cut read, then on from where it stopped
+        if not reached(resume_top) and top_info.get("hasNextPage"):
+            page_down(top_info.get("endCursor"), resume_top)
+        cut, finished = page_down(resume, floor)
+    elif not reached(floor) and top_info.get("hasNextPage"):
+        cut, finished = page_down(top_info.get("endCursor"), floor)
+    if finished:
+        return nodes, True, {"linear.sessions.resume": None, "linear.sessions.resume_top": None}
+    return nodes, False, {"linear.sessions.resume": cut, "linear.sessions.resume_top":
+                          resume_top or max((n.get("updatedAt") or "" for n in nodes), default=floor_at)}
+
+
 def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
     """Everything that changed in Linear since the cursors: one request when nothing did. Cursors come
     from Linear's clock (its Date header) minus linear.poll_overlap, and move only past what was fully
@@ -5218,44 +5279,10 @@ def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
     meta: dict[str, str | None] = {"linear.viewer_id": viewer.id, "linear.mode": "app" if app_mode else "user"}
     floor_at = _minus(read_at, overlap) or read_at
 
-    # -- sessions: newest first (agentSessions has no filter), down to the floor; a cut read resumes
-    floor = store.cursor_get("linear.poll.sessions")
-    resume, resume_top = store.meta_get("linear.sessions.resume"), store.meta_get("linear.sessions.resume_top")
-    conn = r["agentSessions"]
-    nodes = [n for n in conn["nodes"] if isinstance(n, dict)]
-    pages = 0
-
-    def page_down(after: str | None, stop_at: str | None) -> tuple[str | None, bool]:
-        """Read pages after `after` until an item at or below `stop_at`; (endCursor, finished)."""
-        nonlocal pages
-        while after and pages < READ_PAGE_CAP:
-            pages += 1
-            c = lc.sessions_page(after)
-            got = [n for n in c["nodes"] if isinstance(n, dict)]
-            nodes.extend(got)
-            if stop_at and any((n.get("updatedAt") or "") <= stop_at for n in got):
-                return None, True
-            if not (c.get("pageInfo") or {}).get("hasNextPage"):
-                return None, True
-            after = (c.get("pageInfo") or {}).get("endCursor")
-        return after, not after
-
-    top_info = conn.get("pageInfo") or {}
-    reached = lambda mark: mark and any((n.get("updatedAt") or "") <= mark for n in nodes)  # noqa: E731
-    cut, finished = None, True
-    if resume:
-        # new arrivals above the top of the cut read, then on from where it stopped
-        if not reached(resume_top) and top_info.get("hasNextPage"):
-            page_down(top_info.get("endCursor"), resume_top)
-        cut, finished = page_down(resume, floor)
-    elif not reached(floor) and top_info.get("hasNextPage"):
-        cut, finished = page_down(top_info.get("endCursor"), floor)
+    nodes, finished, resume_at = _read_sessions(store, lc, r["agentSessions"], floor_at)
     if finished:
         cursors["linear.poll.sessions"] = floor_at
-        meta.update({"linear.sessions.resume": None, "linear.sessions.resume_top": None})
-    else:
-        meta.update({"linear.sessions.resume": cut, "linear.sessions.resume_top":
-                     resume_top or max((n.get("updatedAt") or "" for n in nodes), default=floor_at)})
+    meta.update(resume_at)
     sessions = [_session(n) for n in {n["id"]: n for n in nodes}.values()]
     ours = [x for x in sessions if x.app_user_id == viewer.id]
     want = []
@@ -5546,75 +5573,98 @@ def observe(ctx: TickContext) -> dict:
 
 def _observe_issue(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs: PullRequestObs | None,
                    result: dict) -> None:
+    """One issue's observation: open the pull request it needs, record one found for its branch, or decide
+    from its pull request."""
+    if obs is None or (obs.state != "OPEN" and not row["pr_number"]):
+        _open_pr(ctx, gh, repo, row, result)
+    elif not row["pr_number"]:
+        _record_found_pr(ctx, gh, row, obs)
+    else:
+        _decide_pr(ctx, gh, repo, row, obs)
+
+
+def _open_pr(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, result: dict) -> None:
+    """A pushed branch ready for a pull request gets one (its body: the last run's summary and the issue)."""
+    cfg, store = ctx.cfg, ctx.store
+    if row["factory_state"] != "ready_for_pr" or row["pr_number"] or row["active_run_id"]:
+        if not ctx.dry_run:
+            with store.tx():
+                store.update_issue(row["id"], {"gh_observed_at": iso()})
+        return
+    if ctx.dry_run:
+        ctx.note(f"{row['key']}: would open a pull request for {row['branch']}")
+        return
+    last = next((r for r in store.runs_for_issue(row["id"]) if r["summary"]), None)
+    body = "\n\n".join(x for x in (
+        (last or {}).get("summary") or "", f"Linear issue: [{row['key']}]({row['url']})" if row["url"] else "",
+        f"Opened by PatchRelay for {row['key']}.") if x)
+    pr = gh.create_pr(repo, row["branch"], cfg.project(row["project_id"]).base_branch,
+                      f"{row['key']}: {one_line(row['title'], 200)}", body, cfg.github.draft_prs)
+    with store.tx():
+        fresh = store.issue(row["id"])
+        apply_decision(store, fresh, decide_pr_opened(fresh, pr, cfg.linear.review_state, None))
+        store.update_issue(row["id"], {"gh_observed_at": None})    # observe the new PR on the next tick
+    result["opened"].append(row["key"])
+    ctx.note(f"{row['key']}: opened pull request #{pr.number}")
+
+
+def _record_found_pr(ctx: TickContext, gh: GitHubClient, row: dict, obs: PullRequestObs) -> None:
+    """An open pull request for the issue's branch that PatchRelay has not recorded: ours (opened by an
+    earlier tick whose answer was lost) or a person's, adopted."""
+    store = ctx.store
+    adopter = None if obs.author and obs.author == gh.login else (obs.author or "someone")
+    if ctx.dry_run:
+        ctx.note(f"{row['key']}: would record pull request #{obs.number}")
+        return
+    with store.tx():
+        fresh = store.issue(row["id"])
+        apply_decision(store, fresh, decide_pr_opened(fresh, opened_from(obs), ctx.cfg.linear.review_state, adopter))
+        store.update_issue(row["id"], {"gh_observed_at": None})
+    ctx.note(f"{row['key']}: " + (f"adopted pull request #{obs.number} (opened by {adopter})" if adopter
+                                  else f"opened pull request #{obs.number}"))
+
+
+def _with_job_logs(gh: GitHubClient, repo: str, d: Decision) -> Decision:
+    """A ci_repair run's context with the tail of each failing GitHub Actions job's log."""
+    context = json.loads(d.fields["pending_context"])
+    for c in context.get("checks") or []:
+        if c.get("job_id") and c.get("app") == "github-actions":
+            try:
+                c["log"] = log_tail(gh.job_log(repo, c["job_id"]))
+            except GitHubError as e:
+                c["log"] = f"(log unavailable: {e})"
+    return dataclasses.replace(d, fields={**d.fields, "pending_context": json.dumps(context)})
+
+
+def _decide_pr(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs: PullRequestObs) -> None:
+    """Decide from the issue's pull request and apply it (unless a run started or ended meanwhile), then ask
+    GitHub to merge, or clean up after a merge, as decided."""
     cfg, store = ctx.cfg, ctx.store
     project = cfg.project(row["project_id"])
-    stamp = {"gh_observed_at": iso()}
-    if obs is None or (obs.state != "OPEN" and not row["pr_number"]):
-        if row["factory_state"] != "ready_for_pr" or row["pr_number"] or row["active_run_id"]:
-            if not ctx.dry_run:
-                with store.tx():
-                    store.update_issue(row["id"], stamp)
-            return
-        if ctx.dry_run:
-            ctx.note(f"{row['key']}: would open a pull request for {row['branch']}")
-            return
-        last = next((r for r in store.runs_for_issue(row["id"]) if r["summary"]), None)
-        body = "\n\n".join(x for x in (
-            (last or {}).get("summary") or "", f"Linear issue: [{row['key']}]({row['url']})" if row["url"] else "",
-            f"Opened by PatchRelay for {row['key']}.") if x)
-        pr = gh.create_pr(repo, row["branch"], project.base_branch, f"{row['key']}: {one_line(row['title'], 200)}",
-                          body, cfg.github.draft_prs)
-        with store.tx():
-            fresh = store.issue(row["id"])
-            apply_decision(store, fresh, decide_pr_opened(fresh, pr, cfg.linear.review_state, None))
-            store.update_issue(row["id"], {"gh_observed_at": None})    # observe the new PR on the next tick
-        result["opened"].append(row["key"])
-        ctx.note(f"{row['key']}: opened pull request #{pr.number}")
-        return
-    if not row["pr_number"]:
-        # ours (opened by an earlier tick whose answer was lost) or a person's PR for the issue branch
-        adopter = None if obs.author and obs.author == gh.login else (obs.author or "someone")
-        if ctx.dry_run:
-            ctx.note(f"{row['key']}: would record pull request #{obs.number}")
-            return
-        with store.tx():
-            fresh = store.issue(row["id"])
-            apply_decision(store, fresh, decide_pr_opened(fresh, opened_from(obs), cfg.linear.review_state, adopter))
-            store.update_issue(row["id"], {"gh_observed_at": None})
-        ctx.note(f"{row['key']}: " + (f"adopted pull request #{obs.number} (opened by {adopter})" if adopter
-                                      else f"opened pull request #{obs.number}"))
-        return
-    snap = json.loads(row["gh_snapshot"] or "{}")
-    pd = decide_pull_request(row, snap, obs, cfg.github, project.trusted_reviewers, utcnow())
+    pd = decide_pull_request(row, json.loads(row["gh_snapshot"] or "{}"), obs, cfg.github, project.trusted_reviewers,
+                             utcnow())
     d = pd.decision
-    if pd.failing and d.fields.get("pending_run_type") == "ci_repair":
-        ctx_json = json.loads(d.fields["pending_context"])
-        for c in ctx_json.get("checks") or []:
-            if c.get("job_id") and c.get("app") == "github-actions" and not ctx.dry_run:
-                try:
-                    c["log"] = log_tail(gh.job_log(repo, c["job_id"]))
-                except GitHubError as e:
-                    c["log"] = f"(log unavailable: {e})"
-        d = dataclasses.replace(d, fields={**d.fields, "pending_context": json.dumps(ctx_json)})
     if ctx.dry_run:
-        for _, kind, message in d.events:
-            ctx.note(f"{row['key']}: {message}")
+        for e in d.events:
+            ctx.note(f"{row['key']}: {e.message}")
         return
+    if pd.failing and d.fields.get("pending_run_type") == "ci_repair":
+        d = _with_job_logs(gh, repo, d)
     with store.tx():
         fresh = store.issue(row["id"])
         if fresh["active_run_id"] != row["active_run_id"] or fresh["pending_run_type"] != row["pending_run_type"]:
             return          # a run started or ended meanwhile: decide on the next observation
         apply_decision(store, fresh, d)
-        store.update_issue(row["id"], {**stamp, "gh_snapshot": json.dumps(pd.snapshot, sort_keys=True)})
-    for _, kind, message in d.events:
-        if kind in ("github",):
-            ctx.note(f"{row['key']}: {message}")
+        store.update_issue(row["id"], {"gh_observed_at": iso(), "gh_snapshot": json.dumps(pd.snapshot, sort_keys=True)})
+    for e in d.events:
+        if e.kind == "github":
+            ctx.note(f"{row['key']}: {e.message}")
     if pd.merge_when_ready:
         try:
             gh.merge_when_ready(obs.node_id, queue=ctx.merge_queue.get(repo, False))
-        except GitHubError as e:
+        except GitHubError as err:
             with store.tx():
-                store.add_event(row["id"], "github", f"could not ask GitHub to merge: {e}", "warn")
+                store.add_event(row["id"], "github", f"could not ask GitHub to merge: {err}", "warn")
     if pd.cleanup and row["worktree"] and not row["active_run_id"]:
         how = remove_worktree(project, Path(row["worktree"]), row["branch"])
         with store.tx():
@@ -5831,7 +5881,7 @@ def _setup_logging(verbose: bool) -> None:
     log.propagate = False
 
 
-class Ctx:
+class App:
     """A command's context: the config and the store, each opened on first use (a read never creates the
     database)."""
 
@@ -5868,14 +5918,14 @@ def _issue_or_fail(store: Store, key: str) -> dict:
     return row
 
 
-def _late_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    if value is not None and isinstance(ctx.obj, Ctx):
-        ctx.obj.config_path, ctx.obj._cfg = value, None
+def _late_config(click_ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None and isinstance(click_ctx.obj, App):
+        click_ctx.obj.config_path, click_ctx.obj._cfg = value, None
 
 
-def _late_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-    if value and isinstance(ctx.obj, Ctx):
-        ctx.obj.verbose = True
+def _late_verbose(click_ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and isinstance(click_ctx.obj, App):
+        click_ctx.obj.verbose = True
         _setup_logging(True)
 
 
@@ -5895,21 +5945,21 @@ class CLI(click.Group):
         cmd.params.extend(_common_options())
         super().add_command(cmd, name)
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, click_ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            return super().invoke(click_ctx)
         except PatchRelayError as e:
             click.echo(f"patchrelay: {e}", err=True)
-            ctx.exit(e.exit_code)
+            click_ctx.exit(e.exit_code)
         except sqlite3.Error as e:
-            obj = ctx.obj if isinstance(ctx.obj, Ctx) else None
+            obj = click_ctx.obj if isinstance(click_ctx.obj, App) else None
             where = obj._cfg.database_path if obj and obj._cfg else "the database"
             click.echo(f"patchrelay: database {where}: {type(e).__name__}: {e} (`patchrelay doctor` checks it)",
                        err=True)
-            ctx.exit(1)
+            click_ctx.exit(1)
         except TickLocked:
             click.echo("patchrelay: another tick is running; skipped")
-            ctx.exit(0)
+            click_ctx.exit(0)
 
 
 @click.group(cls=CLI, context_settings={"help_option_names": ["-h", "--help"]})
@@ -5918,11 +5968,11 @@ class CLI(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens to stderr.")
 @click.version_option(__version__, prog_name="patchrelay")
 @click.pass_context
-def cli(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
+def cli(click_ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     """PatchRelay: delegate a Linear issue, get back a pushed branch."""
     _setup_logging(verbose)
-    ctx.obj = Ctx(config_path, verbose)
-    ctx.call_on_close(lambda: ctx.obj._store and ctx.obj._store.close())
+    click_ctx.obj = App(config_path, verbose)
+    click_ctx.call_on_close(lambda: click_ctx.obj._store and click_ctx.obj._store.close())
 
 
 # ---- core commands: the tick, and what is tracked
@@ -5931,10 +5981,10 @@ def cli(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Poll and print what would happen; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
-def tick_cmd(c: Ctx, dry_run: bool, as_json: bool) -> None:
+def tick_cmd(app: App, dry_run: bool, as_json: bool) -> None:
     """One pass: reconcile, poll Linear, decide, launch workers, publish."""
-    with tick_lock(c.cfg):
-        report = run_tick(c.cfg, c.store(), dry_run)
+    with tick_lock(app.cfg):
+        report = run_tick(app.cfg, app.store(), dry_run)
     if as_json:
         _dump(report)
     else:
@@ -5951,7 +6001,7 @@ def tick_cmd(c: Ctx, dry_run: bool, as_json: bool) -> None:
 @cli.command("watch")
 @click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(min=0.2), help="Seconds between ticks.")
 @click.pass_obj
-def watch_cmd(c: Ctx, interval: float) -> None:
+def watch_cmd(app: App, interval: float) -> None:
     """Tick in a loop in the foreground; Ctrl-C stops between ticks."""
     stop = {"now": False}
 
@@ -5959,7 +6009,7 @@ def watch_cmd(c: Ctx, interval: float) -> None:
         stop["now"] = True
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    cfg, store = c.cfg, c.store()
+    cfg, store = app.cfg, app.store()
     click.echo(f"watching every {interval:g} s; Ctrl-C to stop")
     while not stop["now"]:
         try:
@@ -6037,10 +6087,10 @@ def _issue_table(issues: list[dict]) -> str:
 @click.option("--limit", type=click.IntRange(min=1), help="at most this many, most recently changed first")
 @click.option("--json", "as_json", is_flag=True, help="one JSON document: {\"issues\": [...]}")
 @click.pass_obj
-def list_issues(c: Ctx, state: str | None, project: str | None, limit: int | None, as_json: bool) -> None:
+def list_issues(app: App, state: str | None, project: str | None, limit: int | None, as_json: bool) -> None:
     """Every tracked issue (closed ones too), most recently changed first."""
-    rows = [] if not c.has_database() else \
-        c.store(readonly=True).issues_listed(state=state, project=project, limit=limit)
+    rows = [] if not app.has_database() else \
+        app.store(readonly=True).issues_listed(state=state, project=project, limit=limit)
     issues = [_issue_item(r) for r in rows]
     if as_json:
         _dump({"issues": issues})
@@ -6128,18 +6178,18 @@ def _render_status(data: dict, cx: CodexConfig) -> None:
 @click.option("--all", "show_all", is_flag=True, help="every tracked issue, closed ones too (see also `list`)")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
-def status_cmd(c: Ctx, as_json: bool, show_all: bool) -> None:
+def status_cmd(app: App, as_json: bool, show_all: bool) -> None:
     """What needs attention: open issues and those changed in the last day (a count of the rest; `--all` or
     `list` shows them), queued Linear messages, API budget, last tick (from SQLite only)."""
-    store = c.store(readonly=True) if c.has_database() else None      # a read never creates the database
-    data = _status_data(c.cfg, store, show_all)
+    store = app.store(readonly=True) if app.has_database() else None      # a read never creates the database
+    data = _status_data(app.cfg, store, show_all)
     if as_json:
         _dump(data)
     elif store is None:
-        click.echo(f"No tracked issues yet (no database at {c.cfg.database_path}; the first "
+        click.echo(f"No tracked issues yet (no database at {app.cfg.database_path}; the first "
                    "`patchrelay tick` creates it).")
     else:
-        _render_status(data, c.cfg.codex)
+        _render_status(data, app.cfg.codex)
 
 
 def _age(seconds: float | None) -> str:
@@ -6221,10 +6271,10 @@ def _render_show(data: dict) -> None:
 @click.argument("issue")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
-def show_cmd(c: Ctx, issue: str, as_json: bool) -> None:
+def show_cmd(app: App, issue: str, as_json: bool) -> None:
     """Everything known about one issue, and its event log."""
     key = issue_ref(issue)
-    store = c.store(readonly=True)
+    store = app.store(readonly=True)
     row = store.issue_by_key(key)
     if row is not None:
         data = _show_data(store, row)
@@ -6246,9 +6296,9 @@ def show_cmd(c: Ctx, issue: str, as_json: bool) -> None:
 @click.option("--run-id", type=int, hidden=True, help="Worker mode: drive this claimed run (used by tick).")
 @click.option("--force", is_flag=True, help="Run even though the issue is done or canceled.")
 @click.pass_obj
-def run_cmd(c: Ctx, issue: str | None, run_id: int | None, force: bool) -> None:
+def run_cmd(app: App, issue: str | None, run_id: int | None, force: bool) -> None:
     """Run ISSUE's pending run (or a new implementation run) in the foreground."""
-    cfg, store = c.cfg, c.store()
+    cfg, store = app.cfg, app.store()
     if run_id is not None:
         result = drive_run(cfg, store, run_id)
         raise click.exceptions.Exit(0 if result["status"] == "completed" else 1)
@@ -6291,10 +6341,10 @@ def run_cmd(c: Ctx, issue: str | None, run_id: int | None, force: bool) -> None:
 @click.argument("issue")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
-def report_cmd(c: Ctx, issue: str, as_json: bool) -> None:
+def report_cmd(app: App, issue: str, as_json: bool) -> None:
     """Per-run reports: agent messages, commands, changed files, tokens."""
     issue = issue_ref(issue)
-    store = c.store(readonly=True)
+    store = app.store(readonly=True)
     row = _issue_or_fail(store, issue)
     runs = []
     for r in store.runs_for_issue(row["id"]):
@@ -6332,10 +6382,10 @@ def report_cmd(c: Ctx, issue: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON document: {\"issue\", \"events\": [...]}; with "
               "--follow, one JSON object per line.")
 @click.pass_obj
-def events_cmd(c: Ctx, issue: str, follow: bool, as_json: bool) -> None:
+def events_cmd(app: App, issue: str, follow: bool, as_json: bool) -> None:
     """ISSUE's event log."""
     issue = issue_ref(issue)
-    store = c.store(readonly=True)
+    store = app.store(readonly=True)
     row = _issue_or_fail(store, issue)
     last = 0
     if as_json and not follow:
@@ -6362,10 +6412,10 @@ def events_cmd(c: Ctx, issue: str, follow: bool, as_json: bool) -> None:
 @click.option("--cd", "cd_only", is_flag=True, help="Print only the path (for `cd $(patchrelay worktree X --cd)`).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
-def worktree_cmd(c: Ctx, issue: str, cd_only: bool, as_json: bool) -> None:
+def worktree_cmd(app: App, issue: str, cd_only: bool, as_json: bool) -> None:
     """Where ISSUE's worktree and branch are."""
     key = issue_ref(issue)
-    row = _issue_or_fail(c.store(readonly=True), key)
+    row = _issue_or_fail(app.store(readonly=True), key)
     if not row["worktree"]:
         raise UsageError(f"issue {row['key']}: has no worktree yet")
     if as_json:
@@ -6383,11 +6433,11 @@ def worktree_cmd(c: Ctx, issue: str, cd_only: bool, as_json: bool) -> None:
 @click.option("--print", "print_only", is_flag=True, help="Print the command instead of running it.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
-def open_cmd(c: Ctx, issue: str, print_only: bool, as_json: bool) -> None:
+def open_cmd(app: App, issue: str, print_only: bool, as_json: bool) -> None:
     """Resume ISSUE's Codex thread interactively in its worktree."""
-    cfg = c.cfg
+    cfg = app.cfg
     key = issue_ref(issue)
-    row = _issue_or_fail(c.store(readonly=True), key)
+    row = _issue_or_fail(app.store(readonly=True), key)
     if not row["worktree"] or not Path(row["worktree"]).is_dir():
         raise UsageError(f"issue {row['key']}: has no worktree yet")
     argv = [cfg.codex.bin, "-C", row["worktree"]] + (["resume", row["thread_id"]] if row["thread_id"] else [])
@@ -6412,9 +6462,9 @@ def open_cmd(c: Ctx, issue: str, print_only: bool, as_json: bool) -> None:
 @cli.command("init")
 @click.option("--force", is_flag=True, help="Overwrite an existing config.")
 @click.pass_obj
-def init_cmd(c: Ctx, force: bool) -> None:
+def init_cmd(app: App, force: bool) -> None:
     """Write a commented config to the default location."""
-    path = find_config_path(c.config_path)
+    path = find_config_path(app.config_path)
     if path.exists() and not force:
         raise UsageError(f"{path}: already exists (use --force to overwrite)")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -6436,9 +6486,9 @@ def _who() -> str:
 @click.argument("issue", required=False)
 @click.option("--reason", default="", help="Why; shown by status, show and why.")
 @click.pass_obj
-def pause_cmd(c: Ctx, issue: str | None, reason: str) -> None:
+def pause_cmd(app: App, issue: str | None, reason: str) -> None:
     """Launch nothing (or nothing for ISSUE) until `resume`; tracking and Linear answers go on."""
-    store = c.store(verify=True)
+    store = app.store(verify=True)
     record = json.dumps({"by": _who(), "at": iso(), "reason": reason})
     with store.tx():
         if issue is None:
@@ -6454,9 +6504,9 @@ def pause_cmd(c: Ctx, issue: str | None, reason: str) -> None:
 @cli.command("resume")
 @click.argument("issue", required=False)
 @click.pass_obj
-def resume_cmd(c: Ctx, issue: str | None) -> None:
+def resume_cmd(app: App, issue: str | None) -> None:
     """Undo `pause` (global, or for ISSUE)."""
-    store = c.store(verify=True)
+    store = app.store(verify=True)
     with store.tx():
         if issue is None:
             store.meta_set("runner.paused", json.dumps(None))   # also overrides runner.paused in the config
@@ -6472,9 +6522,9 @@ def resume_cmd(c: Ctx, issue: str | None) -> None:
 @click.argument("issue")
 @click.option("--reason", required=True, help="Why; told to the Linear session.")
 @click.pass_obj
-def release_cmd(c: Ctx, issue: str, reason: str) -> None:
+def release_cmd(app: App, issue: str, reason: str) -> None:
     """Stop tracking ISSUE: its pending run is dropped and the Linear session is told why."""
-    store = c.store(verify=True)
+    store = app.store(verify=True)
     with store.tx():
         row = _issue_or_fail(store, issue)
         apply_decision(store, row, decide_release(row, reason, _who()))
@@ -6539,11 +6589,11 @@ def _render_why(data: dict) -> None:
 @click.argument("issue")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document: every gate and the next action.")
 @click.pass_obj
-def why_cmd(c: Ctx, issue: str, as_json: bool) -> None:
+def why_cmd(app: App, issue: str, as_json: bool) -> None:
     """Every gate between ISSUE and its next step, with its value, and the one next action."""
     key = issue_ref(issue)
-    cfg = c.cfg
-    store = c.store(readonly=True) if cfg.database_path.exists() else None
+    cfg = app.cfg
+    store = app.store(readonly=True) if cfg.database_path.exists() else None
     row = store.issue_by_key(key) if store else None
     if store is not None and row is not None:
         data = _why_data(cfg, store, row)
@@ -6558,9 +6608,9 @@ def why_cmd(c: Ctx, issue: str, as_json: bool) -> None:
 @cli.command("stop")
 @click.argument("issue")
 @click.pass_obj
-def stop_cmd(c: Ctx, issue: str) -> None:
+def stop_cmd(app: App, issue: str) -> None:
     """Interrupt ISSUE's active run (or drop its pending run)."""
-    store = c.store(verify=True)
+    store = app.store(verify=True)
     with store.tx():       # read and decide in one transaction: a tick claiming meanwhile cannot slip between
         row = _issue_or_fail(store, issue)
         if not row["active_run_id"] and not row["pending_run_type"]:
@@ -6576,9 +6626,9 @@ def stop_cmd(c: Ctx, issue: str) -> None:
 @click.option("--reason", default="", help="Why; stored with the run.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
-def retry_cmd(c: Ctx, issue: str, run_type: str, reason: str, as_json: bool) -> None:
+def retry_cmd(app: App, issue: str, run_type: str, reason: str, as_json: bool) -> None:
     """Queue a new run for ISSUE; the next tick launches it."""
-    store = c.store(verify=True)
+    store = app.store(verify=True)
     with store.tx():       # read and decide in one transaction (see `stop`)
         out = _queue_retry(store, issue, run_type, reason)
     if as_json:
@@ -6683,131 +6733,166 @@ def probe_push(cfg: Config, project: ProjectConfig) -> tuple[str, str]:
                     "GitHub token (or this user's git credentials) write access to the repository")
 
 
+class Check(NamedTuple):
+    """One line of `doctor`: PASS, WARN or FAIL, where (a config key path or an area), and what (a FAIL names
+    its fix)."""
+    level: str
+    scope: str
+    message: str
+
+
+def _check_database(cfg: Config) -> list[Check]:
+    """The database opens, is sound (quick_check) and writable (a read-only file is checked, not written)."""
+    try:
+        read_only = read_only_file(cfg.database_path)
+        store = Store(cfg.database_path, readonly=read_only)
+        try:
+            check = store.quick_check()
+            if read_only:
+                return [Check("FAIL", "database", f"{cfg.database_path} is read-only (quick_check "
+                              f"{one_line(check, 120)}); PatchRelay will not write to it: `chmod u+w` it if that was "
+                              "not meant")]
+            if check != "ok":
+                return [Check("FAIL", "database", f"{cfg.database_path}: damaged ({one_line(check, 200)}); move it "
+                              "away and let PatchRelay start a new one, or restore a backup")]
+            with store.tx():
+                store.meta_set("doctor.checked_at", iso())
+            return [Check("PASS", "database", f"{cfg.database_path} writable (schema v{store.schema_version()}, "
+                                              "quick_check ok)")]
+        finally:
+            store.close()
+    except (StoreError, ConfigError) as e:
+        return [Check("FAIL", "database", str(e))]
+    except sqlite3.Error as e:
+        return [Check("FAIL", "database", f"{cfg.database_path}: {type(e).__name__}: {e}")]
+
+
+def _check_linear(cfg: Config) -> list[Check]:
+    """The token is set and accepted, and how many open issues the delegation rule takes right now."""
+    token = token_from_env(cfg.linear.token_env)
+    if not token:
+        return [Check("FAIL", "linear", f"${cfg.linear.token_env} is not set: export it, or put it in the service's "
+                                        "environment file (see README, Linear setup)")]
+    out: list[Check] = []
+    try:
+        lc = LinearClient(cfg.linear, token)
+        v = lc.viewer()
+        mode = ("app" if v.app else "user") if cfg.linear.mode == "auto" else cfg.linear.mode
+        out.append(Check("PASS", "linear", f"token accepted: viewer {v.name or v.id} ({mode} mode)"))
+        n, more = lc.delegated_count(delegated_filter(cfg, Identity(
+            v.id, mode == "app", cfg.linear.delegation, cfg.linear.delegation_label)))
+        out.append(Check("PASS", "linear", f"the delegation rule ({delegation_rule(cfg, mode == 'app')}) takes "
+                                           f"{n}{'+' if more else ''} open issue(s) right now"))
+    except LinearError as e:
+        out.append(Check("FAIL", "linear", str(e)))
+    return out
+
+
+def _check_github(cfg: Config) -> list[Check]:
+    """The token is accepted and can write to every project's repository."""
+    token = github_token(cfg)
+    if not token:
+        return [Check("FAIL", "github", f"no GitHub token: set ${cfg.github.token_env} (contents and pull requests "
+                                        "read/write, checks and actions read) or log in with `gh auth login`")]
+    ghc = GitHubClient(cfg.github, token)
+    out: list[Check] = []
+    try:
+        out.append(Check("PASS", "github", f"token accepted: {ghc.viewer_login()}"))
+        for i, p in enumerate(cfg.projects):
+            scope = f"projects[{i}].github_repo"
+            repo = ghc.repository(p.github_repo)
+            if repo is None:
+                out.append(Check("FAIL", scope, f"{p.github_repo}: not found, or the token cannot see it (grant the "
+                                                "token access to this repository)"))
+            elif repo.get("viewerPermission") not in ("WRITE", "MAINTAIN", "ADMIN"):
+                out.append(Check("FAIL", scope, f"{p.github_repo}: the token can only "
+                                                f"{str(repo.get('viewerPermission') or 'read').lower()}; PatchRelay "
+                                                "needs write access to push and open PRs"))
+            else:
+                out.append(Check("PASS", scope, f"{p.github_repo}: writable"
+                                                + (", merge queue" if repo.get("mergeQueue") else "")))
+    except GitHubError as e:
+        out.append(Check("FAIL", "github", str(e)))
+    return out
+
+
+def _check_codex(cfg: Config) -> list[Check]:
+    """git is there, and a run can work: Codex starts, shakes hands, is logged in, its sandbox runs."""
+    git = shutil.which("git")
+    out = [Check("PASS" if git else "FAIL", "git", git or "git not found on PATH")]
+    with tempfile.TemporaryDirectory(prefix="patchrelay-doctor-") as tmp:
+        out += [Check(level, "codex", msg) for level, msg in probe_codex(cfg, Path(tmp) / "workspace")]
+    if cfg.codex.sandbox == "danger-full-access":
+        out.append(Check("WARN", "codex", "sandbox danger-full-access: the agent can reach anything this user can"))
+    return out
+
+
+def _check_project(cfg: Config, i: int, p: ProjectConfig) -> list[Check]:
+    """The clone: a git repository with the base branch, `origin` the github_repo, branches pushable."""
+    scope = f"projects[{i}]"
+    out: list[Check] = []
+    try:
+        if not p.repo_path.is_dir():
+            raise GitError(f"repo_path {p.repo_path} does not exist: clone the repository there "
+                           f"(`git clone https://github.com/{p.github_repo}.git {p.repo_path}`) or fix "
+                           f"projects[{i}].repo_path")
+        run_git(["rev-parse", "--git-dir"], p.repo_path)
+        has_base = any(run_git(["rev-parse", "--verify", "--quiet", ref], p.repo_path, check=False).returncode == 0
+                       for ref in (f"refs/remotes/origin/{p.base_branch}", f"refs/heads/{p.base_branch}"))
+        out.append(Check("PASS", scope, f"{p.repo_path} is a git repo with {p.base_branch}") if has_base else
+                   Check("FAIL", scope, f"{p.repo_path} has no branch {p.base_branch} (base_branch): fetch it, or "
+                                        "set base_branch"))
+        url = run_git(["remote", "get-url", "origin"], p.repo_path, check=False).stdout.strip()
+        named = github_repo_of(url)
+        if not url:
+            out.append(Check("FAIL", f"{scope}.repo_path", f"{p.repo_path} has no remote `origin`: "
+                                                           f"`git remote add origin https://github.com/{p.github_repo}.git`"))
+        elif named is None:
+            out.append(Check("WARN", f"{scope}.repo_path", f"origin {redact(url)} is not a github.com URL; pull "
+                                                           f"requests go to {p.github_repo}"))
+        elif named.lower() != p.github_repo.lower():
+            out.append(Check("FAIL", f"{scope}.repo_path", f"origin is {named}, not github_repo {p.github_repo}: fix "
+                                                           "github_repo or the remote (`git remote set-url origin ...`)"))
+        if url and (named is None or named.lower() == p.github_repo.lower()):
+            level, msg = probe_push(cfg, p)
+            out.append(Check(level, f"{scope}.push", msg))
+    except GitError as e:
+        out.append(Check("FAIL", scope, str(e)))
+    if not p.has_routing and len(cfg.projects) == 1:
+        out.append(Check("WARN", scope, "no routing keys: every delegated issue goes to this project"))
+    if cfg.codex.sandbox == "workspace-write" and str(p.repo_path.resolve()).startswith(("/tmp/", "/var/tmp/")):
+        out.append(Check("WARN", f"{scope}.sandbox", f"repo_path {p.repo_path} lies under /tmp, which the "
+                                                     "workspace-write sandbox lets the agent write: its .git (and "
+                                                     "other worktrees) are not protected; move the clone elsewhere"))
+    return out
+
+
+def doctor_checks(app: App) -> list[Check]:
+    """Every check, one area at a time; with a config that does not load, only that."""
+    try:
+        cfg = app.cfg
+    except ConfigError as e:
+        return [Check("FAIL", "config", str(e))]
+    checks = [Check("PASS", "config", f"{cfg.path} is valid ({len(cfg.projects)} project(s))")]
+    checks += _check_database(cfg) + _check_linear(cfg) + _check_github(cfg) + _check_codex(cfg)
+    for i, p in enumerate(cfg.projects):
+        checks += _check_project(cfg, i, p)
+    return checks
+
+
 @cli.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
-def doctor_cmd(c: Ctx, as_json: bool) -> None:
+def doctor_cmd(app: App, as_json: bool) -> None:
     """Check config, database, tokens, repos, git and codex."""
-    checks: list[tuple[str, str, str]] = []
-
-    def add(level: str, scope: str, msg: str) -> None:
-        checks.append((level, scope, msg))
-    try:
-        cfg = c.cfg
-        add("PASS", "config", f"{cfg.path} is valid ({len(cfg.projects)} project(s))")
-    except ConfigError as e:
-        add("FAIL", "config", str(e))
-        cfg = None
-    if cfg:
-        try:
-            read_only = read_only_file(cfg.database_path)
-            store = Store(cfg.database_path, readonly=read_only)
-            check = store.quick_check()
-            if read_only:
-                add("FAIL", "database", f"{cfg.database_path} is read-only (quick_check {one_line(check, 120)}); "
-                                        "PatchRelay will not write to it: `chmod u+w` it if that was not meant")
-            elif check != "ok":
-                add("FAIL", "database", f"{cfg.database_path}: damaged ({one_line(check, 200)}); move it away and "
-                                        "let PatchRelay start a new one, or restore a backup")
-            else:
-                with store.tx():
-                    store.meta_set("doctor.checked_at", iso())
-                add("PASS", "database", f"{cfg.database_path} writable (schema v{store.schema_version()}, "
-                                        "quick_check ok)")
-            store.close()
-        except (StoreError, ConfigError) as e:
-            add("FAIL", "database", str(e))
-        except sqlite3.Error as e:
-            add("FAIL", "database", f"{cfg.database_path}: {type(e).__name__}: {e}")
-        token = token_from_env(cfg.linear.token_env)
-        if not token:
-            add("FAIL", "linear", f"${cfg.linear.token_env} is not set: export it, or put it in the service's "
-                                  "environment file (see README, Linear setup)")
-        else:
-            try:
-                lc = LinearClient(cfg.linear, token)
-                v = lc.viewer()
-                mode = ("app" if v.app else "user") if cfg.linear.mode == "auto" else cfg.linear.mode
-                add("PASS", "linear", f"token accepted: viewer {v.name or v.id} ({mode} mode)")
-                n, more = lc.delegated_count(delegated_filter(cfg, Identity(
-                    v.id, mode == "app", cfg.linear.delegation, cfg.linear.delegation_label)))
-                add("PASS", "linear", f"the delegation rule ({delegation_rule(cfg, mode == 'app')}) takes "
-                                      f"{n}{'+' if more else ''} open issue(s) right now")
-            except LinearError as e:
-                add("FAIL", "linear", str(e))
-        gtok = github_token(cfg)
-        if not gtok:
-            add("FAIL", "github", f"no GitHub token: set ${cfg.github.token_env} (contents and pull requests "
-                                  "read/write, checks and actions read) or log in with `gh auth login`")
-        else:
-            ghc = GitHubClient(cfg.github, gtok)
-            try:
-                add("PASS", "github", f"token accepted: {ghc.viewer_login()}")
-                for i, p in enumerate(cfg.projects):
-                    repo = ghc.repository(p.github_repo)
-                    if repo is None:
-                        add("FAIL", f"projects[{i}].github_repo", f"{p.github_repo}: not found, or the token cannot "
-                                                      "see it (grant the token access to this repository)")
-                    elif repo.get("viewerPermission") not in ("WRITE", "MAINTAIN", "ADMIN"):
-                        add("FAIL", f"projects[{i}].github_repo", f"{p.github_repo}: the token can only "
-                                                      f"{str(repo.get('viewerPermission') or 'read').lower()}; "
-                                                      "PatchRelay needs write access to push and open PRs")
-                    else:
-                        add("PASS", f"projects[{i}].github_repo", f"{p.github_repo}: writable"
-                                                      + (", merge queue" if repo.get("mergeQueue") else ""))
-            except GitHubError as e:
-                add("FAIL", "github", str(e))
-        add("PASS" if shutil.which("git") else "FAIL", "git", shutil.which("git") or "git not found on PATH")
-        with tempfile.TemporaryDirectory(prefix="patchrelay-doctor-") as tmp:
-            for level, msg in probe_codex(cfg, Path(tmp) / "workspace"):
-                add(level, "codex", msg)
-        if cfg.codex.sandbox == "danger-full-access":
-            add("WARN", "codex", "sandbox danger-full-access: the agent can reach anything this user can")
-        for i, p in enumerate(cfg.projects):
-            scope = f"projects[{i}]"
-            try:
-                if not p.repo_path.is_dir():
-                    raise GitError(f"repo_path {p.repo_path} does not exist: clone the repository there "
-                                   f"(`git clone https://github.com/{p.github_repo}.git {p.repo_path}`) or fix "
-                                   f"projects[{i}].repo_path")
-                run_git(["rev-parse", "--git-dir"], p.repo_path)
-                has_base = run_git(["rev-parse", "--verify", "--quiet", f"refs/remotes/origin/{p.base_branch}"],
-                                   p.repo_path, check=False).returncode == 0 or \
-                    run_git(["rev-parse", "--verify", "--quiet", f"refs/heads/{p.base_branch}"], p.repo_path,
-                            check=False).returncode == 0
-                if has_base:
-                    add("PASS", scope, f"{p.repo_path} is a git repo with {p.base_branch}")
-                else:
-                    add("FAIL", scope, f"{p.repo_path} has no branch {p.base_branch} (base_branch): fetch it, or "
-                                       "set base_branch")
-                url = run_git(["remote", "get-url", "origin"], p.repo_path, check=False).stdout.strip()
-                named = github_repo_of(url)
-                if not url:
-                    add("FAIL", f"{scope}.repo_path", f"{p.repo_path} has no remote `origin`: "
-                                                      f"`git remote add origin https://github.com/{p.github_repo}.git`")
-                elif named is None:
-                    add("WARN", f"{scope}.repo_path", f"origin {redact(url)} is not a github.com URL; pull requests "
-                                                      f"go to {p.github_repo}")
-                elif named.lower() != p.github_repo.lower():
-                    add("FAIL", f"{scope}.repo_path", f"origin is {named}, not github_repo {p.github_repo}: fix "
-                                                      "github_repo or the remote (`git remote set-url origin ...`)")
-                if url and (named is None or named.lower() == p.github_repo.lower()):
-                    level, msg = probe_push(cfg, p)
-                    add(level, f"{scope}.push", msg)
-            except GitError as e:
-                add("FAIL", scope, str(e))
-            if not p.has_routing and len(cfg.projects) == 1:
-                add("WARN", scope, "no routing keys: every delegated issue goes to this project")
-            if cfg.codex.sandbox == "workspace-write" and str(p.repo_path.resolve()).startswith(("/tmp/", "/var/tmp/")):
-                add("WARN", f"{scope}.sandbox", f"repo_path {p.repo_path} lies under /tmp, which the workspace-write sandbox "
-                                   "lets the agent write: its .git (and other worktrees) are not protected; "
-                                   "move the clone elsewhere")
-    failed = any(level == "FAIL" for level, _, _ in checks)
+    checks = doctor_checks(app)
+    failed = any(ch.level == "FAIL" for ch in checks)
     if as_json:
-        _dump({"ok": not failed, "checks": [{"level": lv, "scope": s, "message": m} for lv, s, m in checks]})
+        _dump({"ok": not failed, "checks": [{"level": ch.level, "scope": ch.scope, "message": ch.message}
+                                            for ch in checks]})
     else:
-        for lv, s, m in checks:
-            click.echo(f"{lv:4} [{s}] {m}")
+        for ch in checks:
+            click.echo(f"{ch.level:4} [{ch.scope}] {ch.message}")
         click.echo("\nready" if not failed else "\nnot ready")
     if failed:
         raise click.exceptions.Exit(1)
@@ -6958,13 +7043,13 @@ def service_group() -> None:
 @click.option("--no-start", is_flag=True, help="Write the files only; do not enable or start anything.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document: what was written and started.")
 @click.pass_obj
-def service_install(c: Ctx, timer: float | None, watch_mode: bool, interval: float, cron: bool, no_start: bool,
+def service_install(app: App, timer: float | None, watch_mode: bool, interval: float, cron: bool, no_start: bool,
                     as_json: bool) -> None:
     """Write a systemd user unit (and timer), or a crontab line, with the absolute paths of patchrelay, codex,
     node and git found now, KillMode=process, and an owner-only environment file for the tokens."""
     if sum(bool(x) for x in (timer, watch_mode, cron)) > 1:
         raise UsageError("service install: choose one of --timer SECONDS, --watch, --cron")
-    cfg = c.cfg
+    cfg = app.cfg
     if cfg.path is None:
         raise UsageError("service install: no config file (run `patchrelay init` first)")
     mode = "cron" if cron else "timer" if timer else "watch"
@@ -6981,47 +7066,9 @@ def service_install(c: Ctx, timer: float | None, watch_mode: bool, interval: flo
                            "env_names": names, "missing": [n for n, p in found.items() if not p and n != "gh"],
                            "files": [], "started": False, "next": []}
     if mode == "cron":
-        line = plan.cron_line()
-        _secure_dir(plan.log.parent)
-        tab = _crontab()
-        out["cron_line"] = line
-        if tab is None:
-            out["next"].append("no `crontab` here: add this line to the user's crontab by hand")
-        elif not no_start:
-            _set_crontab([ln for ln in tab if not _ours(ln)] + [line])
-            out["started"] = True
+        _install_cron(plan, no_start, out)
     else:
-        d = systemd_user_dir()
-        d.mkdir(parents=True, exist_ok=True)
-        old = (d / f"{SERVICE}.service").read_text() if (d / f"{SERVICE}.service").exists() else ""
-        was_watch = bool(re.search(r"^ExecStart=.* watch( |$)", old, re.M))
-        if mode == "watch" and (d / f"{SERVICE}.timer").exists():      # switching from --timer to --watch
-            if not no_start:
-                _systemctl("disable", "--now", f"{SERVICE}.timer")
-            (d / f"{SERVICE}.timer").unlink()
-        for name, text in plan.units().items():
-            (d / name).write_text(text)
-            out["files"].append(str(d / name))
-        # a new unit takes effect: the watch service is restarted (workers outlive it: KillMode=process);
-        # a watch service replaced by a timer is stopped and disabled first
-        steps = [("daemon-reload",)] + (
-            [("enable", f"{SERVICE}.service"), ("restart", f"{SERVICE}.service")] if mode == "watch" else
-            ([("disable", "--now", f"{SERVICE}.service")] if was_watch else []) +
-            [("enable", "--now", f"{SERVICE}.timer")])
-        if not no_start:
-            r = None
-            for step in steps:
-                r = _systemctl(*step)
-                if r is None or r.returncode != 0:
-                    break
-            if r is not None and r.returncode == 0:
-                out["started"] = True
-            else:
-                out["next"].append(" && ".join(f"systemctl --user {' '.join(st)}" for st in steps)
-                                   + (f" (systemctl said: {one_line(r.stderr, 160)})" if r is not None else
-                                      " (no user systemd reachable from here)"))
-        out["next"].append(f"loginctl enable-linger {os.environ.get('USER') or '$USER'}   "
-                           "(so it runs while you are logged out)")
+        _install_units(plan, no_start, out)
     env_text = plan.env_file.read_text()
     if any(not re.search(rf"^{re.escape(n)}=\S", env_text, re.M) for n in names):
         out["next"].insert(0, f"fill in {plan.env_file}: " + ", ".join(f"{n}=..." for n in names))
@@ -7043,11 +7090,61 @@ def service_install(c: Ctx, timer: float | None, watch_mode: bool, interval: flo
             click.echo(f"  {n}")
 
 
+def _install_cron(plan: ServicePlan, no_start: bool, out: dict[str, Any]) -> None:
+    """The crontab line: ours replaced (never another line), or said when there is no crontab."""
+    line = plan.cron_line()
+    _secure_dir(plan.log.parent)
+    tab = _crontab()
+    out["cron_line"] = line
+    if tab is None:
+        out["next"].append("no `crontab` here: add this line to the user's crontab by hand")
+    elif not no_start:
+        _set_crontab([ln for ln in tab if not _ours(ln)] + [line])
+        out["started"] = True
+
+
+def _install_units(plan: ServicePlan, no_start: bool, out: dict[str, Any]) -> None:
+    """The systemd user units written, then reloaded, enabled and (re)started through systemctl --user when
+    it is reachable; otherwise the commands to run are said."""
+    mode = plan.mode
+    d = systemd_user_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    old = (d / f"{SERVICE}.service").read_text() if (d / f"{SERVICE}.service").exists() else ""
+    was_watch = bool(re.search(r"^ExecStart=.* watch( |$)", old, re.M))
+    if mode == "watch" and (d / f"{SERVICE}.timer").exists():      # switching from --timer to --watch
+        if not no_start:
+            _systemctl("disable", "--now", f"{SERVICE}.timer")
+        (d / f"{SERVICE}.timer").unlink()
+    for name, text in plan.units().items():
+        (d / name).write_text(text)
+        out["files"].append(str(d / name))
+    # a new unit takes effect: the watch service is restarted (workers outlive it: KillMode=process);
+    # a watch service replaced by a timer is stopped and disabled first
+    steps = [("daemon-reload",)] + (
+        [("enable", f"{SERVICE}.service"), ("restart", f"{SERVICE}.service")] if mode == "watch" else
+        ([("disable", "--now", f"{SERVICE}.service")] if was_watch else []) +
+        [("enable", "--now", f"{SERVICE}.timer")])
+    if not no_start:
+        r = None
+        for step in steps:
+            r = _systemctl(*step)
+            if r is None or r.returncode != 0:
+                break
+        if r is not None and r.returncode == 0:
+            out["started"] = True
+        else:
+            out["next"].append(" && ".join(f"systemctl --user {' '.join(st)}" for st in steps)
+                               + (f" (systemctl said: {one_line(r.stderr, 160)})" if r is not None else
+                                  " (no user systemd reachable from here)"))
+    out["next"].append(f"loginctl enable-linger {os.environ.get('USER') or '$USER'}   "
+                       "(so it runs while you are logged out)")
+
+
 @service_group.command("status")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document: unit files, systemd's view, crontab, "
               "environment file.")
 @click.pass_obj
-def service_status(c: Ctx, as_json: bool) -> None:
+def service_status(app: App, as_json: bool) -> None:
     """Whether the service is installed, enabled and running, and what it runs."""
     d = systemd_user_dir()
     units = {}
@@ -7083,7 +7180,7 @@ def service_status(c: Ctx, as_json: bool) -> None:
 
 @service_group.command("uninstall")
 @click.pass_obj
-def service_uninstall(c: Ctx) -> None:
+def service_uninstall(app: App) -> None:
     """Stop and remove the unit files and the crontab line. The environment file (your secrets), the
     database and the worktrees stay."""
     d = systemd_user_dir()
