@@ -6268,12 +6268,12 @@ def _render_show(data: dict) -> None:
 
 
 @cli.command("show")
-@click.argument("issue")
+@click.argument("key", metavar="ISSUE")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
-def show_cmd(app: App, issue: str, as_json: bool) -> None:
+def show_cmd(app: App, key: str, as_json: bool) -> None:
     """Everything known about one issue, and its event log."""
-    key = issue_ref(issue)
+    key = issue_ref(key)
     store = app.store(readonly=True)
     row = store.issue_by_key(key)
     if row is not None:
@@ -6292,29 +6292,29 @@ def show_cmd(app: App, issue: str, as_json: bool) -> None:
 
 
 @cli.command("run")
-@click.argument("issue", required=False)
+@click.argument("key", metavar="ISSUE", required=False)
 @click.option("--run-id", type=int, hidden=True, help="Worker mode: drive this claimed run (used by tick).")
 @click.option("--force", is_flag=True, help="Run even though the issue is done or canceled.")
 @click.pass_obj
-def run_cmd(app: App, issue: str | None, run_id: int | None, force: bool) -> None:
+def run_cmd(app: App, key: str | None, run_id: int | None, force: bool) -> None:
     """Run ISSUE's pending run (or a new implementation run) in the foreground."""
     cfg, store = app.cfg, app.store()
     if run_id is not None:
         result = drive_run(cfg, store, run_id)
         raise click.exceptions.Exit(0 if result["status"] == "completed" else 1)
-    if issue is None:
+    if key is None:
         raise UsageError("run: give an ISSUE key (or a Linear issue URL)")
-    issue = issue_ref(issue)
-    row = store.issue_by_key(issue)
+    key = issue_ref(key)
+    row = store.issue_by_key(key)
     if row is None:
         try:
-            obs = linear_client(cfg, store).issue(issue)
+            obs = linear_client(cfg, store).issue(key)
         except LinearError as e:
             if e.transient:
                 raise
             obs = None          # "Entity not found" and the like: the key is simply not in Linear
         if obs is None:
-            raise UsageError(f"issue {issue}: not found in Linear")
+            raise UsageError(f"issue {key}: not found in Linear")
         project = resolve_project(cfg, obs.key, obs.team_key, obs.team_id)
         if project is None:
             raise UsageError(f"issue {obs.key}: no project routes it (check issue_key_prefixes / linear_team_keys)")
@@ -6338,14 +6338,14 @@ def run_cmd(app: App, issue: str | None, run_id: int | None, force: bool) -> Non
 
 
 @cli.command("report")
-@click.argument("issue")
+@click.argument("key", metavar="ISSUE")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
-def report_cmd(app: App, issue: str, as_json: bool) -> None:
+def report_cmd(app: App, key: str, as_json: bool) -> None:
     """Per-run reports: agent messages, commands, changed files, tokens."""
-    issue = issue_ref(issue)
+    key = issue_ref(key)
     store = app.store(readonly=True)
-    row = _issue_or_fail(store, issue)
+    row = _issue_or_fail(store, key)
     runs = []
     for r in store.runs_for_issue(row["id"]):
         runs.append({"id": r["id"], "run_type": r["run_type"], "status": r["status"], "started_at": r["started_at"],
@@ -6377,16 +6377,16 @@ def report_cmd(app: App, issue: str, as_json: bool) -> None:
 
 
 @cli.command("events")
-@click.argument("issue")
+@click.argument("key", metavar="ISSUE")
 @click.option("--follow", is_flag=True, help="Keep printing new events.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document: {\"issue\", \"events\": [...]}; with "
               "--follow, one JSON object per line.")
 @click.pass_obj
-def events_cmd(app: App, issue: str, follow: bool, as_json: bool) -> None:
+def events_cmd(app: App, key: str, follow: bool, as_json: bool) -> None:
     """ISSUE's event log."""
-    issue = issue_ref(issue)
+    key = issue_ref(key)
     store = app.store(readonly=True)
-    row = _issue_or_fail(store, issue)
+    row = _issue_or_fail(store, key)
     last = 0
     if as_json and not follow:
         _dump({"issue": row["key"], "events": [{k: e[k] for k in ("id", "at", "level", "kind", "message", "run_id")}
@@ -6408,13 +6408,13 @@ def events_cmd(app: App, issue: str, follow: bool, as_json: bool) -> None:
 
 
 @cli.command("worktree")
-@click.argument("issue")
+@click.argument("key", metavar="ISSUE")
 @click.option("--cd", "cd_only", is_flag=True, help="Print only the path (for `cd $(patchrelay worktree X --cd)`).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
-def worktree_cmd(app: App, issue: str, cd_only: bool, as_json: bool) -> None:
+def worktree_cmd(app: App, key: str, cd_only: bool, as_json: bool) -> None:
     """Where ISSUE's worktree and branch are."""
-    key = issue_ref(issue)
+    key = issue_ref(key)
     row = _issue_or_fail(app.store(readonly=True), key)
     if not row["worktree"]:
         raise UsageError(f"issue {row['key']}: has no worktree yet")
@@ -6429,14 +6429,14 @@ def worktree_cmd(app: App, issue: str, cd_only: bool, as_json: bool) -> None:
 
 
 @cli.command(name="open")
-@click.argument("issue")
+@click.argument("key", metavar="ISSUE")
 @click.option("--print", "print_only", is_flag=True, help="Print the command instead of running it.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
-def open_cmd(app: App, issue: str, print_only: bool, as_json: bool) -> None:
+def open_cmd(app: App, key: str, print_only: bool, as_json: bool) -> None:
     """Resume ISSUE's Codex thread interactively in its worktree."""
     cfg = app.cfg
-    key = issue_ref(issue)
+    key = issue_ref(key)
     row = _issue_or_fail(app.store(readonly=True), key)
     if not row["worktree"] or not Path(row["worktree"]).is_dir():
         raise UsageError(f"issue {row['key']}: has no worktree yet")
@@ -6483,50 +6483,50 @@ def _who() -> str:
 
 
 @cli.command("pause")
-@click.argument("issue", required=False)
+@click.argument("key", metavar="ISSUE", required=False)
 @click.option("--reason", default="", help="Why; shown by status, show and why.")
 @click.pass_obj
-def pause_cmd(app: App, issue: str | None, reason: str) -> None:
+def pause_cmd(app: App, key: str | None, reason: str) -> None:
     """Launch nothing (or nothing for ISSUE) until `resume`; tracking and Linear answers go on."""
     store = app.store(verify=True)
     record = json.dumps({"by": _who(), "at": iso(), "reason": reason})
     with store.tx():
-        if issue is None:
+        if key is None:
             store.meta_set("runner.paused", record)
             store.add_event(None, "pause", f"runner paused by {_who()}" + (f": {reason}" if reason else ""))
         else:
-            row = _issue_or_fail(store, issue)
+            row = _issue_or_fail(store, key)
             store.update_issue(row["id"], {"paused": record})
             store.add_event(row["id"], "pause", f"paused by {_who()}" + (f": {reason}" if reason else ""))
-    click.echo(("all runs" if issue is None else f"{issue_ref(issue)}") + " paused; `patchrelay resume` to go on")
+    click.echo(("all runs" if key is None else f"{issue_ref(key)}") + " paused; `patchrelay resume` to go on")
 
 
 @cli.command("resume")
-@click.argument("issue", required=False)
+@click.argument("key", metavar="ISSUE", required=False)
 @click.pass_obj
-def resume_cmd(app: App, issue: str | None) -> None:
+def resume_cmd(app: App, key: str | None) -> None:
     """Undo `pause` (global, or for ISSUE)."""
     store = app.store(verify=True)
     with store.tx():
-        if issue is None:
+        if key is None:
             store.meta_set("runner.paused", json.dumps(None))   # also overrides runner.paused in the config
             store.add_event(None, "pause", f"runner resumed by {_who()}")
         else:
-            row = _issue_or_fail(store, issue)
+            row = _issue_or_fail(store, key)
             store.update_issue(row["id"], {"paused": None})
             store.add_event(row["id"], "pause", f"resumed by {_who()}")
-    click.echo(("runs resume" if issue is None else f"{issue_ref(issue)} resumed") + " at the next tick")
+    click.echo(("runs resume" if key is None else f"{issue_ref(key)} resumed") + " at the next tick")
 
 
 @cli.command("release")
-@click.argument("issue")
+@click.argument("key", metavar="ISSUE")
 @click.option("--reason", required=True, help="Why; told to the Linear session.")
 @click.pass_obj
-def release_cmd(app: App, issue: str, reason: str) -> None:
+def release_cmd(app: App, key: str, reason: str) -> None:
     """Stop tracking ISSUE: its pending run is dropped and the Linear session is told why."""
     store = app.store(verify=True)
     with store.tx():
-        row = _issue_or_fail(store, issue)
+        row = _issue_or_fail(store, key)
         apply_decision(store, row, decide_release(row, reason, _who()))
     click.echo(f"{row['key']}: released; the Linear session is told at the next tick")
 
@@ -6586,12 +6586,12 @@ def _render_why(data: dict) -> None:
 
 
 @cli.command("why")
-@click.argument("issue")
+@click.argument("key", metavar="ISSUE")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document: every gate and the next action.")
 @click.pass_obj
-def why_cmd(app: App, issue: str, as_json: bool) -> None:
+def why_cmd(app: App, key: str, as_json: bool) -> None:
     """Every gate between ISSUE and its next step, with its value, and the one next action."""
-    key = issue_ref(issue)
+    key = issue_ref(key)
     cfg = app.cfg
     store = app.store(readonly=True) if cfg.database_path.exists() else None
     row = store.issue_by_key(key) if store else None
@@ -6606,13 +6606,13 @@ def why_cmd(app: App, issue: str, as_json: bool) -> None:
 
 
 @cli.command("stop")
-@click.argument("issue")
+@click.argument("key", metavar="ISSUE")
 @click.pass_obj
-def stop_cmd(app: App, issue: str) -> None:
+def stop_cmd(app: App, key: str) -> None:
     """Interrupt ISSUE's active run (or drop its pending run)."""
     store = app.store(verify=True)
     with store.tx():       # read and decide in one transaction: a tick claiming meanwhile cannot slip between
-        row = _issue_or_fail(store, issue)
+        row = _issue_or_fail(store, key)
         if not row["active_run_id"] and not row["pending_run_type"]:
             raise UsageError(f"issue {row['key']}: nothing is running or pending")
         apply_decision(store, row, stop_issue(row, "stopped with `patchrelay stop`"))
@@ -6621,24 +6621,24 @@ def stop_cmd(app: App, issue: str) -> None:
 
 
 @cli.command("retry")
-@click.argument("issue")
+@click.argument("key", metavar="ISSUE")
 @click.option("--type", "run_type", type=click.Choice(RUN_TYPES), default="implementation", show_default=True)
 @click.option("--reason", default="", help="Why; stored with the run.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
-def retry_cmd(app: App, issue: str, run_type: str, reason: str, as_json: bool) -> None:
+def retry_cmd(app: App, key: str, run_type: str, reason: str, as_json: bool) -> None:
     """Queue a new run for ISSUE; the next tick launches it."""
     store = app.store(verify=True)
     with store.tx():       # read and decide in one transaction (see `stop`)
-        out = _queue_retry(store, issue, run_type, reason)
+        out = _queue_retry(store, key, run_type, reason)
     if as_json:
         _dump(out)
     else:
         click.echo(f"{out['issue']}: {run_label(run_type)} run queued; the next tick launches it")
 
 
-def _queue_retry(store: Store, issue: str, run_type: str, reason: str) -> dict:
-    row = _issue_or_fail(store, issue)
+def _queue_retry(store: Store, key: str, run_type: str, reason: str) -> dict:
+    row = _issue_or_fail(store, key)
     d = decide_retry(row, run_type, reason, iso())
     apply_decision(store, row, d)
     return {"issue": row["key"], "queued": run_type, "reason": reason, "factory_state": d.fields["factory_state"]}
