@@ -317,6 +317,7 @@ class GitHubConfig:
     ci_repair_budget: int = 2
     queue_repair_budget: int = 2
     review_fix_budget: int = 3
+    rerequest_review: bool = True       # ask the approvers again when a push makes their approval stale
 
 
 @dataclass(frozen=True)
@@ -529,7 +530,7 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
 
     gs = top.sub("github", ["api_url", "graphql_url", "token_env", "use_gh_cli", "timeout", "retry", "poll_interval",
                             "draft_prs", "auto_merge", "review_quiet_seconds", "ci_repair_budget",
-                            "queue_repair_budget", "review_fix_budget"])
+                            "queue_repair_budget", "review_fix_budget", "rerequest_review"])
     gr = gs.sub("retry", ["attempts", "max_wait"])
     gh_api = _url(gs, "api_url", GitHubConfig.api_url).rstrip("/")
     github = GitHubConfig(
@@ -547,6 +548,7 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
         ci_repair_budget=gs.num("ci_repair_budget", 2, minimum=0, integer=True),
         queue_repair_budget=gs.num("queue_repair_budget", 2, minimum=0, integer=True),
         review_fix_budget=gs.num("review_fix_budget", 3, minimum=0, integer=True),
+        rerequest_review=gs.flag("rerequest_review", True),
     )
 
     cs = top.sub("codex", ["bin", "args", "home", "model", "model_provider", "approval_policy",
@@ -1004,8 +1006,16 @@ SCHEMA_V9 = """
 UPDATE events SET kind = 'unrouted' WHERE issue_id IS NULL AND kind = 'intake' AND message LIKE '%no project routes it%';
 """
 
+# Approvals pinned to a head: the clean base merges PatchRelay pushed (merge commit -> the head it merged into),
+# the kind of run that made PatchRelay's last push, and the head that waits for a new review.
+SCHEMA_V10 = """
+ALTER TABLE issues ADD COLUMN clean_merges TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE issues ADD COLUMN pushed_run_type TEXT;
+ALTER TABLE issues ADD COLUMN pr_waiting_review TEXT;
+"""
+
 MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8,
-                         SCHEMA_V9]
+                         SCHEMA_V9, SCHEMA_V10]
 
 ISSUE_COLUMNS = frozenset({
     "project_id", "linear_id", "key", "title", "description", "url", "team_id", "team_key", "linear_state",
@@ -1013,7 +1023,7 @@ ISSUE_COLUMNS = frozenset({
     "not_before", "active_run_id", "agent_session_id", "branch", "worktree", "thread_id", "pr_number", "pr_url",
     "pr_state", "ci_repair_attempts", "queue_repair_attempts", "retries", "comments_synced", "pr_node_id",
     "pr_head_sha", "pr_review", "pr_ci", "pr_queue", "gh_snapshot", "gh_observed_at", "gh_action", "pushed_sha",
-    "pushed_at", "repair_counts", "paused"})
+    "pushed_at", "repair_counts", "paused", "clean_merges", "pushed_run_type", "pr_waiting_review"})
 RUN_COLUMNS = frozenset({
     "status", "trigger", "context", "prompt", "attempt", "worker_pid", "worker_started", "appserver_pid",
     "appserver_started", "thread_id", "turn_ids", "head_before", "started_at", "turn_started_at", "heartbeat_at",
@@ -2407,6 +2417,7 @@ class ReviewObs:
     submitted_at: str
     commit: str | None
     comments: tuple[ReviewComment, ...] = ()
+    author_id: str | None = None        # the reviewer's node id (a user's; None for an app)
 
 
 @dataclass(frozen=True)
@@ -2455,7 +2466,8 @@ _PR_CORE = """id number url state merged isDraft headRefName headRefOid baseRefN
     headRepository { nameWithOwner } author { login }"""
 
 _PR_STATE = _PR_CORE + """ mergeable reviewDecision isInMergeQueue mergeQueueEntry { state position }
-    reviews(last: 20) { nodes { id state submittedAt authorAssociation author { login } commit { oid } } }
+    reviews(last: 20) { nodes { id state submittedAt authorAssociation author { login ... on User { id } }
+      commit { oid } } }
     timelineItems(last: 10, itemTypes: [REMOVED_FROM_MERGE_QUEUE_EVENT]) {
       nodes { __typename ... on RemovedFromMergeQueueEvent { id createdAt reason } } }"""
 
@@ -2505,11 +2517,15 @@ def detail_document(numbers: list[int]) -> str:
             "  repository(owner: $owner, name: $name) {\n" + "\n".join(parts) + "\n  }\n}")
 
 
-M_ENQUEUE = """mutation PatchRelayEnqueue($id: ID!) {
-  enqueuePullRequest(input: {pullRequestId: $id}) { mergeQueueEntry { id state } }
+# Merge requests are pinned to the head that was approved and green: GitHub refuses them if the head moved.
+M_ENQUEUE = """mutation PatchRelayEnqueue($id: ID!, $head: GitObjectID!) {
+  enqueuePullRequest(input: {pullRequestId: $id, expectedHeadOid: $head}) { mergeQueueEntry { id state } }
 }"""
-M_AUTO_MERGE = """mutation PatchRelayAutoMerge($id: ID!) {
-  enablePullRequestAutoMerge(input: {pullRequestId: $id}) { pullRequest { id } }
+M_AUTO_MERGE = """mutation PatchRelayAutoMerge($id: ID!, $head: GitObjectID!) {
+  enablePullRequestAutoMerge(input: {pullRequestId: $id, expectedHeadOid: $head}) { pullRequest { id } }
+}"""
+M_REQUEST_REVIEWS = """mutation PatchRelayRequestReviews($id: ID!, $users: [ID!]) {
+  requestReviews(input: {pullRequestId: $id, userIds: $users, union: true}) { pullRequest { id } }
 }"""
 Q_GH_REPO = """query PatchRelayRepository($owner: String!, $name: String!) {
   repository(owner: $owner, name: $name) { nameWithOwner viewerPermission mergeQueue { url } }
@@ -2561,7 +2577,8 @@ class GitHubClient:
                                      float(reset) if reset and reset > time.time() else time.time() + 60.0)
         return None
 
-    def graphql(self, document: str, variables: Mapping[str, Any] | None = None) -> dict:
+    def graphql(self, document: str, variables: Mapping[str, Any] | None = None, strict: bool = False) -> dict:
+        """The answer's data. `strict` (mutations): any error raises, even beside partial data."""
         what = operation_name(document, "graphql")
         resp = self._send("POST", self.cfg.graphql_url, what, json={"query": document, "variables": dict(variables or {})})
         body = json_body(resp)
@@ -2579,9 +2596,9 @@ class GitHubClient:
                 float(reset) if reset and reset > time.time() else time.time() + 60.0), wait_for_it=False)
         if resp.status_code == 401:
             raise GitHubError(f"GitHub {what} ({self.host}): bad credentials (check the GitHub token)")
-        if errors and not body.get("data"):
+        if errors and (strict or not body.get("data")):
             msg = "; ".join(one_line(str(e.get("message")), 200) for e in errors)
-            raise GitHubError(f"GitHub {what} ({self.host}): {msg}")
+            raise GitHubError(f"GitHub {what} ({self.host}): {msg}", code=str(errors[0].get("type") or "") or None)
         if resp.status_code >= 400 or not isinstance(body.get("data"), dict):
             raise GitHubError(f"GitHub {what} ({self.host}): HTTP {resp.status_code} without data")
         self.transport.ok()
@@ -2698,8 +2715,13 @@ class GitHubClient:
     def rerun_job(self, full_name: str, job_id: int) -> None:
         self.rest("POST", f"/repos/{full_name}/actions/jobs/{int(job_id)}/rerun", ok=(201,))
 
-    def merge_when_ready(self, node_id: str, queue: bool) -> None:
-        self.graphql(M_ENQUEUE if queue else M_AUTO_MERGE, {"id": node_id})
+    def merge_when_ready(self, node_id: str, queue: bool, head: str) -> None:
+        """Enqueue the PR (or enable auto-merge), pinned to `head`: GitHub refuses it if the head moved."""
+        self.graphql(M_ENQUEUE if queue else M_AUTO_MERGE, {"id": node_id, "head": head}, strict=True)
+
+    def request_reviews(self, node_id: str, user_ids: Sequence[str]) -> None:
+        """Ask these users (node ids) for a new review, beside whoever is asked already."""
+        self.graphql(M_REQUEST_REVIEWS, {"id": node_id, "users": list(user_ids)}, strict=True)
 
 
 def _pr_obs(n: dict, base_commit: dict | None = None) -> PullRequestObs:
@@ -2733,6 +2755,7 @@ def _pr_obs(n: dict, base_commit: dict | None = None) -> PullRequestObs:
             id=r["id"], state=r.get("state") or "", body=r.get("body") or "",
             author=((r.get("author") or {}).get("login") or "").lower(), association=r.get("authorAssociation") or "",
             submitted_at=r.get("submittedAt") or "", commit=(r.get("commit") or {}).get("oid"),
+            author_id=(r.get("author") or {}).get("id"),
             comments=tuple(ReviewComment(c.get("path") or "", c.get("line") or c.get("originalLine"), c.get("body") or "")
                            for c in ((r.get("comments") or {}).get("nodes") or []) if isinstance(c, dict)))
             for r in ((n.get("reviews") or {}).get("nodes") or []) if isinstance(r, dict))
@@ -3836,8 +3859,47 @@ class PullRequestDecision:
     decision: Decision
     snapshot: dict
     failing: tuple[CheckObs, ...] = ()       # checks whose logs the ci_repair prompt needs
-    merge_when_ready: bool = False
+    merge_when_ready: bool = False           # ask GitHub to merge, pinned to the observed head
     cleanup: bool = False
+    rereview: tuple[str, ...] = ()           # reviewers (node ids) to ask for a new review
+
+
+@dataclass(frozen=True)
+class Approval:
+    """Whether the head of a pull request is approved, by PatchRelay's rule: a trusted reviewer (the rule of
+    review fixes) whose latest opinion is an approval of this head, or of an earlier head when every commit
+    since is a base merge PatchRelay made without conflicts. GitHub's reviewDecision alone never counts."""
+    approved: bool                      # the current head is approved
+    stale: bool                         # approved earlier, but not this head: it needs a new review
+    approvers: tuple[str, ...] = ()     # trusted reviewers whose latest opinion is an approval (of any head)
+    approver_ids: tuple[str, ...] = ()
+    blocked_by: tuple[str, ...] = ()    # trusted reviewers whose latest opinion requests changes
+
+
+def carries_over(approved: str | None, head: str, clean_merges: Mapping[str, str]) -> bool:
+    """Whether an approval of `approved` holds for `head`: the same commit, or reached from `head` through
+    clean base merges PatchRelay pushed (each maps its merge commit to the head it merged into)."""
+    seen: set[str] = set()
+    h = head
+    while h != approved and h in clean_merges and h not in seen:
+        seen.add(h)
+        h = clean_merges[h]
+    return approved is not None and h == approved
+
+
+def pinned_approval(obs: PullRequestObs, trusted_reviewers: tuple[str, ...],
+                    clean_merges: Mapping[str, str]) -> Approval:
+    latest: dict[str, ReviewObs] = {}
+    for r in sorted(obs.reviews, key=lambda r: r.submitted_at):
+        if r.state in ("APPROVED", "CHANGES_REQUESTED", "DISMISSED") and \
+                reviewer_trusted(r.author, r.association, trusted_reviewers):
+            latest[r.author] = r         # a reviewer's newest opinion is theirs (a dismissal cancels it)
+    approvals = [r for r in latest.values() if r.state == "APPROVED"]
+    holding = [r for r in approvals if carries_over(r.commit, obs.head_sha, clean_merges)]
+    return Approval(approved=bool(holding), stale=bool(approvals) and not holding,
+                    approvers=tuple(sorted(r.author for r in approvals)),
+                    approver_ids=tuple(sorted({r.author_id for r in approvals if r.author_id})),
+                    blocked_by=tuple(sorted(a for a, r in latest.items() if r.state == "CHANGES_REQUESTED")))
 
 
 def pr_fields(obs: PullRequestObs, ci: str) -> dict:
@@ -3875,13 +3937,15 @@ class PrMemory:
     reviews: list[str] = field(default_factory=list)    # reviews answered or ignored (ids)
     comments_at: str | None = None          # the newest PR comment a review fix has seen
     merge_head: str | None = None           # the head GitHub was asked to merge
+    stale_head: str | None = None           # the head whose stale approval was told (and re-requested)
 
     @classmethod
     def load(cls, acted: Mapping[str, Any] | None) -> "PrMemory":
         a = acted or {}
         return cls(removals=list(a.get("removals") or []), conflict_head=a.get("conflict_head"),
                    ci_head=a.get("ci_head"), reviews=list(a.get("reviews") or []),
-                   comments_at=a.get("comments_at"), merge_head=a.get("merge_head"))
+                   comments_at=a.get("comments_at"), merge_head=a.get("merge_head"),
+                   stale_head=a.get("stale_head"))
 
     def dump(self) -> dict:
         """As stored: only what was set."""
@@ -3898,6 +3962,7 @@ class PrView:
     now: dt.datetime
     ci: str                             # none | pending | failure | success (ci_state)
     failing: tuple[CheckObs, ...]
+    approval: Approval
 
 
 @dataclass(frozen=True)
@@ -3917,6 +3982,7 @@ class Reaction:
     decision: Decision = field(default_factory=Decision)
     repair: RepairRequest | None = None
     merge_when_ready: bool = False
+    rereview: tuple[str, ...] = ()
 
 
 def _queue_removal(v: PrView, memory: PrMemory, events: list[Event]) -> Reaction | None:
@@ -4006,10 +4072,46 @@ def _review(v: PrView, memory: PrMemory, events: list[Event]) -> Reaction | None
          "threads": threads, "pr_comments": comments}))
 
 
+def forget_merge_request(snapshot: dict) -> dict:
+    """A snapshot whose merge request is forgotten (GitHub refused it): the next approval asks again."""
+    memory = PrMemory.load(snapshot.get("acted"))
+    memory.merge_head = None
+    return {**snapshot, "acted": memory.dump()}
+
+
+PUSHED_WHAT = {"implementation": "new work", "ci_repair": "a CI fix", "review_fix": "review fixes",
+               "queue_repair": "a merge of the base branch that needed the agent"}
+
+
+def _stale_approval(v: PrView, memory: PrMemory, events: list[Event]) -> Reaction | None:
+    """A trusted approval of an earlier head that does not carry over: said once per head (and the approvers
+    asked for a new review, unless github.rerequest_review is off); nothing merges until a new approval."""
+    a, head, row = v.approval, v.obs.head_sha, v.row
+    if not a.stale or a.blocked_by or memory.stale_head == head:
+        return None
+    memory.stale_head = head
+    who = ", ".join(a.approvers)
+    if head == row.get("pushed_sha"):
+        said = f"I pushed {PUSHED_WHAT.get(row.get('pushed_run_type') or '', 'new commits')} after the approval " \
+               f"by {who}; it needs a new review of `{head[:7]}` before it can merge."
+    else:
+        said = f"New commits arrived after the approval by {who}; `{head[:7]}` needs a new review before it " \
+               "can merge."
+    state = row["factory_state"]
+    return Reaction(Decision(
+        fields={"factory_state": transition(state, "pr_open")} if state in ("awaiting_queue", "ready_for_pr") else {},
+        outbox=(activity("response", said),),
+        events=(Event("info", "github", f"approval by {who} is for an earlier head: waiting for a review of "
+                                        f"{head[:8]}"),)),
+        rereview=a.approver_ids if v.gh.rerequest_review else ())
+
+
 def _approval(v: PrView, memory: PrMemory, events: list[Event]) -> Reaction | None:
-    """Approved and green: ready for the merge queue (and, with github.auto_merge, GitHub is asked once per
-    head to merge it)."""
-    if v.obs.review_decision != "APPROVED" or v.ci not in ("success", "none"):
+    """Approved (PatchRelay's rule: Approval) and green: ready for the merge queue (and, with
+    github.auto_merge, GitHub is asked once per head to merge it, pinned to that head)."""
+    a = v.approval
+    if not a.approved or a.blocked_by or v.ci not in ("success", "none") or \
+            v.obs.review_decision in ("CHANGES_REQUESTED", "REVIEW_REQUIRED"):
         return None
     state, head, n = v.row["factory_state"], v.obs.head_sha, v.obs.number
     if state == "awaiting_queue" or not may_transition(state, "awaiting_queue"):
@@ -4033,7 +4135,7 @@ def _settled(v: PrView, memory: PrMemory, events: list[Event]) -> Reaction | Non
 
 # The order is the rule of which cause wins when several hold at once: the first trigger that answers decides.
 PR_TRIGGERS: tuple[Callable[[PrView, PrMemory, list[Event]], Reaction | None], ...] = (
-    _queue_removal, _merge_conflict, _in_merge_queue, _ci_failure, _review, _approval, _settled)
+    _queue_removal, _merge_conflict, _in_merge_queue, _ci_failure, _review, _stale_approval, _approval, _settled)
 
 
 def grant_repair(row: dict, req: RepairRequest, counts: dict[str, int], head: str, number: int,
@@ -4098,7 +4200,9 @@ def decide_pull_request(row: dict, snap: dict, obs: PullRequestObs, gh: GitHubCo
         counts = {}
     if ci == "success":
         counts = {k: v for k, v in counts.items() if not k.startswith("ci:")}
-    view = PrView(row, obs, gh, trusted_reviewers, now, ci, failing)
+    approval = pinned_approval(obs, trusted_reviewers, json.loads(row.get("clean_merges") or "{}"))
+    fields["pr_waiting_review"] = head if approval.stale and not approval.blocked_by else None
+    view = PrView(row, obs, gh, trusted_reviewers, now, ci, failing, approval)
     reaction = Reaction()
     for trigger in PR_TRIGGERS:
         answer = trigger(view, memory, events)
@@ -4114,7 +4218,7 @@ def decide_pull_request(row: dict, snap: dict, obs: PullRequestObs, gh: GitHubCo
         merge_decisions(Decision(fields={**fields, "repair_counts": json.dumps(counts, sort_keys=True)},
                                  events=tuple(events)), decision),
         new_snap, failing=reaction.repair.failing if reaction.repair else (),
-        merge_when_ready=reaction.merge_when_ready)
+        merge_when_ready=reaction.merge_when_ready, rereview=reaction.rereview)
 
 
 # ---- operator decisions: release, retry, and the next action `why` names
@@ -4196,6 +4300,9 @@ def next_action(row: dict, g: Gates, now: dt.datetime) -> str:
         return f"a person: see `patchrelay show {row['key']}`, then `patchrelay retry {row['key']}`"
     if st == "ready_for_pr":
         return "open the pull request at the next tick"
+    if st in ("pr_open", "awaiting_queue") and row.get("pr_waiting_review"):
+        return f"a person: review {row['pr_waiting_review'][:8]} on pull request #{row['pr_number']} (waiting for " \
+               "a review of this head: the approval was for an earlier one)"
     if st in ("pr_open", "awaiting_queue"):
         return "watch the pull request: CI, reviews and the merge queue decide the next run"
     return "wait for the next tick"
@@ -4893,6 +5000,27 @@ def start_thread(app: AppServer, issue: dict, worktree: Path, echo: Callable[[st
     return thread["id"]
 
 
+def _merge_base(cfg: Config, store: Store, run: dict, issue: dict, project: ProjectConfig, worktree: Path,
+                echo: Callable[[str], None]) -> dict:
+    """A queue repair first merges the base branch into the worktree; the run's context says how it went
+    (the prompt tells the agent) and, for a clean merge, which commit it made on which head."""
+    before = git_head(worktree)
+    conflicts = merge_base_into(worktree, project, cfg.runner)
+    note = (f"Merging `{project.base_branch}` stopped on conflicts in: {', '.join(conflicts)}." if conflicts
+            else f"`{project.base_branch}` merged cleanly; check that everything still works together.")
+    context = json.loads(run.get("context") or "{}")
+    context["merge"] = note
+    merged = git_head(worktree)
+    if not conflicts and before and merged and merged != before:
+        # a clean base merge: if it is all this run pushes, an approval of `before` still holds
+        context["clean_merge"] = {"head": merged, "parent": before}
+    echo(note)
+    with store.tx():
+        store.update_run(run["id"], {"context": json.dumps(context)})
+        store.add_event(issue["id"], "git", note, run_id=run["id"])
+    return {**run, "context": json.dumps(context)}
+
+
 def drive_run(cfg: Config, store: Store, run_id: int, echo: Callable[[str], None] | None = None) -> dict:
     """The worker: claim → worktree → hook → Codex turns → commit, push, report → final state."""
     echo = echo or (lambda s: None)
@@ -4924,16 +5052,7 @@ def drive_run(cfg: Config, store: Store, run_id: int, echo: Callable[[str], None
         if run_hook(project, cfg, "prepare-worktree", worktree, hook_env, hook_started):
             echo("prepare-worktree hook passed")
         if run["run_type"] == "queue_repair":
-            conflicts = merge_base_into(worktree, project, cfg.runner)
-            note = (f"Merging `{project.base_branch}` stopped on conflicts in: {', '.join(conflicts)}." if conflicts
-                    else f"`{project.base_branch}` merged cleanly; check that everything still works together.")
-            context = json.loads(run.get("context") or "{}")
-            context["merge"] = note
-            run = {**run, "context": json.dumps(context)}
-            echo(note)
-            with store.tx():
-                store.update_run(run_id, {"context": run["context"]})
-                store.add_event(issue["id"], "git", note, run_id=run_id)
+            run = _merge_base(cfg, store, run, issue, project, worktree, echo)
         follow_ups = [m for m in store.pending_inbox(issue["id"]) if m["kind"] == "prompt"]
         prompt = build_prompt(issue, run, project, cfg.codex.sandbox, read_workflow(project, run["run_type"]),
                               follow_ups)
@@ -5040,7 +5159,13 @@ def finish_run(cfg: Config, store: Store, run_id: int, outcome: RunOutcome, item
         apply_decision(store, row, d, run_id)
         store.drop_stops(issue["id"], run_id)
         if pushed_sha:   # our own push: not a reason to reset repair budgets; observe GitHub at once
-            store.update_issue(issue["id"], {"pushed_sha": pushed_sha, "pushed_at": iso()})
+            clean = (json.loads(run.get("context") or "{}").get("clean_merge") or {})
+            merges = json.loads(row.get("clean_merges") or "{}")
+            if clean.get("head") == pushed_sha:
+                merges[pushed_sha] = clean["parent"]
+            store.update_issue(issue["id"], {"pushed_sha": pushed_sha, "pushed_at": iso(),
+                                             "pushed_run_type": run["run_type"],
+                                             "clean_merges": json.dumps(merges, sort_keys=True)})
     publish_quietly(cfg, store, issue["id"])
     echo(f"run {run_id} {run_status}" + (f": {outcome.reason}" if outcome.reason else ""))
     return {"run_id": run_id, "status": run_status, "outcome": outcome.status, "reason": outcome.reason,
@@ -5636,6 +5761,25 @@ def _with_job_logs(gh: GitHubClient, repo: str, d: Decision) -> Decision:
     return dataclasses.replace(d, fields={**d.fields, "pending_context": json.dumps(context)})
 
 
+def _ask_to_merge(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs: PullRequestObs) -> None:
+    """Ask GitHub to merge the PR, pinned to the head that was approved and green. Refused because the head
+    moved: recorded, the request forgotten, and the next observation decides again."""
+    store = ctx.store
+    try:
+        gh.merge_when_ready(obs.node_id, queue=ctx.merge_queue.get(repo, False), head=obs.head_sha)
+    except GitHubError as err:
+        moved = "head branch was modified" in str(err).lower()
+        with store.tx():
+            if moved:
+                fresh = store.issue(row["id"])
+                store.update_issue(row["id"], {"gh_observed_at": None, "gh_snapshot": json.dumps(
+                    forget_merge_request(json.loads(fresh["gh_snapshot"] or "{}")), sort_keys=True)})
+                store.add_event(row["id"], "github", f"GitHub refused to merge {obs.head_sha[:8]}: the head moved "
+                                                     "since; deciding again from the next observation", "warn")
+            else:
+                store.add_event(row["id"], "github", f"could not ask GitHub to merge: {err}", "warn")
+
+
 def _decide_pr(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs: PullRequestObs) -> None:
     """Decide from the issue's pull request and apply it (unless a run started or ended meanwhile), then ask
     GitHub to merge, or clean up after a merge, as decided."""
@@ -5660,11 +5804,15 @@ def _decide_pr(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs: Pu
         if e.kind == "github":
             ctx.note(f"{row['key']}: {e.message}")
     if pd.merge_when_ready:
+        _ask_to_merge(ctx, gh, repo, row, obs)
+    if pd.rereview:
         try:
-            gh.merge_when_ready(obs.node_id, queue=ctx.merge_queue.get(repo, False))
+            gh.request_reviews(obs.node_id, pd.rereview)
+            message, level = f"asked for a new review of {obs.head_sha[:8]}", "info"
         except GitHubError as err:
-            with store.tx():
-                store.add_event(row["id"], "github", f"could not ask GitHub to merge: {err}", "warn")
+            message, level = f"could not ask for a new review: {err}", "warn"
+        with store.tx():
+            store.add_event(row["id"], "github", message, level)
     if pd.cleanup and row["worktree"] and not row["active_run_id"]:
         how = remove_worktree(project, Path(row["worktree"]), row["branch"])
         with store.tx():
@@ -6043,7 +6191,8 @@ def _issue_item(r: Mapping[str, Any], detail: bool = False) -> dict:
            if r["active_run_id"] and r.get("active_run_type") else None,
            "paused": json.loads(r["paused"]) if r["paused"] else None,
            "pr": {"number": r["pr_number"], "url": r["pr_url"], "state": r["pr_state"], "ci": r["pr_ci"],
-                  "review": r["pr_review"], "queue": r["pr_queue"]} if r["pr_number"] else None,
+                  "review": r["pr_review"], "queue": r["pr_queue"],
+                  "waiting_review_of": r.get("pr_waiting_review")} if r["pr_number"] else None,
            "age_seconds": round(age_seconds(r["created_at"]) or 0), "updated_at": r["updated_at"]}
     if detail:
         out.update({"url": r["url"], "delegated": bool(r["delegated"]), "agent_session_id": r["agent_session_id"],
@@ -6068,6 +6217,12 @@ def _tokens_status(cfg: Config, store: Store | None) -> dict:
             "issue_cap": cx.max_tokens_per_issue, "run_cap": cx.max_tokens_per_run}
 
 
+def _review_column(pr: dict | None) -> str:
+    if pr and pr.get("waiting_review_of"):
+        return f"waiting for a review of {pr['waiting_review_of'][:7]}"
+    return ((pr or {}).get("review") or "").lower().replace("_", " ")
+
+
 def _issue_table(issues: list[dict]) -> str:
     return _table([[i["key"], shown(one_line(i["title"]), 40), i["linear_state"] or "",
                     i["factory_state"] + (" (paused)" if i["paused"] else ""),
@@ -6075,7 +6230,7 @@ def _issue_table(issues: list[dict]) -> str:
                     f"{i['active_run']['type']} #{i['active_run']['id']} {i['active_run']['status']}"
                     if i["active_run"] else "",
                     f"#{i['pr']['number']}" if i["pr"] else "", (i["pr"] or {}).get("ci") or "",
-                    ((i["pr"] or {}).get("review") or "").lower().replace("_", " "),
+                    _review_column(i["pr"]),
                     ((i["pr"] or {}).get("queue") or "").lower(), _age(i["age_seconds"])] for i in issues],
                   headers=["issue", "title", "linear", "state", "pending", "active run", "pr", "checks",
                            "review", "queue", "age"])
@@ -6556,6 +6711,10 @@ def _why_data(cfg: Config, store: Store, row: dict) -> dict:
     gate("concurrency", len(holders) < cfg.runner.max_concurrent_runs,
          f"{len(holders)} of {cfg.runner.max_concurrent_runs} in use" + (f" by {', '.join(holders)}" if holders else ""))
     gate("repair budgets", row["factory_state"] != "escalated", json.loads(row["repair_counts"] or "{}"))
+    if row["pr_number"]:
+        waiting = row.get("pr_waiting_review")
+        gate("approval of the head", not waiting, f"waiting for a review of {waiting}" if waiting else
+             (row["pr_review"] or "none").lower())
     cx = cfg.codex
     spent_issue, spent_day = store.tokens_spent(row["id"]), store.tokens_spent(since=utc_day_start())
     hold = token_hold(cx, spent_issue, spent_day)

@@ -219,3 +219,31 @@ def ops_in(path):
     """{operation name: document text} for every operation in an example file."""
     doc = parse(path.read_text())
     return {d.name.value: print_ast(d) for d in doc.definitions if isinstance(d, OperationDefinitionNode)}
+
+
+# ----------------------------------------------------------------------------- the GitHub loop
+def drive(world, predicate, what, ticks=40, timeout=150):
+    """Tick (waiting for workers between ticks) until predicate(show) holds; returns show --json."""
+    deadline = time.time() + timeout
+    for _ in range(ticks):
+        out = world.tick_subprocess()
+        s = wait_done(world, timeout=max(5, deadline - time.time()))
+        if predicate(s):
+            return s
+        assert time.time() < deadline, f"timed out waiting for {what}"
+    raise AssertionError(f"{what} never happened; last state {s['issue']['factory_state']}\n"
+                         f"last tick: {out.stdout}{out.stderr}\nruns: {runs(world)}\n{logs(world)}")
+
+
+def push_to_main(world, name, content):
+    """Someone merges another change into main."""
+    other = world.tmp / "other-clone"
+    if not other.exists():
+        git(world.tmp, "clone", "-q", str(world.bare), other)
+        git(other, "config", "user.email", "bob@acme.test")
+        git(other, "config", "user.name", "Bob")
+    git(other, "pull", "-q", "origin", "main")
+    (other / name).write_text(content)
+    git(other, "add", name)
+    git(other, "commit", "-q", "-m", f"Add {name}")
+    git(other, "push", "-q", "origin", "HEAD:main")

@@ -11,13 +11,12 @@ during a repair.
 """
 import collections
 import json
-import time
 from pathlib import Path
 
 import pytest
 
 from fakes.model import FakeModel
-from helpers import BRANCH, file_at, git, logs, runs, say, tool, wait_done
+from helpers import BRANCH, drive, file_at, git, push_to_main, runs, say, tool, wait_done
 
 REPO = "acme/app"
 CAUSE = "AssertionError: greeting.txt is missing the word 'hello' (tests/test_greeting.py:42)"
@@ -39,19 +38,6 @@ def ci_policy(sha, fake):
              "log": long_log(sha) if broken else "all passed\n"}]
 
 
-def drive(world, predicate, what, ticks=40, timeout=150):
-    """Tick (waiting for workers between ticks) until predicate(show) holds; returns show --json."""
-    deadline = time.time() + timeout
-    for _ in range(ticks):
-        out = world.tick_subprocess()
-        s = wait_done(world, timeout=max(5, deadline - time.time()))
-        if predicate(s):
-            return s
-        assert time.time() < deadline, f"timed out waiting for {what}"
-    raise AssertionError(f"{what} never happened; last state {s['issue']['factory_state']}\n"
-                         f"last tick: {out.stdout}{out.stderr}\nruns: {runs(world)}\n{logs(world)}")
-
-
 def prompt_of(model, text):
     """The first user prompt the model received that contains `text`."""
     for req in model.requests:
@@ -59,20 +45,6 @@ def prompt_of(model, text):
             if text in t:
                 return t
     return None
-
-
-def push_to_main(world, name, content):
-    """Someone merges another change into main."""
-    other = world.tmp / "other-clone"
-    if not other.exists():
-        git(world.tmp, "clone", "-q", str(world.bare), other)
-        git(other, "config", "user.email", "bob@acme.test")
-        git(other, "config", "user.name", "Bob")
-    git(other, "pull", "-q", "origin", "main")
-    (other / name).write_text(content)
-    git(other, "add", name)
-    git(other, "commit", "-q", "-m", f"Add {name}")
-    git(other, "push", "-q", "origin", "HEAD:main")
 
 
 def no_duplicate_messages(world, session):

@@ -95,8 +95,10 @@ Behaviour worth knowing (documented choices, not necessarily GitHub's):
   (input ``id``), enablePullRequestAutoMerge, disablePullRequestAutoMerge, mergePullRequest,
   closePullRequest, reopenPullRequest, addComment, resolveReviewThread, unresolveReviewThread. They need
   the repository's ``viewer_permission`` to be WRITE, MAINTAIN or ADMIN (else FORBIDDEN); REST writes too.
-* Not modelled (loud "unsupported" errors or empty lists): labels, assignees, review requests (empty
-  connections), files, check steps and annotations (empty), forks (``head`` must be a branch of the same
+* ``requestReviews`` keeps the requested logins on the PR (``review_requests(repo, n)``); the
+  ``reviewRequests`` connection stays empty.
+* Not modelled (loud "unsupported" errors or empty lists): labels, assignees, review requests as a
+  connection (empty), files, check steps and annotations (empty), forks (``head`` must be a branch of the same
   repository), organisations beyond the owner login, issues that are not pull requests.
 
 Model: plain dicts, GraphQL-shaped (``__typename`` plus GraphQL field names; private keys start with ``_``).
@@ -122,7 +124,8 @@ Fault injection: each entry is consumed by the request(s) it hits. ``match`` lim
 GraphQL operation name, a GraphQL root field, or REST operationId equals it, or whose ``"METHOD /path"``
 contains it. ``fail_next(n, status, match, body)``, ``secondary_limit_next(n, retry_after, style, match)``,
 ``malformed_next(n, body, status, match)``, ``hang_next(seconds, n, match)`` (sleeps, then answers normally),
-``graphql_rate_limited_next(n, match, reset_in)``, ``drop_after_commit_next(n, match)`` (executes, then closes
+``graphql_rate_limited_next(n, match, reset_in)``, ``before_mutation[name] = fn`` (fn runs once, just before
+that mutation executes: a race between an observation and a write), ``drop_after_commit_next(n, match)`` (executes, then closes
 the socket without a response) and the budget: ``primary_exhausted(reset_in, resource)``,
 ``reset_budget(resource)``, ``set_budget(resource, ...)``.
 """
@@ -532,6 +535,7 @@ class FakeGitHub:
         self.check_runs, self.statuses, self.queue, self.events = {}, {}, {}, {}
         self.requests, self.validation_errors, self.deprecations = [], [], []
         self.mutations, self.reruns, self.created_prs, self.comments_posted = [], [], [], []
+        self.before_mutation = {}       # mutation name -> callable run once, just before it executes
         self._nodes = {}
         self._faults = []
         self._seq = itertools.count(1)
@@ -1040,6 +1044,11 @@ class FakeGitHub:
     # ------------------------------------------------------------------ reviews / comments
     def _reviews_of(self, pr):
         return [r for r in self.reviews.values() if r["_pr"] == pr["id"]]
+
+    def review_requests(self, repo, number):
+        """Logins asked for a review through ``requestReviews``."""
+        with self.lock:
+            return list(self.pr(repo, number).get("_review_requests") or [])
 
     def add_review(self, repo, number, login, state, body="", comments=(), association=None, commit=None):
         """A submitted review (state APPROVED | CHANGES_REQUESTED | COMMENTED | DISMISSED | PENDING). comments:
@@ -2585,6 +2594,9 @@ def _resolve_field(source, info, **args):
         rec = {"name": info.field_name, "input": copy.deepcopy(args.get("input")), "login": ctx["login"],
                "at": _iso(f.now()), "error": None}
         f.mutations.append(rec)
+        hook = f.before_mutation.pop(info.field_name, None)
+        if hook is not None:
+            hook()                  # a test's race: something happens between an observation and this write
         if fn is None:
             rec["error"] = "unsupported"
             raise _unsupported(f"Mutation.{info.field_name}")
@@ -3111,6 +3123,26 @@ def _m_enable_auto_merge(f, s, a, c):
     _as_gql_error(lambda: f.enable_auto_merge(pr["_repo"], pr["number"], actor=c["login"],
                                               merge_method=inp.get("mergeMethod") or "MERGE",
                                               headline=inp.get("commitHeadline"), body=inp.get("commitBody")))
+    return {"pullRequest": pr, "actor": f._actor(c["login"]), "clientMutationId": inp.get("clientMutationId")}
+
+
+@_r("Mutation.requestReviews")
+def _m_request_reviews(f, s, a, c):
+    """Review requests are kept as logins on the PR (``review_requests(repo, n)``); the PR's author cannot be
+    asked, and ``union: false`` replaces the set as on GitHub."""
+    inp = a["input"]
+    pr = _mut_pr(f, a)
+    _writer(f, pr, "requestReviews", c)
+    logins = []
+    for uid in inp.get("userIds") or []:
+        user = next((u for u in f.users.values() if u["id"] == uid and not u["bot"]), None)
+        if user is None:
+            raise _not_found(f"Could not resolve to a node with the global id of '{uid}'")
+        if user["login"] == pr["_author"]:
+            raise _gql_error("Review cannot be requested from pull request author.", "UNPROCESSABLE")
+        logins.append(user["login"])
+    current = pr.get("_review_requests") or []
+    pr["_review_requests"] = list(dict.fromkeys((current if inp.get("union") else []) + logins))
     return {"pullRequest": pr, "actor": f._actor(c["login"]), "clientMutationId": inp.get("clientMutationId")}
 
 
