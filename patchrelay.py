@@ -502,11 +502,32 @@ def _slug(text: str, limit: int = 60) -> str:
 
 
 def parse_config(raw: Any, path: Path | None = None) -> Config:
-    """Validate a parsed YAML document and return a Config, or raise ConfigError."""
+    """Validate a parsed YAML document and return a Config, or raise ConfigError (sections in file order,
+    so the first error is the first a reader meets)."""
     raw = expand_env(raw)
     base = path.parent if path else None
     top = _Section(raw, "", ["linear", "github", "codex", "database", "runner", "projects"])
+    linear, github, codex = _parse_linear(top), _parse_github(top), _parse_codex(top, base)
+    ds = top.sub("database", ["path", "retention_days"])
+    db = ds.text("path", path=True)
+    database_path = _path(db, base) if db else default_state_dir() / "patchrelay.sqlite"
+    runner = _parse_runner(top)
+    projects_raw = top.raw.get("projects")
+    if projects_raw is None:
+        projects_raw = []
+    if not isinstance(projects_raw, list):
+        raise ConfigError(f"projects: expected a list, got {_kind(projects_raw)}")
+    if not projects_raw:
+        raise ConfigError("projects: at least one project is required (id, repo_path, github_repo); "
+                          "`patchrelay init` writes an example")
+    projects = tuple(_parse_project(p, f"projects[{i}]", base) for i, p in enumerate(projects_raw))
+    _check_routing(projects)
+    return Config(path=path, linear=linear, github=github, codex=codex, database_path=database_path,
+                  runner=runner, projects=projects,
+                  database_retention_days=ds.num("retention_days", 90.0, minimum=1, maximum=36500))
 
+
+def _parse_linear(top: _Section) -> LinearConfig:
     ls = top.sub("linear", ["api_url", "token_env", "mode", "delegation", "delegation_label", "poll_overlap",
                             "timeout", "retry", "review_state", "max_writes_per_tick"])
     lr = ls.sub("retry", ["attempts", "max_wait"])
@@ -514,7 +535,7 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
     for i, d in enumerate(delegation):
         if d not in ("delegate", "assignee", "label"):
             raise ConfigError(f"linear.delegation[{i}]: expected delegate, assignee or label, got {d!r}")
-    linear = LinearConfig(
+    return LinearConfig(
         api_url=_url(ls, "api_url", LinearConfig.api_url),
         token_env=_envname(ls, "token_env", LinearConfig.token_env),
         mode=ls.text("mode", "auto", choices=("auto", "app", "user")),
@@ -528,12 +549,14 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
         max_writes_per_tick=ls.num("max_writes_per_tick", 1000, minimum=1, integer=True, maximum=5000),
     )
 
+
+def _parse_github(top: _Section) -> GitHubConfig:
     gs = top.sub("github", ["api_url", "graphql_url", "token_env", "use_gh_cli", "timeout", "retry", "poll_interval",
                             "draft_prs", "auto_merge", "review_quiet_seconds", "ci_repair_budget",
                             "queue_repair_budget", "review_fix_budget", "rerequest_review"])
     gr = gs.sub("retry", ["attempts", "max_wait"])
     gh_api = _url(gs, "api_url", GitHubConfig.api_url).rstrip("/")
-    github = GitHubConfig(
+    return GitHubConfig(
         api_url=gh_api,
         graphql_url=_url(gs, "graphql_url", gh_api + "/graphql"),
         token_env=_envname(gs, "token_env", GitHubConfig.token_env),
@@ -551,12 +574,14 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
         rerequest_review=gs.flag("rerequest_review", True),
     )
 
+
+def _parse_codex(top: _Section, base: Path | None) -> CodexConfig:
     cs = top.sub("codex", ["bin", "args", "home", "model", "model_provider", "approval_policy",
                            "approval_decision", "sandbox", "developer_instructions", "request_timeout",
                            "stall_timeout", "turn_timeout", "max_follow_up_turns", "max_tokens_per_run",
                            "max_tokens_per_issue", "max_tokens_per_day"])
     home = cs.text("home", path=True)
-    codex = CodexConfig(
+    return CodexConfig(
         bin=cs.text("bin", "codex"),
         args=cs.strlist("args", ("app-server",)),
         home=_path(home, base) if home else None,
@@ -574,13 +599,11 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
            for k in ("max_tokens_per_run", "max_tokens_per_issue", "max_tokens_per_day")},
     )
 
-    ds = top.sub("database", ["path", "retention_days"])
-    db = ds.text("path", path=True)
-    database_path = _path(db, base) if db else default_state_dir() / "patchrelay.sqlite"
 
+def _parse_runner(top: _Section) -> RunnerConfig:
     rs = top.sub("runner", ["max_concurrent_runs", "paused", "retry_budget", "retry_backoff", "hook_timeout",
                             "inbox_poll_interval", "git_author_name", "git_author_email"])
-    runner = RunnerConfig(
+    return RunnerConfig(
         max_concurrent_runs=rs.num("max_concurrent_runs", 2, minimum=1, integer=True),
         paused=rs.flag("paused", False),
         retry_budget=rs.num("retry_budget", 2, minimum=0, integer=True),
@@ -590,20 +613,6 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
         git_author_name=rs.text("git_author_name", RunnerConfig.git_author_name),
         git_author_email=rs.text("git_author_email", RunnerConfig.git_author_email),
     )
-
-    projects_raw = top.raw.get("projects")
-    if projects_raw is None:
-        projects_raw = []
-    if not isinstance(projects_raw, list):
-        raise ConfigError(f"projects: expected a list, got {_kind(projects_raw)}")
-    if not projects_raw:
-        raise ConfigError("projects: at least one project is required (id, repo_path, github_repo); "
-                          "`patchrelay init` writes an example")
-    projects = tuple(_parse_project(p, f"projects[{i}]", base) for i, p in enumerate(projects_raw))
-    _check_routing(projects)
-    return Config(path=path, linear=linear, github=github, codex=codex, database_path=database_path,
-                  runner=runner, projects=projects,
-                  database_retention_days=ds.num("retention_days", 90.0, minimum=1, maximum=36500))
 
 
 def _url(s: _Section, k: str, default: str) -> str:
