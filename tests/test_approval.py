@@ -44,8 +44,15 @@ def auto_merge(world, queue=False, **github):
     world.github.repos[REPO]["_merge_queue"] = queue
 
 
-def green(world):
+def green_pr(world, *script, queue=False):
+    """auto_merge on, CI always green, the issue implemented (hello.txt) and its PR open and green; `script`:
+    what the agent does in later runs. Returns the Linear session."""
+    auto_merge(world, queue=queue)
     world.github.set_check_policy(REPO, lambda sha, f: [{"name": "test", "conclusion": "SUCCESS"}])
+    world.use_codex([tool("echo hello > hello.txt"), say("Added hello.txt."), *script])
+    _, session = world.delegate()
+    drive(world, lambda s: s["pull_request"] is not None and s["pull_request"]["ci"] == "success", "green PR")
+    return session
 
 
 def test_an_agent_repair_after_the_approval_needs_a_new_approval_and_the_merge_is_pinned_to_it(world):
@@ -88,11 +95,7 @@ def test_an_agent_repair_after_the_approval_needs_a_new_approval_and_the_merge_i
 
 
 def test_a_persons_push_after_the_approval_needs_a_new_approval(world):
-    auto_merge(world)
-    green(world)
-    world.use_codex([tool("echo hello > hello.txt"), say("Added hello.txt.")])
-    _, session = world.delegate()
-    drive(world, lambda s: s["pull_request"] is not None and s["pull_request"]["ci"] == "success", "green PR")
+    session = green_pr(world)
     world.github.add_review(REPO, 1, "alice", "APPROVED", association="MEMBER")
     person_pushes(world)                                 # before PatchRelay sees the approval
     pushed = head(world)
@@ -108,12 +111,7 @@ def test_a_persons_push_after_the_approval_needs_a_new_approval(world):
 
 
 def test_a_clean_base_merge_by_a_queue_repair_keeps_the_approval(world):
-    auto_merge(world, queue=True)
-    green(world)
-    world.use_codex([tool("echo hello > hello.txt"), say("Added hello.txt."),
-                     say("Merged main; nothing conflicted.")])                     # the queue repair changes nothing
-    _, session = world.delegate()
-    drive(world, lambda s: s["pull_request"] is not None and s["pull_request"]["ci"] == "success", "green PR")
+    session = green_pr(world, say("Merged main; nothing conflicted."), queue=True)   # the repair changes nothing
     approved = head(world)
     world.github.add_review(REPO, 1, "alice", "APPROVED", association="MEMBER")
     drive(world, lambda s: world.github.queue_entry(REPO, 1) is not None, "the PR to be queued")
@@ -130,12 +128,8 @@ def test_a_clean_base_merge_by_a_queue_repair_keeps_the_approval(world):
 
 
 def test_a_conflicted_merge_the_agent_resolved_needs_a_new_approval(world):
-    auto_merge(world, queue=True)
-    green(world)
-    world.use_codex([tool("echo hello > hello.txt"), say("Added hello.txt."),
-                     tool("echo 'hello from both' > hello.txt"), say("Resolved the conflict in hello.txt.")])
-    _, session = world.delegate()
-    drive(world, lambda s: s["pull_request"] is not None and s["pull_request"]["ci"] == "success", "green PR")
+    session = green_pr(world, tool("echo 'hello from both' > hello.txt"), say("Resolved the conflict in hello.txt."),
+                       queue=True)
     world.github.add_review(REPO, 1, "alice", "APPROVED", association="MEMBER")
     drive(world, lambda s: world.github.queue_entry(REPO, 1) is not None, "the PR to be queued")
     push_to_main(world, "hello.txt", "hello from main\n")                   # conflicts with the branch
@@ -154,13 +148,8 @@ def test_a_conflicted_merge_the_agent_resolved_needs_a_new_approval(world):
 
 
 def test_an_approval_from_outside_trusted_reviewers_does_not_count(world):
-    auto_merge(world)
     world.config["projects"][0]["trusted_reviewers"] = ["alice"]
-    world.write_config()
-    green(world)
-    world.use_codex([tool("echo hello > hello.txt"), say("Added hello.txt.")])
-    world.delegate()
-    drive(world, lambda s: s["pull_request"] is not None and s["pull_request"]["ci"] == "success", "green PR")
+    green_pr(world)
     world.github.add_review(REPO, 1, "mallory", "APPROVED", association="MEMBER")   # GitHub says APPROVED
     world.tick_subprocess()
     world.tick_subprocess()
@@ -173,11 +162,7 @@ def test_an_approval_from_outside_trusted_reviewers_does_not_count(world):
 
 
 def test_a_merge_request_refused_because_the_head_moved_is_decided_again(world):
-    auto_merge(world)
-    green(world)
-    world.use_codex([tool("echo hello > hello.txt"), say("Added hello.txt.")])
-    _, session = world.delegate()
-    drive(world, lambda s: s["pull_request"] is not None and s["pull_request"]["ci"] == "success", "green PR")
+    session = green_pr(world)
     approved = head(world)
     world.github.add_review(REPO, 1, "alice", "APPROVED", association="MEMBER")
     # between PatchRelay's observation and its merge request, Bob pushes to the branch
