@@ -338,6 +338,7 @@ class CodexConfig:
     max_tokens_per_run: int | None = None       # token spend caps (None: no cap)
     max_tokens_per_issue: int | None = None
     max_tokens_per_day: int | None = None        # all runs, per UTC day
+    capacity_backoff: float = 300.0     # seconds runs wait after the model provider refused (doubling, at most 1 h)
 
 
 @dataclass(frozen=True)
@@ -579,7 +580,7 @@ def _parse_codex(top: _Section, base: Path | None) -> CodexConfig:
     cs = top.sub("codex", ["bin", "args", "home", "model", "model_provider", "approval_policy",
                            "approval_decision", "sandbox", "developer_instructions", "request_timeout",
                            "stall_timeout", "turn_timeout", "max_follow_up_turns", "max_tokens_per_run",
-                           "max_tokens_per_issue", "max_tokens_per_day"])
+                           "max_tokens_per_issue", "max_tokens_per_day", "capacity_backoff"])
     home = cs.text("home", path=True)
     return CodexConfig(
         bin=cs.text("bin", "codex"),
@@ -595,6 +596,7 @@ def _parse_codex(top: _Section, base: Path | None) -> CodexConfig:
         stall_timeout=cs.num("stall_timeout", 600.0, minimum=1),
         turn_timeout=cs.num("turn_timeout", 3600.0, minimum=1),
         max_follow_up_turns=cs.num("max_follow_up_turns", 5, minimum=0, integer=True),
+        capacity_backoff=cs.num("capacity_backoff", 300.0, minimum=1, maximum=3600),
         **{k: cs.num(k, None, minimum=1, integer=True, maximum=10 ** 12)
            for k in ("max_tokens_per_run", "max_tokens_per_issue", "max_tokens_per_day")},
     )
@@ -3765,11 +3767,90 @@ def decide_claim(row: dict, run_type: str, branch: str, worktree: str) -> Decisi
 
 @dataclass(frozen=True)
 class RunOutcome:
-    status: str                 # completed | failed | interrupted | stopped | awaiting_input
+    status: str                 # completed | failed | interrupted | stopped | awaiting_input | held | fresh_thread
     new_commits: int = 0
     has_work: bool = False      # the branch on origin is ahead of the base branch
     summary: str = ""
     reason: str = ""
+    notice: str = ""            # held: what the issue's Linear session hears
+
+
+# ---- Codex failures: classified by TurnError.codexErrorInfo, never by message text
+
+CAPACITY_ERRORS = frozenset({"usageLimitExceeded", "rateLimitExceeded", "serverOverloaded", "flexUnavailable",
+                             "policyCapacityUnavailable"})
+CONFIGURATION_ERRORS = frozenset({"modelNotFound", "badRequest"})
+TRANSPORT_ERRORS = frozenset({"responseTooManyFailedAttempts", "httpConnectionFailed", "responseStreamConnectionFailed",
+                              "responseStreamDisconnected"})
+MAX_HOLD_SECONDS = 3600.0
+
+
+def failure_kind(info: Any) -> str | None:
+    """The kind of a failed turn, from its codexErrorInfo: capacity (usage or rate limits, overload, 429 or
+    5xx or no answer from the provider), account (401/403, unauthorized), context (the context window is
+    full), configuration (unknown model, bad request), or None: an ordinary failure."""
+    if isinstance(info, str):
+        if info in CAPACITY_ERRORS:
+            return "capacity"
+        if info == "unauthorized":
+            return "account"
+        if info == "contextWindowExceeded":
+            return "context"
+        return "configuration" if info in CONFIGURATION_ERRORS else None
+    if isinstance(info, dict) and len(info) == 1:
+        name, detail = next(iter(info.items()))
+        if name in TRANSPORT_ERRORS:
+            status = (detail or {}).get("httpStatusCode") if isinstance(detail, dict) else None
+            if status in (401, 403):
+                return "account"
+            if status is None or status == 429 or status >= 500:
+                return "capacity"
+    return None
+
+
+def capacity_reason(info: Any) -> str:
+    """A capacity or account refusal in words."""
+    if info == "usageLimitExceeded":
+        return "Codex usage limit reached"
+    name, detail = next(iter(info.items())) if isinstance(info, dict) and info else (str(info), None)
+    status = (detail or {}).get("httpStatusCode") if isinstance(detail, dict) else None
+    if status in (401, 403) or info == "unauthorized":
+        return f"the model provider refused Codex's credentials (HTTP {status or 401})"
+    if status == 429 or info == "rateLimitExceeded":
+        return "the model provider is rate limiting Codex (HTTP 429)"
+    return f"the model provider is over capacity ({name}{f', HTTP {status}' if status else ''})"
+
+
+def next_hold(previous: Mapping[str, Any] | None, kind: str, reason: str, fix: str | None, now: dt.datetime,
+              base: float, reset_at: dt.datetime | None = None) -> dict:
+    """The runner-wide hold after a capacity or account refusal: until Codex's reset time when it gave one,
+    else for a backoff that doubles while the provider keeps refusing (a refusal within a backoff of the
+    last hold's end), at most an hour. A standing hold is never shortened."""
+    prev_until = parse_iso((previous or {}).get("until"))
+    prev_backoff = float((previous or {}).get("backoff") or base)
+    again = prev_until is not None and (now - prev_until).total_seconds() < prev_backoff
+    backoff = min(MAX_HOLD_SECONDS, prev_backoff * 2) if again else base
+    until = reset_at if reset_at and reset_at > now else now + dt.timedelta(seconds=backoff)
+    if prev_until and prev_until > until:
+        until = prev_until
+    return {"kind": kind, "reason": reason, "fix": fix, "since": iso(now), "until": iso(until), "backoff": backoff}
+
+
+def active_hold(hold: Mapping[str, Any] | None, now: dt.datetime) -> dict | None:
+    """The hold, while it lasts (it lifts by itself)."""
+    until = parse_iso((hold or {}).get("until"))
+    return dict(hold) if hold and until and until > now else None
+
+
+def hold_notice(hold: Mapping[str, Any]) -> str:
+    """What a held issue's Linear session hears, once per hold."""
+    until = parse_iso(hold["until"])
+    when = until.strftime("%H:%M UTC") if until else "a later time"
+    if hold["kind"] == "account":
+        return f"Runs are on hold: {hold['reason']}. The operator needs to fix it ({hold.get('fix') or 'codex login'}); " \
+               f"I try again at {when}."
+    reason = hold["reason"]
+    return f"{reason[0].upper()}{reason[1:]}; continuing at {when}."
 
 
 def decide_run_end(row: dict, run: dict, out: RunOutcome, runner: RunnerConfig, now: dt.datetime) -> Decision:
@@ -3783,6 +3864,20 @@ def decide_run_end(row: dict, run: dict, out: RunOutcome, runner: RunnerConfig, 
     if state in CLOSED_STATES:
         return Decision(fields=fields, events=(Event("info", "run", f"{label} run ended ({out.status}) after the "
                                                                f"issue became {state}"),))
+    if out.status in ("held", "fresh_thread"):
+        # never a failure, no retry or repair budget spent: the same run is queued again
+        context = json.loads(run.get("context") or "{}")
+        if out.status == "fresh_thread":
+            context["fresh_thread"] = True
+            fields["thread_id"] = None
+        fields.update(pending_run_type=rt, pending_context=json.dumps(context), pending_since=iso(now),
+                      not_before=None, factory_state=transition(state, "delegated" if rt == "implementation" else state))
+        said = out.notice if out.status == "held" else \
+            "The conversation outgrew the model's context window; I am continuing in a fresh thread with a " \
+            "summary of the work so far."
+        return Decision(fields=fields, outbox=(activity("thought", said),) if said else (),
+                        events=(Event("warn", "run", f"{label} run {'held' if out.status == 'held' else 'moves to a fresh thread'}: "
+                                                     f"{out.reason}; requeued, no budget spent"),))
     if out.status == "interrupted":
         attempt = int(run.get("attempt") or 1)
         if attempt <= runner.retry_budget:
@@ -4279,6 +4374,7 @@ class Gates:
     holders: tuple[str, ...]            # issues whose runs hold the concurrency slots
     max_runs: int
     token_hold: str | None
+    provider_hold: str | None = None    # Codex's provider refused: every launch waits until then
 
 
 def next_action(row: dict, g: Gates, now: dt.datetime) -> str:
@@ -4293,6 +4389,8 @@ def next_action(row: dict, g: Gates, now: dt.datetime) -> str:
         not_before = parse_iso(row["not_before"])
         if g.paused_runner or g.paused_issue:
             return "a person: `patchrelay resume`" + ("" if g.paused_runner else f" {row['key']}")
+        if g.provider_hold:
+            return f"wait: {g.provider_hold}"
         if not_before and not_before > now:
             return f"launch the {run_label(pending)} run after {row['not_before']} (retry backoff)"
         if len(g.holders) >= g.max_runs:
@@ -4336,7 +4434,7 @@ DEFAULT_WORKFLOW = {
 
 
 def build_prompt(issue: dict, run: dict, project: ProjectConfig, sandbox: str, workflow: str | None,
-                 follow_ups: list[dict]) -> str:
+                 follow_ups: list[dict], handoff: str | None = None) -> str:
     """The turn input: the issue (key, title, description), the request that started the run, follow-up
     messages, the branch (always known: it is decided at the claim), the PR, the run's own context, and how to
     work (the repository's workflow file, else a default for the sandbox)."""
@@ -4352,6 +4450,9 @@ def build_prompt(issue: dict, run: dict, project: ProjectConfig, sandbox: str, w
     lines += ["", "## Issue description", "", (issue.get("description") or "").strip() or "(no description)"]
     if context.get("prompt"):
         lines += ["", "## Request", "", str(context["prompt"]).strip()]
+    if handoff:
+        lines += ["", "## Work so far (a fresh thread: the earlier one outgrew the model's context window)", "",
+                  handoff.strip()]
     lines += reactive_context(run["run_type"], context, project)
     if follow_ups:
         lines += ["", "## Follow-up messages", ""]
@@ -4413,6 +4514,13 @@ def reactive_context(run_type: str, context: dict, project: ProjectConfig) -> li
             out += ["", context["merge"]]
         return out + ["", "## What to do", "", REACTIVE_WORKFLOW["queue_repair"]]
     return []
+
+
+def handoff_text(summaries: list[str], diffstat: str) -> str:
+    """A compact hand-off for a fresh thread: what the earlier runs said, and what the branch changes."""
+    parts = [f"- {one_line(x, 600)}" for x in summaries if x.strip()][-5:] or ["- (no summaries)"]
+    return "Earlier runs said:\n" + "\n".join(parts) + "\n\nThe branch changes (against the base):\n" + \
+        (tail(diffstat, 40, 3000) or "(nothing yet)")
 
 
 def follow_up_text(msgs: list[dict]) -> str:
@@ -4510,6 +4618,11 @@ def apply_decision(store: Store, row: dict | None, d: Decision, run_id: int | No
         store.add_event(issue_id, kind, message, level, run_id, issue_key=key)
         getattr(log, "warning" if level == "warn" else level, log.info)("%s%s", f"{key}: " if key else "", message)
     return issue_id
+
+
+def codex_hold(store: Store | None) -> dict | None:
+    """The runner-wide hold after Codex's provider refused (capacity or account), while it lasts."""
+    return active_hold(json.loads(store.meta_get("runner.codex_hold") or "null"), utcnow()) if store else None
 
 
 def runner_paused(cfg: Config, store: Store | None) -> dict | None:
@@ -4819,6 +4932,7 @@ class TurnResult:
     status: str                       # completed | interrupted | failed
     error: str | None = None
     items: list[dict] = field(default_factory=list)
+    error_info: Any = None            # TurnError.codexErrorInfo of a failed turn
 
 
 class TurnDriver:
@@ -4841,6 +4955,7 @@ class TurnDriver:
         self.issue_before = store.tokens_spent(issue["id"], excluding_run=run_id) \
             if cfg.codex.max_tokens_per_issue is not None else 0
         self.last_error: str | None = None          # the last non-retried error notification
+        self.last_error_info: Any = None            # ... and its codexErrorInfo
 
     # -- server -> client requests (answered at once; never stall a run)
     def server_request(self, msg: dict) -> Any:
@@ -4918,7 +5033,8 @@ class TurnDriver:
             t = params["turn"]
             err = (t.get("error") or {}).get("message") or self.last_error
             self.items.extend(items)
-            return TurnResult(turn_id, t.get("status") or "failed", err, items)
+            return TurnResult(turn_id, t.get("status") or "failed", err, items,
+                              (t.get("error") or {}).get("codexErrorInfo") or self.last_error_info)
         if method == "item/completed" and params.get("turnId") == turn_id:
             item = params.get("item") or {}
             items.append(item)
@@ -4927,6 +5043,7 @@ class TurnDriver:
             self._on_usage(params.get("tokenUsage") or {})
         elif method == "error" and not params.get("willRetry"):
             self.last_error = one_line(str((params.get("error") or {}).get("message")), 300)
+            self.last_error_info = (params.get("error") or {}).get("codexErrorInfo")
         return None
 
     def _on_usage(self, usage: dict) -> None:
@@ -5009,6 +5126,57 @@ def start_thread(app: AppServer, issue: dict, worktree: Path, echo: Callable[[st
     return thread["id"]
 
 
+def _failed_turn(cfg: Config, store: Store, app: AppServer, run: dict, result: TurnResult,
+                 interrupted: str | None) -> tuple[str, str, str]:
+    """(status, reason, notice) of a failed turn, by its kind. Capacity and account refusals hold every launch
+    until a time (recorded for the runner) and requeue the run; a full context window moves the run to a fresh
+    thread once; a configuration error fails naming the keys to fix."""
+    reason = interrupted or f"turn {result.status}" + (f": {result.error}" if result.error else "")
+    kind = None if interrupted else failure_kind(result.error_info)
+    if kind in ("capacity", "account"):
+        fix = None
+        if kind == "account":
+            try:
+                _, key = provider_key(cfg, app.request("config/read", {}, timeout=15).get("config") or {})
+            except CodexError:
+                key = None
+            fix = "run `codex login` as this user" + (f", or set ${key} in PatchRelay's environment" if key else "")
+        hold = next_hold(json.loads(store.meta_get("runner.codex_hold") or "null"), kind,
+                         capacity_reason(result.error_info), fix, utcnow(), cfg.codex.capacity_backoff,
+                         _codex_reset_at(app) if kind == "capacity" else None)
+        with store.tx():
+            store.meta_set("runner.codex_hold", json.dumps(hold))
+            store.mark_seen(f"hold:{hold['since']}:{run['issue_id']}")      # this issue hears it from its run
+            store.add_event(None, "hold", f"runs held until {hold['until']}: {hold['reason']}", "warn")
+        return "held", f"{hold['reason']} ({result.error or kind})", hold_notice(hold)
+    if kind == "context":
+        if json.loads(run.get("context") or "{}").get("fresh_thread"):
+            return "failed", "the model's context window is full again, after a fresh thread with a hand-off", ""
+        return "fresh_thread", "the model's context window is full", ""
+    if kind == "configuration":
+        return "failed", (f"Codex refused the model configuration ({result.error_info}): check codex.model "
+                          f"({cfg.codex.model or 'Codex default'}) and codex.model_provider; {result.error or ''}"), ""
+    return "failed", reason, ""
+
+
+def _codex_reset_at(app: AppServer) -> dt.datetime | None:
+    """When Codex says the account's exhausted rate-limit window resets, if it says (a ChatGPT login does; an
+    API key usually cannot tell)."""
+    try:
+        snap = (app.request("account/rateLimits/read", {}, timeout=10).get("rateLimits") or {})
+    except CodexError:
+        return None
+    resets = [int(w["resetsAt"]) for w in (snap.get("primary"), snap.get("secondary"))
+              if isinstance(w, dict) and (w.get("usedPercent") or 0) >= 100 and isinstance(w.get("resetsAt"), int)]
+    return dt.datetime.fromtimestamp(max(resets), dt.timezone.utc) if resets else None
+
+
+def _handoff(store: Store, issue: dict, project: ProjectConfig, worktree: Path) -> str:
+    stat = run_git(["diff", "--stat", f"origin/{project.base_branch}...HEAD"], worktree, check=False).stdout
+    summaries = [r["summary"] or "" for r in reversed(store.runs_for_issue(issue["id"]))]
+    return handoff_text(summaries, stat)
+
+
 def _merge_base(cfg: Config, store: Store, run: dict, issue: dict, project: ProjectConfig, worktree: Path,
                 echo: Callable[[str], None]) -> dict:
     """A queue repair first merges the base branch into the worktree; the run's context says how it went
@@ -5047,7 +5215,7 @@ def drive_run(cfg: Config, store: Store, run_id: int, echo: Callable[[str], None
     echo(f"{issue['key']}: {run_label(run['run_type'])} run {run_id} on {issue['branch']}")
     driver = TurnDriver(cfg, store, run_id, issue, echo)
     worktree = Path(issue["worktree"])
-    status, reason, t0 = "failed", "", time.time()
+    status, reason, notice, t0 = "failed", "", "", time.time()
     try:
         how = ensure_worktree(project, issue["branch"], worktree)
         with store.tx():
@@ -5063,8 +5231,10 @@ def drive_run(cfg: Config, store: Store, run_id: int, echo: Callable[[str], None
         if run["run_type"] == "queue_repair":
             run = _merge_base(cfg, store, run, issue, project, worktree, echo)
         follow_ups = [m for m in store.pending_inbox(issue["id"]) if m["kind"] == "prompt"]
+        handoff = _handoff(store, issue, project, worktree) \
+            if json.loads(run.get("context") or "{}").get("fresh_thread") else None
         prompt = build_prompt(issue, run, project, cfg.codex.sandbox, read_workflow(project, run["run_type"]),
-                              follow_ups)
+                              follow_ups, handoff)
         with store.tx():
             store.update_run(run_id, {"prompt": prompt, "head_before": git_head(worktree)})
             for m in follow_ups:
@@ -5099,9 +5269,7 @@ def drive_run(cfg: Config, store: Store, run_id: int, echo: Callable[[str], None
             elif result.status == "completed":
                 status = "completed"
             else:
-                status = "failed"
-                reason = driver.interrupt_reason or f"turn {result.status}" + \
-                    (f": {result.error}" if result.error else "")
+                status, reason, notice = _failed_turn(cfg, store, app, run, result, driver.interrupt_reason)
         finally:
             app.close()
     except (GitError, HookError, CodexError) as e:
@@ -5109,7 +5277,7 @@ def drive_run(cfg: Config, store: Store, run_id: int, echo: Callable[[str], None
     summary = next((i.get("text") for i in reversed(driver.items) if i.get("type") == "agentMessage"), "") or ""
     if driver.question:
         summary = driver.question + (f"\n\n{summary}" if summary else "")
-    return finish_run(cfg, store, run_id, RunOutcome(status, summary=summary, reason=redact(reason)),
+    return finish_run(cfg, store, run_id, RunOutcome(status, summary=summary, reason=redact(reason), notice=notice),
                       items=driver.items, tokens=driver.tokens, duration=time.time() - t0, echo=echo)
 
 
@@ -5122,7 +5290,7 @@ def finish_run(cfg: Config, store: Store, run_id: int, outcome: RunOutcome, item
     worktree = Path(issue["worktree"]) if issue.get("worktree") else None
     new_commits, has_work, changed = 0, False, []
     pushed_sha = None
-    if worktree and worktree.is_dir() and outcome.status != "interrupted":
+    if worktree and worktree.is_dir() and outcome.status not in ("interrupted", "held", "fresh_thread"):
         try:
             left = unresolved_conflicts(worktree)
             if left:
@@ -5158,7 +5326,7 @@ def finish_run(cfg: Config, store: Store, run_id: int, outcome: RunOutcome, item
         outcome = dataclasses.replace(outcome, status="failed", reason=f"{outcome.reason}; retry budget of "
                                                                         f"{cfg.runner.retry_budget} used up")
     report = build_report(items or [], changed, tokens, duration, json.loads(run["turn_ids"] or "[]"))
-    run_status = {"awaiting_input": "completed"}.get(outcome.status, outcome.status)
+    run_status = {"awaiting_input": "completed", "fresh_thread": "interrupted"}.get(outcome.status, outcome.status)
     with store.tx():
         row = store.issue(issue["id"])
         store.update_run(run_id, {"status": run_status, "ended_at": iso(), "summary": outcome.summary or None,
@@ -5835,6 +6003,9 @@ def launch(ctx: TickContext) -> dict:
     cfg, store = ctx.cfg, ctx.store
     if runner_paused(cfg, store):
         return {"paused": True, "launched": [], "waiting": [i["key"] for i in store.runnable_issues(iso())]}
+    provider = codex_hold(store)
+    if provider:
+        return _hold_launches(ctx, provider)
     free = cfg.runner.max_concurrent_runs - store.count_active_runs()
     launched, waiting, held = [], [], {}
     capped = cfg.codex.max_tokens_per_issue is not None or cfg.codex.max_tokens_per_day is not None
@@ -5878,6 +6049,25 @@ def launch(ctx: TickContext) -> dict:
         ctx.note(f"{issue['key']}: launched run {run_id} (pid {pid})")
         free -= 1
     return {"launched": launched, "waiting": waiting, **({"held": held} if held else {})}
+
+
+def _hold_launches(ctx: TickContext, hold: dict) -> dict:
+    """Codex's provider refused: nothing launches until the hold ends. Each waiting issue's session hears it once
+    per hold."""
+    store = ctx.store
+    runnable = store.runnable_issues(iso())
+    if not ctx.dry_run:
+        with store.tx():
+            for issue in runnable:
+                seen = f"hold:{hold['since']}:{issue['id']}"
+                if not store.seen(seen):
+                    store.mark_seen(seen)
+                    apply_decision(store, issue, Decision(outbox=(activity("thought", hold_notice(hold)),)))
+    if runnable:
+        ctx.note(f"runs held until {hold['until']}: {hold['reason']}")
+    return {"launched": [], "waiting": [i["key"] for i in runnable], "codex_hold": hold,
+            **({"held": {i["key"]: f"Codex: {hold['reason']} (until {hold['until']})" for i in runnable}}
+               if runnable else {})}
 
 
 def claim(cfg: Config, store: Store, issue_id: int, project: ProjectConfig) -> int | None:
@@ -6266,7 +6456,8 @@ def _status_data(cfg: Config, store: Store | None, show_all: bool) -> dict:
     """`status` as data (its --json): what needs attention, the outbox, the APIs, the last tick."""
     if store is None:
         return {"issues": [], "others": 0, "outbox": [], "api": [], "api_use": api_use([], {}), "last_tick": None,
-                "paused": runner_paused(cfg, None), "unrouted": [], "tokens": _tokens_status(cfg, None)}
+                "paused": runner_paused(cfg, None), "unrouted": [], "tokens": _tokens_status(cfg, None),
+                "codex_hold": None}
     day_ago = iso(utcnow() - dt.timedelta(days=1))
     issues = [_issue_item(r) for r in store.issues_listed(changed_since=None if show_all else day_ago)]
     others = 0 if show_all else store.issues_count() - len(issues)
@@ -6285,10 +6476,11 @@ def _status_data(cfg: Config, store: Store | None, show_all: bool) -> dict:
             "api_use": api_use(store.recent_ticks(), {b["api"]: b["requests_limit"] for b in api}),
             "last_tick": last, "paused": runner_paused(cfg, store),
             "unrouted": [{"key": u["issue_key"], "at": u["at"], "message": u["message"]} for u in store.unrouted()],
-            "tokens": _tokens_status(cfg, store)}
+            "tokens": _tokens_status(cfg, store), "codex_hold": codex_hold(store)}
 
 
-def _render_status(data: dict, cx: CodexConfig) -> None:
+def _render_attention(data: dict) -> None:
+    """What holds everything up, first: unrouted delegations, a pause, a hold of Codex's provider."""
     for u in data["unrouted"]:
         click.echo(f"unrouted: {u['key'] or '?'} (delegated {u['at']}; no project routes it)")
     if data["unrouted"]:
@@ -6297,6 +6489,14 @@ def _render_status(data: dict, cx: CodexConfig) -> None:
     if paused:
         click.echo(f"PAUSED by {paused.get('by')}" + (f" at {paused['at']}" if paused.get("at") else "")
                    + (f": {paused['reason']}" if paused.get("reason") else "") + " (`patchrelay resume`)\n")
+    hold = data["codex_hold"]
+    if hold:
+        click.echo(f"HELD until {hold['until']}: {hold['reason']}" + (f"; fix: {hold['fix']}" if hold.get("fix") else
+                                                                     " (lifts by itself)") + "\n")
+
+
+def _render_status(data: dict, cx: CodexConfig) -> None:
+    _render_attention(data)
     issues, others = data["issues"], data["others"]
     if issues:
         click.echo(_issue_table(issues))
@@ -6732,11 +6932,15 @@ def _why_data(cfg: Config, store: Store, row: dict) -> dict:
                                           "run_cap": cx.max_tokens_per_run})
     waits = {b["api"]: b["limited_until"] for b in store.budgets() if rate_limited_until(b, utcnow())}
     gate("rate limits", not waits, waits or "none")
+    held = codex_hold(store)
+    held_text = f"{held['reason']}; launches wait until {held['until']}" + \
+        (f" (fix: {held['fix']})" if held.get("fix") else " (lifts by itself)") if held else None
+    gate("Codex capacity", not held, held_text or "ok")
     queued = store.outbox_queued(row["id"])
     lag = max((age_seconds(o["created_at"]) or 0 for o in queued), default=0)
     gate("Linear outbox", not queued, f"{len(queued)} queued, oldest {_age(lag)}" if queued else "empty")
     nxt = next_action(row, Gates(active, alive, bool(paused_global), bool(paused_issue), tuple(holders),
-                                 cfg.runner.max_concurrent_runs, hold), utcnow())
+                                 cfg.runner.max_concurrent_runs, hold, held_text), utcnow())
     return {"issue": row["key"], "tracked": True, "factory_state": row["factory_state"], "gates": gates,
             "next": nxt}
 
@@ -6925,8 +7129,14 @@ def _check_database(cfg: Config) -> list[Check]:
                               "away and let PatchRelay start a new one, or restore a backup")]
             with store.tx():
                 store.meta_set("doctor.checked_at", iso())
-            return [Check("PASS", "database", f"{cfg.database_path} writable (schema v{store.schema_version()}, "
-                                              "quick_check ok)")]
+            out = [Check("PASS", "database", f"{cfg.database_path} writable (schema v{store.schema_version()}, "
+                                             "quick_check ok)")]
+            held = codex_hold(store)
+            if held:
+                out.append(Check("FAIL" if held["kind"] == "account" else "WARN", "codex",
+                                 f"runs are held until {held['until']}: {held['reason']}"
+                                 + (f"; fix: {held['fix']}" if held.get("fix") else " (lifts by itself)")))
+            return out
         finally:
             store.close()
     except (StoreError, ConfigError) as e:

@@ -7,7 +7,9 @@ answered with a Server-Sent-Events stream. Each POST consumes the next *step* of
         optional "workdir", "yield_time_ms", "call_id", "tool" (default exec_command),
         "extra_args" (merged into the call's arguments)
   {"kind": "message", "text": "All done."}          final assistant message (ends the turn)
-  {"kind": "http_error", "status": 500}              plain HTTP error, no stream ("message" optional)
+  {"kind": "http_error", "status": 500}              plain HTTP error, no stream ("message" optional; or a
+                                                     whole JSON "body" and extra "headers", as providers send:
+                                                     usage_limit_reached, rate_limit_exceeded, context_length_exceeded)
   {"kind": "drop"}                                   send response.created, then close the socket
   {"kind": "hang", "seconds": 30}                    send response.created, then stall until the
                                                      time is up, ``release()`` or ``stop()``
@@ -253,8 +255,8 @@ class FakeModel:
             def _serve(self, step):
                 kind = step["kind"]
                 if kind == "http_error":
-                    msg = step.get("message", "fake failure")
-                    return self._plain(step.get("status", 500), json.dumps({"error": {"message": msg}}).encode())
+                    body = step.get("body") or {"error": {"message": step.get("message", "fake failure")}}
+                    return self._plain(step.get("status", 500), json.dumps(body).encode(), step.get("headers"))
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Connection", "close")   # the body ends when the socket closes
@@ -273,8 +275,10 @@ class FakeModel:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-            def _plain(self, status, data):
+            def _plain(self, status, data, headers=None):
                 self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, str(v))
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
