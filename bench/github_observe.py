@@ -127,7 +127,7 @@ class Meter:
 
     def __init__(self, client):
         self.reset()
-        client.http.hooks["response"].append(self.hook)
+        client.transport.http.hooks["response"].append(self.hook)
 
     def reset(self):
         self.requests, self.points, self.bytes, self.limit = 0, 0, 0, None
