@@ -2969,6 +2969,137 @@ class AppServer:
 SUPPORTED_CODEX = "0.169.0"     # the app-server protocol this PatchRelay speaks (codex-protocol/0.169.0)
 
 
+# What PatchRelay sends and reads of the app-server protocol: checked against the installed Codex's own schema
+# (`codex app-server generate-json-schema`) by tests/test_codex_contract.py and by `doctor`, so a renamed
+# field fails a test that names it instead of a run in production. A field is a dotted path ("x[]" steps into
+# an array), optionally with the JSON type PatchRelay expects.
+CODEX_CONTRACT: dict[str, Any] = {
+    "requests": {   # method: (params sent, response type, fields read from the response)
+        "initialize": (("clientInfo", "capabilities"), "InitializeResponse", ()),
+        "thread/start": (("cwd", "approvalPolicy", "sandbox", "model", "modelProvider", "developerInstructions"),
+                         "ThreadStartResponse", ("thread.id:string",)),
+        "thread/resume": (("threadId", "excludeTurns", "cwd", "approvalPolicy", "sandbox", "model", "modelProvider",
+                           "developerInstructions"), "ThreadResumeResponse", ()),
+        "turn/start": (("threadId", "input"), "TurnStartResponse", ("turn.id:string",)),
+        "turn/steer": (("threadId", "expectedTurnId", "input"), "TurnSteerResponse", ()),
+        "turn/interrupt": (("threadId", "turnId"), "TurnInterruptResponse", ()),
+        "thread/turns/list": (("threadId", "limit", "itemsView"), "ThreadTurnsListResponse",
+                              ("data:array", "data[].id:string", "data[].status", "data[].items:array")),
+        "account/read": (("refreshToken",), "GetAccountResponse", ("account", "requiresOpenaiAuth:boolean")),
+        "config/read": ((), "ConfigReadResponse", ("config",)),
+        "account/rateLimits/read": ((), "GetAccountRateLimitsResponse",
+                                    ("rateLimits.primary.resetsAt", "rateLimits.primary.usedPercent:integer")),
+    },
+    "notifications": {      # method: fields read from its params
+        "turn/completed": ("turn.id:string", "turn.status", "turn.error.message:string", "turn.error.codexErrorInfo"),
+        "item/completed": ("turnId:string", "item", "item.type:string"),
+        "thread/tokenUsage/updated": ("tokenUsage.total", "tokenUsage.last.totalTokens:integer"),
+        "error": ("willRetry:boolean", "error.message:string", "error.codexErrorInfo"),
+    },
+    "server_requests": ("item/commandExecution/requestApproval", "item/fileChange/requestApproval",
+                        "item/tool/requestUserInput", "execCommandApproval", "applyPatchApproval"),
+}
+
+
+class _ProtocolSchema:
+    """Codex's JSON Schema bundle, walked the way PatchRelay reads messages: `$ref`s followed, every branch of
+    an anyOf / oneOf / allOf considered (a field found in any branch exists)."""
+
+    def __init__(self, bundle: Mapping[str, Any]):
+        self.defs = bundle.get("definitions") or {}
+
+    def deref(self, node: Any) -> Any:
+        for _ in range(50):
+            if not (isinstance(node, dict) and "$ref" in node):
+                return node
+            target: Any = self.defs
+            for part in node["$ref"].removeprefix("#/definitions/").split("/"):
+                target = target.get(part) if isinstance(target, dict) else None
+            node = target
+        return node
+
+    def branches(self, node: Any) -> list[dict]:
+        node = self.deref(node)
+        if not isinstance(node, dict):
+            return []
+        subs = [b for k in ("anyOf", "oneOf", "allOf") for b in node.get(k) or []]
+        return [node] + [x for b in subs for x in self.branches(b)]
+
+    def field(self, node: Any, path: str) -> list[dict] | None:
+        """The schemas a dotted path can have, or None when no branch has it."""
+        nodes = self.branches(node)
+        for step in path.split("."):
+            name = step.removesuffix("[]")
+            found = [x for n in nodes if name in (n.get("properties") or {})
+                     for x in self.branches(n["properties"][name])]
+            if not found:
+                return None
+            nodes = [x for n in found for x in self.branches(n.get("items"))] if step.endswith("[]") else found
+        return nodes
+
+    def check(self, where: str, node: Any, spec: str) -> list[str]:
+        path, _, want = spec.partition(":")
+        found = self.field(node, path)
+        if found is None:
+            return [f"{where}: no field {path}"]
+        have: set[str] = set()
+        for n in found:
+            t = n.get("type")
+            have |= set(t) if isinstance(t, list) else ({t} if isinstance(t, str) else set())
+        have.discard("null")
+        if want and have and want not in have and not (want == "integer" and "number" in have):
+            return [f"{where}: {path} is {'/'.join(sorted(have))}, not {want}"]
+        return []
+
+    def methods(self, kind: str) -> dict[str, Any]:
+        """method -> its params schema, for ClientRequest, ServerNotification or ServerRequest."""
+        return {b["properties"]["method"]["enum"][0]: (b["properties"].get("params") or {})
+                for b in (self.defs.get(kind) or {}).get("oneOf") or []
+                if isinstance(b, dict) and "method" in (b.get("properties") or {})}
+
+    def type_named(self, name: str) -> Any:
+        return (self.defs.get("v2") or {}).get(name) or self.defs.get(name)
+
+
+def contract_problems(bundle: Mapping[str, Any]) -> list[str]:
+    """Every method and field of CODEX_CONTRACT that `bundle` (Codex's codex_app_server_protocol.schemas.json)
+    lacks or types otherwise, in words; [] when Codex speaks what PatchRelay expects."""
+    schema = _ProtocolSchema(bundle)
+    problems: list[str] = []
+    requests, notes = schema.methods("ClientRequest"), schema.methods("ServerNotification")
+    for method, (params, response, fields) in CODEX_CONTRACT["requests"].items():
+        answer = schema.type_named(response)
+        if method not in requests:
+            problems.append(f"request {method}: not in the protocol")
+        elif answer is None:
+            problems.append(f"request {method}: no response type {response}")
+        else:
+            problems += [p for name in params for p in schema.check(f"request {method} params", requests[method], name)]
+            problems += [p for spec in fields for p in schema.check(f"request {method} response", answer, spec)]
+    for method, fields in CODEX_CONTRACT["notifications"].items():
+        if method not in notes:
+            problems.append(f"notification {method}: not in the protocol")
+        else:
+            problems += [p for spec in fields for p in schema.check(f"notification {method}", notes[method], spec)]
+    server = schema.methods("ServerRequest")
+    return problems + [f"server request {m}: not in the protocol" for m in CODEX_CONTRACT["server_requests"]
+                       if m not in server]
+
+
+def codex_protocol(cfg: Config) -> dict:
+    """The installed Codex's own description of its app-server protocol (generate-json-schema)."""
+    with tempfile.TemporaryDirectory(prefix="patchrelay-codex-schema-") as tmp:
+        env = stripped_child_env(cfg, {"CODEX_HOME": str(cfg.codex.home)} if cfg.codex.home else {})
+        try:
+            p = subprocess.run([cfg.codex.bin, "app-server", "generate-json-schema", "--out", tmp],
+                               capture_output=True, text=True, timeout=60, env=env)
+            return json.loads((Path(tmp) / "codex_app_server_protocol.schemas.json").read_text())
+        except (OSError, subprocess.TimeoutExpired, ValueError) as e:
+            said = one_line(locals().get("p") and (p.stderr or p.stdout) or "", 200)
+            raise CodexError(f"codex app-server generate-json-schema failed: {e}" + (f" ({said})" if said else "")) \
+                from None
+
+
 def provider_key(cfg: Config, conf: Mapping[str, Any]) -> tuple[str | None, str | None]:
     """The model provider runs use (codex.model_provider, else Codex's own config `conf`) and the environment
     variable it reads its key from, if any."""
@@ -7200,6 +7331,13 @@ def _check_codex(cfg: Config) -> list[Check]:
     out = [Check("PASS" if git else "FAIL", "git", git or "git not found on PATH")]
     with tempfile.TemporaryDirectory(prefix="patchrelay-doctor-") as tmp:
         out += [Check(level, "codex", msg) for level, msg in probe_codex(cfg, Path(tmp) / "workspace")]
+    if git and shutil.which(cfg.codex.bin):
+        try:
+            problems = contract_problems(codex_protocol(cfg))
+            out += [Check("WARN", "codex", f"protocol drift: {p}") for p in problems] or \
+                [Check("PASS", "codex", "the app-server protocol has every method and field PatchRelay uses")]
+        except CodexError as e:
+            out.append(Check("WARN", "codex", str(e)))
     if cfg.codex.sandbox == "danger-full-access":
         out.append(Check("WARN", "codex", "sandbox danger-full-access: the agent can reach anything this user can"))
     return out
