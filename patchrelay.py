@@ -318,6 +318,7 @@ class GitHubConfig:
     queue_repair_budget: int = 2
     review_fix_budget: int = 3
     rerequest_review: bool = True       # ask the approvers again when a push makes their approval stale
+    rerun_failed_checks: int = 1        # reruns of a failed Actions job on the same head before a repair run
 
 
 @dataclass(frozen=True)
@@ -554,7 +555,8 @@ def _parse_linear(top: _Section) -> LinearConfig:
 def _parse_github(top: _Section) -> GitHubConfig:
     gs = top.sub("github", ["api_url", "graphql_url", "token_env", "use_gh_cli", "timeout", "retry", "poll_interval",
                             "draft_prs", "auto_merge", "review_quiet_seconds", "ci_repair_budget",
-                            "queue_repair_budget", "review_fix_budget", "rerequest_review"])
+                            "queue_repair_budget", "review_fix_budget", "rerequest_review",
+                            "rerun_failed_checks"])
     gr = gs.sub("retry", ["attempts", "max_wait"])
     gh_api = _url(gs, "api_url", GitHubConfig.api_url).rstrip("/")
     return GitHubConfig(
@@ -573,6 +575,7 @@ def _parse_github(top: _Section) -> GitHubConfig:
         queue_repair_budget=gs.num("queue_repair_budget", 2, minimum=0, integer=True),
         review_fix_budget=gs.num("review_fix_budget", 3, minimum=0, integer=True),
         rerequest_review=gs.flag("rerequest_review", True),
+        rerun_failed_checks=gs.num("rerun_failed_checks", 1, minimum=0, integer=True, maximum=5),
     )
 
 
@@ -4097,6 +4100,8 @@ class PullRequestDecision:
     merge_when_ready: bool = False           # ask GitHub to merge, pinned to the observed head
     cleanup: bool = False
     rereview: tuple[str, ...] = ()           # reviewers (node ids) to ask for a new review
+    rerun: tuple[int, ...] = ()              # failed Actions jobs to rerun (REST)
+    flaky: tuple[str, ...] = ()              # checks that failed and passed when rerun
 
 
 @dataclass(frozen=True)
@@ -4173,6 +4178,10 @@ class PrMemory:
     comments_at: str | None = None          # the newest PR comment a review fix has seen
     merge_head: str | None = None           # the head GitHub was asked to merge
     stale_head: str | None = None           # the head whose stale approval was told (and re-requested)
+    reruns: dict[str, int] = field(default_factory=dict)   # "head:check" -> reruns asked of its failed job
+    rerun_jobs: list[int] = field(default_factory=list)    # failed jobs asked to rerun (while they still show)
+    rerun_refused: str | None = None        # the head on which GitHub refused a rerun: repair instead
+    flaky_said: list[str] = field(default_factory=list)    # "head:check" reruns that passed, told once
 
     @classmethod
     def load(cls, acted: Mapping[str, Any] | None) -> "PrMemory":
@@ -4180,11 +4189,13 @@ class PrMemory:
         return cls(removals=list(a.get("removals") or []), conflict_head=a.get("conflict_head"),
                    ci_head=a.get("ci_head"), reviews=list(a.get("reviews") or []),
                    comments_at=a.get("comments_at"), merge_head=a.get("merge_head"),
-                   stale_head=a.get("stale_head"))
+                   stale_head=a.get("stale_head"), reruns=dict(a.get("reruns") or {}),
+                   rerun_jobs=list(a.get("rerun_jobs") or []), rerun_refused=a.get("rerun_refused"),
+                   flaky_said=list(a.get("flaky_said") or []))
 
     def dump(self) -> dict:
         """As stored: only what was set."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, [])}
+        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, [], {})}
 
 
 @dataclass(frozen=True)
@@ -4218,6 +4229,7 @@ class Reaction:
     repair: RepairRequest | None = None
     merge_when_ready: bool = False
     rereview: tuple[str, ...] = ()
+    rerun: tuple[int, ...] = ()         # failed Actions jobs to rerun before any repair
 
 
 def _queue_removal(v: PrView, memory: PrMemory, events: list[Event]) -> Reaction | None:
@@ -4257,15 +4269,27 @@ def _ci_failure(v: PrView, memory: PrMemory, events: list[Event]) -> Reaction | 
     head, n = v.obs.head_sha, v.obs.number
     if v.ci != "failure" or memory.ci_head == head:
         return None
-    memory.ci_head = head
     names = sorted({c.name for c in v.failing})
     base_ci, base_failing = ci_state(v.obs.base_checks)
     if base_ci == "failure" and set(names) <= {c.name for c in base_failing}:
+        memory.ci_head = head
         return Reaction(Decision(outbox=(activity(
             "response", f"CI fails on pull request #{n} ({', '.join(names)}), but the same checks fail on "
                         f"`{v.obs.base_ref}` too. That is not this change: I am not repairing it and will wait "
                         "for the base branch to be fixed."),),
             events=(Event("warn", "github", f"base branch red ({', '.join(names)}): no repair"),)))
+    # a flaky job often passes when simply rerun: rerun each failed Actions job (up to
+    # github.rerun_failed_checks times on this head) before a repair run; any other failing check repairs at once
+    if memory.rerun_refused != head and all(
+            c.app == "github-actions" and c.job_id and memory.reruns.get(f"{head}:{c.name}", 0) <
+            v.gh.rerun_failed_checks for c in v.failing):
+        for c in v.failing:
+            memory.reruns[f"{head}:{c.name}"] = memory.reruns.get(f"{head}:{c.name}", 0) + 1
+            memory.rerun_jobs.append(int(c.job_id or 0))
+        return Reaction(Decision(events=(Event("info", "github", f"CI failed ({', '.join(names)}) on {head[:8]}: "
+                                                                 "rerunning before any repair"),)),
+                        rerun=tuple(int(c.job_id or 0) for c in v.failing))
+    memory.ci_head = head
     return Reaction(repair=RepairRequest(
         "ci_repair", "ci:" + ",".join(names), v.gh.ci_repair_budget, f"CI failed ({', '.join(names)})",
         {"checks": [{"name": c.name, "conclusion": c.conclusion, "url": c.url, "job_id": c.job_id, "app": c.app,
@@ -4305,6 +4329,13 @@ def _review(v: PrView, memory: PrMemory, events: list[Event]) -> Reaction | None
                       "comments": [{"path": c.path, "line": c.line, "body": c.body} for c in r.comments]}
                      for r in trusted],
          "threads": threads, "pr_comments": comments}))
+
+
+def refuse_reruns(snapshot: dict, head: str) -> dict:
+    """A snapshot after GitHub refused a rerun on `head`: its failure is repaired instead."""
+    memory = PrMemory.load(snapshot.get("acted"))
+    memory.rerun_refused, memory.rerun_jobs = head, []
+    return {**snapshot, "acted": memory.dump()}
 
 
 def forget_merge_request(snapshot: dict) -> dict:
@@ -4427,6 +4458,14 @@ def decide_pull_request(row: dict, snap: dict, obs: PullRequestObs, gh: GitHubCo
         return PullRequestDecision(Decision(fields=fields), snap)   # decided from the fresh snapshot after the run
 
     memory = PrMemory.load(snap.get("acted"))
+    shown_jobs = {c.job_id for c in obs.checks if c.job_id}
+    memory.rerun_jobs = [j for j in memory.rerun_jobs if j in shown_jobs]    # a rerun replaces its job
+    if ci == "failure" and any(c.job_id in memory.rerun_jobs for c in failing):
+        ci, failing = "pending", ()                                          # the rerun has not shown yet
+        fields["pr_ci"] = ci
+    flaky = [c.name for c in obs.checks if f"{head}:{c.name}" in memory.reruns and f"{head}:{c.name}" not in
+             memory.flaky_said and c.status == "COMPLETED" and (c.conclusion or "") in PASSING]
+    memory.flaky_said += [f"{head}:{name}" for name in flaky]
     counts: dict[str, int] = json.loads(row.get("repair_counts") or "{}")
     events: list[Event] = []
     if snap.get("head") and snap["head"] != head and head != row.get("pushed_sha"):
@@ -4449,11 +4488,16 @@ def decide_pull_request(row: dict, snap: dict, obs: PullRequestObs, gh: GitHubCo
         decision, counts = grant_repair(row, reaction.repair, counts, head, n, now)
     new_snap = {"head": head, "state": obs.state, "ci": ci, "in_queue": obs.in_queue,
                 "checks": {c.name: c.conclusion or c.status for c in obs.checks}, "acted": memory.dump()}
+    told = Decision(outbox=tuple(activity("response", f"CI check `{name}` failed on {head[:8]} and passed when "
+                                                      "rerun: a flaky check, no repair needed.") for name in flaky),
+                    events=tuple(Event("info", "github", f"flaky check {name} on {head[:8]}: passed when rerun")
+                                 for name in flaky))
     return PullRequestDecision(
         merge_decisions(Decision(fields={**fields, "repair_counts": json.dumps(counts, sort_keys=True)},
-                                 events=tuple(events)), decision),
+                                 events=tuple(events)), told, decision),
         new_snap, failing=reaction.repair.failing if reaction.repair else (),
-        merge_when_ready=reaction.merge_when_ready, rereview=reaction.rereview)
+        merge_when_ready=reaction.merge_when_ready, rereview=reaction.rereview, rerun=reaction.rerun,
+        flaky=tuple(flaky))
 
 
 # ---- operator decisions: release, retry, and the next action `why` names
@@ -6069,6 +6113,23 @@ def _with_job_logs(gh: GitHubClient, repo: str, d: Decision) -> Decision:
     return dataclasses.replace(d, fields={**d.fields, "pending_context": json.dumps(context)})
 
 
+def _rerun_jobs(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs: PullRequestObs,
+                jobs: tuple[int, ...]) -> None:
+    """Rerun failed Actions jobs; a rerun GitHub refuses sends the failure to a repair run (next observation)."""
+    store = ctx.store
+    try:
+        for job in jobs:
+            gh.rerun_job(repo, job)
+    except GitHubError as err:
+        with store.tx():
+            fresh = store.issue(row["id"])
+            store.update_issue(row["id"], {"gh_observed_at": None, "gh_snapshot": json.dumps(
+                refuse_reruns(json.loads(fresh["gh_snapshot"] or "{}"), obs.head_sha), sort_keys=True)})
+            store.add_event(row["id"], "github", f"could not rerun a failed job ({err}); repairing instead", "warn")
+        return
+    ctx.note(f"{row['key']}: reran {len(jobs)} failed CI job(s) on {obs.head_sha[:8]}")
+
+
 def _ask_to_merge(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs: PullRequestObs) -> None:
     """Ask GitHub to merge the PR, pinned to the head that was approved and green. Refused because the head
     moved: recorded, the request forgotten, and the next observation decides again."""
@@ -6111,6 +6172,14 @@ def _decide_pr(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs: Pu
     for e in d.events:
         if e.kind == "github":
             ctx.note(f"{row['key']}: {e.message}")
+    if pd.rerun:
+        _rerun_jobs(ctx, gh, repo, row, obs, pd.rerun)
+    if pd.flaky:
+        with store.tx():
+            counts = json.loads(store.meta_get("ci.flaky") or "{}")
+            for name in pd.flaky:
+                counts[name] = counts.get(name, 0) + 1
+            store.meta_set("ci.flaky", json.dumps(counts, sort_keys=True))
     if pd.merge_when_ready:
         _ask_to_merge(ctx, gh, repo, row, obs)
     if pd.rereview:
@@ -6588,7 +6657,7 @@ def _status_data(cfg: Config, store: Store | None, show_all: bool) -> dict:
     if store is None:
         return {"issues": [], "others": 0, "outbox": [], "api": [], "api_use": api_use([], {}), "last_tick": None,
                 "paused": runner_paused(cfg, None), "unrouted": [], "tokens": _tokens_status(cfg, None),
-                "codex_hold": None}
+                "codex_hold": None, "flaky_checks": {}}
     day_ago = iso(utcnow() - dt.timedelta(days=1))
     issues = [_issue_item(r) for r in store.issues_listed(changed_since=None if show_all else day_ago)]
     others = 0 if show_all else store.issues_count() - len(issues)
@@ -6607,7 +6676,8 @@ def _status_data(cfg: Config, store: Store | None, show_all: bool) -> dict:
             "api_use": api_use(store.recent_ticks(), {b["api"]: b["requests_limit"] for b in api}),
             "last_tick": last, "paused": runner_paused(cfg, store),
             "unrouted": [{"key": u["issue_key"], "at": u["at"], "message": u["message"]} for u in store.unrouted()],
-            "tokens": _tokens_status(cfg, store), "codex_hold": codex_hold(store)}
+            "tokens": _tokens_status(cfg, store), "codex_hold": codex_hold(store),
+            "flaky_checks": json.loads(store.meta_get("ci.flaky") or "{}")}
 
 
 def _render_attention(data: dict) -> None:
@@ -6663,6 +6733,9 @@ def _render_status(data: dict, cx: CodexConfig) -> None:
                        f"at one tick every {use['interval_seconds']:g} s"
                        + (f" ({per['share_of_limit']} % of the hourly limit)" if per["share_of_limit"] is not None
                           else ""))
+    if data["flaky_checks"]:
+        click.echo("flaky checks (passed when rerun): " + ", ".join(f"{k} {v}" for k, v in
+                                                                   sorted(data["flaky_checks"].items())))
     last = data["last_tick"]
     click.echo(f"last tick: {last['started_at']} {last['result']}" if last else "last tick: never")
     for e in (last or {}).get("errors") or []:
