@@ -319,6 +319,7 @@ class GitHubConfig:
     review_fix_budget: int = 3
     rerequest_review: bool = True       # ask the approvers again when a push makes their approval stale
     rerun_failed_checks: int = 1        # reruns of a failed Actions job on the same head before a repair run
+    delete_merged_branches: bool = True  # delete a merged PR's branch on origin (unless GitHub already did)
 
 
 @dataclass(frozen=True)
@@ -352,6 +353,7 @@ class RunnerConfig:
     inbox_poll_interval: float = 1.0
     git_author_name: str = "PatchRelay"
     git_author_email: str = "patchrelay@localhost"
+    worktree_retention_hours: float = 24.0   # a closed issue's worktree is removed this long after it closed
 
 
 @dataclass(frozen=True)
@@ -556,7 +558,7 @@ def _parse_github(top: _Section) -> GitHubConfig:
     gs = top.sub("github", ["api_url", "graphql_url", "token_env", "use_gh_cli", "timeout", "retry", "poll_interval",
                             "draft_prs", "auto_merge", "review_quiet_seconds", "ci_repair_budget",
                             "queue_repair_budget", "review_fix_budget", "rerequest_review",
-                            "rerun_failed_checks"])
+                            "rerun_failed_checks", "delete_merged_branches"])
     gr = gs.sub("retry", ["attempts", "max_wait"])
     gh_api = _url(gs, "api_url", GitHubConfig.api_url).rstrip("/")
     return GitHubConfig(
@@ -576,6 +578,7 @@ def _parse_github(top: _Section) -> GitHubConfig:
         review_fix_budget=gs.num("review_fix_budget", 3, minimum=0, integer=True),
         rerequest_review=gs.flag("rerequest_review", True),
         rerun_failed_checks=gs.num("rerun_failed_checks", 1, minimum=0, integer=True, maximum=5),
+        delete_merged_branches=gs.flag("delete_merged_branches", True),
     )
 
 
@@ -607,13 +610,15 @@ def _parse_codex(top: _Section, base: Path | None) -> CodexConfig:
 
 def _parse_runner(top: _Section) -> RunnerConfig:
     rs = top.sub("runner", ["max_concurrent_runs", "paused", "retry_budget", "retry_backoff", "hook_timeout",
-                            "inbox_poll_interval", "git_author_name", "git_author_email"])
+                            "inbox_poll_interval", "git_author_name", "git_author_email",
+                            "worktree_retention_hours"])
     return RunnerConfig(
         max_concurrent_runs=rs.num("max_concurrent_runs", 2, minimum=1, integer=True),
         paused=rs.flag("paused", False),
         retry_budget=rs.num("retry_budget", 2, minimum=0, integer=True),
         retry_backoff=rs.num("retry_backoff", 60.0, minimum=0),
         hook_timeout=rs.num("hook_timeout", 300.0, minimum=1),
+        worktree_retention_hours=rs.num("worktree_retention_hours", 24.0, minimum=0, maximum=24 * 3650),
         inbox_poll_interval=rs.num("inbox_poll_interval", 1.0, minimum=0.05),
         git_author_name=rs.text("git_author_name", RunnerConfig.git_author_name),
         git_author_email=rs.text("git_author_email", RunnerConfig.git_author_email),
@@ -1288,6 +1293,16 @@ class Store:
             raise StoreError(f"unknown issue columns {sorted(bad)}")
         sets = ", ".join(f"{k} = ?" for k in fields)
         self.db.execute(f"UPDATE issues SET {sets}, updated_at = ? WHERE id = ?", [*fields.values(), iso(), issue_id])
+
+    def closed_worktrees(self) -> list[dict]:
+        """Issues in a final state that still have a worktree, oldest change first."""
+        return self._all("SELECT * FROM issues WHERE factory_state IN ('done', 'canceled', 'failed', 'escalated') "
+                         "AND worktree IS NOT NULL AND active_run_id IS NULL AND pending_run_type IS NULL "
+                         "ORDER BY updated_at, id")
+
+    def worktree_paths(self) -> list[dict]:
+        """Every issue's recorded worktree (key, state, path)."""
+        return self._all("SELECT key, factory_state, worktree FROM issues WHERE worktree IS NOT NULL ORDER BY id")
 
     def github_watched(self) -> list[dict]:
         """Issues GitHub is observed for: a pull request, or a pushed branch that needs one."""
@@ -3410,6 +3425,36 @@ def remove_worktree(project: ProjectConfig, path: Path, branch: str | None) -> s
         if branch:
             run_git(["branch", "-D", branch], project.repo_path, check=False)
     return "removed"
+
+
+def work_held(path: Path) -> str | None:
+    """What in a worktree would be lost with it: uncommitted changes, or commits no origin ref has."""
+    if run_git(["status", "--porcelain"], path, check=False).stdout.strip():
+        return "uncommitted changes"
+    ahead = run_git(["rev-list", "--count", "HEAD", "--not", "--remotes=origin"], path, check=False).stdout.strip()
+    return f"{ahead} unpushed commit(s)" if ahead and ahead != "0" else None
+
+
+def delete_remote_branch(cfg: Config, project: ProjectConfig, branch: str) -> str:
+    """Delete the branch on origin (with PatchRelay's push credentials); 'already gone' when GitHub did."""
+    url = run_git(["remote", "get-url", "origin"], project.repo_path).stdout.strip()
+    p = run_git(["push", "--quiet", "origin", "--delete", branch], project.repo_path, env=git_push_env(cfg, url),
+                timeout=120, check=False)
+    if p.returncode == 0:
+        return "deleted"
+    if "remote ref does not exist" in (p.stderr or p.stdout):
+        return "already gone"
+    raise GitError(f"git push --delete {branch} failed: {one_line(redact(p.stderr or p.stdout), 300)}")
+
+
+def disk_use(path: Path) -> int:
+    """Bytes of the files under `path` (symlinks not followed)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, f)).st_size
+    return total
 
 
 def unpushed(path: Path, branch: str) -> bool:
@@ -6315,6 +6360,67 @@ def reap_workers() -> None:
     _SPAWNED[:] = [p for p in _SPAWNED if p.poll() is None]
 
 
+# ---- gc: worktrees of closed issues reclaimed
+
+def collect_worktrees(ctx: TickContext) -> dict:
+    """Remove the worktree (and local branch) of every issue closed (done, canceled, failed, escalated or
+    released) more than runner.worktree_retention_hours ago, unless it holds work (uncommitted changes,
+    unpushed commits): that one is kept and `status` lists it. A merged PR's remote branch goes too
+    (github.delete_merged_branches); a failed or canceled issue's stays. An issue that comes back gets its
+    worktree rebuilt from the pushed branch."""
+    cfg, store = ctx.cfg, ctx.store
+    before = iso(utcnow() - dt.timedelta(hours=cfg.runner.worktree_retention_hours))
+    result: dict[str, Any] = {"removed": [], "kept": [], "errors": []}
+    for row in store.closed_worktrees():
+        if row["updated_at"] > before:
+            break
+        try:
+            project = cfg.project(row["project_id"])
+        except ConfigError:
+            continue
+        path = Path(row["worktree"])
+        try:
+            held = work_held(path) if path.is_dir() else None
+            if held:
+                result["kept"].append({"issue": row["key"], "worktree": str(path), "holds": held})
+                continue
+            if ctx.dry_run:
+                ctx.note(f"{row['key']}: would remove worktree {path}")
+                continue
+            how = remove_worktree(project, path, row["branch"]) if path.is_dir() else "already gone"
+            remote = delete_remote_branch(cfg, project, row["branch"]) \
+                if row["factory_state"] == "done" and row["branch"] and cfg.github.delete_merged_branches else None
+        except GitError as e:
+            result["errors"].append(f"{row['key']}: {e}")
+            continue
+        with store.tx():
+            store.update_issue(row["id"], {"worktree": None})
+            store.add_event(row["id"], "git", f"worktree {path}: {how} ({row['factory_state']} for longer than "
+                                              f"runner.worktree_retention_hours)" +
+                            (f"; remote branch {row['branch']}: {remote}" if remote else ""))
+        result["removed"].append(row["key"])
+        ctx.note(f"{row['key']}: removed worktree {path}")
+    if not ctx.dry_run:
+        _record_worktrees(store, result["kept"], force=bool(result["removed"]))
+    return result
+
+
+def _record_worktrees(store: Store, kept: list[dict], force: bool = False) -> None:
+    """What `status` shows of the worktrees, kept cheap to read: the ones kept for the work they hold (each
+    pass), and how many exist with their disk use (measured when their number changes, else at most hourly:
+    walking big checkouts costs)."""
+    with store.tx():
+        if store.meta_get("worktrees.kept") != json.dumps(kept):
+            store.meta_set("worktrees.kept", json.dumps(kept))
+    usage = json.loads(store.meta_get("worktrees.usage") or "null")
+    paths = [Path(r["worktree"]) for r in store.worktree_paths() if Path(r["worktree"]).is_dir()]
+    if not force and usage and usage.get("count") == len(paths) and (age_seconds(usage.get("at")) or 1e9) < 3600:
+        return
+    with store.tx():
+        store.meta_set("worktrees.usage", json.dumps({"at": iso(), "count": len(paths),
+                                                      "bytes": sum(disk_use(p) for p in paths)}))
+
+
 # ---- the tick: every step, each failure reported, the others still run
 
 class _DryRunRollback(Exception):
@@ -6359,6 +6465,7 @@ def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
         step("intake", intake)
         step("observe", observe)
         step("launch", launch)
+        step("gc", collect_worktrees)
         if dry_run:
             queued = store.outbox_queued()
             writes = sum(2 if o["kind"] == "issue_state" else 1 for o in queued)
@@ -6657,7 +6764,7 @@ def _status_data(cfg: Config, store: Store | None, show_all: bool) -> dict:
     if store is None:
         return {"issues": [], "others": 0, "outbox": [], "api": [], "api_use": api_use([], {}), "last_tick": None,
                 "paused": runner_paused(cfg, None), "unrouted": [], "tokens": _tokens_status(cfg, None),
-                "codex_hold": None, "flaky_checks": {}}
+                "codex_hold": None, "flaky_checks": {}, "worktrees": {"count": 0, "bytes": 0, "kept": []}}
     day_ago = iso(utcnow() - dt.timedelta(days=1))
     issues = [_issue_item(r) for r in store.issues_listed(changed_since=None if show_all else day_ago)]
     others = 0 if show_all else store.issues_count() - len(issues)
@@ -6677,7 +6784,9 @@ def _status_data(cfg: Config, store: Store | None, show_all: bool) -> dict:
             "last_tick": last, "paused": runner_paused(cfg, store),
             "unrouted": [{"key": u["issue_key"], "at": u["at"], "message": u["message"]} for u in store.unrouted()],
             "tokens": _tokens_status(cfg, store), "codex_hold": codex_hold(store),
-            "flaky_checks": json.loads(store.meta_get("ci.flaky") or "{}")}
+            "flaky_checks": json.loads(store.meta_get("ci.flaky") or "{}"),
+            "worktrees": {**(json.loads(store.meta_get("worktrees.usage") or "null") or {"count": 0, "bytes": 0}),
+                          "kept": json.loads(store.meta_get("worktrees.kept") or "[]")}}
 
 
 def _render_attention(data: dict) -> None:
@@ -6733,6 +6842,12 @@ def _render_status(data: dict, cx: CodexConfig) -> None:
                        f"at one tick every {use['interval_seconds']:g} s"
                        + (f" ({per['share_of_limit']} % of the hourly limit)" if per["share_of_limit"] is not None
                           else ""))
+    wt = data["worktrees"]
+    if wt["count"]:
+        click.echo(f"worktrees: {wt['count']}, {wt['bytes'] / 2 ** 20:,.0f} MiB" + (f" (as of {wt['at']})"
+                                                                                   if wt.get("at") else ""))
+    for k in wt["kept"]:
+        click.echo(f"  kept: {k['issue']} {k['worktree']} holds {k['holds']}")
     if data["flaky_checks"]:
         click.echo("flaky checks (passed when rerun): " + ", ".join(f"{k} {v}" for k, v in
                                                                    sorted(data["flaky_checks"].items())))
@@ -7042,6 +7157,31 @@ def init_cmd(app: App, force: bool) -> None:
                "  2. export LINEAR_API_KEY=...   (OAuth app-actor token, or a personal API key)\n"
                "  3. patchrelay doctor\n"
                "  4. patchrelay tick   (then run it from cron / a systemd timer, or `patchrelay watch`)")
+
+
+@cli.command("gc")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document: {removed, kept, errors}.")
+@click.pass_obj
+def gc_cmd(app: App, dry_run: bool, as_json: bool) -> None:
+    """Remove the worktrees of issues closed longer than runner.worktree_retention_hours (what each tick does)."""
+    with tick_lock(app.cfg):
+        store = app.store()
+        ctx = TickContext(app.cfg, store, dry_run)
+        result = collect_worktrees(ctx)
+    if as_json:
+        _dump(result)
+        return
+    for a in ctx.actions:
+        click.echo(a)
+    for k in result["kept"]:
+        click.echo(f"kept {k['worktree']} ({k['issue']}): it holds {k['holds']}")
+    for e in result["errors"]:
+        click.echo(f"failed: {e}", err=True)
+    if not ctx.actions and not result["kept"] and not result["errors"]:
+        click.echo("nothing to remove")
+    if result["errors"]:
+        raise click.exceptions.Exit(1)
 
 
 # ---- operator commands: pause, resume, release, why, stop, retry

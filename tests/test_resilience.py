@@ -232,7 +232,8 @@ def test_dry_run_prints_what_it_would_do_and_changes_nothing(world):
     assert status(world) == {"issues": [], "others": 0, "outbox": [], "api": [], "api_use": {"ticks": 0, "interval_seconds": None}, "last_tick": None,
                              "paused": {"by": "config", "reason": "runner.paused: true", "at": None},
                              "unrouted": [], "tokens": {"today": 0, "day_cap": None, "issue_cap": None, "run_cap": None},
-                             "codex_hold": None, "flaky_checks": {}}
+                             "codex_hold": None, "flaky_checks": {},
+                             "worktrees": {"count": 0, "bytes": 0, "kept": []}}
     assert world.activity_types(session) == [] and world.linear.plans_for(session) == []
     assert world.linear.issue_updates == [] and world.linear.state_of(issue)["name"] == "Todo"
     assert not {"PatchRelayActivity", "PatchRelayPlan", "PatchRelayMoveIssue", "PatchRelayComment", "PatchRelayWrites"} \
