@@ -2556,6 +2556,9 @@ M_AUTO_MERGE = """mutation PatchRelayAutoMerge($id: ID!, $head: GitObjectID!) {
 M_REQUEST_REVIEWS = """mutation PatchRelayRequestReviews($id: ID!, $users: [ID!]) {
   requestReviews(input: {pullRequestId: $id, userIds: $users, union: true}) { pullRequest { id } }
 }"""
+Q_IN_QUEUE = """query PatchRelayInMergeQueue($owner: String!, $name: String!, $number: Int!) {
+  repository(owner: $owner, name: $name) { pullRequest(number: $number) { isInMergeQueue } }
+}"""
 Q_GH_REPO = """query PatchRelayRepository($owner: String!, $name: String!) {
   repository(owner: $owner, name: $name) { nameWithOwner viewerPermission mergeQueue { url } }
 }"""
@@ -2710,6 +2713,12 @@ class GitHubClient:
                     node["reviewThreads"], node["comments"] = d.get("reviewThreads"), d.get("comments")
                     out[b] = _pr_obs(node, base_commit)
         return out, has_queue
+
+    @shaped
+    def in_merge_queue(self, full_name: str, number: int) -> bool:
+        owner, name = full_name.split("/", 1)
+        data = self.graphql(Q_IN_QUEUE, {"owner": owner, "name": name, "number": int(number)})
+        return bool(data["repository"]["pullRequest"]["isInMergeQueue"])
 
     def find_open_pr(self, full_name: str, branch: str) -> dict | None:
         owner = full_name.split("/", 1)[0]
@@ -5529,10 +5538,9 @@ def finish_run(cfg: Config, store: Store, run_id: int, outcome: RunOutcome, item
                 echo("committed the agent's changes")
             ahead = run_git(["rev-list", "--count", f"origin/{project.base_branch}..HEAD"], worktree, check=False)
             ahead_of_base = ahead.returncode == 0 and int(ahead.stdout.strip() or 0) > 0
-            queued = json.loads(issue.get("gh_snapshot") or "{}").get("in_queue")
             if ahead_of_base and outcome.status in ("completed", "stopped", "awaiting_input") \
                     and unpushed(worktree, issue["branch"]):
-                if queued:
+                if _queued_on_github(cfg, store, issue, project):
                     raise GitError(f"pull request #{issue['pr_number']} is in the merge queue; PatchRelay never "
                                    "pushes to a queued branch")
                 push_branch(cfg, worktree, issue["branch"])
@@ -5567,6 +5575,20 @@ def finish_run(cfg: Config, store: Store, run_id: int, outcome: RunOutcome, item
     echo(f"run {run_id} {run_status}" + (f": {outcome.reason}" if outcome.reason else ""))
     return {"run_id": run_id, "status": run_status, "outcome": outcome.status, "reason": outcome.reason,
             "new_commits": new_commits}
+
+
+def _queued_on_github(cfg: Config, store: Store, issue: dict, project: ProjectConfig) -> bool:
+    """Whether the issue's PR is in the merge queue right now: asked of GitHub just before a push (a person may
+    have queued it during the run); the last observation when GitHub cannot say."""
+    observed = bool(json.loads(issue.get("gh_snapshot") or "{}").get("in_queue"))
+    if not issue.get("pr_number"):
+        return observed
+    try:
+        return github_client(cfg, store).in_merge_queue(project.github_repo, issue["pr_number"])
+    except (GitHubError, ConfigError) as e:
+        log.info("could not ask GitHub whether PR #%s is queued (%s); the last observation says %s",
+                 issue["pr_number"], e, observed)
+        return observed
 
 
 def recover_run(cfg: Config, store: Store, run: dict) -> str:

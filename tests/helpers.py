@@ -7,9 +7,11 @@ outside world itself (the Codex binary, CODEX_HOME, the git repositories) stays 
 """
 import json
 import os
+import random
 import sqlite3
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -247,3 +249,17 @@ def push_to_main(world, name, content):
     git(other, "add", name)
     git(other, "commit", "-q", "-m", f"Add {name}")
     git(other, "push", "-q", "origin", "HEAD:main")
+
+
+# ----------------------------------------------------------------------------- property tests
+def drawn_seed():
+    """The random seed of a property test: PATCHRELAY_PROPERTY_SEED, else one per test run (every pytest-xdist
+    worker of the run draws the same)."""
+    if os.environ.get("PATCHRELAY_PROPERTY_SEED"):
+        return int(os.environ["PATCHRELAY_PROPERTY_SEED"])
+    # Every pytest-xdist worker collects the tests and must see the same ids: derive the seed from the
+    # test run's uid, which all workers of one run share.
+    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if uid:
+        return int(uuid.UUID(hex=uid)) % 1_000_000
+    return random.SystemRandom().randrange(1_000_000)

@@ -30,28 +30,16 @@ import random
 import sqlite3
 import time
 import traceback
-import uuid
 
 import pytest
 
 import patchrelay as pr
-from helpers import cli_inproc, db_rows, last_events, say, show, tick_result, tool
+from helpers import cli_inproc, db_rows, drawn_seed, last_events, say, show, tick_result, tool
 
 STEPS = int(os.environ.get("PATCHRELAY_PROPERTY_STEPS") or 80)
 
 
-def _drawn_seed():
-    if os.environ.get("PATCHRELAY_PROPERTY_SEED"):
-        return int(os.environ["PATCHRELAY_PROPERTY_SEED"])
-    # Every pytest-xdist worker collects the tests and must see the same ids: derive the seed from the
-    # test run's uid, which all workers of one run share.
-    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if uid:
-        return int(uuid.UUID(hex=uid)) % 1_000_000
-    return random.SystemRandom().randrange(1_000_000)
-
-
-RANDOM_SEED = _drawn_seed()
+RANDOM_SEED = drawn_seed()
 SEEDS = [pytest.param(1, id="seed-1"), pytest.param(2, id="seed-2"), pytest.param(3, id="seed-3"),
          pytest.param(RANDOM_SEED, id=f"random-{RANDOM_SEED}")]
 

@@ -73,7 +73,8 @@ def test_why_explains_an_untracked_issue_and_every_gate_of_a_tracked_one(world):
     w = why(world, "APP-1")
     names = [g["gate"] for g in w["gates"]]
     assert names == ["routed", "delegated", "trusted", "runner not paused", "issue not paused", "active run",
-                     "pending run", "concurrency", "repair budgets", "token caps", "rate limits", "Linear outbox"]
+                     "pending run", "concurrency", "repair budgets", "token caps", "rate limits", "Codex capacity",
+                     "Linear outbox"]
     text = cli_inproc(world, "why", "APP-1").stdout
     assert text.startswith("APP-1  delegated") and "next: " in text
 
