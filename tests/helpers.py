@@ -237,13 +237,19 @@ def drive(world, predicate, what, ticks=40, timeout=150):
                          f"last tick: {out.stdout}{out.stderr}\nruns: {runs(world)}\n{logs(world)}")
 
 
+def bobs_clone(world, name="other-clone"):
+    """Bob's own clone of origin (made once), for the pushes people make."""
+    clone = world.tmp / name
+    if not clone.exists():
+        git(world.tmp, "clone", "-q", str(world.bare), clone)
+        git(clone, "config", "user.email", "bob@acme.test")
+        git(clone, "config", "user.name", "Bob")
+    return clone
+
+
 def push_to_main(world, name, content):
     """Someone merges another change into main."""
-    other = world.tmp / "other-clone"
-    if not other.exists():
-        git(world.tmp, "clone", "-q", str(world.bare), other)
-        git(other, "config", "user.email", "bob@acme.test")
-        git(other, "config", "user.name", "Bob")
+    other = bobs_clone(world)
     git(other, "pull", "-q", "origin", "main")
     (other / name).write_text(content)
     git(other, "add", name)

@@ -8,7 +8,7 @@ merge request carries expectedHeadOid.
 """
 import json
 
-from helpers import BRANCH, bodies, drive, git, push_to_main, say, tool
+from helpers import BRANCH, bobs_clone, bodies, drive, git, push_to_main, say, tool
 
 REPO = "acme/app"
 
@@ -25,11 +25,7 @@ def head(world):
 
 def person_pushes(world, name="person.txt"):
     """Bob commits to the issue branch on his own clone and pushes."""
-    clone = world.tmp / "bob-clone"
-    if not clone.exists():
-        git(world.tmp, "clone", "-q", str(world.bare), clone)
-        git(clone, "config", "user.email", "bob@acme.test")
-        git(clone, "config", "user.name", "Bob")
+    clone = bobs_clone(world, "bob-clone")
     git(clone, "fetch", "-q", "origin")
     git(clone, "checkout", "-q", "-B", BRANCH, f"origin/{BRANCH}")
     (clone / name).write_text("from bob\n")

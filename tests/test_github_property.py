@@ -29,7 +29,8 @@ import traceback
 import pytest
 
 import patchrelay as pr
-from helpers import BRANCH, db_rows, drawn_seed, drive, git, issue_row, last_events, say, tick_result, tool
+from helpers import (BRANCH, bobs_clone, db_rows, drawn_seed, drive, git, issue_row, last_events, say, tick_result,
+                     tool)
 
 REPO = "acme/app"
 STEPS = int(os.environ.get("PATCHRELAY_GITHUB_STEPS") or 50)
@@ -156,11 +157,7 @@ class GitHubSequence:
 
     def main_moves(self, conflict):
         w = self.world
-        other = w.tmp / "main-clone"
-        if not other.exists():
-            git(w.tmp, "clone", "-q", str(w.bare), other)
-            git(other, "config", "user.email", "bob@acme.test")
-            git(other, "config", "user.name", "Bob")
+        other = bobs_clone(w, "main-clone")
         git(other, "pull", "-q", "origin", "main")
         self.main_edits += 1
         name = "work.txt" if conflict else f"main-{self.main_edits}.txt"
@@ -171,11 +168,7 @@ class GitHubSequence:
 
     def person_pushes(self):
         w = self.world
-        clone = w.tmp / "bob-clone"
-        if not clone.exists():
-            git(w.tmp, "clone", "-q", str(w.bare), clone)
-            git(clone, "config", "user.email", "bob@acme.test")
-            git(clone, "config", "user.name", "Bob")
+        clone = bobs_clone(w, "bob-clone")
         git(clone, "fetch", "-q", "origin")
         git(clone, "checkout", "-q", "-B", BRANCH, f"origin/{BRANCH}")
         self.main_edits += 1
