@@ -253,7 +253,7 @@ def test_tick_json_report_shape(world):
     assert set(report) == {"result", "dry_run", "steps", "errors", "actions", "api_cost"}
     assert report["api_cost"]["linear_requests"] >= 1 and report["api_cost"]["github_requests"] == 0
     assert report["result"] == "ok" and report["dry_run"] is False and report["errors"] == []
-    assert set(report["steps"]) == {"reconcile", "intake", "observe", "launch", "publish", "prune"}  # prune: daily
+    assert set(report["steps"]) == {"reconcile", "intake", "observe", "launch", "gc", "publish", "prune"}  # prune: daily
     assert report["steps"]["intake"] == {"sessions": 1, "issues": 1, "comments": 0, "queued": ["APP-1"],
                                               "errors": []}
     assert report["steps"]["launch"] == {"paused": True, "launched": [], "waiting": ["APP-1"]}
