@@ -116,8 +116,13 @@ def test_ctrl_c_ends_events_follow_quietly_with_exit_0(world):
     pause_runner(world)
     world.delegate()
     tick_inproc(world)
+    def as_a_terminal_would():
+        # Ctrl-C reaches a command started from a shell: SIGINT at its default and not blocked, whatever the
+        # test runner's own process does with it
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     p = subprocess.Popen(world.cli_argv("events", "APP-1", "--follow"), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=world.env())
+                         stderr=subprocess.PIPE, text=True, env=world.env(), preexec_fn=as_a_terminal_would)
     deadline = time.time() + 30
     first = p.stdout.readline()                     # the log so far is printed before following
     assert first.strip(), "events --follow printed nothing"
@@ -127,5 +132,10 @@ def test_ctrl_c_ends_events_follow_quietly_with_exit_0(world):
             p.wait(timeout=2)
         except subprocess.TimeoutExpired:
             continue
+    if p.poll() is None:                            # say what the process was doing, for whoever reads this
+        status = open(f"/proc/{p.pid}/status").read()
+        p.kill()
+        raise AssertionError("events --follow outlived 15 SIGINTs: " + " ".join(
+            line for line in status.splitlines() if line.startswith(("State", "SigBlk", "SigIgn", "SigCgt"))))
     out, err = p.communicate(timeout=10)
     assert p.returncode == 0 and err == "", (p.returncode, err)
