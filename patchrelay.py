@@ -2613,12 +2613,11 @@ class GitHubClient:
         """The answer's data. `strict` (mutations): any error raises, even beside partial data."""
         what = operation_name(document, "graphql")
         resp = self._send("POST", self.cfg.graphql_url, what, json={"query": document, "variables": dict(variables or {})})
-        body = json_body(resp)
-        if body is None:
-            try:
-                resp.json()
-            except ValueError:
-                raise GitHubError(f"GitHub {what} ({self.host}): HTTP {resp.status_code}, not JSON") from None
+        try:
+            body = resp.json()
+        except ValueError:
+            raise GitHubError(f"GitHub {what} ({self.host}): HTTP {resp.status_code}, not JSON") from None
+        if not isinstance(body, dict):
             raise GitHubError(f"GitHub {what} ({self.host}): unexpected response shape")
         errors = graphql_errors(body) if body.get("errors") else []
         if any(e.get("type") == "RATE_LIMITED" for e in errors):
@@ -3117,12 +3116,13 @@ def codex_protocol(cfg: Config) -> dict:
     """The installed Codex's own description of its app-server protocol (generate-json-schema)."""
     with tempfile.TemporaryDirectory(prefix="patchrelay-codex-schema-") as tmp:
         env = stripped_child_env(cfg, {"CODEX_HOME": str(cfg.codex.home)} if cfg.codex.home else {})
+        p: subprocess.CompletedProcess | None = None
         try:
             p = subprocess.run([cfg.codex.bin, "app-server", "generate-json-schema", "--out", tmp],
                                capture_output=True, text=True, timeout=60, env=env)
             return json.loads((Path(tmp) / "codex_app_server_protocol.schemas.json").read_text())
         except (OSError, subprocess.TimeoutExpired, ValueError) as e:
-            said = one_line(locals().get("p") and (p.stderr or p.stdout) or "", 200)
+            said = one_line((p.stderr or p.stdout) if p else "", 200)
             raise CodexError(f"codex app-server generate-json-schema failed: {e}" + (f" ({said})" if said else "")) \
                 from None
 
@@ -4385,17 +4385,10 @@ def _review(v: PrView, memory: PrMemory, events: list[Event]) -> Reaction | None
          "threads": threads, "pr_comments": comments}))
 
 
-def refuse_reruns(snapshot: dict, head: str) -> dict:
-    """A snapshot after GitHub refused a rerun on `head`: its failure is repaired instead."""
-    memory = PrMemory.load(snapshot.get("acted"))
-    memory.rerun_refused, memory.rerun_jobs = head, []
-    return {**snapshot, "acted": memory.dump()}
-
-
-def forget_merge_request(snapshot: dict) -> dict:
-    """A snapshot whose merge request is forgotten (GitHub refused it): the next approval asks again."""
-    memory = PrMemory.load(snapshot.get("acted"))
-    memory.merge_head = None
+def remembered(snapshot: dict, **changes: Any) -> dict:
+    """A snapshot whose PR memory has `changes` (after GitHub refused what was decided: a rerun -> repair
+    instead, `rerun_refused=head, rerun_jobs=[]`; a merge request -> ask again, `merge_head=None`)."""
+    memory = dataclasses.replace(PrMemory.load(snapshot.get("acted")), **changes)
     return {**snapshot, "acted": memory.dump()}
 
 
@@ -6180,6 +6173,16 @@ def _with_job_logs(gh: GitHubClient, repo: str, d: Decision) -> Decision:
     return dataclasses.replace(d, fields={**d.fields, "pending_context": json.dumps(context)})
 
 
+def _decide_again(store: Store, row: dict, why: str, **memory: Any) -> None:
+    """GitHub refused what was decided: the PR memory changes (`remembered`), the next tick observes the PR
+    again and decides anew, and the event says why."""
+    with store.tx():
+        fresh = store.issue(row["id"])
+        snapshot = remembered(json.loads(fresh["gh_snapshot"] or "{}"), **memory)
+        store.update_issue(row["id"], {"gh_observed_at": None, "gh_snapshot": json.dumps(snapshot, sort_keys=True)})
+        store.add_event(row["id"], "github", why, "warn")
+
+
 def _rerun_jobs(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs: PullRequestObs,
                 jobs: tuple[int, ...]) -> None:
     """Rerun failed Actions jobs; a rerun GitHub refuses sends the failure to a repair run (next observation)."""
@@ -6188,11 +6191,8 @@ def _rerun_jobs(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs: P
         for job in jobs:
             gh.rerun_job(repo, job)
     except GitHubError as err:
-        with store.tx():
-            fresh = store.issue(row["id"])
-            store.update_issue(row["id"], {"gh_observed_at": None, "gh_snapshot": json.dumps(
-                refuse_reruns(json.loads(fresh["gh_snapshot"] or "{}"), obs.head_sha), sort_keys=True)})
-            store.add_event(row["id"], "github", f"could not rerun a failed job ({err}); repairing instead", "warn")
+        _decide_again(store, row, f"could not rerun a failed job ({err}); repairing instead",
+                      rerun_refused=obs.head_sha, rerun_jobs=[])
         return
     ctx.note(f"{row['key']}: reran {len(jobs)} failed CI job(s) on {obs.head_sha[:8]}")
 
@@ -6204,15 +6204,11 @@ def _ask_to_merge(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs:
     try:
         gh.merge_when_ready(obs.node_id, queue=ctx.merge_queue.get(repo, False), head=obs.head_sha)
     except GitHubError as err:
-        moved = "head branch was modified" in str(err).lower()
-        with store.tx():
-            if moved:
-                fresh = store.issue(row["id"])
-                store.update_issue(row["id"], {"gh_observed_at": None, "gh_snapshot": json.dumps(
-                    forget_merge_request(json.loads(fresh["gh_snapshot"] or "{}")), sort_keys=True)})
-                store.add_event(row["id"], "github", f"GitHub refused to merge {obs.head_sha[:8]}: the head moved "
-                                                     "since; deciding again from the next observation", "warn")
-            else:
+        if "head branch was modified" in str(err).lower():
+            _decide_again(store, row, f"GitHub refused to merge {obs.head_sha[:8]}: the head moved since; deciding "
+                                      "again from the next observation", merge_head=None)
+        else:
+            with store.tx():
                 store.add_event(row["id"], "github", f"could not ask GitHub to merge: {err}", "warn")
 
 
@@ -7566,7 +7562,7 @@ def _check_codex(cfg: Config) -> list[Check]:
     out = [Check("PASS" if git else "FAIL", "git", git or "git not found on PATH")]
     with tempfile.TemporaryDirectory(prefix="patchrelay-doctor-") as tmp:
         out += [Check(level, "codex", msg) for level, msg in probe_codex(cfg, Path(tmp) / "workspace")]
-    if git and shutil.which(cfg.codex.bin):
+    if shutil.which(cfg.codex.bin):
         try:
             problems = contract_problems(codex_protocol(cfg))
             out += [Check("WARN", "codex", f"protocol drift: {p}") for p in problems] or \
