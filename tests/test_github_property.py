@@ -188,7 +188,9 @@ class GitHubSequence:
             gh.add_review(REPO, 1, who, what, body="" if what == "APPROVED" else "Please change work.txt",
                           association="MEMBER")
             self.note(f"{who} {what.lower()}")
-        elif action == "push" and state == "OPEN" and not queued:
+        elif action == "push" and state == "OPEN" and not queued and not issue_row(self.world)["active_run_id"]:
+            # a person pushes while no run of ours is busy (else their push may be refused as non-fast-forward
+            # by the run's own push, as on GitHub; test_github covers a person's push during a repair)
             self.person_pushes()
             self.note("a person pushes to the branch")
         elif action == "enqueue" and state == "OPEN" and not queued and not issue_row(self.world)["active_run_id"]:
