@@ -39,9 +39,11 @@ import math
 import os
 import queue
 import re
+import secrets
 import shlex
 import shutil
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -50,6 +52,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +156,7 @@ RUN_TYPES = ("implementation", "ci_repair", "review_fix", "queue_repair")
 FINAL_STATES = frozenset({"done", "canceled", "failed", "escalated"})
 CLOSED_STATES = frozenset({"done", "canceled"})
 TOKEN_ENV_ALWAYS_STRIPPED = ("LINEAR_API_KEY", "GITHUB_TOKEN", "GH_TOKEN", "GH_ENTERPRISE_TOKEN",
-                             "GITHUB_ENTERPRISE_TOKEN")
+                             "GITHUB_ENTERPRISE_TOKEN", "PATCHRELAY_TOKEN_KEY", "LINEAR_CLIENT_SECRET")
 ISSUE_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,9}-[0-9]{1,9}", re.ASCII)
 ISSUE_URL_RE = re.compile(r"https://linear\.app/[A-Za-z0-9_.-]+/issue/([A-Za-z][A-Za-z0-9]{0,9}-[0-9]{1,9})"
                           r"(?:/[A-Za-z0-9_.%-]*)?/?", re.ASCII)
@@ -299,6 +302,12 @@ class LinearConfig:
     retry_max_wait: float = 30.0
     review_state: str = "In Review"
     max_writes_per_tick: int = 1000
+    # app mode's OAuth connection (`patchrelay linear connect`): the names of the variables that hold the
+    # client id, the client secret and the key that encrypts the stored tokens, and the redirect URI
+    token_key_env: str = "PATCHRELAY_TOKEN_KEY"
+    client_id_env: str = "LINEAR_CLIENT_ID"
+    client_secret_env: str = "LINEAR_CLIENT_SECRET"
+    redirect_uri: str = "http://localhost:8765/callback"
 
 
 @dataclass(frozen=True)
@@ -533,8 +542,9 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
 
 def _parse_linear(top: _Section) -> LinearConfig:
     ls = top.sub("linear", ["api_url", "token_env", "mode", "delegation", "delegation_label", "poll_overlap",
-                            "timeout", "retry", "review_state", "max_writes_per_tick"])
+                            "timeout", "retry", "review_state", "max_writes_per_tick", "token_key_env", "oauth"])
     lr = ls.sub("retry", ["attempts", "max_wait"])
+    lo = ls.sub("oauth", ["client_id_env", "client_secret_env", "redirect_uri"])
     delegation = ls.strlist("delegation", LinearConfig.delegation)
     for i, d in enumerate(delegation):
         if d not in ("delegate", "assignee", "label"):
@@ -551,6 +561,10 @@ def _parse_linear(top: _Section) -> LinearConfig:
         retry_max_wait=lr.num("max_wait", 30.0, minimum=0),
         review_state=ls.text("review_state", LinearConfig.review_state),
         max_writes_per_tick=ls.num("max_writes_per_tick", 1000, minimum=1, integer=True, maximum=5000),
+        token_key_env=_envname(ls, "token_key_env", LinearConfig.token_key_env),
+        client_id_env=_envname(lo, "client_id_env", LinearConfig.client_id_env),
+        client_secret_env=_envname(lo, "client_secret_env", LinearConfig.client_secret_env),
+        redirect_uri=_url(lo, "redirect_uri", LinearConfig.redirect_uri),
     )
 
 
@@ -809,6 +823,32 @@ def token_from_env(env_name: str) -> str | None:
     return tok
 
 
+def token_cipher(cfg: Config) -> Any:
+    """The Fernet key (from linear.token_key_env) that encrypts the stored Linear OAuth tokens."""
+    name = cfg.linear.token_key_env
+    raw = (os.environ.get(name) or "").strip()
+    if not raw:
+        raise ConfigError(f"linear.token_key_env: {name} is not set: it holds the key the stored Linear tokens are "
+                          "encrypted with (`patchrelay linear connect` prints a new one)")
+    try:
+        from cryptography.fernet import Fernet
+    except ImportError:
+        raise ConfigError("Linear app mode stores its tokens encrypted and needs the cryptography package: "
+                          "pip install cryptography") from None
+    try:
+        cipher = Fernet(raw.encode())
+    except (ValueError, TypeError):
+        raise ConfigError(f"linear.token_key_env: {name} is not a valid key (44 characters of url-safe base64; "
+                          "`patchrelay linear connect` prints a new one)") from None
+    KNOWN_SECRETS.add(raw)
+    return cipher
+
+
+def new_token_key() -> str:
+    from cryptography.fernet import Fernet
+    return Fernet.generate_key().decode()
+
+
 def github_token(cfg: Config) -> str | None:
     tok = token_from_env(cfg.github.token_env)
     if tok or not cfg.github.use_gh_cli or not shutil.which("gh"):
@@ -826,7 +866,8 @@ def github_token(cfg: Config) -> str | None:
 def stripped_child_env(cfg: Config, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for Codex and repo hooks: PatchRelay's own tokens removed."""
     env = dict(os.environ)
-    for name in {cfg.linear.token_env, cfg.github.token_env, *TOKEN_ENV_ALWAYS_STRIPPED}:
+    for name in {cfg.linear.token_env, cfg.github.token_env, cfg.linear.token_key_env, cfg.linear.client_secret_env,
+                 *TOKEN_ENV_ALWAYS_STRIPPED}:
         env.pop(name, None)
     env.update(extra or {})
     return env
@@ -1033,8 +1074,35 @@ ALTER TABLE issues ADD COLUMN pushed_run_type TEXT;
 ALTER TABLE issues ADD COLUMN pr_waiting_review TEXT;
 """
 
+# Linear app mode: the OAuth connection (one row; both tokens encrypted with linear.token_key_env's key,
+# `generation` counts the pairs so that a refresh stores its pair only over the one it replaced), and named
+# leases (one holder at a time until `until`, seconds since the epoch): the token refresh takes one.
+SCHEMA_V11 = """
+CREATE TABLE linear_oauth (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  access_token TEXT NOT NULL,
+  refresh_token TEXT,
+  expires_at REAL,
+  lifetime REAL,
+  scope TEXT,
+  client_id TEXT,
+  app_user TEXT,
+  app_user_id TEXT,
+  connected_at TEXT NOT NULL,
+  refreshed_at TEXT,
+  refreshes INTEGER NOT NULL DEFAULT 0,
+  refresh_error TEXT,
+  generation INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE leases (
+  name TEXT PRIMARY KEY,
+  holder TEXT NOT NULL,
+  until REAL NOT NULL
+);
+"""
+
 MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8,
-                         SCHEMA_V9, SCHEMA_V10]
+                         SCHEMA_V9, SCHEMA_V10, SCHEMA_V11]
 
 ISSUE_COLUMNS = frozenset({
     "project_id", "linear_id", "key", "title", "description", "url", "team_id", "team_key", "linear_state",
@@ -1222,6 +1290,52 @@ class Store:
         self.db.execute("INSERT INTO cursors(stream, value, updated_at) VALUES (?, ?, ?) "
                         "ON CONFLICT(stream) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
                         (stream, value, iso()))
+
+    # ---- leases: one holder per name until it releases or its time runs out
+    def lease_take(self, name: str, holder: str, seconds: float) -> bool:
+        """Take (or extend) lease `name` for `holder`, unless another holder's lease still runs."""
+        now = time.time()
+        with self.tx():
+            cur = self.db.execute(
+                "INSERT INTO leases(name, holder, until) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                "holder = excluded.holder, until = excluded.until WHERE leases.holder = excluded.holder "
+                "OR leases.until < ?", (name, holder, now + seconds, now))
+            return cur.rowcount == 1
+
+    def lease_release(self, name: str, holder: str) -> None:
+        with self.tx():
+            self.db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+
+    # ---- Linear app mode's OAuth connection (tokens arrive and leave encrypted)
+    def oauth_get(self) -> dict | None:
+        return self._one("SELECT * FROM linear_oauth WHERE id = 1")
+
+    def oauth_connect(self, fields: Mapping[str, Any]) -> None:
+        """A new connection replaces any earlier one (and its refusal)."""
+        with self.tx():
+            old = self.oauth_get()
+            self.db.execute("DELETE FROM linear_oauth")
+            cols = {**fields, "id": 1, "connected_at": iso(), "generation": (old["generation"] + 1) if old else 1}
+            self.db.execute(f"INSERT INTO linear_oauth({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                            tuple(cols.values()))
+
+    def oauth_refreshed(self, generation: int, fields: Mapping[str, Any]) -> bool:
+        """Store a refreshed pair over generation `generation`; False when another pair replaced it first."""
+        with self.tx():
+            sets = ", ".join(f"{k} = ?" for k in fields)
+            cur = self.db.execute(
+                f"UPDATE linear_oauth SET {sets}, refreshed_at = ?, refreshes = refreshes + 1, refresh_error = NULL, "
+                "generation = generation + 1 WHERE id = 1 AND generation = ?", (*fields.values(), iso(), generation))
+            return cur.rowcount == 1
+
+    def oauth_refused(self, generation: int, error: str) -> None:
+        with self.tx():
+            self.db.execute("UPDATE linear_oauth SET refresh_error = ? WHERE id = 1 AND generation = ?",
+                            (error, generation))
+
+    def oauth_forget(self) -> None:
+        with self.tx():
+            self.db.execute("DELETE FROM linear_oauth")
 
     # ---- issues
     def issue_by_id(self, issue_id: int) -> dict | None:
@@ -1785,6 +1899,46 @@ def _int_header(headers: Mapping[str, str], name: str) -> int | None:
         return None
 
 
+# ---- the OAuth redirect: one request on a loopback port
+
+def receive_redirect(redirect_uri: str, timeout: float, page: str) -> str | None:
+    """Listen on the loopback host and port of `redirect_uri` for the browser's one redirect to its path and
+    answer it with `page`; the full URL it asked for, or None when the port cannot be bound (the operator
+    pastes the URL instead). Raises TimeoutError when nothing came within `timeout` seconds."""
+    u = urllib.parse.urlsplit(redirect_uri)
+    host, port = u.hostname or "localhost", u.port or 80
+    try:
+        srv = socket.create_server(("127.0.0.1" if host == "localhost" else host, port))
+    except OSError:
+        return None
+    deadline = time.time() + timeout
+    with srv:
+        while True:
+            srv.settimeout(max(0.1, deadline - time.time()))
+            try:
+                conn, _ = srv.accept()
+            except (TimeoutError, socket.timeout):
+                raise TimeoutError(f"no redirect reached {redirect_uri} within {timeout:.0f} s") from None
+            with conn:
+                conn.settimeout(10)
+                try:
+                    head = conn.recv(65536).decode("latin-1")
+                except OSError:
+                    continue
+                line = head.split("\r\n", 1)[0].split(" ")
+                target = line[1] if len(line) >= 2 and line[0] == "GET" else ""
+                ours = urllib.parse.urlsplit(target).path == (u.path or "/")
+                body = (page if ours else "Not found").encode()
+                with contextlib.suppress(OSError):
+                    conn.sendall(f"HTTP/1.1 {'200 OK' if ours else '404 Not Found'}\r\nContent-Type: text/html; "
+                                 f"charset=utf-8\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                                 .encode() + body)
+                if ours:
+                    return urllib.parse.urlunsplit((u.scheme, u.netloc, "", "", "")) + target
+            if time.time() > deadline:
+                raise TimeoutError(f"no redirect reached {redirect_uri} within {timeout:.0f} s")
+
+
 # ---- processes
 
 def proc_start_time(pid: int | None) -> str | None:
@@ -2013,14 +2167,20 @@ class LinearClient:
                             ("complexity_remaining", "x-ratelimit-complexity-remaining")),
                            "x-ratelimit-requests-reset", reset_unit=0.001)
 
-    def __init__(self, cfg: LinearConfig, token: str, on_budget: Callable[[dict], None] | None = None):
-        self.cfg = cfg
+    def __init__(self, cfg: LinearConfig, token: str, on_budget: Callable[[dict], None] | None = None,
+                 reauth: Callable[[str], str | None] | None = None):
+        """`reauth(token)`: called once when Linear refuses `token`; a different token to retry with, or None."""
+        self.cfg, self.reauth = cfg, reauth
         self.transport = Transport(
             "Linear", LinearError, cfg.api_url, timeout=cfg.timeout, attempts=cfg.retry_attempts,
             max_wait=cfg.retry_max_wait, budget=self.BUDGET, on_budget=on_budget,
-            # personal API keys go bare, OAuth tokens as Bearer
-            headers={"Content-Type": "application/json",
-                     "Authorization": token if token.startswith("lin_api_") else f"Bearer {token}"})
+            headers={"Content-Type": "application/json"})
+        self.set_token(token)
+
+    def set_token(self, token: str) -> None:
+        self.token = token
+        # personal API keys go bare, OAuth tokens as Bearer
+        self.transport.http.headers["Authorization"] = token if token.startswith("lin_api_") else f"Bearer {token}"
 
     @property
     def host(self) -> str:
@@ -2041,6 +2201,13 @@ class LinearClient:
         variables = dict(variables or {})
         if "$label: String!" in document:    # issues carry only the delegation label (one object, not twenty)
             variables.setdefault("label", self.cfg.delegation_label)
+        try:
+            return self.transport.retrying(lambda: self._post(document, variables, partial))
+        except LinearError as e:
+            fresh = self.reauth(self.token) if e.code == "AUTHENTICATION_ERROR" and self.reauth else None
+            if not fresh or fresh == self.token:
+                raise
+            self.set_token(fresh)
         return self.transport.retrying(lambda: self._post(document, variables, partial))
 
     def _rate_limit(self, resp: requests.Response, op_name: str) -> LinearError | None:
@@ -2092,7 +2259,7 @@ class LinearClient:
         # a request error Linear explains (bad input, not found, auth) is final; anything else may pass
         return LinearError(f"Linear {op_name} ({self.host}): {msg}" + (" (check the Linear token)" if auth else ""),
                            transient=not known and not auth and status < 400 or "INTERNAL_SERVER_ERROR" in codes,
-                           code=next(iter(sorted(known)), None))
+                           code="AUTHENTICATION_ERROR" if auth else next(iter(sorted(known)), None))
 
     # ---- reads
     def viewer(self) -> Viewer:
@@ -2325,6 +2492,97 @@ _WRITE_FIELDS = {"activity": ("agentActivityCreate", "AgentActivityCreateInput",
                  "comment": ("commentCreate", "CommentCreateInput", False),
                  "session_update": ("agentSessionUpdate", "AgentSessionUpdateInput", True),
                  "issue_update": ("issueUpdate", "IssueUpdateInput", True)}
+
+
+# ---- app mode's OAuth: the authorize URL, the code exchange, the refresh and the revocation
+
+OAUTH_SCOPES = "read,write,app:assignable,app:mentionable"
+
+
+@dataclass(frozen=True)
+class OAuthGrant:
+    """What Linear's token endpoint issued: the pair, how long the access token lives, the scopes."""
+    access_token: str
+    refresh_token: str | None
+    expires_in: float | None
+    scope: str
+
+
+class LinearOAuthRefused(LinearError):
+    """Linear refused a grant (invalid_grant: a used, revoked or expired code or refresh token; invalid_client):
+    final, until the operator connects again."""
+
+
+class LinearOAuth:
+    """Linear's OAuth endpoints, on the host of `linear.api_url` (the authorize page on linear.app for the
+    real API). One attempt per grant: a code and a refresh token are single-use, so a grant whose answer was
+    lost is not sent again (the next tick's refresh, or `linear connect`, follows)."""
+
+    def __init__(self, cfg: LinearConfig, client_id: str, client_secret: str):
+        self.client_id, self.client_secret = client_id, client_secret
+        base = re.match(r"^https?://[^/]+", cfg.api_url)
+        root = base.group(0) if base else cfg.api_url
+        self.token_url, self.revoke_url = root + "/oauth/token", root + "/oauth/revoke"
+        self.authorize_base = ("https://linear.app" if root == "https://api.linear.app" else root) + "/oauth/authorize"
+        self.transport = Transport("Linear", LinearError, root, timeout=cfg.timeout, attempts=1,
+                                   max_wait=cfg.retry_max_wait, budget=LinearClient.BUDGET,
+                                   headers={"Accept": "application/json"})
+
+    @property
+    def host(self) -> str:
+        return self.transport.host
+
+    def authorize_url(self, redirect_uri: str, state: str) -> str:
+        q = {"client_id": self.client_id, "redirect_uri": redirect_uri, "response_type": "code",
+             "scope": OAUTH_SCOPES, "actor": "app", "state": state}
+        return self.authorize_base + "?" + urllib.parse.urlencode(q, safe=",:")
+
+    def exchange(self, code: str, redirect_uri: str) -> OAuthGrant:
+        return self._grant("code exchange", {"grant_type": "authorization_code", "code": code,
+                                             "redirect_uri": redirect_uri})
+
+    def refresh(self, refresh_token: str) -> OAuthGrant:
+        return self._grant("token refresh", {"grant_type": "refresh_token", "refresh_token": refresh_token})
+
+    def revoke(self, token: str, hint: str) -> None:
+        resp = self.transport.retrying(lambda: self.transport.send(
+            "POST", self.revoke_url, "token revocation", self._limited,
+            data={"token": token, "token_type_hint": hint, "client_id": self.client_id,
+                  "client_secret": self.client_secret}))
+        if resp.status_code >= 400:
+            raise self._refused("token revocation", resp)
+
+    def _limited(self, resp: requests.Response) -> LinearError | None:
+        if resp.status_code != 429:
+            return None
+        wait = _retry_after(resp.headers)
+        return LinearRateLimited(f"Linear OAuth ({self.host}): rate limited (HTTP 429)",
+                                 time.time() + (wait if wait is not None else 60.0))
+
+    def _refused(self, what: str, resp: requests.Response) -> LinearError:
+        body = json_body(resp) or {}
+        err = str(body.get("error") or f"HTTP {resp.status_code}")
+        desc = one_line(str(body.get("error_description") or ""), 160)
+        msg = f"Linear {what} ({self.host}): {err}" + (f" ({desc})" if desc else "")
+        if err in ("invalid_grant", "invalid_client", "unauthorized_client"):
+            return LinearOAuthRefused(msg, code=err)
+        return LinearError(msg, transient=resp.status_code >= 500, code=err)
+
+    def _grant(self, what: str, form: dict) -> OAuthGrant:
+        form = {**form, "client_id": self.client_id, "client_secret": self.client_secret}
+        resp = self.transport.retrying(lambda: self.transport.send("POST", self.token_url, what, self._limited,
+                                                                   data=form))
+        body = json_body(resp)
+        if resp.status_code >= 400:
+            raise self._refused(what, resp)
+        if not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
+            raise self.transport.fail(what, f"HTTP {resp.status_code}, unexpected answer (no access_token)")
+        access, refresh = body["access_token"], body.get("refresh_token")
+        KNOWN_SECRETS.update(t for t in (access, refresh) if isinstance(t, str) and t)
+        expires = body.get("expires_in")
+        return OAuthGrant(access, refresh if isinstance(refresh, str) else None,
+                          float(expires) if isinstance(expires, (int, float)) else None,
+                          str(body.get("scope") or ""))
 
 
 def _activity(n: dict, session_id: str) -> LinearActivity:
@@ -3639,6 +3897,21 @@ def rate_limited_until(budget: Mapping[str, Any] | None, now: dt.datetime) -> dt
     return until if until and until > now else None
 
 
+def refresh_margin(lifetime: float | None) -> float:
+    """How long before its expiry an access token is refreshed: a fifth of its lifetime, between 1 s and an
+    hour (a day's token refreshes an hour early; a token of seconds in tests, a second or two early)."""
+    return min(3600.0, max(1.0, 0.2 * lifetime)) if lifetime else 300.0
+
+
+def token_due(conn: Mapping[str, Any], now: float) -> bool:
+    """The stored connection's access token should be refreshed now (it has an expiry and is near it)."""
+    return conn.get("expires_at") is not None and now >= conn["expires_at"] - refresh_margin(conn.get("lifetime"))
+
+
+def token_expired(conn: Mapping[str, Any], now: float) -> bool:
+    return conn.get("expires_at") is not None and now >= conn["expires_at"]
+
+
 @dataclass(frozen=True)
 class Identity:
     viewer_id: str
@@ -4784,16 +5057,145 @@ def build_report(items: list[dict], changed: list[str], tokens: dict | None, dur
 # the Linear outbox. Used by the worker and the tick alike.
 
 
-def linear_client(cfg: Config, store: Store | None) -> LinearClient:
-    token = token_from_env(cfg.linear.token_env)
-    if not token:
-        raise ConfigError(f"linear.token_env: environment variable {cfg.linear.token_env} is not set")
+class LinearTokens:
+    """Where the Linear token comes from: linear.token_env's variable when set (it wins), else the app
+    connection stored by `patchrelay linear connect`, decrypted with linear.token_key_env's key. A stored
+    token is refreshed before it expires and when Linear refuses it, by one process at a time (a lease in
+    the store that every tick, worker and command takes); the new pair is stored before it is used."""
+
+    LEASE = "linear-token-refresh"
+
+    def __init__(self, cfg: Config, store: Store | None):
+        self.cfg, self.store = cfg, store
+
+    def source(self) -> str | None:
+        if token_from_env(self.cfg.linear.token_env):
+            return "environment"
+        return "connected" if self.store is not None and self.store.oauth_get() is not None else None
+
+    def current(self) -> str:
+        """The token to use now (refreshed first when it is due). ConfigError when there is none."""
+        token = token_from_env(self.cfg.linear.token_env)
+        if token:
+            return token
+        return self._stored(refused=None)
+
+    def refused(self, token: str) -> str | None:
+        """Linear refused `token`: a fresh one from a refresh, or None (an environment token is not ours to
+        refresh)."""
+        if token_from_env(self.cfg.linear.token_env) or self.store is None:
+            return None
+        return self._stored(refused=token)
+
+    # ---- the stored connection
+    def _missing(self) -> ConfigError:
+        return ConfigError(f"linear.token_env: environment variable {self.cfg.linear.token_env} is not set and no "
+                           "Linear app is connected (`patchrelay linear connect`)")
+
+    def _conn(self) -> dict:
+        conn = self.store.oauth_get() if self.store is not None else None
+        if conn is None:
+            raise self._missing()
+        return conn
+
+    def _decrypt(self, cipher: Any, blob: str | None, what: str) -> str:
+        from cryptography.fernet import InvalidToken
+        try:
+            value = cipher.decrypt((blob or "").encode()).decode()
+        except (InvalidToken, ValueError):
+            raise ConfigError(f"linear.token_key_env: the stored Linear {what} cannot be decrypted with "
+                              f"{self.cfg.linear.token_key_env} (another key?): set the key it was stored with, or "
+                              "run `patchrelay linear connect` again") from None
+        KNOWN_SECRETS.add(value)
+        return value
+
+    def _stored(self, refused: str | None) -> str:
+        conn = self._conn()
+        cipher = token_cipher(self.cfg)
+        token = self._decrypt(cipher, conn["access_token"], "access token")
+        now = time.time()
+        if token != refused and not token_due(conn, now):
+            return token
+        if conn["refresh_error"] or not conn["refresh_token"]:
+            if token != refused and not token_expired(conn, now):
+                return token                # still good for a while; status and doctor say what to do
+            raise LinearOAuthRefused(f"{conn['refresh_error'] or 'Linear: the token expired and there is no refresh token'}"
+                                     " — run `patchrelay linear connect`", code="invalid_grant")
+        return self._refresh(cipher, conn, token, refused)
+
+    def _refresh(self, cipher: Any, conn: dict, token: str, refused: str | None) -> str:
+        store = self.store
+        assert store is not None
+        holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        hold = 2 * self.cfg.linear.timeout + 10         # longer than one token request can take
+        deadline = time.time() + hold
+        while not store.lease_take(self.LEASE, holder, hold):
+            time.sleep(0.05)
+            now_conn = self._conn()
+            if now_conn["generation"] != conn["generation"]:        # another process refreshed (or reconnected)
+                return self._decrypt(cipher, now_conn["access_token"], "access token")
+            if time.time() > deadline:
+                if token != refused and not token_expired(conn, time.time()):
+                    return token
+                raise LinearError(f"Linear token refresh: another process has held the refresh for {hold:.0f} s",
+                                  transient=True)
+        try:
+            now_conn = self._conn()
+            if now_conn["generation"] != conn["generation"]:        # refreshed just before we took the lease
+                return self._decrypt(cipher, now_conn["access_token"], "access token")
+            if now_conn["refresh_error"]:
+                raise LinearOAuthRefused(f"{now_conn['refresh_error']} — run `patchrelay linear connect`",
+                                         code="invalid_grant")
+            oauth = oauth_client(self.cfg)
+            try:
+                grant = oauth.refresh(self._decrypt(cipher, conn["refresh_token"], "refresh token"))
+            except LinearOAuthRefused as e:
+                msg = redact(str(e))
+                with store.tx():
+                    store.oauth_refused(conn["generation"], msg)
+                    store.add_event(None, "linear", f"{msg}: the Linear writes wait in the outbox until "
+                                    "`patchrelay linear connect`", level="error")
+                raise LinearOAuthRefused(f"{msg} — run `patchrelay linear connect`", code=e.code) from None
+            store.oauth_refreshed(conn["generation"], self._encrypted(cipher, grant, conn))
+            log.info("Linear token refreshed (expires in %s)", f"{grant.expires_in:.0f} s" if grant.expires_in else "?")
+            return grant.access_token
+        finally:
+            store.lease_release(self.LEASE, holder)
+
+    @staticmethod
+    def _encrypted(cipher: Any, grant: OAuthGrant, conn: Mapping[str, Any] | None = None) -> dict:
+        old_refresh = conn.get("refresh_token") if conn else None
+        return {"access_token": cipher.encrypt(grant.access_token.encode()).decode(),
+                "refresh_token": cipher.encrypt(grant.refresh_token.encode()).decode() if grant.refresh_token
+                else old_refresh,
+                "expires_at": time.time() + grant.expires_in if grant.expires_in else None,
+                "lifetime": grant.expires_in, "scope": grant.scope}
+
+
+def oauth_client(cfg: Config) -> LinearOAuth:
+    """Linear's OAuth endpoints with the app's client id and secret (from linear.oauth's variables)."""
+    lc = cfg.linear
+    cid, secret = token_from_env(lc.client_id_env), token_from_env(lc.client_secret_env)
+    for name, value, key in ((lc.client_id_env, cid, "client_id_env"), (lc.client_secret_env, secret,
+                                                                        "client_secret_env")):
+        if not value:
+            raise ConfigError(f"linear.oauth.{key}: {name} is not set (the Linear OAuth application's "
+                              f"{key.replace('_env', '').replace('_', ' ')}; see README, Linear setup)")
+    assert cid and secret
+    return LinearOAuth(lc, cid, secret)
+
+
+def linear_client(cfg: Config, store: Store | None, record: bool = True) -> LinearClient:
+    """A Linear client with the current token (see LinearTokens). `record`: its rate-limit budget is written
+    to the store (not by a dry run)."""
+    tokens = LinearTokens(cfg, store)
+    token = tokens.current()
 
     def on_budget(fields: dict) -> None:
-        if store is not None:
+        if store is not None and record:
             with store.tx():
                 store.record_budget("linear", fields)
-    return LinearClient(cfg.linear, token, on_budget)
+    return LinearClient(cfg.linear, token, on_budget, reauth=tokens.refused)
 
 
 def github_client(cfg: Config, store: Store | None) -> GitHubClient:
@@ -4807,6 +5209,19 @@ def github_client(cfg: Config, store: Store | None) -> GitHubClient:
             with store.tx():
                 store.record_budget("github", fields)
     return GitHubClient(cfg.github, token, on_budget)
+
+
+def linear_token_status(cfg: Config, store: Store | None) -> dict:
+    """Where the Linear token comes from, and for a connected app: its user, expiry, refreshes and refusal."""
+    conn = store.oauth_get() if store is not None else None
+    source = "environment" if token_from_env(cfg.linear.token_env) else "connected" if conn else None
+    out: dict[str, Any] = {"source": source}
+    if conn:
+        out.update(app_user=conn["app_user"], connected_at=conn["connected_at"],
+                   expires_at=iso(dt.datetime.fromtimestamp(conn["expires_at"], dt.timezone.utc))
+                   if conn["expires_at"] is not None else None,
+                   refreshed_at=conn["refreshed_at"], refreshes=conn["refreshes"], refresh_error=conn["refresh_error"])
+    return out
 
 
 def apply_decision(store: Store, row: dict | None, d: Decision, run_id: int | None = None,
@@ -5665,7 +6080,7 @@ class TickContext:
 
     def linear(self) -> LinearClient:
         if self._linear is None:
-            self._linear = linear_client(self.cfg, None if self.dry_run else self.store)
+            self._linear = linear_client(self.cfg, self.store, record=not self.dry_run)
         return self._linear
 
     def github(self) -> GitHubClient:
@@ -6782,7 +7197,8 @@ def _status_data(cfg: Config, store: Store | None, show_all: bool) -> dict:
     if store is None:
         return {"issues": [], "others": 0, "outbox": [], "api": [], "api_use": api_use([], {}), "last_tick": None,
                 "paused": runner_paused(cfg, None), "unrouted": [], "tokens": _tokens_status(cfg, None),
-                "codex_hold": None, "flaky_checks": {}, "worktrees": {"count": 0, "bytes": 0, "kept": []}}
+                "codex_hold": None, "flaky_checks": {}, "worktrees": {"count": 0, "bytes": 0, "kept": []},
+                "linear_token": linear_token_status(cfg, None)}
     day_ago = iso(utcnow() - dt.timedelta(days=1))
     issues = [_issue_item(r) for r in store.issues_listed(changed_since=None if show_all else day_ago)]
     others = 0 if show_all else store.issues_count() - len(issues)
@@ -6804,7 +7220,8 @@ def _status_data(cfg: Config, store: Store | None, show_all: bool) -> dict:
             "tokens": _tokens_status(cfg, store), "codex_hold": codex_hold(store),
             "flaky_checks": json.loads(store.meta_get("ci.flaky") or "{}"),
             "worktrees": {**(json.loads(store.meta_get("worktrees.usage") or "null") or {"count": 0, "bytes": 0}),
-                          "kept": json.loads(store.meta_get("worktrees.kept") or "[]")}}
+                          "kept": json.loads(store.meta_get("worktrees.kept") or "[]")},
+            "linear_token": linear_token_status(cfg, store)}
 
 
 def _render_attention(data: dict) -> None:
@@ -6817,10 +7234,21 @@ def _render_attention(data: dict) -> None:
     if paused:
         click.echo(f"PAUSED by {paused.get('by')}" + (f" at {paused['at']}" if paused.get("at") else "")
                    + (f": {paused['reason']}" if paused.get("reason") else "") + " (`patchrelay resume`)\n")
+    lt = data["linear_token"]
+    if lt.get("refresh_error"):
+        click.echo(f"LINEAR: {lt['refresh_error']}; Linear writes wait in the outbox (`patchrelay linear connect`)\n")
     hold = data["codex_hold"]
     if hold:
         click.echo(f"HELD until {hold['until']}: {hold['reason']}" + (f"; fix: {hold['fix']}" if hold.get("fix") else
                                                                      " (lifts by itself)") + "\n")
+
+
+def _render_linear_token(lt: dict) -> None:
+    if lt["source"] == "connected":
+        click.echo(f"Linear token: connected app {lt['app_user']}, expires {lt['expires_at'] or 'never'} "
+                   f"(refreshes itself; {lt['refreshes']} so far)")
+    elif lt["source"] == "environment":
+        click.echo("Linear token: from the environment")
 
 
 def _render_status(data: dict, cx: CodexConfig) -> None:
@@ -6852,6 +7280,7 @@ def _render_status(data: dict, cx: CodexConfig) -> None:
         if rate_limited_until(b, utcnow()):
             line += f"; rate limited until {b['limited_until']}"
         click.echo(line)
+    _render_linear_token(data["linear_token"])
     use = data["api_use"]
     for name in ("linear", "github"):
         per = use.get(name)
@@ -7508,14 +7937,31 @@ def _check_database(cfg: Config) -> list[Check]:
 
 
 def _check_linear(cfg: Config) -> list[Check]:
-    """The token is set and accepted, and how many open issues the delegation rule takes right now."""
-    token = token_from_env(cfg.linear.token_env)
-    if not token:
-        return [Check("FAIL", "linear", f"${cfg.linear.token_env} is not set: export it, or put it in the service's "
-                                        "environment file (see README, Linear setup)")]
-    out: list[Check] = []
+    """The token is set (or an app connected) and accepted, and how many open issues the delegation rule takes
+    right now."""
+    store = Store(cfg.database_path) if cfg.database_path.exists() else None
     try:
-        lc = LinearClient(cfg.linear, token)
+        return _check_linear_with(cfg, store)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _check_linear_with(cfg: Config, store: Store | None) -> list[Check]:
+    info = linear_token_status(cfg, store)
+    if info["source"] is None:
+        return [Check("FAIL", "linear", f"${cfg.linear.token_env} is not set and no Linear app is connected: run "
+                                        "`patchrelay linear connect` (app mode), or export a personal API key (see "
+                                        "README, Linear setup)")]
+    out: list[Check] = []
+    if info["source"] == "connected":
+        expiry = f"token expires {info['expires_at']}" if info["expires_at"] else "token without expiry"
+        out.append(Check("FAIL" if info["refresh_error"] else "PASS", "linear",
+                         f"Linear refused the token refresh ({info['refresh_error']}): run `patchrelay linear connect`"
+                         if info["refresh_error"] else f"connected app {info['app_user']} ({expiry}; refreshes "
+                         f"itself, {info['refreshes']} refresh(es) so far)"))
+    try:
+        lc = linear_client(cfg, store, record=False)
         v = lc.viewer()
         mode = ("app" if v.app else "user") if cfg.linear.mode == "auto" else cfg.linear.mode
         out.append(Check("PASS", "linear", f"token accepted: viewer {v.name or v.id} ({mode} mode)"))
@@ -7523,7 +7969,7 @@ def _check_linear(cfg: Config) -> list[Check]:
             v.id, mode == "app", cfg.linear.delegation, cfg.linear.delegation_label)))
         out.append(Check("PASS", "linear", f"the delegation rule ({delegation_rule(cfg, mode == 'app')}) takes "
                                            f"{n}{'+' if more else ''} open issue(s) right now"))
-    except LinearError as e:
+    except (LinearError, ConfigError) as e:
         out.append(Check("FAIL", "linear", str(e)))
     return out
 
@@ -7643,6 +8089,115 @@ def doctor_cmd(app: App, as_json: bool) -> None:
         click.echo("\nready" if not failed else "\nnot ready")
     if failed:
         raise click.exceptions.Exit(1)
+
+
+# ---- linear: app mode's OAuth connection
+
+@cli.group("linear", cls=CLI)
+def linear_group() -> None:
+    """Linear app mode: connect PatchRelay's OAuth application (tokens stored encrypted, refreshed by
+    themselves), or disconnect it."""
+
+
+_CONNECTED_PAGE = ("<!doctype html><meta charset=utf-8><title>PatchRelay</title><p>PatchRelay received Linear's "
+                   "answer. You can close this tab and return to the terminal.")
+
+
+def _redirected_code(url: str, state: str | None) -> str:
+    q = urllib.parse.parse_qs(urllib.parse.urlsplit(url.strip()).query)
+    if q.get("error"):
+        raise UsageError(f"Linear did not authorize the app: {shown(q['error'][0])}"
+                         + (f" ({shown(q['error_description'][0], 200)})" if q.get("error_description") else ""))
+    if not q.get("code"):
+        raise UsageError("the address has no `code` parameter: paste the whole address the browser was sent to")
+    if state is not None and q.get("state", [None])[0] != state:
+        raise UsageError("the address's `state` does not match this connect's: start `patchrelay linear connect` "
+                         "again and use the link it prints")
+    return q["code"][0]
+
+
+@linear_group.command("connect")
+@click.option("--code", help="The code from the redirect: exchange it without waiting or asking.")
+@click.option("--redirect-uri", metavar="URI", help="The application's redirect URI (default: "
+              "linear.oauth.redirect_uri).")
+@click.option("--paste", is_flag=True, help="Do not listen for the redirect; ask for the redirected address.")
+@click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds to wait for the redirect.")
+@click.pass_obj
+def linear_connect_cmd(app: App, code: str | None, redirect_uri: str | None, paste: bool, timeout: float) -> None:
+    """Authorize PatchRelay's Linear OAuth application as its own app user (actor=app) and store its tokens,
+    encrypted, in the database; they refresh themselves from then on."""
+    cfg = app.cfg
+    oauth = oauth_client(cfg)
+    try:
+        cipher = token_cipher(cfg)
+    except ConfigError:
+        if (os.environ.get(cfg.linear.token_key_env) or "").strip():
+            raise
+        click.echo(f"A new key for {cfg.linear.token_key_env} (put it in the environment and in the service's "
+                   f"environment file, keep a copy safe):\n  {cfg.linear.token_key_env}={new_token_key()}")
+        raise ConfigError(f"linear.token_key_env: {cfg.linear.token_key_env} is not set: set it (above: a new key) "
+                          "and run `patchrelay linear connect` again") from None
+    store = app.store(verify=True)
+    redirect = redirect_uri or cfg.linear.redirect_uri
+    if code is None:
+        state = secrets.token_urlsafe(18)
+        click.echo("Open this address as a Linear workspace admin and authorize the app:\n\n  "
+                   + oauth.authorize_url(redirect, state) + "\n")
+        got = None
+        if not paste and urllib.parse.urlsplit(redirect).hostname in ("localhost", "127.0.0.1"):
+            click.echo(f"Waiting for the redirect to {redirect} (up to {timeout:.0f} s; Ctrl-C to stop) ...")
+            try:
+                got = receive_redirect(redirect, timeout, _CONNECTED_PAGE)
+            except TimeoutError as e:
+                raise UsageError(f"{e}: run `patchrelay linear connect --paste` and paste the address") from None
+            if got is None:
+                click.echo(f"(cannot listen on {redirect}: paste the address instead)")
+        if got is None:
+            got = click.prompt("Paste the address your browser was sent to (it starts with the redirect URI)")
+        code = _redirected_code(got, state)
+    grant = oauth.exchange(code, redirect)
+    viewer = LinearClient(cfg.linear, grant.access_token).viewer()
+    with store.tx():
+        store.oauth_connect({**LinearTokens._encrypted(cipher, grant), "client_id": oauth.client_id,
+                             "app_user": viewer.name or viewer.id, "app_user_id": viewer.id})
+        store.add_event(None, "linear", f"connected the Linear app {viewer.name or viewer.id}"
+                        + ("" if viewer.app else " (not an app user)"))
+    life = f"expires in {_age(grant.expires_in)} and refreshes itself" if grant.expires_in else "does not expire"
+    click.echo(f"Connected: Linear {'app user' if viewer.app else 'user'} {viewer.name or viewer.id}; the token {life}."
+               f" Both tokens are stored encrypted in {cfg.database_path}.")
+    if not viewer.app:
+        click.echo("warning: the token's viewer is not an app user: authorize with actor=app (the link above has it) "
+                   "for app mode")
+    if token_from_env(cfg.linear.token_env):
+        click.echo(f"warning: {cfg.linear.token_env} is set and wins over this connection: remove it from the "
+                   "environment (and the service's environment file)")
+
+
+@linear_group.command("disconnect")
+@click.pass_obj
+def linear_disconnect_cmd(app: App) -> None:
+    """Revoke the connected app's tokens at Linear and remove them from the database."""
+    cfg = app.cfg
+    store = app.store(verify=True) if app.has_database() else None
+    conn = store.oauth_get() if store is not None else None
+    if store is None or conn is None:
+        click.echo("No Linear app is connected.")
+        return
+    tokens = LinearTokens(cfg, store)
+    try:
+        cipher = token_cipher(cfg)
+        oauth = oauth_client(cfg)
+        for col, hint in (("refresh_token", "refresh_token"), ("access_token", "access_token")):
+            if conn[col]:
+                oauth.revoke(tokens._decrypt(cipher, conn[col], hint.replace("_", " ")), hint)
+        said = "revoked at Linear and removed from the database"
+    except (ConfigError, LinearError) as e:
+        said = f"removed from the database, NOT revoked at Linear ({e}): revoke the app in Linear's settings"
+    with store.tx():
+        store.oauth_forget()
+        store.add_event(None, "linear", f"disconnected the Linear app {conn['app_user']}")
+    click.echo(f"Disconnected {conn['app_user']}: tokens {said}.")
 
 
 # ---- service: a systemd user unit (and timer) or a crontab line, written with absolute paths

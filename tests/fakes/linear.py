@@ -16,7 +16,8 @@ then *executed* by graphql-core against plain in-memory dicts, so any valid quer
     fake.stop()
 
 Behaviour worth knowing (documented choices, not necessarily Linear's):
-* Auth: ``Authorization: <key>`` or ``Bearer <key>``. Unknown -> HTTP 400 AUTHENTICATION_ERROR.
+* Auth: ``Authorization: <key>`` or ``Bearer <key>``, the key being one of ``tokens`` or an OAuth access
+  token (below). Unknown, expired or revoked -> HTTP 400 AUTHENTICATION_ERROR.
 * Parse / validation / variable-coercion errors -> HTTP 400 (``GRAPHQL_PARSE_FAILED``,
   ``GRAPHQL_VALIDATION_FAILED``, ``BAD_USER_INPUT``) and appended to ``self.validation_errors``.
   Complexity is estimated like Linear's (3rd-party) description: 0.1/property, 1/object, connection
@@ -55,6 +56,24 @@ Behaviour worth knowing (documented choices, not necessarily Linear's):
   ms) and x-complexity. Remaining requests drop by 1 and complexity by the estimate per request; when
   requests remaining is 0 (``set_budget``) the fake answers 400 RATELIMITED until the reset time.
 
+OAuth 2.0, as Linear does it since April 2026 (every app gets refresh tokens). ``add_oauth_app(client_id,
+client_secret, app_user, token_lifetime=86400, redirect_uris=(...))``; ``authorize(client_id, redirect_uri,
+scope=, actor="app", state=None)`` stands in for the admin's browser and returns the redirect URL with
+``?code=`` (``authorize_code`` returns just the code: single use, 600 s). ``POST /oauth/token`` takes a
+form body (JSON -> 400 invalid_request), client credentials as form fields or HTTP Basic (bad -> 401
+invalid_client), ``grant_type`` authorization_code (code + the same redirect_uri) or refresh_token, and
+answers {access_token "lin_oauth_...", token_type, expires_in, scope (space separated), refresh_token
+"lin_refresh_..."}. Refresh tokens ROTATE: the one used dies at once, reusing it -> 400 invalid_grant; the
+previous access token lives on until its own expiry. Access tokens expire ``token_lifetime`` seconds after
+issue in REAL time (time.time(), not ``now()``/``advance()``); ``oauth_lifetime(client_id, s)`` changes it
+for later tokens. ``POST /oauth/revoke`` (form ``token=``, auth by ``Bearer <access token>`` or client
+credentials, none -> 401) kills every token of that token's grant; unknown tokens get 200 too. These
+endpoints are not GraphQL: they land in ``oauth_log`` ({path, grant_type, result "issued" | "revoked" |
+"issued-dropped" | error code, at, client_id}), never in ``requests``; helpers ``refreshes()``,
+``refused_grants()``, ``live_refresh_tokens(client_id=None)``. Faults: ``oauth_delay`` (seconds between
+deciding a /oauth/token request, rotation included, and answering it) and ``oauth_drop_next_refresh(n=1)``
+(rotates, then closes the socket unanswered, as if PatchRelay died right after Linear answered).
+
 Model: plain dicts held in ``users/teams/states/labels/issues/comments/sessions/activities``
 (id -> dict). Relations are stored as ids (``issue["teamId"]``, ``["stateId"]``, ``["delegateId"]``,
 ``["assigneeId"]``, ``["creatorId"]``, ``["labelIds"]``; ``comment["userId"]``, ``["issueId"]``,
@@ -79,14 +98,17 @@ from __future__ import annotations
 
 import base64
 import copy
+import hmac
 import json
 import re
+import secrets
 import threading
 import time
 import unicodedata
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from urllib.parse import parse_qsl, unquote_plus, urlencode
 
 from graphql import (GraphQLEnumType, GraphQLError, GraphQLList, GraphQLNonNull, GraphQLObjectType,
                      GraphQLScalarType, build_schema, execute, get_named_type, get_nullable_type,
@@ -252,6 +274,11 @@ class FakeLinear:
         self._thread = None
         self._conns = set()
         self.url = None
+        # OAuth 2.0: apps (client_id -> app), codes, grants (one per authorization), tokens (token -> record)
+        self.oauth_apps, self._oauth_codes, self._oauth_grants = {}, {}, {}
+        self.oauth_access, self.oauth_refresh, self.oauth_log = {}, {}, []
+        self.oauth_delay = 0.0
+        self._oauth_drop_refreshes = 0
 
     # ------------------------------------------------------------------ server lifecycle
     def start(self):
@@ -572,6 +599,232 @@ class FakeLinear:
             b = self._budget
             return b["requests_remaining"] <= 0 and b["reset_ms"] and time.time() * 1000 < b["reset_ms"]
 
+    # ------------------------------------------------------------------ OAuth 2.0 (/oauth/token, /oauth/revoke)
+    def add_oauth_app(self, client_id, client_secret, user, token_lifetime=86400,
+                      redirect_uris=("http://localhost:8765/callback",)):
+        """Register an OAuth app whose access tokens act as `user` (the app user, a dict or an id)."""
+        with self.lock:
+            if _ref(user) not in self.users:
+                raise ValueError(f"FakeLinear: unknown user {_ref(user)!r} for OAuth app {client_id!r}")
+            self.oauth_apps[client_id] = {"client_id": client_id, "secret": client_secret, "user": _ref(user),
+                                          "lifetime": int(token_lifetime), "redirect_uris": tuple(redirect_uris)}
+
+    def oauth_lifetime(self, client_id, seconds):
+        """Lifetime (seconds) of the access tokens issued to `client_id` from now on."""
+        with self.lock:
+            self.oauth_apps[client_id]["lifetime"] = int(seconds)
+
+    def authorize_code(self, client_id, redirect_uri, scope="read,write,app:assignable,app:mentionable",
+                       actor="app", state=None):
+        """The admin clicks "Authorize": a new single-use code (valid 600 s) for a new grant."""
+        scopes = [s for s in re.split(r"[,\s]+", scope or "") if s]
+        with self.lock:
+            app = self.oauth_apps.get(client_id)
+            if app is None:
+                raise ValueError(f"FakeLinear: unknown OAuth client_id {client_id!r}")
+            if redirect_uri not in app["redirect_uris"]:
+                raise ValueError(f"FakeLinear: redirect_uri {redirect_uri!r} is not registered for {client_id!r}")
+            if actor not in ("app", "user"):
+                raise ValueError(f"FakeLinear: actor must be 'app' or 'user', not {actor!r}")
+            if actor != "app" and any(s.startswith("app:") for s in scopes):
+                raise ValueError("FakeLinear: app:assignable / app:mentionable need actor=app")
+            code = secrets.token_hex(16)
+            self._oauth_codes[code] = {"client_id": client_id, "redirect_uri": redirect_uri, "scope": scopes,
+                                       "actor": actor, "state": state, "expires": time.time() + 600, "used": False}
+            return code
+
+    def authorize(self, client_id, redirect_uri, scope="read,write,app:assignable,app:mentionable", actor="app",
+                  state=None):
+        """Like authorize_code, but returns the URL the browser is redirected to (?code=...&state=...)."""
+        code = self.authorize_code(client_id, redirect_uri, scope, actor, state)
+        query = urlencode({"code": code, **({"state": state} if state is not None else {})})
+        return f"{redirect_uri}{'&' if '?' in redirect_uri else '?'}{query}"
+
+    def oauth_drop_next_refresh(self, n=1):
+        """The next n successful refresh_token grants rotate the tokens, then close the socket unanswered."""
+        with self.lock:
+            self._oauth_drop_refreshes += n
+
+    def refreshes(self, include_dropped=True):
+        """How many refresh_token grants succeeded (rotated the tokens), by default counting dropped answers."""
+        ok = ("issued", "issued-dropped") if include_dropped else ("issued",)
+        with self.lock:
+            return sum(1 for r in self.oauth_log if r["grant_type"] == "refresh_token" and r["result"] in ok)
+
+    def refused_grants(self):
+        """The oauth_log records of grants refused with invalid_grant."""
+        with self.lock:
+            return [r for r in self.oauth_log if r["result"] == "invalid_grant"]
+
+    def live_refresh_tokens(self, client_id=None):
+        """How many refresh tokens would be accepted now (all clients, or only `client_id`'s)."""
+        with self.lock:
+            return sum(1 for t in self.oauth_refresh.values() if t["alive"]
+                       and not self._oauth_grants[t["grant"]]["revoked"]
+                       and (client_id is None or t["client_id"] == client_id))
+
+    def _viewer_for(self, token):
+        """The user a GraphQL request with this API key or OAuth access token acts as, or None."""
+        if not token:
+            return None
+        with self.lock:
+            if token in self.tokens:
+                return self.users.get(_ref(self.tokens[token]))
+            t = self._live_access(token)
+            return self.users.get(self._oauth_grants[t["grant"]]["user"]) if t else None
+
+    def _live_access(self, token):
+        t = self.oauth_access.get(token)
+        if t is None or time.time() >= t["expires"] or self._oauth_grants[t["grant"]]["revoked"]:
+            return None
+        return t
+
+    def _issue_pair(self, grant_id, scope):
+        """New access + refresh token for a grant; returns the token endpoint's JSON answer."""
+        g = self._oauth_grants[grant_id]
+        lifetime = self.oauth_apps[g["client_id"]]["lifetime"]
+        access, refresh = f"lin_oauth_{secrets.token_hex(32)}", f"lin_refresh_{secrets.token_hex(32)}"
+        now = time.time()
+        self.oauth_access[access] = {"grant": grant_id, "client_id": g["client_id"], "scope": scope,
+                                     "issued": now, "expires": now + lifetime}
+        self.oauth_refresh[refresh] = {"grant": grant_id, "client_id": g["client_id"], "scope": scope,
+                                       "issued": now, "alive": True}
+        return {"access_token": access, "token_type": "Bearer", "expires_in": lifetime, "scope": " ".join(scope),
+                "refresh_token": refresh}
+
+    def _oauth_client(self, handler, form):
+        """(client_id, error) from HTTP Basic auth or the client_id/client_secret form fields."""
+        auth = handler.headers.get("Authorization") or ""
+        if auth.lower().startswith("basic "):
+            try:
+                cid, _, raw = base64.b64decode(auth[6:].strip(), validate=True).decode().partition(":")
+            except Exception:
+                return None, "invalid_client"
+            # RFC 6749 2.3.1 form-encodes id and secret first; many clients (requests' HTTPBasicAuth) do not
+            cid, secret = unquote_plus(cid), unquote_plus(raw)
+        else:
+            cid, secret = form.get("client_id"), form.get("client_secret")
+            raw = secret
+        with self.lock:
+            app = self.oauth_apps.get(cid)
+            if app is None or secret is None or not any(hmac.compare_digest(str(x), str(app["secret"]))
+                                                        for x in (secret, raw)):
+                return cid, "invalid_client"
+        return cid, None
+
+    def _handle_oauth(self, handler, body):
+        """/oauth/token and /oauth/revoke. Returns (status, headers, payload); None status: drop the socket."""
+        path = handler.path.split("?")[0]
+        rec = {"path": path, "grant_type": None, "result": None, "at": time.time(), "client_id": None}
+        with self.lock:
+            self.oauth_log.append(rec)
+        headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+        def fail(status, error, description=None):
+            rec["result"] = error
+            h = dict(headers, **({"WWW-Authenticate": 'Basic realm="linear"'} if status == 401 else {}))
+            return status, h, {"error": error, **({"error_description": description} if description else {})}
+
+        if path not in ("/oauth/token", "/oauth/revoke"):
+            return fail(404, "not_found", "Not found")
+        ctype = (handler.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype != "application/x-www-form-urlencoded":
+            return fail(400, "invalid_request", "Body must be application/x-www-form-urlencoded")
+        try:
+            pairs = parse_qsl((body or b"").decode(), keep_blank_values=True)
+        except (ValueError, UnicodeDecodeError):
+            return fail(400, "invalid_request", "Malformed form body")
+        form = dict(pairs)
+        if len(form) != len(pairs):
+            return fail(400, "invalid_request", "Repeated parameter")
+        rec["grant_type"] = form.get("grant_type")
+        if path == "/oauth/revoke":
+            return self._oauth_revoke(handler, form, rec, fail, headers)
+        answer = self._oauth_token(handler, form, rec, fail, headers)
+        delay = self.oauth_delay
+        if delay:  # every /oauth/token answer, after the grant was decided (and tokens rotated), without the lock
+            self._stopping.wait(delay)
+        return answer
+
+    def _oauth_token(self, handler, form, rec, fail, headers):
+        cid, err = self._oauth_client(handler, form)
+        rec["client_id"] = cid
+        if err:
+            return fail(401, err, "Client authentication failed")
+        grant_type = form.get("grant_type")
+        if not grant_type:
+            return fail(400, "invalid_request", "Missing grant_type")
+        if grant_type not in ("authorization_code", "refresh_token"):
+            return fail(400, "unsupported_grant_type", f"Unsupported grant type: {grant_type}")
+        drop = False
+        with self.lock:
+            if grant_type == "authorization_code":
+                code = self._oauth_codes.get(form.get("code") or "")
+                if not form.get("code"):
+                    return fail(400, "invalid_request", "Missing code")
+                if code is None or code["used"] or code["client_id"] != cid or time.time() >= code["expires"]:
+                    return fail(400, "invalid_grant", "Invalid or expired authorization code.")
+                if form.get("redirect_uri") != code["redirect_uri"]:
+                    return fail(400, "invalid_grant", "redirect_uri does not match the one authorized.")
+                code["used"] = True
+                grant_id = str(uuid.uuid4())
+                self._oauth_grants[grant_id] = {"client_id": cid, "user": self.oauth_apps[cid]["user"],
+                                                "scope": code["scope"], "actor": code["actor"], "revoked": False}
+                answer = self._issue_pair(grant_id, code["scope"])
+            else:
+                if not form.get("refresh_token"):
+                    return fail(400, "invalid_request", "Missing refresh_token")
+                old = self.oauth_refresh.get(form["refresh_token"])
+                if old is None or old["client_id"] != cid:
+                    return fail(400, "invalid_grant", "Invalid refresh token.")
+                if not old["alive"] or self._oauth_grants[old["grant"]]["revoked"]:
+                    return fail(400, "invalid_grant", "Token has been expired or revoked.")
+                scope = old["scope"]
+                if form.get("scope"):
+                    scope = [s for s in re.split(r"[,\s]+", form["scope"]) if s]
+                    if not set(scope) <= set(old["scope"]):
+                        return fail(400, "invalid_scope", "Requested scope exceeds the granted scope.")
+                old["alive"] = False
+                answer = self._issue_pair(old["grant"], scope)
+                if self._oauth_drop_refreshes > 0:
+                    self._oauth_drop_refreshes -= 1
+                    drop = True
+            rec["result"] = "issued-dropped" if drop else "issued"
+        return (None, {}, None) if drop else (200, headers, answer)
+
+    def _oauth_revoke(self, handler, form, rec, fail, headers):
+        """RFC 7009: authenticated by a live Bearer access token or by client credentials; revokes the token's
+        whole grant; an unknown token is answered 200 too."""
+        auth = handler.headers.get("Authorization") or ""
+        bearer = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+        with self.lock:
+            if bearer is not None:
+                t = self._live_access(bearer)
+                if t is None:
+                    return fail(401, "invalid_client", "Invalid access token")
+                cid = t["client_id"]
+            elif auth.lower().startswith("basic ") or form.get("client_id"):
+                cid, err = self._oauth_client(handler, form)
+                if err:
+                    rec["client_id"] = cid
+                    return fail(401, err, "Client authentication failed")
+            else:
+                return fail(401, "invalid_client", "Authentication required")
+            rec["client_id"] = cid
+            token = form.get("token") or bearer
+            if not token:
+                return fail(400, "invalid_request", "Missing token")
+            t = self.oauth_access.get(token) or self.oauth_refresh.get(token)
+            if t is not None and t["client_id"] != cid:
+                return fail(400, "unauthorized_client", "The token was not issued to this client")
+            if t is not None:
+                self._oauth_grants[t["grant"]]["revoked"] = True  # _live_access refuses its access tokens
+                for other in self.oauth_refresh.values():
+                    if other["grant"] == t["grant"]:
+                        other["alive"] = False
+            rec["result"] = "revoked"
+        return 200, headers, {}
+
     # ------------------------------------------------------------------ lookups
     def _team(self, t):
         tid = _ref(t)
@@ -834,8 +1087,7 @@ class FakeLinear:
         # authentication
         auth = handler.headers.get("Authorization") or ""
         token = auth[7:].strip() if auth.lower().startswith("bearer ") else auth.strip()
-        with self.lock:
-            viewer = self.users.get(_ref(self.tokens.get(token))) if token else None
+        viewer = self._viewer_for(token)
         if viewer is None:
             return reply(400, {"errors": [{"message": "Authentication required, not authenticated",
                                            "extensions": {"code": "AUTHENTICATION_ERROR", "type": "authentication error",
@@ -917,10 +1169,14 @@ class _Handler(Handler):
     def do_POST(self):
         fake = self.server.fake
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.path.split("?")[0] != "/graphql":
+        path = self.path.split("?")[0]
+        if path != "/graphql" and not path.startswith("/oauth/"):
             return self._send(404, {}, {"errors": [{"message": "Not found"}]})
         try:
-            status, headers, payload = fake._handle(self, body)
+            if path == "/graphql":
+                status, headers, payload = fake._handle(self, body)
+            else:  # OAuth endpoints: form bodies, no schema, recorded in fake.oauth_log (not fake.requests)
+                status, headers, payload = fake._handle_oauth(self, body)
         except Exception as e:  # a bug in the fake: make it loud
             status, headers, payload = 500, {}, {"errors": [{"message": f"FakeLinear crashed: {e!r}"}]}
             with fake.lock:
