@@ -342,6 +342,8 @@ class CodexConfig:
     approval_decision: str = "decline"
     sandbox: str = "workspace-write"
     developer_instructions: str | None = None
+    base_instructions: str | None = None     # replaces Codex's own base instructions (thread/start)
+    shell: str | None = None                 # start the app-server through this login shell (`bash -lc`)
     request_timeout: float = 60.0
     stall_timeout: float = 600.0
     turn_timeout: float = 3600.0
@@ -600,7 +602,8 @@ def _parse_codex(top: _Section, base: Path | None) -> CodexConfig:
     cs = top.sub("codex", ["bin", "args", "home", "model", "model_provider", "approval_policy",
                            "approval_decision", "sandbox", "developer_instructions", "request_timeout",
                            "stall_timeout", "turn_timeout", "max_follow_up_turns", "max_tokens_per_run",
-                           "max_tokens_per_issue", "max_tokens_per_day", "capacity_backoff"])
+                           "max_tokens_per_issue", "max_tokens_per_day", "capacity_backoff", "base_instructions",
+                           "shell"])
     home = cs.text("home", path=True)
     return CodexConfig(
         bin=cs.text("bin", "codex"),
@@ -612,6 +615,8 @@ def _parse_codex(top: _Section, base: Path | None) -> CodexConfig:
         approval_decision=cs.text("approval_decision", "decline", choices=("accept", "decline", "cancel")),
         sandbox=cs.text("sandbox", "workspace-write", choices=("read-only", "workspace-write", "danger-full-access")),
         developer_instructions=cs.text("developer_instructions"),
+        base_instructions=cs.text("base_instructions"),
+        shell=cs.text("shell"),
         request_timeout=cs.num("request_timeout", 60.0, minimum=1),
         stall_timeout=cs.num("stall_timeout", 600.0, minimum=1),
         turn_timeout=cs.num("turn_timeout", 3600.0, minimum=1),
@@ -813,6 +818,63 @@ def actor_trusted(ta: TrustedActors, actor_id: str | None, name: str | None, ema
         if e.rsplit("@", 1)[-1] in (d.lower() for d in ta.email_domains):
             return True
     return False
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=value lines of an environment file (systemd's EnvironmentFile, `set -a; .` for cron): comments and
+    blank lines skipped, one level of quotes removed."""
+    out: dict[str, str] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        m = re.match(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$", line)
+        if m:
+            v = m.group(2).strip()
+            out[m.group(1)] = v[1:-1] if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"" else v
+    return out
+
+
+class ConfigWatcher:
+    """`watch`'s config reload: notices that the config file or the service's environment file changed
+    (by content), and loads the new config between ticks. The environment file's variables replace those it
+    set before. A config that does not validate is reported and the previous one stays in force."""
+
+    def __init__(self, cfg: Config, explicit: str | None, env_file: Path | None):
+        self.cfg, self.explicit, self.env_file = cfg, explicit, env_file
+        self.env_set = read_env_file(env_file) if env_file and env_file.is_file() else {}
+        self.seen = self._fingerprint()
+
+    def _fingerprint(self) -> tuple[bytes | None, bytes | None]:
+        def content(p: Path | None) -> bytes | None:
+            try:
+                return p.read_bytes() if p else None
+            except OSError:
+                return None
+        return content(self.cfg.path), content(self.env_file)
+
+    def check(self) -> tuple[Config | None, str | None]:
+        """(the new config, what was reloaded) when a file changed and the config loads; (None, the error)
+        when it does not; (None, None) when nothing changed."""
+        now = self._fingerprint()
+        if now == self.seen:
+            return None, None
+        env_changed = now[1] != self.seen[1]
+        self.seen = now
+        saved = dict(os.environ)
+        if env_changed and self.env_file is not None:
+            fresh = read_env_file(self.env_file) if now[1] is not None else {}
+            for k in set(self.env_set) - set(fresh):
+                os.environ.pop(k, None)
+            os.environ.update(fresh)
+        try:
+            cfg = load_config(self.explicit or (str(self.cfg.path) if self.cfg.path else None))
+        except ConfigError as e:
+            os.environ.clear()
+            os.environ.update(saved)
+            return None, f"config reload: {e}; the previous config stays in force"
+        if env_changed and self.env_file is not None:
+            self.env_set = read_env_file(self.env_file) if now[1] is not None else {}
+        self.cfg = cfg
+        return cfg, "reloaded " + " and ".join(str(p) for p, changed in ((cfg.path, True), (self.env_file,
+                                                                                              env_changed)) if changed)
 
 
 def token_from_env(env_name: str) -> str | None:
@@ -1076,7 +1138,8 @@ ALTER TABLE issues ADD COLUMN pr_waiting_review TEXT;
 
 # Linear app mode: the OAuth connection (one row; both tokens encrypted with linear.token_key_env's key,
 # `generation` counts the pairs so that a refresh stores its pair only over the one it replaced), and named
-# leases (one holder at a time until `until`, seconds since the epoch): the token refresh takes one.
+# leases (one holder at a time until `until`, seconds since the epoch): the token refresh takes one. A run's
+# `live` view: what its running turn shows `patchrelay live` (latest agent message, command and its output).
 SCHEMA_V11 = """
 CREATE TABLE linear_oauth (
   id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -1099,6 +1162,8 @@ CREATE TABLE leases (
   holder TEXT NOT NULL,
   until REAL NOT NULL
 );
+ALTER TABLE runs ADD COLUMN live TEXT;
+CREATE INDEX events_kind ON events(kind, id);
 """
 
 MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8,
@@ -1114,7 +1179,7 @@ ISSUE_COLUMNS = frozenset({
 RUN_COLUMNS = frozenset({
     "status", "trigger", "context", "prompt", "attempt", "worker_pid", "worker_started", "appserver_pid",
     "appserver_started", "thread_id", "turn_ids", "head_before", "started_at", "turn_started_at", "heartbeat_at",
-    "ended_at", "failure_reason", "summary", "report", "tokens", "tokens_spent"})
+    "ended_at", "failure_reason", "summary", "report", "tokens", "tokens_spent", "live"})
 
 
 def _secure_dir(path: Path) -> None:
@@ -1618,6 +1683,30 @@ class Store:
         self.db.execute("INSERT INTO events (issue_id, run_id, at, level, kind, message, issue_key) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (issue_id, run_id, iso(), level, kind, message, issue_key))
 
+    def feed(self, after_id: int = 0, limit: int | None = None, issue_key: str | None = None,
+             project: str | None = None, kind: str | None = None, levels: Sequence[str] = ()) -> list[dict]:
+        """Events of every issue and of none, oldest first: after `after_id`, or the newest `limit`."""
+        where: list[str] = ["e.id > ?"]
+        args: list[Any] = [after_id]
+        for cond, val in (("e.issue_key = ?", issue_key), ("i.project_id = ?", project), ("e.kind = ?", kind)):
+            if val is not None:
+                where.append(cond)
+                args.append(val)
+        if levels:
+            where.append(f"e.level IN ({', '.join('?' * len(levels))})")
+            args += list(levels)
+        sql = (f"SELECT e.*, i.project_id FROM events e LEFT JOIN issues i ON i.id = e.issue_id "
+               f"WHERE {' AND '.join(where)} ORDER BY e.id {'DESC' if limit else 'ASC'}")
+        rows = self._all(sql + (f" LIMIT {int(limit)}" if limit else ""), tuple(args))
+        return rows[::-1] if limit else rows
+
+    def run_events(self, run_id: int, kind: str, limit: int = 50) -> list[dict]:
+        return self._all("SELECT * FROM (SELECT * FROM events WHERE run_id = ? AND kind = ? ORDER BY id DESC "
+                         "LIMIT ?) ORDER BY id", (run_id, kind, limit))
+
+    def inbox_has_source(self, source_id: str) -> bool:
+        return self._one("SELECT 1 AS x FROM inbox WHERE source_id = ?", (source_id,)) is not None
+
     def events_for_issue(self, issue_id: int, after_id: int = 0) -> list[dict]:
         return self._all("SELECT * FROM events WHERE issue_id = ? AND id > ? ORDER BY id", (issue_id, after_id))
 
@@ -2040,6 +2129,7 @@ class LinearComment:
     user: Actor
     created_at: str
     session_id: str | None
+    edited_at: str | None = None        # set once a person edited it (the body is the edited one)
 
 
 @dataclass(frozen=True)
@@ -2099,7 +2189,7 @@ _SESSION_FIELDS = """id createdAt updatedAt appUser { id } creator { id name ema
       issue { %s }
       activities(last: %d) { pageInfo { hasPreviousPage } nodes { %s } }""" % (ISSUE_FIELDS, RECENT_ACTIVITIES,
                                                                              _ACTIVITY_FIELDS)
-_COMMENT_FIELDS = "id body createdAt user { id name email app } issue { id } agentSession { id }"
+_COMMENT_FIELDS = "id body createdAt updatedAt editedAt user { id name email app } issue { id } agentSession { id }"
 
 # The idle tick: ONE request, whose size does not grow with the number of tracked issues. Changed issues and
 # comments are read oldest first (`last` + `before` over Linear's newest-first order), so a read cut short
@@ -2109,7 +2199,7 @@ Q_POLL = """query PatchRelayPoll($issueFilter: IssueFilter, $commentFilter: Comm
   viewer { id name app }
   agentSessions(first: 5, orderBy: updatedAt) { pageInfo { hasNextPage endCursor } nodes { %s } }
   issues(last: 25, filter: $issueFilter, orderBy: updatedAt) { pageInfo { hasPreviousPage startCursor } nodes { %s } }
-  comments(last: 25, filter: $commentFilter, orderBy: createdAt) @include(if: $withComments) {
+  comments(last: 25, filter: $commentFilter, orderBy: updatedAt) @include(if: $withComments) {
     pageInfo { hasPreviousPage startCursor } nodes { %s } }
 }""" % (_SESSION_FIELDS, ISSUE_FIELDS, _COMMENT_FIELDS)
 
@@ -2123,7 +2213,7 @@ Q_ISSUES_PAGE = """query PatchRelayIssues($filter: IssueFilter, $before: String,
 }""" % ISSUE_FIELDS
 
 Q_COMMENTS_PAGE = """query PatchRelayComments($filter: CommentFilter, $before: String) {
-  comments(last: 250, before: $before, filter: $filter, orderBy: createdAt) {
+  comments(last: 250, before: $before, filter: $filter, orderBy: updatedAt) {
     pageInfo { hasPreviousPage startCursor } nodes { %s } }
 }""" % _COMMENT_FIELDS
 
@@ -2626,7 +2716,7 @@ def covered_by_recent(x: LinearSession, since: str | None) -> list[LinearActivit
 def _comment(n: dict) -> LinearComment:
     u = n.get("user") or {}
     return LinearComment(id=n["id"], issue_linear_id=(n.get("issue") or {}).get("id") or "",
-                         body=n.get("body") or "", created_at=n.get("createdAt") or "",
+                         body=n.get("body") or "", created_at=n.get("createdAt") or "", edited_at=n.get("editedAt"),
                          user=Actor(u.get("id"), u.get("name"), u.get("email"), bool(u.get("app"))),
                          session_id=(n.get("agentSession") or {}).get("id"))
 
@@ -3114,6 +3204,8 @@ class AppServer:
         stderr_path.parent.mkdir(parents=True, exist_ok=True)
         self._stderr = open(stderr_path, "ab")
         argv = [cfg.codex.bin, *cfg.codex.args]
+        if cfg.codex.shell:         # a login shell: PATH and keys from the user's profile apply
+            argv = [cfg.codex.shell, "-lc", "exec " + shlex.join(argv)]
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
                                          env=stripped_child_env(cfg, extra), cwd=str(cwd) if cwd else None,
@@ -3232,6 +3324,8 @@ class AppServer:
             p["modelProvider"] = c.model_provider
         if c.developer_instructions:
             p["developerInstructions"] = c.developer_instructions
+        if c.base_instructions:
+            p["baseInstructions"] = c.base_instructions
         return p
 
     def close(self) -> None:
@@ -3260,10 +3354,10 @@ SUPPORTED_CODEX = "0.169.0"     # the app-server protocol this PatchRelay speaks
 CODEX_CONTRACT: dict[str, Any] = {
     "requests": {   # method: (params sent, response type, fields read from the response)
         "initialize": (("clientInfo", "capabilities"), "InitializeResponse", ()),
-        "thread/start": (("cwd", "approvalPolicy", "sandbox", "model", "modelProvider", "developerInstructions"),
-                         "ThreadStartResponse", ("thread.id:string",)),
+        "thread/start": (("cwd", "approvalPolicy", "sandbox", "model", "modelProvider", "developerInstructions",
+                          "baseInstructions"), "ThreadStartResponse", ("thread.id:string",)),
         "thread/resume": (("threadId", "excludeTurns", "cwd", "approvalPolicy", "sandbox", "model", "modelProvider",
-                           "developerInstructions"), "ThreadResumeResponse", ()),
+                           "developerInstructions", "baseInstructions"), "ThreadResumeResponse", ()),
         "turn/start": (("threadId", "input"), "TurnStartResponse", ("turn.id:string",)),
         "turn/steer": (("threadId", "expectedTurnId", "input"), "TurnSteerResponse", ()),
         "turn/interrupt": (("threadId", "turnId"), "TurnInterruptResponse", ()),
@@ -3277,6 +3371,8 @@ CODEX_CONTRACT: dict[str, Any] = {
     "notifications": {      # method: fields read from its params
         "turn/completed": ("turn.id:string", "turn.status", "turn.error.message:string", "turn.error.codexErrorInfo"),
         "item/completed": ("turnId:string", "item", "item.type:string"),
+        "item/started": ("turnId:string", "item", "item.type:string"),
+        "item/commandExecution/outputDelta": ("turnId:string", "itemId:string", "delta:string"),
         "thread/tokenUsage/updated": ("tokenUsage.total", "tokenUsage.last.totalTokens:integer"),
         "error": ("willRetry:boolean", "error.message:string", "error.codexErrorInfo"),
     },
@@ -4217,6 +4313,20 @@ def decide_comment(row: dict, c: LinearComment, trusted: bool, ident: Identity, 
     return msg
 
 
+def decide_comment_edit(row: dict, c: LinearComment, trusted: bool, ident: Identity, forwarded: bool) -> Decision:
+    """A person edited a comment PatchRelay read before: when the comment reached the agent, the edited text
+    follows as a message ("edited: ..."); it starts nothing."""
+    if c.user.app or c.session_id or (ident.app_mode and c.user.id == ident.viewer_id) or not forwarded:
+        return Decision()
+    if not trusted:
+        return Decision(events=(Event("warn", "trust", f"ignored comment edit from untrusted actor {c.user.label()}"),))
+    if row["factory_state"] in CLOSED_STATES:
+        return Decision(events=(Event("info", "intake", f"comment edit by {c.user.label()} on "
+                                                       f"{row['factory_state']} issue ignored"),))
+    return Decision(inbox=(_prompt_message(f"edited: {c.body}", c.user.label(), "comment", f"{c.id}@{c.edited_at}"),),
+                    events=(Event("info", "intake", f"edited comment by {c.user.label()} queued for the agent"),))
+
+
 def decide_claim(row: dict, run_type: str, branch: str, worktree: str) -> Decision:
     fields = {"factory_state": transition(row["factory_state"], CLAIM_STATE[run_type])}
     if not row.get("branch"):
@@ -5028,13 +5138,19 @@ def steer_text(msg: dict) -> str:
     return f"New message from {msg.get('author') or 'the requester'} while you are working:\n\n{msg['body'].strip()}"
 
 
+_TOOL_ITEMS = ("mcpToolCall", "dynamicToolCall", "collabAgentToolCall", "webSearch", "imageView")
+
+
 def build_report(items: list[dict], changed: list[str], tokens: dict | None, duration: float | None,
                  turn_ids: list[str]) -> dict:
     """A run's report, from the run's own turns only (a reactive run shares its thread with earlier runs)."""
-    messages, commands, files = [], [], []
+    messages, commands, files, tools = [], [], [], []
     for it in items:
         t = it.get("type")
-        if t == "agentMessage" and it.get("text"):
+        if t in _TOOL_ITEMS:
+            name = it.get("tool") or it.get("name") or it.get("query") or it.get("path") or ""
+            tools.append(f"{t}:{'/'.join(str(x) for x in (it.get('server'), name) if x)}")
+        elif t == "agentMessage" and it.get("text"):
             messages.append(it["text"])
         elif t == "commandExecution":
             commands.append({"command": it.get("command"), "exit_code": it.get("exitCode"),
@@ -5047,7 +5163,7 @@ def build_report(items: list[dict], changed: list[str], tokens: dict | None, dur
         if f not in files:
             files.append(f)
     return {"turns": turn_ids, "messages": messages, "commands": commands, "changed_files": files,
-            "tokens": tokens or {}, "duration_seconds": round(duration, 3) if duration is not None else None}
+            "tool_calls": tools, "tokens": tokens or {}, "duration_seconds": round(duration, 3) if duration is not None else None}
 
 
 # ============================================================== apply
@@ -5572,6 +5688,64 @@ class TurnResult:
     error_info: Any = None            # TurnError.codexErrorInfo of a failed turn
 
 
+class LiveView:
+    """What a running turn shows as it happens: the agent's messages, the commands it runs (with exit codes)
+    and the files it changes become the run's `agent` events when they complete; the latest message, the
+    latest command and the tail of what it printed are the run's `live` column (written at once when an item
+    starts or ends, at most once a second while a command prints). Text is cut and secrets redacted."""
+
+    MESSAGE, COMMAND, OUTPUT = 1000, 300, 1500
+
+    def __init__(self, store: Store, run_id: int, issue_id: int):
+        self.store, self.run_id, self.issue_id = store, run_id, issue_id
+        self.state: dict[str, Any] = {"message": None, "command": None, "exit_code": None, "output": "",
+                                      "changed": None, "at": None}
+        self.dirty, self.written = False, 0.0
+
+    def started(self, item: dict) -> None:
+        if item.get("type") == "commandExecution":
+            self.state.update(command=redact(one_line(str(item.get("command")), self.COMMAND)), exit_code=None,
+                              output="")
+            self.flush(force=True)
+
+    def output(self, delta: str) -> None:
+        self.state["output"] = redact((self.state["output"] + delta)[-self.OUTPUT:])
+        self.dirty = True
+        self.flush()
+
+    def completed(self, item: dict) -> None:
+        t, event = item.get("type"), None
+        if t == "agentMessage" and item.get("text"):
+            self.state["message"] = redact(str(item["text"])[:self.MESSAGE])
+            event = f"agent: {self.state['message']}"
+        elif t == "commandExecution":
+            cmd, code = redact(one_line(str(item.get("command")), self.COMMAND)), item.get("exitCode")
+            out = redact(str(item.get("aggregatedOutput") or self.state["output"])[-self.OUTPUT:])
+            self.state.update(command=cmd, exit_code=code, output=out)
+            last = next((ln for ln in reversed(out.splitlines()) if ln.strip()), "")
+            event = f"$ {cmd} (exit {code if code is not None else item.get('status') or '?'})" + \
+                (f": {one_line(last, 200)}" if code not in (0, None) and last else "")
+        elif t == "fileChange":
+            paths = [str(ch.get("path", "?")) for ch in item.get("changes") or []]
+            self.state["changed"] = redact(one_line(", ".join(paths), self.COMMAND))
+            event = f"changed: {self.state['changed']}"
+        if event is None:
+            return
+        with self.store.tx():
+            self.store.add_event(self.issue_id, "agent", event, run_id=self.run_id)
+            self._write()
+
+    def flush(self, force: bool = False) -> None:
+        if (force or self.dirty) and (force or time.time() - self.written >= 1.0):
+            with self.store.tx():
+                self._write()
+
+    def _write(self) -> None:
+        self.state["at"] = iso()
+        self.store.update_run(self.run_id, {"live": json.dumps(self.state)})
+        self.dirty, self.written = False, time.time()
+
+
 class TurnDriver:
     """Drives the turns of one run on its app-server: starts each turn, reads its notifications until it
     completes, answers the server's requests (approvals, questions), checks the inbox for stops and steers,
@@ -5593,6 +5767,7 @@ class TurnDriver:
             if cfg.codex.max_tokens_per_issue is not None else 0
         self.last_error: str | None = None          # the last non-retried error notification
         self.last_error_info: Any = None            # ... and its codexErrorInfo
+        self.live = LiveView(store, run_id, issue["id"])
 
     # -- server -> client requests (answered at once; never stall a run)
     def server_request(self, msg: dict) -> Any:
@@ -5640,6 +5815,7 @@ class TurnDriver:
             if now - last_inbox >= poll and interrupt_at is None:
                 last_inbox = now
                 self._check_inbox(thread_id, turn_id)
+            self.live.flush()
             if now - last_beat >= 5:
                 last_beat = now
                 with self.store.tx():
@@ -5676,6 +5852,11 @@ class TurnDriver:
             item = params.get("item") or {}
             items.append(item)
             self._echo_item(item)
+            self.live.completed(item)
+        elif method == "item/started" and params.get("turnId") == turn_id:
+            self.live.started(params.get("item") or {})
+        elif method == "item/commandExecution/outputDelta" and params.get("turnId") == turn_id:
+            self.live.output(str(params.get("delta") or ""))
         elif method == "thread/tokenUsage/updated":
             self._on_usage(params.get("tokenUsage") or {})
         elif method == "error" and not params.get("willRetry"):
@@ -5859,7 +6040,8 @@ def drive_run(cfg: Config, store: Store, run_id: int, echo: Callable[[str], None
             store.add_event(issue["id"], "git", f"worktree {worktree} ({how})", run_id=run_id)
         echo(f"worktree {worktree} ({how})")
         hook_env = {"PATCHRELAY_ISSUE_KEY": issue["key"], "PATCHRELAY_BRANCH": issue["branch"],
-                    "PATCHRELAY_RUN_TYPE": run["run_type"], "PATCHRELAY_WORKTREE": str(worktree)}
+                    "PATCHRELAY_RUN_TYPE": run["run_type"], "PATCHRELAY_WORKTREE": str(worktree),
+                    "PATCHRELAY_STAGE": run["run_type"]}      # the reference system's name, for its hooks
         def hook_started(pid: int, started: str | None) -> None:
             with store.tx():      # reconcile kills this group if the worker dies during the hook
                 store.update_run(run_id, {"appserver_pid": pid, "appserver_started": started})
@@ -5997,6 +6179,53 @@ def _queued_on_github(cfg: Config, store: Store, issue: dict, project: ProjectCo
         log.info("could not ask GitHub whether PR #%s is queued (%s); the last observation says %s",
                  issue["pr_number"], e, observed)
         return observed
+
+
+@dataclass(frozen=True)
+class OpenPlan:
+    """What `open` resumes: the worktree (rebuilt from the pushed branch when it was gone), the thread to
+    resume, or, when it cannot be read, the hand-off a fresh thread starts with; and what was repaired."""
+    worktree: Path
+    thread_id: str | None
+    handoff: str | None
+    repaired: tuple[str, ...]
+
+
+def prepare_open(cfg: Config, store: Store, row: dict) -> OpenPlan:
+    """Make ISSUE openable: its worktree exists (rebuilt from the pushed branch, as a run would) and its Codex
+    thread can be read (else a fresh thread starts with the issue's history)."""
+    if not any(p.id == row["project_id"] for p in cfg.projects):
+        raise UsageError(f"issue {row['key']}: its project {row['project_id']} is not in the config")
+    project = cfg.project(row["project_id"])
+    if not row["branch"]:
+        raise UsageError(f"issue {row['key']}: has no branch yet (no run has started)")
+    worktree = Path(row["worktree"]) if row["worktree"] else worktree_for(project, row["key"])
+    repaired: list[str] = []
+    if not worktree.is_dir():
+        how = ensure_worktree(project, row["branch"], worktree)
+        repaired.append(f"rebuilt the worktree {worktree} from {row['branch']} ({how})")
+        with store.tx():
+            store.update_issue(row["id"], {"worktree": str(worktree)})
+            store.add_event(row["id"], "git", f"`open` {repaired[-1]}")
+    thread_id, handoff = row["thread_id"], None
+    if thread_id:
+        logs = cfg.state_dir / "logs"
+        try:
+            app = AppServer(cfg, worktree, logs / f"open-{row['key']}.codex.log")
+            try:
+                app.initialize()
+                app.request("thread/resume", {**app.thread_params(worktree), "threadId": thread_id,
+                                              "excludeTurns": True}, timeout=30)
+            finally:
+                app.close()
+        except CodexError as e:
+            repaired.append(f"thread {thread_id} cannot be read ({one_line(str(e), 160)}); a fresh thread "
+                            "starts with the issue's history")
+            thread_id = None
+    if thread_id is None:
+        handoff = (f"You are continuing work on {row['key']}: {row['title']}\n\n"
+                   + _handoff(store, row, project, worktree))
+    return OpenPlan(worktree, thread_id, handoff, tuple(repaired))
 
 
 def recover_run(cfg: Config, store: Store, run: dict) -> str:
@@ -6220,7 +6449,8 @@ def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
         ifilter = delegated_filter(cfg, Identity(viewer_id, app0, cfg.linear.delegation,
                                                  cfg.linear.delegation_label))
     open_ids = store.tracked_open_linear_ids()
-    cfilter = {"createdAt": {"gt": comments_since}, **({"issue": {"team": scope}} if scope else {})} \
+    # comments by their last change: new ones, and edits of those already read
+    cfilter = {"updatedAt": {"gt": comments_since}, **({"issue": {"team": scope}} if scope else {})} \
         if comments_since and open_ids else None
     r = lc.poll(ifilter, cfilter)
     viewer = r["viewer"]
@@ -6275,7 +6505,7 @@ def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
         comment_nodes, complete = ascending("comments", r["comments"], cfilter)
         comments = [_comment(n) for n in comment_nodes]
         cursors["linear.poll.comments"] = floor_at if complete else \
-            (_minus(comment_nodes[-1].get("createdAt"), 0.001) or comments_since or floor_at)
+            (_minus(comment_nodes[-1].get("updatedAt"), 0.001) or comments_since or floor_at)
     elif open_ids or not comments_since:
         cursors["linear.poll.comments"] = floor_at
     # every comment of issues tracked since the last tick (their history), only when there are some
@@ -6329,14 +6559,21 @@ def intake(ctx: TickContext) -> dict:
         for obs in sorted(issues, key=lambda i: i.updated_at or ""):
             guarded(obs.key, obs.id, functools.partial(_intake_issue, ctx, obs, ident, now, summary, notes))
         for c in comments:
+            edit = f"comment-edit:{c.id}:{c.edited_at}" if c.edited_at else None
             if store.seen(f"comment:{c.id}"):
-                continue
-            store.mark_seen(f"comment:{c.id}")
+                if edit is None or store.seen(edit):
+                    continue
+                store.mark_seen(edit)           # an edit of a comment read before: the edited text follows
+                fn = _intake_comment_edit
+            else:
+                store.mark_seen(f"comment:{c.id}")
+                if edit:
+                    store.mark_seen(edit)       # first read after an edit: the body is already the edited one
+                fn = _intake_comment
             row = store.issue_by_linear_id(c.issue_linear_id)
             if row is None:
                 continue
-            guarded(row["key"], row["linear_id"],
-                    functools.partial(_intake_comment, ctx, c, row, ident, now, summary, notes))
+            guarded(row["key"], row["linear_id"], functools.partial(fn, ctx, c, row, ident, now, summary, notes))
         # Cursors advance in the same transaction that stored what was read.
         for stream, value in reads.cursors.items():
             store.cursor_set(stream, value)
@@ -6436,6 +6673,14 @@ def _intake_comment(ctx: TickContext, c: LinearComment, row: dict, ident: Identi
     apply_decision(ctx.store, row, d)
     if d.fields.get("pending_run_type"):
         _queued(summary, notes, row["key"], "reply in a comment")
+
+
+def _intake_comment_edit(ctx: TickContext, c: LinearComment, row: dict, ident: Identity, now: str, summary: dict,
+                         notes: list[str]) -> None:
+    project = ctx.cfg.project(row["project_id"])
+    trusted = actor_trusted(project.trusted_actors, c.user.id, c.user.name, c.user.email)
+    apply_decision(ctx.store, row, decide_comment_edit(row, c, trusted, ident,
+                                                       ctx.store.inbox_has_source(c.id)))
 
 
 # ---- reconcile: runs whose worker is gone
@@ -7097,8 +7342,19 @@ def watch_cmd(app: App, interval: float) -> None:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     cfg, store = app.cfg, app.store()
-    click.echo(f"watching every {interval:g} s; Ctrl-C to stop")
+    watcher = ConfigWatcher(cfg, app.config_path, service_env_file())
+    click.echo(f"watching every {interval:g} s; Ctrl-C to stop; {cfg.path} is reloaded when it changes")
     while not stop["now"]:
+        fresh, said = watcher.check()
+        if said:
+            click.echo(f"{time.strftime('%H:%M:%S')} {said}", err=fresh is None)
+            if fresh is not None and fresh.database_path != cfg.database_path:
+                store.close()
+                store = app._store = Store(fresh.database_path)
+            if fresh is not None:
+                cfg = app._cfg = fresh
+            with store.tx():
+                store.add_event(None, "config", said, level="info" if fresh is not None else "error")
         try:
             with tick_lock(cfg):
                 report = run_tick(cfg, store)
@@ -7353,7 +7609,11 @@ def _show_data(store: Store, row: dict) -> dict:
     active = _active_run(store, row)
     item = _issue_item({**row, "active_run_type": active and active["run_type"],
                         "active_run_status": active and active["status"]}, detail=True)
-    return {"issue": item, "pull_request": pull, "runs": runs, "events": events, "outbox": outbox, "inbox": inbox}
+    view = json.loads(active.get("live") or "null") if active else None
+    live = {"run": active["id"], "message": view.get("message"), "command": view.get("command"),
+            "exit_code": view.get("exit_code"), "at": view.get("at")} if active and view else None
+    return {"issue": item, "pull_request": pull, "runs": runs, "events": events, "outbox": outbox, "inbox": inbox,
+            "live": live}
 
 
 # (label, key of the issue item) of the fields `show` prints, when set
@@ -7392,6 +7652,9 @@ def _render_show(data: dict) -> None:
         for m in inbox:
             click.echo(f"  [{m['kind']}] {shown(m['author'] or m['source'], 60)}: {shown(one_line(m['body']), 80)}"
                        f"  ({m['delivery'] or 'pending'})")
+    if data["live"] and data["live"]["message"]:
+        click.echo(f"\nAgent (run {data['live']['run']}, `patchrelay live {item['key']}`): "
+                   f"{shown(one_line(data['live']['message'], 300), 300)}")
     click.echo("\nEvents:")
     for e in data["events"]:
         click.echo(f"  {e['at']} {e['level']:5} {e['kind']:9} {shown(e['message'], 500)}")
@@ -7469,18 +7732,29 @@ def run_cmd(app: App, key: str | None, run_id: int | None, force: bool) -> None:
 
 @cli.command("report")
 @click.argument("key", metavar="ISSUE")
+@click.option("--run", "run_id", type=click.IntRange(min=1), help="Only this run.")
+@click.option("--type", "run_type", type=click.Choice(RUN_TYPES), help="Only runs of this type.")
+@click.option("--prompt", "with_prompt", is_flag=True, help="Also print each run's prompt (always in --json).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
 @click.pass_obj
-def report_cmd(app: App, key: str, as_json: bool) -> None:
-    """Per-run reports: agent messages, commands, changed files, tokens."""
+def report_cmd(app: App, key: str, run_id: int | None, run_type: str | None, with_prompt: bool,
+               as_json: bool) -> None:
+    """Per-run reports: prompt, agent messages, commands, tool calls, changed files, tokens."""
     key = issue_ref(key)
     store = app.store(readonly=True)
     row = _issue_or_fail(store, key)
+    all_runs = store.runs_for_issue(row["id"])
+    if run_id is not None and not any(r["id"] == run_id for r in all_runs):
+        raise UsageError(f"issue {row['key']}: has no run {run_id}"
+                         + (f" (its runs: {', '.join(str(r['id']) for r in all_runs)})" if all_runs else ""))
     runs = []
-    for r in store.runs_for_issue(row["id"]):
+    for r in all_runs:
+        if (run_id is not None and r["id"] != run_id) or (run_type and r["run_type"] != run_type):
+            continue
         runs.append({"id": r["id"], "run_type": r["run_type"], "status": r["status"], "started_at": r["started_at"],
                      "ended_at": r["ended_at"], "failure_reason": r["failure_reason"], "summary": r["summary"],
-                     "thread_id": r["thread_id"], "report": json.loads(r["report"]) if r["report"] else None,
+                     "thread_id": r["thread_id"], "prompt": r["prompt"],
+                     "report": json.loads(r["report"]) if r["report"] else None,
                      "tokens": json.loads(r["tokens"]) if r["tokens"] else None})
     if as_json:
         _dump({"issue": row["key"], "runs": runs})
@@ -7494,8 +7768,12 @@ def report_cmd(app: App, key: str, as_json: bool) -> None:
             click.echo(f"  reason: {r['failure_reason']}")
         if r["summary"]:
             click.echo(f"  summary: {one_line(r['summary'], 300)}")
+        if with_prompt and r["prompt"]:
+            click.echo("  prompt:\n" + "".join(f"    {ln}\n" for ln in r["prompt"].splitlines()).rstrip("\n"))
         for cmd in rep.get("commands") or []:
             click.echo(f"  $ {one_line(str(cmd['command']), 120)}  (exit {cmd['exit_code']})")
+        if rep.get("tool_calls"):
+            click.echo(f"  tool calls: {', '.join(rep['tool_calls'])}")
         if rep.get("changed_files"):
             click.echo(f"  changed: {', '.join(rep['changed_files'])}")
         tok = rep.get("tokens") or r["tokens"] or {}
@@ -7537,6 +7815,166 @@ def events_cmd(app: App, key: str, follow: bool, as_json: bool) -> None:
         return                          # Ctrl-C ends --follow quietly, exit 0
 
 
+# ---- seeing the agent work: live, logs, feed
+
+def _live_data(store: Store, row: dict) -> dict:
+    """`live` as data: the issue's active run (else its last run) and what its turn shows now."""
+    run = _active_run(store, row) or next(iter(reversed(store.runs_for_issue(row["id"]))), None)
+    if run is None:
+        return {"issue": row["key"], "run": None}
+    view = json.loads(run.get("live") or "null") or {}
+    since = parse_iso(run.get("turn_started_at") or run.get("started_at") or run.get("claimed_at"))
+    active = run["status"] in ("claimed", "running")
+    return {"issue": row["key"], "title": row["title"], "factory_state": row["factory_state"],
+            "run": {"id": run["id"], "type": run["run_type"], "status": run["status"], "active": active,
+                    "turn_age_seconds": round((utcnow() - since).total_seconds()) if since and active else None,
+                    "ended_at": run["ended_at"], "failure_reason": run["failure_reason"]},
+            "message": view.get("message"), "command": view.get("command"), "exit_code": view.get("exit_code"),
+            "output": view.get("output") or "", "changed": view.get("changed"), "updated_at": view.get("at"),
+            "agent": [e["message"] for e in store.run_events(run["id"], "agent", 5)]}
+
+
+def _render_live(d: dict, lines: int = 12) -> str:
+    if d["run"] is None:
+        return f"{d['issue']}: no run yet"
+    r = d["run"]
+    head = f"{d['issue']}  {shown(one_line(d['title']), 80)}  [{d['factory_state']}]\n" \
+           f"run {r['id']} ({r['type']}) {r['status']}" + \
+           (f", turn running for {_age(r['turn_age_seconds'])}" if r["active"] and r["turn_age_seconds"] is not None
+            else f", ended {r['ended_at'] or '?'}" + (f": {one_line(r['failure_reason'], 120)}"
+                                                     if r["failure_reason"] else ""))
+    out = [head]
+    if d["message"]:
+        out.append(f"agent: {shown(one_line(d['message'], 600), 600)}")
+    if d["command"]:
+        state = "running" if d["exit_code"] is None and r["active"] else f"exit {d['exit_code']}"
+        out.append(f"$ {shown(d['command'], 300)}   ({state})")
+        tail = [ln for ln in d["output"].splitlines() if ln.strip()][-lines:]
+        out += [f"  | {shown(ln, 200)}" for ln in tail]
+    if d["changed"]:
+        out.append(f"changed: {shown(d['changed'], 300)}")
+    if not (d["message"] or d["command"] or d["changed"]):
+        out.append("(nothing from the agent yet)")
+    return "\n".join(out)
+
+
+def _follow(render: Callable[[], tuple[str, bool]], interval: float) -> None:
+    """Print `render()`'s screen, again when it changes (cleared first on a terminal), until it says it is done
+    or Ctrl-C (exit 0)."""
+    last, tty = None, sys.stdout.isatty()
+    try:
+        while True:
+            screen, done = render()
+            if screen != last:
+                click.echo(("\x1b[H\x1b[2J" if tty else ("\n" if last is not None else "")) + screen)
+                last = screen
+            if done:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return
+
+
+@cli.command("live")
+@click.argument("key", metavar="ISSUE")
+@click.option("--follow", is_flag=True, help="Refresh every couple of seconds until the run ends (Ctrl-C stops).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (with --follow: one per change).")
+@click.pass_obj
+def live_cmd(app: App, key: str, follow: bool, as_json: bool) -> None:
+    """ISSUE's running turn: its status and age, the agent's latest message, the latest command and what it
+    printed last (else the last run's end)."""
+    store = app.store(readonly=True)
+    row = _issue_or_fail(store, key)
+
+    def render() -> tuple[str, bool]:
+        d = _live_data(store, store.issue(row["id"]))
+        done = not follow or d["run"] is None or not d["run"]["active"]
+        return (json.dumps(d, indent=None if follow else 2) if as_json else _render_live(d)), done
+    if not follow:
+        click.echo(render()[0])
+        return
+    _follow(render, 2.0)
+
+
+@cli.command("logs")
+@click.argument("key", metavar="ISSUE")
+@click.option("--run", "run_id", type=int, help="This run (default: the active run, else the last one).")
+@click.option("--codex", "codex_log", is_flag=True, help="The Codex app-server's own log (stderr) instead.")
+@click.option("--follow", is_flag=True, help="Keep printing what is appended until the run ends.")
+@click.pass_obj
+def logs_cmd(app: App, key: str, run_id: int | None, codex_log: bool, follow: bool) -> None:
+    """Print the log file of ISSUE's run (the worker's: turns, commands, agent messages)."""
+    store = app.store(readonly=True)
+    row = _issue_or_fail(store, key)
+    runs = store.runs_for_issue(row["id"])
+    run = next((r for r in runs if r["id"] == run_id), None) if run_id else (_active_run(store, row)
+                                                                            or (runs[-1] if runs else None))
+    if run is None:
+        raise UsageError(f"issue {row['key']}: " + (f"has no run {run_id}" if run_id else "no run yet")
+                         + (f" (its runs: {', '.join(str(r['id']) for r in runs)})" if runs else ""))
+    path = app.cfg.state_dir / "logs" / f"run-{run['id']}{'.codex' if codex_log else ''}.log"
+    if not path.exists():
+        raise UsageError(f"issue {row['key']} run {run['id']}: no log at {path} (removed, or written on another host)")
+    pos = 0
+    try:
+        while True:
+            with open(path, "rb") as f:
+                f.seek(pos)
+                data = f.read()
+            pos += len(data)
+            if data:
+                click.echo(redact(data.decode("utf-8", "replace")), nl=False)
+            now_run = store.run_by_id(run["id"]) or run
+            if not follow or now_run["status"] not in ("claimed", "running") and not data:
+                return
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return
+
+
+_FEED_KEYS = ("id", "at", "level", "kind", "issue_key", "project_id", "run_id", "message")
+
+
+@cli.command("feed")
+@click.option("--follow", is_flag=True, help="Keep printing new events (Ctrl-C stops).")
+@click.option("--issue", "issue_key", metavar="KEY", help="Only this issue's events.")
+@click.option("--project", help="Only the events of this project's issues.")
+@click.option("--kind", help="Only events of this kind (agent, run, github, linear, intake, ...).")
+@click.option("--level", type=click.Choice(["info", "warn", "error"]),
+              help="Only events of this level or worse.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+              help="How many of the latest events to start with.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_obj
+def feed_cmd(app: App, follow: bool, issue_key: str | None, project: str | None, kind: str | None,
+             level: str | None, limit: int, as_json: bool) -> None:
+    """One stream of the events of every issue, newest last, with those of no issue (pause, resume, rate
+    limits, a failed tick)."""
+    if not app.has_database():
+        click.echo(f"No events yet (no database at {app.cfg.database_path}).")
+        return
+    store = app.store(readonly=True)
+    levels = ("info", "warn", "error")[("info", "warn", "error").index(level):] if level else ()
+    filt: dict[str, Any] = {"issue_key": issue_ref(issue_key) if issue_key else None, "project": project,
+                            "kind": kind, "levels": levels}
+    rows, last = store.feed(limit=limit, **filt), 0
+    try:
+        while True:
+            for e in rows:
+                last = e["id"]
+                if as_json:
+                    click.echo(json.dumps({k: e[k] for k in _FEED_KEYS}))
+                else:
+                    click.echo(f"{e['at']} {e['level']:5} {e['kind']:9} {shown(e['issue_key'] or '-', 12):12} "
+                               f"{shown(e['message'], 500)}")
+            if not follow:
+                return
+            time.sleep(1.0)
+            rows = store.feed(after_id=last, **filt)
+    except KeyboardInterrupt:
+        return
+
+
 @cli.command("worktree")
 @click.argument("key", metavar="ISSUE")
 @click.option("--cd", "cd_only", is_flag=True, help="Print only the path (for `cd $(patchrelay worktree X --cd)`).")
@@ -7567,22 +8005,26 @@ def open_cmd(app: App, key: str, print_only: bool, as_json: bool) -> None:
     """Resume ISSUE's Codex thread interactively in its worktree."""
     cfg = app.cfg
     key = issue_ref(key)
-    row = _issue_or_fail(app.store(readonly=True), key)
-    if not row["worktree"] or not Path(row["worktree"]).is_dir():
-        raise UsageError(f"issue {row['key']}: has no worktree yet")
-    argv = [cfg.codex.bin, "-C", row["worktree"]] + (["resume", row["thread_id"]] if row["thread_id"] else [])
+    store = app.store(verify=True)
+    row = _issue_or_fail(store, key)
+    if row["active_run_id"]:
+        raise UsageError(f"issue {row['key']}: run {row['active_run_id']} is active; `patchrelay stop` it first "
+                         f"(`patchrelay live {row['key']}` shows it)")
+    plan = prepare_open(cfg, store, row)
+    wt = str(plan.worktree)
+    argv = [cfg.codex.bin, "-C", wt] + (["resume", plan.thread_id] if plan.thread_id else [plan.handoff or ""])
     env_prefix = f"CODEX_HOME={shlex.quote(str(cfg.codex.home))} " if cfg.codex.home else ""
     if as_json:
-        _dump({"issue": row["key"], "worktree": row["worktree"], "thread_id": row["thread_id"], "argv": argv,
-               "codex_home": str(cfg.codex.home) if cfg.codex.home else None})
+        _dump({"issue": row["key"], "worktree": wt, "thread_id": plan.thread_id, "argv": argv,
+               "codex_home": str(cfg.codex.home) if cfg.codex.home else None, "repaired": list(plan.repaired)})
         return
+    for r in plan.repaired:
+        click.echo(f"{row['key']}: {r}", err=True)
     if print_only:
-        click.echo(f"cd {shlex.quote(row['worktree'])} && {env_prefix}{shlex.join(argv)}")
+        click.echo(f"cd {shlex.quote(wt)} && {env_prefix}{shlex.join(argv)}")
         return
-    if row["active_run_id"]:
-        raise UsageError(f"issue {row['key']}: run {row['active_run_id']} is active; `patchrelay stop` it first")
     env = stripped_child_env(cfg, {"CODEX_HOME": str(cfg.codex.home)} if cfg.codex.home else None)
-    os.chdir(row["worktree"])
+    os.chdir(wt)
     try:
         os.execvpe(argv[0], argv, env)
     except OSError as e:
@@ -7601,7 +8043,7 @@ def init_cmd(app: App, force: bool) -> None:
     path.write_text(example_config())
     click.echo(f"wrote {path}\n\nNext steps:\n"
                f"  1. edit {path}: set projects[0].repo_path, github_repo and issue_key_prefixes\n"
-               "  2. export LINEAR_API_KEY=...   (OAuth app-actor token, or a personal API key)\n"
+               "  2. export LINEAR_API_KEY=...   (a personal API key), or app mode: `patchrelay linear connect`\n"
                "  3. patchrelay doctor\n"
                "  4. patchrelay tick   (then run it from cron / a systemd timer, or `patchrelay watch`)")
 
@@ -7702,8 +8144,9 @@ def _why_data(cfg: Config, store: Store, row: dict) -> dict:
     gate("issue not paused", not paused_issue, paused_issue or "no")
     active = _active_run(store, row)
     alive = active is not None and process_alive(active["worker_pid"], active["worker_started"])
+    said = (json.loads(active.get("live") or "null") or {}).get("message") if active else None
     gate("active run", not active, {"id": active["id"], "type": active["run_type"], "status": active["status"],
-                                   "worker_alive": alive} if active else None)
+                                   "worker_alive": alive, "agent": said and one_line(said, 300)} if active else None)
     gate("pending run", bool(row["pending_run_type"]), {"type": row["pending_run_type"],
                                                         "not_before": row["not_before"]} if row["pending_run_type"]
          else None)
@@ -7815,6 +8258,11 @@ def probe_codex(cfg: Config, workdir: Path) -> list[tuple[str, str]]:
     command in the configured sandbox (in `workdir`). [(level, message)]; every FAIL names its fix."""
     out: list[tuple[str, str]] = []
     path = shutil.which(cfg.codex.bin)
+    if not path and cfg.codex.shell:        # on the PATH of the user's login shell only
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            found = subprocess.run([cfg.codex.shell, "-lc", "command -v " + shlex.quote(cfg.codex.bin)],
+                                   capture_output=True, text=True, timeout=30)
+            path = found.stdout.strip().splitlines()[-1] if found.returncode == 0 and found.stdout.strip() else None
     if not path:
         return [("FAIL", f"codex.bin: {cfg.codex.bin} not found on PATH; install it with "
                          f"`npm install -g @openai/codex@{SUPPORTED_CODEX}` or set codex.bin to its path")]

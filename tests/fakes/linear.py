@@ -448,6 +448,14 @@ class FakeLinear:
             self._touch(i)
             return c
 
+    def edit_comment(self, comment, body):
+        """A person edits a comment: new body, editedAt and updatedAt now (the issue is not touched)."""
+        with self.lock:
+            c = self.comments[_ref(comment)]
+            ts = self._stamp()
+            c.update(body=body, bodyData=json.dumps({"type": "doc", "text": body}), editedAt=ts, updatedAt=ts)
+            return c
+
     def add_session(self, issue, creator, app_user, body=None, status="pending", id=None):
         """An AgentSession (as Linear creates on mention/delegation). With body: a source comment by
         creator (comment.agentSession = the session) and an initial prompt activity by creator."""
