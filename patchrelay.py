@@ -33,6 +33,7 @@ import email.utils
 import errno
 import fcntl
 import functools
+import html
 import json
 import logging
 import math
@@ -368,6 +369,13 @@ class RunnerConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    textfile: Path | None = None        # Prometheus text written by every tick (node_exporter's textfile collector)
+    html: Path | None = None            # the status page written by every tick
+    public_url: str | None = None       # where html's directory is served: per-issue pages, linked from Linear
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     linear: LinearConfig
@@ -377,6 +385,7 @@ class Config:
     runner: RunnerConfig
     projects: tuple[ProjectConfig, ...]
     database_retention_days: float = 90.0
+    metrics: MetricsConfig = MetricsConfig()
 
     def project(self, project_id: str) -> ProjectConfig:
         for p in self.projects:
@@ -521,7 +530,7 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
     so the first error is the first a reader meets)."""
     raw = expand_env(raw)
     base = path.parent if path else None
-    top = _Section(raw, "", ["linear", "github", "codex", "database", "runner", "projects"])
+    top = _Section(raw, "", ["linear", "github", "codex", "database", "runner", "projects", "metrics"])
     linear, github, codex = _parse_linear(top), _parse_github(top), _parse_codex(top, base)
     ds = top.sub("database", ["path", "retention_days"])
     db = ds.text("path", path=True)
@@ -539,7 +548,18 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
     _check_routing(projects)
     return Config(path=path, linear=linear, github=github, codex=codex, database_path=database_path,
                   runner=runner, projects=projects,
-                  database_retention_days=ds.num("retention_days", 90.0, minimum=1, maximum=36500))
+                  database_retention_days=ds.num("retention_days", 90.0, minimum=1, maximum=36500),
+                  metrics=_parse_metrics(top, base))
+
+
+def _parse_metrics(top: _Section, base: Path | None) -> MetricsConfig:
+    ms = top.sub("metrics", ["textfile", "html", "public_url"])
+    textfile, html = ms.text("textfile", path=True), ms.text("html", path=True)
+    public = _url(ms, "public_url", "") if ms.raw.get("public_url") else None
+    if public and not html:
+        raise ConfigError("metrics.public_url: needs metrics.html (the pages are written beside it)")
+    return MetricsConfig(textfile=_path(textfile, base) if textfile else None, html=_path(html, base) if html else None,
+                         public_url=public.rstrip("/") + "/" if public else None)
 
 
 def _parse_linear(top: _Section) -> LinearConfig:
@@ -1163,6 +1183,7 @@ CREATE TABLE leases (
   until REAL NOT NULL
 );
 ALTER TABLE runs ADD COLUMN live TEXT;
+ALTER TABLE issues ADD COLUMN page_slug TEXT;
 CREATE INDEX events_kind ON events(kind, id);
 """
 
@@ -1175,7 +1196,7 @@ ISSUE_COLUMNS = frozenset({
     "not_before", "active_run_id", "agent_session_id", "branch", "worktree", "thread_id", "pr_number", "pr_url",
     "pr_state", "ci_repair_attempts", "queue_repair_attempts", "retries", "comments_synced", "pr_node_id",
     "pr_head_sha", "pr_review", "pr_ci", "pr_queue", "gh_snapshot", "gh_observed_at", "gh_action", "pushed_sha",
-    "pushed_at", "repair_counts", "paused", "clean_merges", "pushed_run_type", "pr_waiting_review"})
+    "pushed_at", "repair_counts", "paused", "clean_merges", "pushed_run_type", "pr_waiting_review", "page_slug"})
 RUN_COLUMNS = frozenset({
     "status", "trigger", "context", "prompt", "attempt", "worker_pid", "worker_started", "appserver_pid",
     "appserver_started", "thread_id", "turn_ids", "head_before", "started_at", "turn_started_at", "heartbeat_at",
@@ -1769,6 +1790,51 @@ class Store:
 
     def last_tick(self) -> dict | None:
         return self._one("SELECT * FROM ticks ORDER BY id DESC LIMIT 1")
+
+    def metrics_snapshot(self, now: str, hour_ago: str, day_start: str) -> dict:
+        """What `metrics` reports, read in one transaction with aggregate queries (no row per issue or run)."""
+        with self.tx(deferred=True):
+            return {
+                "runs": self._all("SELECT run_type, status, COUNT(*) AS n FROM runs GROUP BY run_type, status"),
+                "issues": self._all("SELECT factory_state, COUNT(*) AS n FROM issues GROUP BY factory_state"),
+                "pending": self._all(
+                    "SELECT pending_run_type AS run_type, CASE WHEN paused IS NOT NULL THEN 1 ELSE 0 END AS paused, "
+                    "CASE WHEN not_before > ? THEN 1 ELSE 0 END AS waiting, COUNT(*) AS n FROM issues "
+                    "WHERE pending_run_type IS NOT NULL AND active_run_id IS NULL "
+                    "GROUP BY 1, 2, 3", (now,)),
+                "outbox": self._all("SELECT status, COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox "
+                                    "WHERE status IN ('queued', 'failed') GROUP BY status"),
+                "ticks": self._all("SELECT started_at, ended_at, result, summary FROM ticks WHERE started_at >= ? "
+                                   "ORDER BY id", (hour_ago,)),
+                "last_tick": self._one("SELECT started_at, ended_at, result FROM ticks WHERE ended_at IS NOT NULL "
+                                       "ORDER BY id DESC LIMIT 1"),
+                "tokens_today": self.tokens_spent(since=day_start),
+                "meta": {r["key"]: r["value"] for r in self._all(
+                    "SELECT key, value FROM meta WHERE key IN ('runner.paused', 'runner.codex_hold', "
+                    "'worktrees.usage')")},
+                "budgets": self.budgets(),
+            }
+
+    def page_runs(self, since: str) -> list[dict]:
+        """The runs the status page draws: those of open issues and those claimed since `since`."""
+        return self._all("SELECT r.id, r.issue_id, r.run_type, r.status, r.claimed_at, r.started_at, r.ended_at, "
+                         "r.failure_reason FROM runs r JOIN issues i ON i.id = r.issue_id WHERE r.claimed_at >= ? "
+                         "OR i.factory_state NOT IN ('done', 'canceled') ORDER BY r.id", (since,))
+
+    def runs_per_day(self, since: str) -> list[dict]:
+        return self._all("SELECT substr(claimed_at, 1, 10) AS day, status, COUNT(*) AS n FROM runs "
+                         "WHERE claimed_at >= ? GROUP BY substr(claimed_at, 1, 10), status", (since,))
+
+    def page_slug(self, issue_id: int) -> str:
+        """The issue's page name: random, kept; nobody can guess another issue's from it."""
+        row = self._one("SELECT page_slug FROM issues WHERE id = ?", (issue_id,))
+        if row and row["page_slug"]:
+            return row["page_slug"]
+        slug = secrets.token_urlsafe(18)
+        with self.tx():
+            self.db.execute("UPDATE issues SET page_slug = ? WHERE id = ? AND page_slug IS NULL", (slug, issue_id))
+        return self._required(self._one("SELECT page_slug FROM issues WHERE id = ?", (issue_id,)),
+                              f"issue {issue_id}")["page_slug"]
 
     def recent_ticks(self, n: int = 30) -> list[dict]:
         """The newest finished ticks, newest first."""
@@ -3941,7 +4007,8 @@ def may_transition(current: str, new: str) -> bool:
 @dataclass(frozen=True)
 class Outbound:
     """A message for Linear, queued in the outbox."""
-    kind: str                 # activity | plan | issue_state | session_link (comment: an activity without a session)
+    kind: str                 # activity | plan | issue_state | session_link | session_page (comment: an activity
+                              # without a session)
     payload: dict
 
 
@@ -5354,7 +5421,7 @@ def apply_decision(store: Store, row: dict | None, d: Decision, run_id: int | No
             store.add_inbox(issue_id, m.kind, m.body, m.author, m.source, m.source_id, m.run_id)
     session = d.fields.get("agent_session_id") or (row or {}).get("agent_session_id")
     for ob in d.outbox:
-        if ob.kind == "session_link":
+        if ob.kind in ("session_link", "session_page"):
             if session:
                 store.add_outbox(issue_id, ob.kind, session, ob.payload)
         elif ob.kind in ("activity", "plan"):
@@ -5385,6 +5452,327 @@ def runner_paused(cfg: Config, store: Store | None) -> dict | None:
     if stored is not None:
         return json.loads(stored) or None
     return {"by": "config", "reason": "runner.paused: true", "at": None} if cfg.runner.paused else None
+
+
+# ---- metrics and the status page: what every tick reports (and `metrics`, `status --html` print)
+
+FINISHED_RUN_STATUSES = ("completed", "failed", "stopped", "interrupted", "held", "released", "superseded")
+
+
+def _prom_escape(v: Any) -> str:
+    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class _Prom:
+    """Prometheus text exposition: HELP and TYPE once per metric, then its samples."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def metric(self, name: str, kind: str, help_text: str, samples: Iterable[tuple[dict, float | int | None]]) -> None:
+        self.lines += [f"# HELP patchrelay_{name} {help_text}", f"# TYPE patchrelay_{name} {kind}"]
+        for labels, value in samples:
+            if value is None:
+                continue
+            lab = ",".join(f'{k}="{_prom_escape(v)}"' for k, v in labels.items())
+            num = repr(float(value)) if isinstance(value, float) and not float(value).is_integer() else str(int(value))
+            self.lines.append(f"patchrelay_{name}{{{lab}}} {num}" if lab else f"patchrelay_{name} {num}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _hour_requests(ticks: list[dict]) -> dict[str, int]:
+    out = {"linear": 0, "github": 0}
+    for t in ticks:
+        cost = (json.loads(t["summary"] or "{}").get("api_cost") or {})
+        for api in out:
+            v = cost.get(f"{api}_requests")
+            out[api] += int(v) if isinstance(v, (int, float)) else 0
+    return out
+
+
+def _run_metrics(m: _Prom, snap: dict) -> None:
+    runs = snap["runs"]
+    started: dict[str, int] = {t: 0 for t in RUN_TYPES}
+    finished: dict[tuple[str, str], int] = {}
+    active: dict[str, int] = {t: 0 for t in RUN_TYPES}
+    for r in runs:
+        started[r["run_type"]] = started.get(r["run_type"], 0) + r["n"]
+        if r["status"] in ("claimed", "running"):
+            active[r["run_type"]] = active.get(r["run_type"], 0) + r["n"]
+        else:
+            finished[(r["run_type"], r["status"])] = finished.get((r["run_type"], r["status"]), 0) + r["n"]
+    m.metric("runs_started_total", "counter", "Runs claimed, by run type.",
+             (({"run_type": t}, n) for t, n in sorted(started.items())))
+    m.metric("runs_finished_total", "counter", "Runs that ended, by run type and outcome.",
+             (({"run_type": t, "outcome": o}, n) for (t, o), n in sorted(finished.items())))
+    m.metric("runs_active", "gauge", "Runs claimed or running now, by run type.",
+             (({"run_type": t}, n) for t, n in sorted(active.items())))
+    pending = {t: 0 for t in RUN_TYPES}
+    for p in snap["pending"]:
+        pending[p["run_type"]] = pending.get(p["run_type"], 0) + p["n"]
+    m.metric("runs_pending", "gauge", "Runs queued to launch, by run type.",
+             (({"run_type": t}, n) for t, n in sorted(pending.items())))
+
+
+def _held_metrics(m: _Prom, cfg: Config, snap: dict, now: dt.datetime) -> None:
+    """Pending runs that wait, by the first reason that holds them (a run is counted once)."""
+    paused = json.loads(snap["meta"].get("runner.paused") or "null") if "runner.paused" in snap["meta"] \
+        else ({"by": "config"} if cfg.runner.paused else None)
+    hold = active_hold(json.loads(snap["meta"].get("runner.codex_hold") or "null"), now)
+    cap = cfg.codex.max_tokens_per_day
+    free = max(0, cfg.runner.max_concurrent_runs - sum(r["n"] for r in snap["runs"] if r["status"] in
+                                                        ("claimed", "running")))
+    held = {"paused": 0, "issue_paused": 0, "capacity": 0, "token_cap": 0, "backoff": 0, "concurrency": 0}
+    ready = 0
+    for p in snap["pending"]:
+        reason = "paused" if paused else "issue_paused" if p["paused"] else "capacity" if hold else \
+            "token_cap" if cap is not None and snap["tokens_today"] >= cap else "backoff" if p["waiting"] else None
+        if reason:
+            held[reason] += p["n"]
+        else:
+            ready += p["n"]
+    held["concurrency"] = max(0, ready - free)
+    m.metric("runs_held", "gauge", "Pending runs that wait, by reason (paused, issue_paused, capacity: Codex's "
+             "provider refused, token_cap, backoff, concurrency).", (({"reason": k}, v) for k, v in held.items()))
+
+
+def metrics_text(cfg: Config, snap: dict, now: dt.datetime, linear_token: Mapping[str, Any] | None = None) -> str:
+    """The Prometheus text of one store snapshot (Store.metrics_snapshot)."""
+    m = _Prom()
+    m.metric("info", "gauge", "PatchRelay's version.", [({"version": __version__}, 1)])
+    _run_metrics(m, snap)
+    _held_metrics(m, cfg, snap, now)
+    states = {s: 0 for s in TRANSITIONS}
+    for r in snap["issues"]:
+        states[r["factory_state"]] = r["n"]
+    m.metric("issues", "gauge", "Tracked issues, by factory state.", (({"state": k}, v) for k, v in sorted(states.items())))
+    box = {r["status"]: r for r in snap["outbox"]}
+    m.metric("outbox_rows", "gauge", "Linear writes not sent yet, by status.",
+             (({"status": st}, (box.get(st) or {}).get("n", 0)) for st in ("queued", "failed")))
+    oldest = parse_iso((box.get("queued") or {}).get("oldest"))
+    m.metric("outbox_oldest_queued_age_seconds", "gauge", "Age of the oldest queued Linear write (0: none).",
+             [({}, round((now - oldest).total_seconds(), 3) if oldest else 0)])
+    hour = _hour_requests(snap["ticks"])
+    limits = {b["api"]: b["requests_limit"] for b in snap["budgets"]}
+    m.metric("api_requests_last_hour", "gauge", "Requests the ticks of the last hour made, by API.",
+             (({"api": a}, n) for a, n in hour.items()))
+    m.metric("api_hourly_limit_ratio", "gauge", "Those requests as a share of the API's hourly request limit.",
+             (({"api": a}, round(n / limits[a], 4) if limits.get(a) else None) for a, n in hour.items()))
+    last = snap["last_tick"]
+    ended, started = parse_iso(last["ended_at"]) if last else None, parse_iso(last["started_at"]) if last else None
+    m.metric("last_tick_age_seconds", "gauge", "Seconds since the last tick ended.",
+             [({}, round((now - ended).total_seconds(), 3) if ended else None)])
+    m.metric("last_tick_duration_seconds", "gauge", "How long the last tick took.",
+             [({}, round((ended - started).total_seconds(), 3) if ended and started else None)])
+    m.metric("last_tick_success", "gauge", "1 when every step of the last tick worked.",
+             [({}, (1 if last["result"] == "ok" else 0) if last else None)])
+    m.metric("ticks_last_hour", "gauge", "Ticks started in the last hour.", [({}, len(snap["ticks"]))])
+    m.metric("tokens_spent_today", "gauge", "Model tokens the runs claimed today (UTC) spent.",
+             [({}, snap["tokens_today"])])
+    cx = cfg.codex
+    m.metric("token_cap", "gauge", "The configured token caps.",
+             (({"scope": k}, v) for k, v in (("day", cx.max_tokens_per_day), ("issue", cx.max_tokens_per_issue),
+                                             ("run", cx.max_tokens_per_run))))
+    wt = json.loads(snap["meta"].get("worktrees.usage") or "null") or {}
+    m.metric("worktrees", "gauge", "Worktrees on disk.", [({}, wt.get("count", 0))])
+    m.metric("worktrees_bytes", "gauge", "Their disk use (measured when their number changes, else hourly).",
+             [({}, wt.get("bytes", 0))])
+    if linear_token and linear_token.get("source") == "connected":
+        exp = parse_iso(linear_token.get("expires_at"))
+        m.metric("linear_token_expiry_seconds", "gauge", "Seconds until the connected app's access token expires.",
+                 [({}, round((exp - now).total_seconds(), 3) if exp else None)])
+        m.metric("linear_token_refresh_refused", "gauge", "1 while Linear refuses the token refresh.",
+                 [({}, 1 if linear_token.get("refresh_error") else 0)])
+    return m.text()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename: a reader never sees it half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def current_metrics(cfg: Config, store: Store) -> str:
+    now = utcnow()
+    snap = store.metrics_snapshot(iso(now), iso(now - dt.timedelta(hours=1)), utc_day_start(now))
+    return metrics_text(cfg, snap, now, linear_token_status(cfg, store))
+
+
+_PAGE_CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:0 auto;max-width:980px;padding:12px;color:#1d1d1f}
+h1{font-size:20px}h2{font-size:16px;margin-top:24px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;width:100%}td,th{padding:4px 6px;border-bottom:1px solid #eee;text-align:left;
+vertical-align:top}.wrap{overflow-x:auto}.att li{margin:4px 0}.bad{color:#b00020}.warn{color:#a15c00}
+.bar{background:#eee;border-radius:3px;height:10px;width:100%}.bar i{display:block;height:10px;border-radius:3px;
+background:#3867d6}.muted{color:#666}.k{font-weight:600;white-space:nowrap}svg{max-width:100%;height:auto}"""
+
+RUN_COLOURS = {"completed": "#2e9d4f", "failed": "#c62828", "running": "#3867d6", "claimed": "#7fa7ff",
+               "stopped": "#8d8d8d", "interrupted": "#8d8d8d", "held": "#e68a00"}
+
+
+def _e(v: Any) -> str:
+    return html.escape("" if v is None else str(v), quote=True)
+
+
+def _timeline_svg(runs: list[dict], now: dt.datetime, width: int = 600) -> str:
+    """An issue's runs as bars over time, coloured by outcome (running runs reach `now`)."""
+    spans = []
+    for r in runs:
+        a = parse_iso(r["started_at"] or r["claimed_at"])
+        b = parse_iso(r["ended_at"]) or now
+        if a:
+            spans.append((a, max(b, a), r))
+    if not spans:
+        return '<span class="muted">no runs</span>'
+    t0, t1 = min(a for a, _, _ in spans), max(now, max(b for _, b, _ in spans))
+    total = max((t1 - t0).total_seconds(), 1.0)
+    bars = []
+    for a, b, r in spans:
+        x = (a - t0).total_seconds() / total * width
+        w = max(2.0, (b - a).total_seconds() / total * width)
+        bars.append(f'<rect x="{x:.1f}" y="2" width="{w:.1f}" height="14" fill="{RUN_COLOURS.get(r["status"], "#999")}">'
+                    f'<title>{_e(r["run_type"])} #{r["id"]} {_e(r["status"])} {_e(r["claimed_at"])}</title></rect>')
+    return (f'<svg viewBox="0 0 {width} 18" width="{width}" height="18" role="img" aria-label="runs over time">'
+            + "".join(bars) + "</svg>")
+
+
+def _per_day_svg(rows: list[dict], now: dt.datetime, days: int = 14) -> str:
+    """Runs claimed per day, the last `days` days, stacked: completed, failed, other."""
+    per: dict[str, dict[str, int]] = {}
+    for r in rows:
+        k = "completed" if r["status"] == "completed" else "failed" if r["status"] == "failed" else "other"
+        per.setdefault(r["day"], {}).setdefault(k, 0)
+        per[r["day"]][k] += r["n"]
+    day_list = [(now - dt.timedelta(days=i)).strftime("%Y-%m-%d") for i in range(days - 1, -1, -1)]
+    top = max([sum(per.get(d, {}).values()) for d in day_list] + [1])
+    w, h, bw = 28, 80, 20
+    out = []
+    for i, d in enumerate(day_list):
+        y = float(h)
+        for k, colour in (("completed", "#2e9d4f"), ("failed", "#c62828"), ("other", "#8d8d8d")):
+            n = per.get(d, {}).get(k, 0)
+            if n:
+                bh = n / top * (h - 4)
+                y -= bh
+                out.append(f'<rect x="{i * w + 4}" y="{y:.1f}" width="{bw}" height="{bh:.1f}" fill="{colour}">'
+                           f'<title>{d}: {n} {k}</title></rect>')
+        out.append(f'<text x="{i * w + 14}" y="{h + 12}" font-size="9" text-anchor="middle">{d[8:]}</text>')
+    return (f'<svg viewBox="0 0 {days * w + 8} {h + 16}" width="{days * w + 8}" height="{h + 16}" role="img" '
+            f'aria-label="runs per day">' + "".join(out) + "</svg>")
+
+
+def _bar(used: float, limit: float | None) -> str:
+    if not limit:
+        return '<span class="muted">no limit known</span>'
+    pct = min(100.0, 100.0 * used / limit)
+    return f'<div class="bar"><i style="width:{pct:.1f}%"></i></div><span class="muted">{used:,.0f} of {limit:,.0f}</span>'
+
+
+def _attention(cfg: Config, store: Store, snap: dict, now: dt.datetime, issues: list[dict]) -> list[str]:
+    items = []
+    paused = runner_paused(cfg, store)
+    if paused:
+        items.append(f'<li class="warn">Paused by {_e(paused.get("by"))}: {_e(paused.get("reason"))}</li>')
+    hold = codex_hold(store)
+    if hold:
+        items.append(f'<li class="warn">Runs held until {_e(hold["until"])}: {_e(hold["reason"])}</li>')
+    lt = linear_token_status(cfg, store)
+    if lt.get("refresh_error"):
+        items.append(f'<li class="bad">Linear refuses the token refresh: run <code>patchrelay linear connect</code>'
+                     f' ({_e(lt["refresh_error"])})</li>')
+    box = {r["status"]: r for r in snap["outbox"]}
+    oldest = parse_iso((box.get("queued") or {}).get("oldest"))
+    if oldest and (now - oldest).total_seconds() > 600:
+        items.append(f'<li class="bad">Linear outbox stuck: {box["queued"]["n"]} write(s) queued, the oldest since '
+                     f'{_e(iso(oldest))}</li>')
+    if box.get("failed"):
+        items.append(f'<li class="bad">{box["failed"]["n"]} Linear write(s) failed for good</li>')
+    last = snap["last_tick"]
+    ended = parse_iso(last["ended_at"]) if last else None
+    if ended is None or (now - ended).total_seconds() > 300:
+        items.append('<li class="bad">No tick has ended in the last 5 minutes</li>')
+    elif last["result"] != "ok":
+        items.append('<li class="warn">The last tick had a failed step (<code>patchrelay status</code>)</li>')
+    for u in store.unrouted()[:10]:
+        items.append(f'<li class="warn">{_e(u["issue_key"])}: delegated, but no project routes it</li>')
+    for i in issues:
+        if i["factory_state"] in ("failed", "escalated", "awaiting_input"):
+            cls = "warn" if i["factory_state"] == "awaiting_input" else "bad"
+            items.append(f'<li class="{cls}">{_e(i["key"])} {_e(i["factory_state"].replace("_", " "))}: '
+                         f'{_e(one_line(i["title"], 80))}</li>')
+    return items
+
+
+def status_page(cfg: Config, store: Store) -> str:
+    """One self-contained HTML page (no script, no outside resource): what needs attention first, every open
+    issue (and those changed in the last day) with its state, PR and checks and its runs over time, runs per
+    day for two weeks, API use against the hourly limits, token spend against the caps."""
+    now = utcnow()
+    snap = store.metrics_snapshot(iso(now), iso(now - dt.timedelta(hours=1)), utc_day_start(now))
+    issues = store.issues_listed(changed_since=iso(now - dt.timedelta(days=1)))
+    runs_of: dict[int, list[dict]] = {}
+    for r in store.page_runs(iso(now - dt.timedelta(days=1))):
+        runs_of.setdefault(r["issue_id"], []).append(r)
+    att = _attention(cfg, store, snap, now, issues)
+    rows = []
+    for i in issues:
+        key = f'<a href="{_e(i["url"])}">{_e(i["key"])}</a>' if i["url"] else _e(i["key"])
+        pr = f'<a href="{_e(i["pr_url"])}">#{i["pr_number"]}</a>' if i["pr_number"] and i["pr_url"] else ""
+        run = f'{_e(i["active_run_type"])} ({_e(i["active_run_status"])})' if i.get("active_run_type") else ""
+        rows.append(f'<tr><td class="k">{key}</td><td>{_e(one_line(i["title"], 90))}</td>'
+                    f'<td>{_e(i["factory_state"])}</td><td>{pr}</td><td>{_e(i["pr_ci"] or "")}</td>'
+                    f'<td>{run}</td><td>{_timeline_svg(runs_of.get(i["id"], []), now, 240)}</td></tr>')
+    hour = _hour_requests(snap["ticks"])
+    limits = {b["api"]: b["requests_limit"] for b in snap["budgets"]}
+    api = "".join(f"<tr><td>{a.capitalize()}</td><td>{_bar(n, limits.get(a))}</td></tr>" for a, n in hour.items())
+    cx = cfg.codex
+    tokens = f"<tr><td>today</td><td>{_bar(snap['tokens_today'], cx.max_tokens_per_day)}</td></tr>"
+    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><meta name=viewport "
+             f'content="width=device-width,initial-scale=1"><title>PatchRelay</title><style>{_PAGE_CSS}</style>'
+             f"</head><body><h1>PatchRelay</h1><p class=muted>as of {_e(iso(now))}</p>",
+             "<h2>Needs attention</h2>" + (f'<ul class="att">{"".join(att)}</ul>' if att else
+                                           "<p>Nothing needs attention.</p>"),
+             "<h2>Issues</h2>" + (f'<div class="wrap"><table><tr><th>issue</th><th>title</th><th>state</th><th>PR'
+                                   f'</th><th>checks</th><th>active run</th><th>runs</th></tr>{"".join(rows)}</table>'
+                                   "</div>" if rows else "<p>No open issues.</p>"),
+             "<h2>Runs per day</h2>" + _per_day_svg(store.runs_per_day(iso(now - dt.timedelta(days=14))), now),
+             f"<h2>API use, last hour</h2><table>{api}</table>",
+             f"<h2>Tokens</h2><table>{tokens}</table>", "</body></html>"]
+    return "\n".join(parts)
+
+
+def issue_page(store: Store, row: dict) -> str:
+    """One issue's page (for its Linear session's link): title and link, the active run, its runs with type,
+    outcome, start and end, its pull request and checks."""
+    now = utcnow()
+    runs = store.runs_for_issue(row["id"])
+    snap = json.loads(row.get("gh_snapshot") or "{}")
+    checks = "".join(f"<li>{_e(k)}: {_e(str(v).lower())}</li>" for k, v in sorted((snap.get("checks") or {}).items()))
+    active = next((r for r in runs if r["status"] in ("claimed", "running")), None)
+    said = (json.loads(active.get("live") or "null") or {}).get("message") if active else None
+    trs = "".join(f'<tr><td>#{r["id"]}</td><td>{_e(r["run_type"])}</td><td style="color:'
+                  f'{RUN_COLOURS.get(r["status"], "#333")}">{_e(r["status"])}</td><td>{_e(r["started_at"] or r["claimed_at"])}'
+                  f'</td><td>{_e(r["ended_at"] or "")}</td></tr>' for r in reversed(runs))
+    pr = (f'<p>Pull request <a href="{_e(row["pr_url"])}">#{row["pr_number"]}</a> ({_e(row["pr_state"])}), checks: '
+          f'{_e(row["pr_ci"] or "?")}</p><ul>{checks}</ul>') if row["pr_number"] else "<p>No pull request yet.</p>"
+    act = (f"<p>Active run: {_e(active['run_type'])} #{active['id']} ({_e(active['status'])})"
+           + (f"<br><span class=muted>{_e(one_line(said, 400))}</span>" if said else "") + "</p>") if active else ""
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><meta name=viewport content=\"width=device-width,"
+            f"initial-scale=1\"><meta name=robots content=noindex><title>{_e(row['key'])}</title><style>{_PAGE_CSS}"
+            f"</style></head><body><h1>{_e(row['key'])}: {_e(row['title'])}</h1><p><a href=\"{_e(row['url'])}\">Linear"
+            f"</a> · {_e(row['factory_state'])} · as of {_e(iso(now))}</p>{act}{pr}<h2>Runs</h2>"
+            f"{_timeline_svg(runs, now)}<div class=wrap><table><tr><th>run</th><th>type</th><th>outcome</th>"
+            f"<th>started</th><th>ended</th></tr>{trs}</table></div></body></html>")
 
 
 # ---- publish: the Linear outbox, batched
@@ -5643,6 +6031,8 @@ def _outbox_write(row: Mapping[str, Any], payload: dict, issue: Mapping[str, Any
                                         "content": payload["content"], "ephemeral": bool(payload.get("ephemeral"))})
     if kind == "plan":
         return LinearWrite("session_update", {"plan": payload["plan"]}, row["session_id"])
+    if kind == "session_page":
+        return LinearWrite("session_update", {"externalLink": payload["url"]}, row["session_id"])
     if kind == "session_link":
         return LinearWrite("session_update", {"addedExternalUrls": [{"label": payload["label"],
                                                                      "url": payload["url"]}]}, row["session_id"])
@@ -7179,7 +7569,40 @@ def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
     report["actions"] = ctx.actions
     if tick_id is not None:
         store.end_tick(tick_id, report["result"], {k: v for k, v in report.items() if k != "actions"})
+        _reports_written(cfg, store, report)
     return report
+
+
+def _reports_written(cfg: Config, store: Store, report: dict) -> None:
+    if not (cfg.metrics.textfile or cfg.metrics.html):
+        return
+    try:
+        write_reports(cfg, store)
+    except (OSError, PatchRelayError, sqlite3.Error) as e:
+        report["result"] = "failed"
+        report["errors"].append(f"metrics: {redact(str(e))}")
+
+
+def write_reports(cfg: Config, store: Store) -> None:
+    """What every tick writes when asked: the Prometheus textfile, the status page and, with metrics.public_url,
+    a page per issue under a name nobody can guess, linked once from the issue's Linear agent session."""
+    m = cfg.metrics
+    if m.textfile:
+        write_atomic(m.textfile, current_metrics(cfg, store))
+    if not m.html:
+        return
+    public = m.public_url
+    write_atomic(m.html, status_page(cfg, store))       # it lists no issue page: it may be public itself
+    if not public:
+        return
+    for row in store.issues_listed(changed_since=iso(utcnow() - dt.timedelta(days=1))):
+        slug = store.page_slug(row["id"])
+        write_atomic(m.html.parent / f"issue-{slug}.html", issue_page(store, store.issue(row["id"])))
+        if row["agent_session_id"] and not store.seen(f"page-link:{row['id']}"):
+            with store.tx():
+                store.mark_seen(f"page-link:{row['id']}")
+                apply_decision(store, row, Decision(outbox=(Outbound("session_page", {
+                    "url": f"{public}issue-{slug}.html"}),)))
 
 
 # ============================================================== cli
@@ -7563,11 +7986,20 @@ def _render_status(data: dict, cx: CodexConfig) -> None:
 @cli.command("status")
 @click.option("--all", "show_all", is_flag=True, help="every tracked issue, closed ones too (see also `list`)")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (key names in the README).")
+@click.option("--html", "html_path", metavar="PATH", help="Write the status page (one self-contained HTML file) "
+              "to PATH.")
 @click.pass_obj
-def status_cmd(app: App, as_json: bool, show_all: bool) -> None:
+def status_cmd(app: App, as_json: bool, show_all: bool, html_path: str | None) -> None:
     """What needs attention: open issues and those changed in the last day (a count of the rest; `--all` or
     `list` shows them), queued Linear messages, API budget, last tick (from SQLite only)."""
     store = app.store(readonly=True) if app.has_database() else None      # a read never creates the database
+    if html_path:
+        if store is None:
+            raise UsageError(f"no database at {app.cfg.database_path} yet: nothing to show (the first "
+                             "`patchrelay tick` creates it)")
+        write_atomic(Path(html_path), status_page(app.cfg, store))
+        click.echo(f"wrote {html_path}")
+        return
     data = _status_data(app.cfg, store, show_all)
     if as_json:
         _dump(data)
@@ -7658,6 +8090,16 @@ def _render_show(data: dict) -> None:
     click.echo("\nEvents:")
     for e in data["events"]:
         click.echo(f"  {e['at']} {e['level']:5} {e['kind']:9} {shown(e['message'], 500)}")
+
+
+@cli.command("metrics")
+@click.pass_obj
+def metrics_cmd(app: App) -> None:
+    """Prometheus metrics (text exposition format), read from the store in one pass."""
+    if not app.has_database():
+        raise UsageError(f"no database at {app.cfg.database_path} yet: nothing to measure (the first "
+                         "`patchrelay tick` creates it)")
+    click.echo(current_metrics(app.cfg, app.store(readonly=True)), nl=False)
 
 
 @cli.command("show")
