@@ -4,6 +4,9 @@
 repository whose `origin` is a bare repo, a fake model provider for the real Codex CLI,
 a config file, and `world.cli(...)` which runs `patchrelay.py` as a subprocess exactly
 as cron would.
+
+`pg` is a real PostgreSQL server (tests/pg.py), one per test process (pytest-xdist worker), and `pg_url`
+a fresh empty database on it for one test, with PGPASSWORD set for the test (the URL has no password).
 """
 import json
 import os
@@ -19,6 +22,7 @@ from fakes.github import FakeGitHub
 from fakes.linear import FakeLinear
 from fakes.model import FakeModel
 from fakes import world as worldlib
+from pg import pg_server
 
 ROOT = Path(__file__).resolve().parent.parent
 PATCHRELAY = ROOT / "patchrelay.py"
@@ -167,3 +171,21 @@ def world(tmp_path, linear, github):
     subprocess.run(["pkill", "-f", str(tmp_path)], capture_output=True)
     if w.model is not None:
         w.model.stop()
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """A real PostgreSQL server for the session (one per pytest-xdist worker): tests/pg.py's PgServer."""
+    server = pg_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg, monkeypatch):
+    """A fresh, empty database on the `pg` server for this test: its URL (no password in it); PGPASSWORD is
+    set in os.environ for the test, so `patchrelay` subprocesses started with it inherit the password."""
+    url = pg.create_database()
+    monkeypatch.setenv("PGPASSWORD", pg.password)
+    yield url
+    pg.drop_database(url)
