@@ -366,6 +366,8 @@ class RunnerConfig:
     git_author_name: str = "PatchRelay"
     git_author_email: str = "patchrelay@localhost"
     worktree_retention_hours: float = 24.0   # a closed issue's worktree is removed this long after it closed
+    host: str = "localhost"             # this member of the fleet (default: the machine's hostname)
+    host_timeout: float = 120.0         # a host silent this long is dead: its runs are taken over
 
 
 @dataclass(frozen=True)
@@ -381,11 +383,18 @@ class Config:
     linear: LinearConfig
     github: GitHubConfig
     codex: CodexConfig
-    database_path: Path
+    database_path: Path                 # SQLite's file; with database_url, where logs and lock files live
     runner: RunnerConfig
     projects: tuple[ProjectConfig, ...]
     database_retention_days: float = 90.0
     metrics: MetricsConfig = MetricsConfig()
+    database_url: str | None = None     # postgresql://… : the fleet's shared PostgreSQL (password from the
+                                        # environment or .pgpass)
+
+    @property
+    def database_label(self) -> str:
+        """The database as messages name it (a URL's password is never shown)."""
+        return redact_url(self.database_url) if self.database_url else str(self.database_path)
 
     def project(self, project_id: str) -> ProjectConfig:
         for p in self.projects:
@@ -532,7 +541,7 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
     base = path.parent if path else None
     top = _Section(raw, "", ["linear", "github", "codex", "database", "runner", "projects", "metrics"])
     linear, github, codex = _parse_linear(top), _parse_github(top), _parse_codex(top, base)
-    ds = top.sub("database", ["path", "retention_days"])
+    ds = top.sub("database", ["path", "retention_days", "url"])
     db = ds.text("path", path=True)
     database_path = _path(db, base) if db else default_state_dir() / "patchrelay.sqlite"
     runner = _parse_runner(top)
@@ -549,7 +558,24 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
     return Config(path=path, linear=linear, github=github, codex=codex, database_path=database_path,
                   runner=runner, projects=projects,
                   database_retention_days=ds.num("retention_days", 90.0, minimum=1, maximum=36500),
-                  metrics=_parse_metrics(top, base))
+                  metrics=_parse_metrics(top, base), database_url=_database_url(ds))
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password."""
+    return re.sub(r"^(\w+(?:\+\w+)?://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def _database_url(ds: _Section) -> str | None:
+    url = (os.environ.get("PATCHRELAY_DATABASE_URL") or "").strip() or ds.text("url")
+    if not url:
+        return None
+    if not re.match(r"^postgres(ql)?://", url):
+        raise ConfigError(f"database.url: expected postgresql://user@host[:port]/dbname, got {redact_url(url)!r}")
+    m = re.match(r"^\w+://[^:/@]+:([^@]*)@", url)
+    if m and m.group(1):
+        KNOWN_SECRETS.add(m.group(1))       # better in PGPASSWORD or ~/.pgpass; never shown either way
+    return url
 
 
 def _parse_metrics(top: _Section, base: Path | None) -> MetricsConfig:
@@ -650,8 +676,12 @@ def _parse_codex(top: _Section, base: Path | None) -> CodexConfig:
 def _parse_runner(top: _Section) -> RunnerConfig:
     rs = top.sub("runner", ["max_concurrent_runs", "paused", "retry_budget", "retry_backoff", "hook_timeout",
                             "inbox_poll_interval", "git_author_name", "git_author_email",
-                            "worktree_retention_hours"])
+                            "worktree_retention_hours", "host", "host_timeout"])
+    host = rs.text("host", socket.gethostname() or "localhost")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", host):
+        raise ConfigError(f"runner.host: expected a host name (letters, digits, . _ -), got {host!r}")
     return RunnerConfig(
+        host=host, host_timeout=rs.num("host_timeout", 120.0, minimum=10),
         max_concurrent_runs=rs.num("max_concurrent_runs", 2, minimum=1, integer=True),
         paused=rs.flag("paused", False),
         retry_budget=rs.num("retry_budget", 2, minimum=0, integer=True),
@@ -1183,6 +1213,17 @@ CREATE TABLE leases (
   until REAL NOT NULL
 );
 ALTER TABLE runs ADD COLUMN live TEXT;
+ALTER TABLE runs ADD COLUMN host TEXT;
+ALTER TABLE outbox ADD COLUMN lease_host TEXT;
+ALTER TABLE issues ADD COLUMN host TEXT;
+CREATE TABLE hosts (
+  name TEXT PRIMARY KEY,
+  seen_at REAL NOT NULL,
+  started_at TEXT NOT NULL,
+  pid INTEGER,
+  max_runs INTEGER,
+  version TEXT
+);
 ALTER TABLE issues ADD COLUMN page_slug TEXT;
 CREATE INDEX events_kind ON events(kind, id);
 """
@@ -1196,11 +1237,12 @@ ISSUE_COLUMNS = frozenset({
     "not_before", "active_run_id", "agent_session_id", "branch", "worktree", "thread_id", "pr_number", "pr_url",
     "pr_state", "ci_repair_attempts", "queue_repair_attempts", "retries", "comments_synced", "pr_node_id",
     "pr_head_sha", "pr_review", "pr_ci", "pr_queue", "gh_snapshot", "gh_observed_at", "gh_action", "pushed_sha",
-    "pushed_at", "repair_counts", "paused", "clean_merges", "pushed_run_type", "pr_waiting_review", "page_slug"})
+    "pushed_at", "repair_counts", "paused", "clean_merges", "pushed_run_type", "pr_waiting_review", "page_slug",
+    "host"})
 RUN_COLUMNS = frozenset({
     "status", "trigger", "context", "prompt", "attempt", "worker_pid", "worker_started", "appserver_pid",
     "appserver_started", "thread_id", "turn_ids", "head_before", "started_at", "turn_started_at", "heartbeat_at",
-    "ended_at", "failure_reason", "summary", "report", "tokens", "tokens_spent", "live"})
+    "ended_at", "failure_reason", "summary", "report", "tokens", "tokens_spent", "live", "host"})
 
 
 def _secure_dir(path: Path) -> None:
@@ -1226,18 +1268,102 @@ def read_only_file(path: Path) -> bool:
     return path.exists() and (not os.access(path, os.W_OK) or not path.stat().st_mode & stat.S_IWUSR)
 
 
+# ---- PostgreSQL, behind the surface of sqlite3 the store uses (execute with `?` placeholders, rows by name and
+# by position, rowcount, lastrowid). One SQL: statements are written in the subset both dialects share; what
+# differs (placeholders, id columns and column types in the DDL, the schema version, locking) is here.
+
+_ID_TABLES = frozenset({"issues", "runs", "inbox", "outbox", "events", "ticks"})
+PG_WRITE_LOCK = 7_700_771       # the advisory lock that serializes write transactions, as SQLite does
+
+
+def pg_sql(sql: str) -> str:
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def pg_ddl(stmt: str) -> str:
+    """A migration statement for PostgreSQL: identity ids, 64-bit integers, double precision."""
+    stmt = re.sub(r"\((\w+) COLLATE NOCASE", r"(lower(\1)", stmt)     # case-insensitive keys: an index on lower()
+    stmt = re.sub(r"\bINTEGER PRIMARY KEY\b", "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY", stmt)
+    stmt = re.sub(r"\bINTEGER\b", "BIGINT", stmt)
+    return re.sub(r"\bREAL\b", "DOUBLE PRECISION", stmt)
+
+
+class _PgRow(dict):
+    def __getitem__(self, k: Any) -> Any:
+        return list(self.values())[k] if isinstance(k, int) else super().__getitem__(k)
+
+
+class _PgCursor:
+    def __init__(self, cur: Any, lastrowid: int | None):
+        self._cur, self.lastrowid, self.rowcount = cur, lastrowid, cur.rowcount
+
+    def fetchone(self) -> _PgRow | None:
+        r = self._cur.fetchone() if self._cur.description else None
+        return _PgRow(r) if r is not None else None
+
+    def fetchall(self) -> list[_PgRow]:
+        return [_PgRow(r) for r in self._cur.fetchall()] if self._cur.description else []
+
+
+class PgConnection:
+    """One psycopg 3 connection (autocommit: the store says BEGIN and COMMIT) that speaks like sqlite3's."""
+
+    def __init__(self, url: str):
+        try:
+            import psycopg
+            from psycopg.rows import dict_row
+        except ImportError:
+            raise ConfigError("database.url: PostgreSQL needs psycopg 3: pip install 'patchrelay[postgres]'") from None
+        self.where, self._error = redact_url(url), psycopg.Error
+        try:
+            self.conn = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=10,
+                                        application_name="patchrelay")
+        except psycopg.Error as e:
+            raise StoreError(f"database.url: cannot connect to {self.where}: {one_line(redact(str(e)), 300)}") from None
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> _PgCursor:
+        m = re.match(r"\s*INSERT INTO (\w+)", sql)
+        want_id = bool(m and m.group(1) in _ID_TABLES and "RETURNING" not in sql.upper())
+        q = pg_sql(sql) + (" RETURNING id" if want_id else "")
+        params = tuple(int(a) if isinstance(a, bool) else a for a in args)
+        try:
+            cur = self.conn.execute(q, params)
+            rid = None
+            if want_id:
+                r = cur.fetchone()
+                rid = r["id"] if r else None
+        except self._error as e:
+            raise StoreError(f"database {self.where}: {type(e).__name__}: {one_line(redact(str(e)), 300)}") from None
+        return _PgCursor(cur, rid)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        try:
+            with self.conn.cursor() as cur:
+                cur.executemany(pg_sql(sql), [tuple(int(a) if isinstance(a, bool) else a for a in r) for r in rows])
+        except self._error as e:
+            raise StoreError(f"database {self.where}: {type(e).__name__}: {one_line(redact(str(e)), 300)}") from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 class Store:
-    """The SQLite database: every SQL statement of the program. It owns the connection (WAL, busy timeout,
+    """The database (SQLite, or PostgreSQL for a fleet): every SQL statement of the program. It owns the connection (WAL, busy timeout,
     foreign keys), the schema and its forward migrations (PRAGMA user_version), and the transaction depth
     (`tx` nests; `savepoint` undoes one unit inside it). Tables: issues (one row per tracked Linear issue:
     factory state, pending run, branch and worktree, PR fields, GitHub snapshot), runs, inbox (tick ->
     worker: prompts and stops), outbox (decisions -> Linear), sessions, seen (dedup keys), cursors,
     events, api_budget, ticks and meta. Rows come back as plain dicts."""
 
-    def __init__(self, path: Path, readonly: bool = False, verify: bool = False):
+    def __init__(self, path: Path, readonly: bool = False, verify: bool = False, url: str | None = None):
         """`verify`: check the file (PRAGMA quick_check) before anything is written to it, and refuse a
-        damaged one (an operator's write)."""
-        self.path = Path(path)
+        damaged one (an operator's write). `url`: PostgreSQL instead of the file at `path`."""
+        self.path, self.url, self._depth = Path(path), url, 0
+        self.pg = url is not None
+        if url is not None:
+            self.db: Any = PgConnection(url)
+            self.migrate()
+            return
         check_database_path(self.path)
         if not readonly and read_only_file(self.path):
             raise StoreError(f"database.path: {self.path} is read-only; PatchRelay will not write to it "
@@ -1256,7 +1382,6 @@ class Store:
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"database.path: cannot open {self.path}: {e}") from None
         self.db.row_factory = sqlite3.Row
-        self._depth = 0
         try:
             self.db.execute("PRAGMA busy_timeout = 30000")
             self.db.execute("PRAGMA foreign_keys = ON")
@@ -1276,23 +1401,82 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    @property
+    def label(self) -> str:
+        return self.db.where if self.pg else str(self.path)
+
     def quick_check(self) -> str:
+        if self.pg:
+            return "ok"
         return "; ".join(r[0] for r in self.db.execute("PRAGMA quick_check").fetchall()) or "ok"
+
+    def server_info(self) -> dict:
+        """PostgreSQL's version, the user, and whether it may create tables in the public schema."""
+        r = self._one("SELECT current_setting('server_version') AS version, "
+                      "CAST(current_setting('server_version_num') AS INTEGER) AS version_num, current_user AS user, "
+                      "has_schema_privilege(current_user, 'public', 'CREATE') AS can_create")
+        return self._required(r, "server information")
+
+    def table_names(self) -> list[str]:
+        """The tables PatchRelay's migrations made, in the order they can be filled (references first)."""
+        return ["meta", "issues", "runs", "inbox", "outbox", "sessions", "seen", "cursors", "events", "api_budget",
+                "ticks", "linear_oauth", "leases", "hosts"]
+
+    def is_empty(self) -> bool:
+        return all(self.db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] == 0 for t in self.table_names())
+
+    def copy_to(self, target: "Store") -> dict[str, int]:
+        """Every row of every table into `target` (an empty database, its schema made by its migrations), in one
+        transaction there; the id sequences then continue after the copied ids."""
+        counts: dict[str, int] = {}
+        with target.tx():
+            for t in self.table_names():
+                rows = self._all(f"SELECT * FROM {t}")
+                counts[t] = len(rows)
+                if not rows:
+                    continue
+                cols = list(rows[0])
+                sql = f"INSERT INTO {t} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+                target.db.executemany(sql, [tuple(r[c] for c in cols) for r in rows])
+            if target.pg:
+                for t in sorted(_ID_TABLES):
+                    target.db.execute(f"SELECT setval(pg_get_serial_sequence('{t}', 'id'), "
+                                      f"COALESCE((SELECT MAX(id) FROM {t}), 0) + 1, false)")
+        return counts
+
+    def clock(self) -> float:
+        """Now, in seconds since the epoch, by the database's clock (PostgreSQL's: one clock for a fleet)."""
+        if self.pg:
+            return float(self.db.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp()) AS t").fetchone()["t"])
+        return time.time()
 
     # ---- schema
     def schema_version(self) -> int:
+        if self.pg:
+            self.db.execute("CREATE TABLE IF NOT EXISTS patchrelay_schema (version INTEGER NOT NULL)")
+            r = self.db.execute("SELECT version FROM patchrelay_schema").fetchone()
+            return int(r["version"]) if r else 0
         return self.db.execute("PRAGMA user_version").fetchone()[0]
 
     def migrate(self) -> None:
         version = self.schema_version()
         if version > len(MIGRATIONS):
-            raise StoreError(f"database.path: {self.path} has schema version {version}, newer than this "
+            raise StoreError(f"database {self.label} has schema version {version}, newer than this "
                              f"PatchRelay understands ({len(MIGRATIONS)}); upgrade PatchRelay")
         for i in range(version, len(MIGRATIONS)):
             with self.tx():
+                if self.pg:         # under the write lock: the version read again, the migration run once
+                    if self.schema_version() > i:
+                        continue
                 for stmt in [s.strip() for s in MIGRATIONS[i].split(";") if s.strip()]:
-                    self.db.execute(stmt)
-                self.db.execute(f"PRAGMA user_version = {i + 1}")
+                    self.db.execute(pg_ddl(stmt) if self.pg else stmt)
+                if self.pg:
+                    self.db.execute("DELETE FROM patchrelay_schema")
+                    self.db.execute("INSERT INTO patchrelay_schema (version) VALUES (?)", (i + 1,))
+                else:
+                    self.db.execute(f"PRAGMA user_version = {i + 1}")
+        if self.pg:
+            return
         for suffix in ("", "-wal", "-shm"):   # owner-only; never adds a permission the owner took away
             p = Path(str(self.path) + suffix)
             with contextlib.suppress(OSError):
@@ -1311,7 +1495,12 @@ class Store:
             finally:
                 self._depth -= 1
             return
-        self.db.execute("BEGIN DEFERRED" if deferred else "BEGIN IMMEDIATE")
+        if self.pg:
+            self.db.execute("BEGIN")
+            if not deferred:    # one writer at a time, fleet-wide, as SQLite's BEGIN IMMEDIATE on one host
+                self.db.execute(f"SELECT pg_advisory_xact_lock({PG_WRITE_LOCK})")
+        else:
+            self.db.execute("BEGIN DEFERRED" if deferred else "BEGIN IMMEDIATE")
         self._depth = 1
         try:
             yield self.db
@@ -1340,8 +1529,12 @@ class Store:
         finally:
             self._sp -= 1
 
+    def _same(self, column: str) -> str:
+        """`column` equals the parameter, ignoring case (issue keys as people type them)."""
+        return f"lower({column}) = lower(?)" if self.pg else f"{column} = ? COLLATE NOCASE"
+
     @staticmethod
-    def _inserted(cur: sqlite3.Cursor) -> int:
+    def _inserted(cur: Any) -> int:
         if cur.lastrowid is None:
             raise StoreError("an INSERT gave no row id")
         return cur.lastrowid
@@ -1379,8 +1572,9 @@ class Store:
 
     # ---- leases: one holder per name until it releases or its time runs out
     def lease_take(self, name: str, holder: str, seconds: float) -> bool:
-        """Take (or extend) lease `name` for `holder`, unless another holder's lease still runs."""
-        now = time.time()
+        """Take (or extend) lease `name` for `holder`, unless another holder's lease still runs (the database's
+        clock decides)."""
+        now = self.clock()
         with self.tx():
             cur = self.db.execute(
                 "INSERT INTO leases(name, holder, until) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
@@ -1435,7 +1629,7 @@ class Store:
         return self._one("SELECT * FROM issues WHERE linear_id = ?", (linear_id,))
 
     def issue_by_key(self, key: str) -> dict | None:
-        return self._one("SELECT * FROM issues WHERE key = ? COLLATE NOCASE ORDER BY id DESC LIMIT 1", (key,))
+        return self._one(f"SELECT * FROM issues WHERE {self._same('key')} ORDER BY id DESC LIMIT 1", (key,))
 
     def issues_listed(self, changed_since: str | None = None, state: str | None = None,
                       project: str | None = None, limit: int | None = None) -> list[dict]:
@@ -1526,15 +1720,48 @@ class Store:
     def runs_for_issue(self, issue_id: int) -> list[dict]:
         return self._all("SELECT * FROM runs WHERE issue_id = ? ORDER BY id DESC", (issue_id,))
 
-    def active_runs(self) -> list[dict]:
-        return self._all("SELECT * FROM runs WHERE status IN ('claimed', 'running') ORDER BY id")
+    def active_runs(self, host: str | None = None) -> list[dict]:
+        """Claimed and running runs (of one host: those it claimed, and those claimed before hosts were kept)."""
+        if host is None:
+            return self._all("SELECT * FROM runs WHERE status IN ('claimed', 'running') ORDER BY id")
+        return self._all("SELECT * FROM runs WHERE status IN ('claimed', 'running') AND (host = ? OR host IS NULL) "
+                         "ORDER BY id", (host,))
+
+    def run_is_current(self, run_id: int) -> bool:
+        """The fence: the run is still its issue's active run (not finished, not taken over by another host)."""
+        return self._one("SELECT r.id FROM runs r JOIN issues i ON i.active_run_id = r.id WHERE r.id = ? AND "
+                         "r.status IN ('claimed', 'running')", (run_id,)) is not None
+
+    # ---- hosts: the members of a fleet, by their heartbeats (the database's clock)
+    def heartbeat(self, name: str, pid: int, max_runs: int) -> None:
+        with self.tx():
+            self.db.execute(
+                "INSERT INTO hosts (name, seen_at, started_at, pid, max_runs, version) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET seen_at = excluded.seen_at, pid = excluded.pid, "
+                "max_runs = excluded.max_runs, version = excluded.version",
+                (name, self.clock(), iso(), pid, max_runs, __version__))
+
+    def hosts(self) -> list[dict]:
+        """Every host with its heartbeat's age (`silent_seconds`), active runs and the leases it holds."""
+        now = self.clock()
+        rows = self._all("SELECT h.*, (SELECT COUNT(*) FROM runs r WHERE r.host = h.name AND r.status IN "
+                         "('claimed', 'running')) AS active_runs FROM hosts h ORDER BY h.name")
+        leases = self._all("SELECT name, holder, until FROM leases WHERE until >= ?", (now,))
+        for h in rows:
+            h["silent_seconds"] = round(now - float(h["seen_at"]), 1)
+            h["leases"] = sorted(x["name"] for x in leases if x["holder"] == h["name"])
+        return rows
+
+    def lease_holder(self, name: str) -> str | None:
+        r = self._one("SELECT holder FROM leases WHERE name = ? AND until >= ?", (name, self.clock()))
+        return r["holder"] if r else None
 
     def tokens_spent(self, issue_id: int | None = None, since: str | None = None,
                      excluding_run: int | None = None) -> int:
         """Tokens spent by runs (of one issue, or claimed since a time), without one run."""
         if self.schema_version() < 8:       # read-only and not migrated: runs before spend was recorded
             return 0
-        sql = "SELECT COALESCE(SUM(tokens_spent), 0) FROM runs WHERE id != ?"
+        sql = "SELECT CAST(COALESCE(SUM(tokens_spent), 0) AS BIGINT) FROM runs WHERE id != ?"
         args: list[Any] = [excluding_run or 0]
         if issue_id is not None:
             sql, args = sql + " AND issue_id = ?", args + [issue_id]
@@ -1542,11 +1769,15 @@ class Store:
             sql, args = sql + " AND claimed_at >= ?", args + [since]
         return self.db.execute(sql, args).fetchone()[0]
 
-    def count_active_runs(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM runs WHERE status IN ('claimed', 'running')").fetchone()[0]
+    def count_active_runs(self, host: str | None = None) -> int:
+        if host is None:
+            return self.db.execute("SELECT COUNT(*) FROM runs WHERE status IN ('claimed', 'running')").fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM runs WHERE status IN ('claimed', 'running') AND "
+                               "(host = ? OR host IS NULL)", (host,)).fetchone()[0]
 
-    def claim_run(self, issue_id: int, expected_type: str | None = None) -> int | None:
-        """Atomically move the issue's pending run to a new `claimed` run row. None if lost the race."""
+    def claim_run(self, issue_id: int, expected_type: str | None = None, host: str | None = None) -> int | None:
+        """Atomically move the issue's pending run to a new `claimed` run row (of `host`, which the issue's
+        worktree and thread then live on). None if lost the race."""
         with self.tx():
             issue = self.issue_by_id(issue_id)
             if not issue or issue["pending_run_type"] is None or issue["active_run_id"] is not None:
@@ -1560,11 +1791,13 @@ class Store:
                 (issue_id, issue["pending_run_type"], context.get("trigger"), issue["pending_context"],
                  int(context.get("attempt", 1)), iso()))
             run_id = cur.lastrowid
+            if host is not None:
+                self.db.execute("UPDATE runs SET host = ? WHERE id = ?", (host, run_id))
             n = self.db.execute(
                 "UPDATE issues SET active_run_id = ?, pending_run_type = NULL, pending_context = NULL, "
-                "pending_since = NULL, not_before = NULL, updated_at = ? "
+                "pending_since = NULL, not_before = NULL, updated_at = ?, host = COALESCE(?, host) "
                 "WHERE id = ? AND active_run_id IS NULL AND pending_run_type IS NOT NULL",
-                (run_id, iso(), issue_id)).rowcount
+                (run_id, iso(), host, issue_id)).rowcount
             if n != 1:
                 raise StoreError(f"claim of issue {issue_id} raced")  # rolls back; cannot happen under BEGIN IMMEDIATE
             return run_id
@@ -1591,8 +1824,8 @@ class Store:
     def add_inbox(self, issue_id: int, kind: str, body: str, author: str | None, source: str,
                   source_id: str | None, run_id: int | None = None) -> bool:
         cur = self.db.execute(
-            "INSERT OR IGNORE INTO inbox (issue_id, kind, body, author, source, source_id, created_at, run_id) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (issue_id, kind, body, author, source, source_id, iso(), run_id))
+            "INSERT INTO inbox (issue_id, kind, body, author, source, source_id, created_at, run_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", (issue_id, kind, body, author, source, source_id, iso(), run_id))
         return cur.rowcount == 1
 
     def pending_inbox(self, issue_id: int) -> list[dict]:
@@ -1637,21 +1870,24 @@ class Store:
         return self._all("SELECT * FROM outbox WHERE issue_id = ? ORDER BY id", (issue_id,))
 
     def lease_outbox(self, outbox_ids: Iterable[int], pid: int, started: str | None,
-                     holder_alive: Callable[[int | None, str | None], bool], seconds: float = 120) -> set[int]:
+                     holder_alive: Callable[[int | None, str | None], bool], seconds: float = 120,
+                     host: str | None = None) -> set[int]:
         """Take rows for sending (one transaction); returns the ids taken. A lease belongs to a live process:
-        one whose holder is gone (a killed tick or worker) is taken over at once, not after it expires."""
-        now, taken = time.time(), set()
+        one whose holder is gone (a killed tick or worker of this host) is taken over at once, not after it
+        expires; another host's lease runs until it expires (the database's clock)."""
+        now, taken = self.clock(), set()
         with self.tx():
             for outbox_id in outbox_ids:
-                r = self._one("SELECT status, lease_until, lease_pid, lease_started FROM outbox WHERE id = ?",
-                              (outbox_id,))
+                r = self._one("SELECT status, lease_until, lease_pid, lease_started, lease_host FROM outbox "
+                              "WHERE id = ?", (outbox_id,))
                 if not r or r["status"] != "queued":
                     continue
+                mine = r["lease_host"] is None or r["lease_host"] == host
                 if r["lease_until"] and r["lease_until"] >= now and \
-                        holder_alive(r["lease_pid"], r["lease_started"]):
+                        (not mine or holder_alive(r["lease_pid"], r["lease_started"])):
                     continue
-                self.db.execute("UPDATE outbox SET lease_until = ?, lease_pid = ?, lease_started = ? WHERE id = ?",
-                                (now + seconds, pid, started, outbox_id))
+                self.db.execute("UPDATE outbox SET lease_until = ?, lease_pid = ?, lease_started = ?, lease_host = ? "
+                                "WHERE id = ?", (now + seconds, pid, started, host, outbox_id))
                 taken.add(outbox_id)
         return taken
 
@@ -1693,7 +1929,7 @@ class Store:
         return self._one("SELECT 1 AS x FROM seen WHERE source_id = ?", (source_id,)) is not None
 
     def mark_seen(self, source_id: str) -> None:
-        self.db.execute("INSERT OR IGNORE INTO seen (source_id, at) VALUES (?, ?)", (source_id, iso()))
+        self.db.execute("INSERT INTO seen (source_id, at) VALUES (?, ?) ON CONFLICT DO NOTHING", (source_id, iso()))
 
     # ---- events
     def add_event(self, issue_id: int | None, kind: str, message: str, level: str = "info",
@@ -1733,12 +1969,12 @@ class Store:
 
     def unrouted(self) -> list[dict]:
         """Delegations and sessions no project routes (the newest event per issue key)."""
-        return self._all("SELECT issue_key, MAX(at) AS at, message FROM events WHERE issue_id IS NULL "
-                         "AND kind = 'unrouted' GROUP BY issue_key ORDER BY at DESC LIMIT 50")
+        return self._all("SELECT issue_key, at, message FROM events WHERE id IN (SELECT MAX(id) FROM events WHERE "
+                         "issue_id IS NULL AND kind = 'unrouted' GROUP BY issue_key) ORDER BY at DESC LIMIT 50")
 
     def events_for_key(self, key: str, after_id: int = 0) -> list[dict]:
         """Events about an issue PatchRelay does not track (ignored sessions, unrouted delegations)."""
-        return self._all("SELECT * FROM events WHERE issue_key = ? COLLATE NOCASE AND id > ? ORDER BY id",
+        return self._all(f"SELECT * FROM events WHERE {self._same('issue_key')} AND id > ? ORDER BY id",
                          (key, after_id))
 
     # ---- API budget and ticks
@@ -5945,7 +6181,8 @@ class _Publisher:
         self.stats["sent"] += 1
 
     def lease(self, rows: list[dict]) -> list[dict]:
-        taken = self.store.lease_outbox([r["id"] for r in rows], self.me, self.me_started, process_alive)
+        taken = self.store.lease_outbox([r["id"] for r in rows], self.me, self.me_started, process_alive,
+                                        host=self.cfg.runner.host)
         for r in rows:
             if r["id"] not in taken:
                 self.blocked.add(_lane(r))  # another process is sending this lane; keep its order
@@ -6496,6 +6733,8 @@ def finish_run(cfg: Config, store: Store, run_id: int, outcome: RunOutcome, item
     """Git bookkeeping (commit what the agent changed, push the branch), report, final state, Linear."""
     echo = echo or (lambda s: None)
     run, issue, project = _load_run(store, cfg, run_id)
+    if not store.run_is_current(run_id):
+        return _fenced(store, run, issue, echo)
     worktree = Path(issue["worktree"]) if issue.get("worktree") else None
     new_commits, has_work, changed = 0, False, []
     pushed_sha = None
@@ -6523,6 +6762,8 @@ def finish_run(cfg: Config, store: Store, run_id: int, outcome: RunOutcome, item
                 if _queued_on_github(cfg, store, issue, project):
                     raise GitError(f"pull request #{issue['pr_number']} is in the merge queue; PatchRelay never "
                                    "pushes to a queued branch")
+                if not store.run_is_current(run_id):
+                    return _fenced(store, run, issue, echo)
                 push_branch(cfg, worktree, issue["branch"])
                 pushed_sha = git_head(worktree)
                 echo(f"pushed {issue['branch']}")
@@ -6536,6 +6777,8 @@ def finish_run(cfg: Config, store: Store, run_id: int, outcome: RunOutcome, item
     report = build_report(items or [], changed, tokens, duration, json.loads(run["turn_ids"] or "[]"))
     run_status = {"awaiting_input": "completed", "fresh_thread": "interrupted"}.get(outcome.status, outcome.status)
     with store.tx():
+        if not store.run_is_current(run_id):
+            return _fenced(store, run, issue, echo)
         row = store.issue(issue["id"])
         store.update_run(run_id, {"status": run_status, "ended_at": iso(), "summary": outcome.summary or None,
                                   "failure_reason": outcome.reason or None, "report": json.dumps(report),
@@ -6555,6 +6798,17 @@ def finish_run(cfg: Config, store: Store, run_id: int, outcome: RunOutcome, item
     echo(f"run {run_id} {run_status}" + (f": {outcome.reason}" if outcome.reason else ""))
     return {"run_id": run_id, "status": run_status, "outcome": outcome.status, "reason": outcome.reason,
             "new_commits": new_commits}
+
+
+def _fenced(store: Store, run: dict, issue: dict, echo: Callable[[str], None]) -> dict:
+    """A run that is no longer its issue's active run (another host took it over, or it ended elsewhere): it
+    pushes nothing and writes no final state."""
+    msg = f"run {run['id']} is no longer {issue['key']}'s active run (taken over elsewhere); stopped without " \
+          "pushing or writing its end"
+    with store.tx():
+        store.add_event(issue["id"], "fleet", msg, "warn", run["id"])
+    echo(msg)
+    return {"run_id": run["id"], "status": "fenced", "outcome": "fenced", "reason": msg, "new_commits": 0}
 
 
 def _queued_on_github(cfg: Config, store: Store, issue: dict, project: ProjectConfig) -> bool:
@@ -7080,7 +7334,10 @@ def reconcile(ctx: TickContext) -> dict:
     last turn's status, and a claim whose worker never started is requeued: no run blocks its issue forever."""
     cfg, store = ctx.cfg, ctx.store
     result: dict[str, Any] = {"alive": 0, "relaunched": [], "recovered": [], "interrupted": []}
-    for run in store.active_runs():
+    taken = _take_over(ctx)
+    if taken:
+        result["taken_over"] = taken
+    for run in store.active_runs(host=cfg.runner.host):      # a pid means something only on its own host
         if process_alive(run["worker_pid"], run["worker_started"]):
             result["alive"] += 1
             continue
@@ -7101,6 +7358,40 @@ def reconcile(ctx: TickContext) -> dict:
         result["recovered" if outcome == "completed" else "interrupted"].append(issue["key"])
         ctx.note(f"{issue['key']}: run {run['id']} worker gone; {outcome}")
     return result
+
+
+def _take_over(ctx: TickContext) -> list[str]:
+    """The runs of a host silent for runner.host_timeout: interrupted and requeued within the retry budget (the
+    issue's session hears it once), to start on a live host from the pushed branch in a fresh worktree and a
+    fresh thread with a hand-off. The silent host's workers, if they still run, find their run fenced off."""
+    cfg, store = ctx.cfg, ctx.store
+    dead = {h["name"]: h for h in store.hosts()
+            if h["name"] != cfg.runner.host and h["silent_seconds"] >= cfg.runner.host_timeout}
+    taken: list[str] = []
+    for run in store.active_runs() if dead else ():
+        if run["host"] not in dead:
+            continue
+        issue = store.issue(run["issue_id"])
+        if ctx.dry_run:
+            ctx.note(f"{issue['key']}: would take over run {run['id']} of silent host {run['host']}")
+            continue
+        silent = dead[run["host"]]["silent_seconds"]
+        ended = finish_run(cfg, store, run["id"], RunOutcome("interrupted", reason=f"host {run['host']} went silent "
+                                                                                 f"{silent:.0f} s ago"))
+        if ended["status"] == "fenced":
+            continue                         # another host took it first (the end is written under the fence)
+        with store.tx():
+            row = store.issue(issue["id"])
+            moved: dict[str, Any] = {"host": None, "worktree": None, "thread_id": None}
+            if row["pending_run_type"]:
+                moved["pending_context"] = json.dumps({**json.loads(row["pending_context"] or "{}"),
+                                                       "fresh_thread": True, "moved_from": run["host"]})
+            store.update_issue(issue["id"], moved)
+            store.add_event(issue["id"], "fleet", f"run {run['id']} of silent host {run['host']} taken over by "
+                            f"{cfg.runner.host}", "warn", run["id"])
+        taken.append(issue["key"])
+        ctx.note(f"{issue['key']}: run {run['id']} of silent host {run['host']} taken over")
+    return taken
 
 
 # ---- observe: GitHub, one batched read per repository
@@ -7319,13 +7610,15 @@ def launch(ctx: TickContext) -> dict:
     provider = codex_hold(store)
     if provider:
         return _hold_launches(ctx, provider)
-    free = cfg.runner.max_concurrent_runs - store.count_active_runs()
+    me = cfg.runner.host
+    free = cfg.runner.max_concurrent_runs - store.count_active_runs(host=me)
+    alive = {h["name"] for h in store.hosts() if h["silent_seconds"] < cfg.runner.host_timeout} | {me}
     launched, waiting, held = [], [], {}
     capped = cfg.codex.max_tokens_per_issue is not None or cfg.codex.max_tokens_per_day is not None
     day_spent = store.tokens_spent(since=utc_day_start()) if capped else 0
     for issue in store.runnable_issues(iso()):
-        if issue.get("paused"):
-            waiting.append(issue["key"])
+        if issue.get("paused") or (issue.get("host") and issue["host"] in alive - {me}):
+            waiting.append(issue["key"])        # paused, or its worktree and thread live on another host
             continue
         hold = token_hold(cfg.codex, store.tokens_spent(issue["id"]) if capped else 0, day_spent)
         if hold:
@@ -7391,7 +7684,7 @@ def claim(cfg: Config, store: Store, issue_id: int, project: ProjectConfig) -> i
             return None
         branch = row["branch"] or branch_for(project, row["key"], row["title"])
         worktree = row["worktree"] or str(worktree_for(project, row["key"]))
-        run_id = store.claim_run(issue_id)
+        run_id = store.claim_run(issue_id, host=cfg.runner.host)
         if run_id is None:
             return None
         run = store.run(run_id)
@@ -7495,6 +7788,17 @@ class _DryRunRollback(Exception):
     pass
 
 
+def once_per_fleet(name: str, fn: Callable[[TickContext], dict]) -> Callable[[TickContext], dict]:
+    """A step one host of a fleet takes per tick: the holder of its lease (kept while it ticks, so one host
+    polls; when it falls silent the lease runs out and the next host carries on from the stored cursors)."""
+    def run(c: TickContext) -> dict:
+        lease, me = f"step:{name}", c.cfg.runner.host
+        if not c.dry_run and not c.store.lease_take(lease, me, c.cfg.runner.host_timeout / 2):
+            return {"skipped": f"held by {c.store.lease_holder(lease) or 'another host'}"}
+        return fn(c)
+    return run
+
+
 def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
     """One pass. A dry run takes every step against a transaction that is rolled back at the end, so it
     shows what the pass would do (launches of the runs its own intake would queue included) and what it
@@ -7502,6 +7806,8 @@ def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
     ctx = TickContext(cfg, store, dry_run)
     report: dict[str, Any] = {"result": "ok", "dry_run": dry_run, "steps": {}, "errors": []}
     tick_id = None if dry_run else store.start_tick(os.getpid(), proc_start_time(os.getpid()))
+    if not dry_run:
+        store.heartbeat(cfg.runner.host, os.getpid(), cfg.runner.max_concurrent_runs)
 
     def step(name: str, fn: Callable[[TickContext], dict]) -> None:
         try:
@@ -7515,7 +7821,7 @@ def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
             return
         except sqlite3.Error as e:
             report["result"] = "failed"
-            report["errors"].append(f"{name}: database {cfg.database_path}: {type(e).__name__}: {e}")
+            report["errors"].append(f"{name}: database {cfg.database_label}: {type(e).__name__}: {e}")
             report["steps"][name] = {"error": f"{type(e).__name__}: {e}"}
             return
         except Exception as e:  # noqa: BLE001 - a step's bug must not stop the other steps
@@ -7530,8 +7836,8 @@ def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
 
     def steps() -> None:
         step("reconcile", reconcile)
-        step("intake", intake)
-        step("observe", observe)
+        step("intake", once_per_fleet("intake", intake))
+        step("observe", once_per_fleet("observe", observe))
         step("launch", launch)
         step("gc", collect_worktrees)
         if dry_run:
@@ -7549,8 +7855,8 @@ def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
                 rule = delegation_rule(cfg, store.meta_get("linear.mode") == "app")
                 ctx.note(f"would take {len(taken)} issue(s) ({rule})")
         else:
-            step("publish", lambda c: publish(cfg, store, c.linear(), None) if store.outbox_queued() else
-                 {"sent": 0, "failed": 0, "queued": 0})
+            step("publish", once_per_fleet("publish", lambda c: publish(cfg, store, c.linear(), None)
+                                           if store.outbox_queued() else {"sent": 0, "failed": 0, "queued": 0}))
             report["api_cost"] = {"linear_requests": ctx._linear.requests_made if ctx._linear else 0,
                                   "github_requests": ctx._github.requests_made if ctx._github else 0}
             last = parse_iso(store.meta_get("prune.last"))
@@ -7655,12 +7961,14 @@ class App:
         """The database. `verify`: an operator's write (pause, retry, ...) first checks that the file is
         sound (PRAGMA quick_check), so a damaged database is never written to by hand."""
         if self._store is None:
-            self._store = Store(self.cfg.database_path, readonly=readonly, verify=verify)
+            self._store = Store(self.cfg.database_path, readonly=readonly, verify=verify, url=self.cfg.database_url)
         return self._store
 
     def has_database(self) -> bool:
         """Whether the database exists (a read never creates it); a database.path that cannot be one is an
         error here too."""
+        if self.cfg.database_url:
+            return True
         check_database_path(self.cfg.database_path)
         return self.cfg.database_path.exists()
 
@@ -7771,9 +8079,9 @@ def watch_cmd(app: App, interval: float) -> None:
         fresh, said = watcher.check()
         if said:
             click.echo(f"{time.strftime('%H:%M:%S')} {said}", err=fresh is None)
-            if fresh is not None and fresh.database_path != cfg.database_path:
+            if fresh is not None and fresh.database_label != cfg.database_label:
                 store.close()
-                store = app._store = Store(fresh.database_path)
+                store = app._store = Store(fresh.database_path, url=fresh.database_url)
             if fresh is not None:
                 cfg = app._cfg = fresh
             with store.tx():
@@ -7877,7 +8185,7 @@ def _status_data(cfg: Config, store: Store | None, show_all: bool) -> dict:
         return {"issues": [], "others": 0, "outbox": [], "api": [], "api_use": api_use([], {}), "last_tick": None,
                 "paused": runner_paused(cfg, None), "unrouted": [], "tokens": _tokens_status(cfg, None),
                 "codex_hold": None, "flaky_checks": {}, "worktrees": {"count": 0, "bytes": 0, "kept": []},
-                "linear_token": linear_token_status(cfg, None)}
+                "linear_token": linear_token_status(cfg, None), "hosts": []}
     day_ago = iso(utcnow() - dt.timedelta(days=1))
     issues = [_issue_item(r) for r in store.issues_listed(changed_since=None if show_all else day_ago)]
     others = 0 if show_all else store.issues_count() - len(issues)
@@ -7900,7 +8208,16 @@ def _status_data(cfg: Config, store: Store | None, show_all: bool) -> dict:
             "flaky_checks": json.loads(store.meta_get("ci.flaky") or "{}"),
             "worktrees": {**(json.loads(store.meta_get("worktrees.usage") or "null") or {"count": 0, "bytes": 0}),
                           "kept": json.loads(store.meta_get("worktrees.kept") or "[]")},
-            "linear_token": linear_token_status(cfg, store)}
+            "linear_token": linear_token_status(cfg, store), "hosts": _hosts_status(cfg, store)}
+
+
+def _hosts_status(cfg: Config, store: Store) -> list[dict]:
+    """The fleet's members: name, last seen, alive, active runs, their cap, the once-per-fleet steps they hold."""
+    return [{"name": h["name"], "last_seen": iso(dt.datetime.fromtimestamp(float(h["seen_at"]), dt.timezone.utc)),
+             "silent_seconds": h["silent_seconds"], "alive": h["silent_seconds"] < cfg.runner.host_timeout,
+             "active_runs": h["active_runs"], "max_concurrent_runs": h["max_runs"],
+             "holds": [x.removeprefix("step:") for x in h["leases"] if x.startswith("step:")]}
+            for h in store.hosts()]
 
 
 def _render_attention(data: dict) -> None:
@@ -7928,6 +8245,14 @@ def _render_linear_token(lt: dict) -> None:
                    f"(refreshes itself; {lt['refreshes']} so far)")
     elif lt["source"] == "environment":
         click.echo("Linear token: from the environment")
+
+
+def _render_fleet(hosts: list[dict]) -> None:
+    if len(hosts) > 1:
+        click.echo("fleet: " + "; ".join(
+            f"{h['name']} {'up' if h['alive'] else 'SILENT'} ({h['active_runs']}/{h['max_concurrent_runs']} runs"
+            + (f", holds {', '.join(h['holds'])}" if h["holds"] else "") + f", seen {_age(h['silent_seconds'])} ago)"
+            for h in hosts))
 
 
 def _render_status(data: dict, cx: CodexConfig) -> None:
@@ -7960,6 +8285,7 @@ def _render_status(data: dict, cx: CodexConfig) -> None:
             line += f"; rate limited until {b['limited_until']}"
         click.echo(line)
     _render_linear_token(data["linear_token"])
+    _render_fleet(data["hosts"])
     use = data["api_use"]
     for name in ("linear", "github"):
         per = use.get(name)
@@ -8796,6 +9122,8 @@ class Check(NamedTuple):
 
 def _check_database(cfg: Config) -> list[Check]:
     """The database opens, is sound (quick_check) and writable (a read-only file is checked, not written)."""
+    if cfg.database_url:
+        return _check_postgres(cfg)
     try:
         read_only = read_only_file(cfg.database_path)
         store = Store(cfg.database_path, readonly=read_only)
@@ -8826,10 +9154,43 @@ def _check_database(cfg: Config) -> list[Check]:
         return [Check("FAIL", "database", f"{cfg.database_path}: {type(e).__name__}: {e}")]
 
 
+def _check_postgres(cfg: Config) -> list[Check]:
+    """PostgreSQL: the connection, the server's version, the privileges PatchRelay needs (it writes, and creates
+    its tables on upgrades) and the difference between this host's clock and the database's."""
+    try:
+        store = Store(cfg.database_path, url=cfg.database_url)
+    except (StoreError, ConfigError) as e:
+        return [Check("FAIL", "database", str(e))]
+    try:
+        info = store.server_info()
+        skew = time.time() - store.clock()
+        out = [Check("PASS", "database", f"{store.label}: PostgreSQL {info['version']} (schema v{store.schema_version()}"
+                                         f", user {info['user']})")]
+        out.append(Check("PASS" if info["version_num"] >= 120000 else "FAIL", "database",
+                         "server version 12 or newer" if info["version_num"] >= 120000 else
+                         f"PostgreSQL {info['version']} is too old: PatchRelay needs 12 or newer"))
+        out.append(Check("PASS" if info["can_create"] else "FAIL", "database",
+                         "may create tables (schema upgrades)" if info["can_create"] else
+                         f"user {info['user']} may not create tables in schema public: GRANT CREATE ON SCHEMA public "
+                         f"TO {info['user']}"))
+        with store.tx():
+            store.meta_set("doctor.checked_at", iso())
+        out.append(Check("PASS" if abs(skew) < 5 else "WARN", "database",
+                         f"this host's clock is {skew:+.1f} s from the database's" + (
+                             "" if abs(skew) < 5 else ": leases and heartbeats use the database's clock, but logs "
+                             "and timestamps this host writes will disagree; run NTP")))
+        return out
+    except StoreError as e:
+        return [Check("FAIL", "database", str(e))]
+    finally:
+        store.close()
+
+
 def _check_linear(cfg: Config) -> list[Check]:
     """The token is set (or an app connected) and accepted, and how many open issues the delegation rule takes
     right now."""
-    store = Store(cfg.database_path) if cfg.database_path.exists() else None
+    store = Store(cfg.database_path, url=cfg.database_url) if cfg.database_url or cfg.database_path.exists() \
+        else None
     try:
         return _check_linear_with(cfg, store)
     finally:
@@ -8979,6 +9340,43 @@ def doctor_cmd(app: App, as_json: bool) -> None:
         click.echo("\nready" if not failed else "\nnot ready")
     if failed:
         raise click.exceptions.Exit(1)
+
+
+# ---- db: moving from SQLite to PostgreSQL
+
+@cli.group("db", cls=CLI)
+def db_group() -> None:
+    """The database: copy a SQLite database into PostgreSQL (a fleet's)."""
+
+
+@db_group.command("copy")
+@click.option("--to", "url", metavar="URL", required=True,
+              help="postgresql://user@host[:port]/dbname (an empty database; the password from PGPASSWORD or "
+                   "~/.pgpass).")
+@click.pass_obj
+def db_copy_cmd(app: App, url: str) -> None:
+    """Copy this host's SQLite database (database.path) into an empty PostgreSQL database, history included, so
+    one host becomes the first member of a fleet. Refuses a target that holds anything."""
+    cfg = app.cfg
+    if not re.match(r"^postgres(ql)?://", url):
+        raise UsageError(f"--to: expected postgresql://user@host[:port]/dbname, got {redact_url(url)!r}")
+    if not cfg.database_path.exists():
+        raise UsageError(f"database.path: {cfg.database_path} does not exist: nothing to copy")
+    with tick_lock(cfg):            # no tick of this host writes meanwhile (stop the service's ticks first)
+        source = Store(cfg.database_path, verify=True)
+        target = Store(cfg.database_path, url=url)
+        try:
+            if not target.is_empty():
+                raise UsageError(f"{redact_url(url)}: the database is not empty; PatchRelay copies only into an "
+                                 "empty one (nothing was written)")
+            counts = source.copy_to(target)
+        finally:
+            target.close()
+    total = sum(counts.values())
+    click.echo(f"copied {total:,} rows into {redact_url(url)}: " + ", ".join(f"{t} {n:,}" for t, n in counts.items()
+                                                                            if n))
+    click.echo("next: set database.url (or PATCHRELAY_DATABASE_URL) in every host's config, each with its own "
+               "runner.host, and start them")
 
 
 # ---- linear: app mode's OAuth connection

@@ -215,7 +215,7 @@ def test_init_config_is_usable_after_editing_repo_path(world):
     # as written it already parses: status works (database under $XDG_STATE_HOME)
     p = cli(world, "status", "--json", config=False, check=0)
     assert json.loads(p.stdout) == {"issues": [], "others": 0, "outbox": [], "api": [], "api_use": {"ticks": 0, "interval_seconds": None}, "last_tick": None, "paused": None, "unrouted": [], "tokens": {"today": 0, "day_cap": None, "issue_cap": None, "run_cap": None}, "codex_hold": None, "flaky_checks": {},
-                             "worktrees": {"count": 0, "bytes": 0, "kept": []}, "linear_token": {"source": "environment"}}
+                             "worktrees": {"count": 0, "bytes": 0, "kept": []}, "linear_token": {"source": "environment"}, "hosts": []}
     assert not (world.tmp / "xdg-state" / "patchrelay" / "patchrelay.sqlite").exists()   # reads create nothing
 
     text = target.read_text()

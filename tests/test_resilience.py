@@ -233,7 +233,7 @@ def test_dry_run_prints_what_it_would_do_and_changes_nothing(world):
                              "paused": {"by": "config", "reason": "runner.paused: true", "at": None},
                              "unrouted": [], "tokens": {"today": 0, "day_cap": None, "issue_cap": None, "run_cap": None},
                              "codex_hold": None, "flaky_checks": {},
-                             "worktrees": {"count": 0, "bytes": 0, "kept": []}, "linear_token": {"source": "environment"}}
+                             "worktrees": {"count": 0, "bytes": 0, "kept": []}, "linear_token": {"source": "environment"}, "hosts": []}
     assert world.activity_types(session) == [] and world.linear.plans_for(session) == []
     assert world.linear.issue_updates == [] and world.linear.state_of(issue)["name"] == "Todo"
     assert not {"PatchRelayActivity", "PatchRelayPlan", "PatchRelayMoveIssue", "PatchRelayComment", "PatchRelayWrites"} \
