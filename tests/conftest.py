@@ -7,6 +7,12 @@ as cron would.
 
 `pg` is a real PostgreSQL server (tests/pg.py), one per test process (pytest-xdist worker), and `pg_url`
 a fresh empty database on it for one test, with PGPASSWORD set for the test (the URL has no password).
+
+The `world` runs on SQLite unless PATCHRELAY_TEST_DATABASE=postgres is set or the test is marked
+`@pytest.mark.postgres`: then it gets a fresh database on the `pg` server (started on first use), as
+`database.url` in its config (database.path stays: logs and lock files go beside it), PGPASSWORD in
+`world.env()` and in this process's environment, and its URL in `world.state / "pg-url"`, where
+helpers.db_rows / db_exec find it.
 """
 import json
 import os
@@ -45,6 +51,8 @@ class World:
         if github is not None:
             github.add_repo("acme/app", self.bare)
         self.state = tmp_path / "state"
+        self.database_url = None        # the PostgreSQL database's URL, when the world runs on one
+        self.db_env = {}                # what a client needs besides the URL (PGPASSWORD)
         self.config_path = tmp_path / "patchrelay.yaml"
         self.config = {
             "linear": {"api_url": linear.url, "retry": {"attempts": 2, "max_wait": 0.2}, "poll_overlap": 5},
@@ -86,6 +94,7 @@ class World:
                     "XDG_STATE_HOME": str(self.tmp / "xdg-state"), "XDG_DATA_HOME": str(self.tmp / "xdg-data"),
                     "FAKE_API_KEY": "fake-key", "GITHUB_TOKEN": GH_TOKEN})
         env.pop("PATCHRELAY_CONFIG", None)
+        env.update(self.db_env)
         env.update(extra)
         return {k: v for k, v in env.items() if v is not None}
 
@@ -163,14 +172,39 @@ def github():
     fake.stop()
 
 
+def on_postgres(request) -> bool:
+    """Whether this test's world runs on PostgreSQL: PATCHRELAY_TEST_DATABASE=postgres, or the test is marked
+    `@pytest.mark.postgres`."""
+    return os.environ.get("PATCHRELAY_TEST_DATABASE") == "postgres" or \
+        request.node.get_closest_marker("postgres") is not None
+
+
+def _use_postgres(w: World, request, monkeypatch):
+    """Point the world at a fresh database on the `pg` server (started only now: SQLite tests never start
+    one); its URL (the database to drop)."""
+    server = request.getfixturevalue("pg")
+    url = server.create_database()
+    monkeypatch.setenv("PGPASSWORD", server.password)       # helpers.db_rows and in-process CLIs connect too
+    monkeypatch.delenv("PATCHRELAY_DATABASE_URL", raising=False)
+    w.database_url, w.db_env = url, server.env()
+    w.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (w.state / "pg-url").write_text(url + "\n")
+    w.config["database"]["url"] = url
+    w.write_config()
+    return server, url
+
+
 @pytest.fixture
-def world(tmp_path, linear, github):
+def world(tmp_path, linear, github, request, monkeypatch):
     w = World(tmp_path, linear, github)
+    server, url = _use_postgres(w, request, monkeypatch) if on_postgres(request) else (None, None)
     yield w
     # Never leave detached workers or app-servers behind.
     subprocess.run(["pkill", "-f", str(tmp_path)], capture_output=True)
     if w.model is not None:
         w.model.stop()
+    if server is not None:
+        server.drop_database(url)       # WITH (FORCE): a worker still dying loses its connection
 
 
 @pytest.fixture(scope="session")

@@ -123,9 +123,39 @@ def held(gate, then):
 
 
 # ----------------------------------------------------------------------------- PatchRelay's database
+# SQLite's file under the state directory, or the PostgreSQL database whose URL the `world` fixture wrote to
+# `state / "pg-url"` (PATCHRELAY_TEST_DATABASE=postgres); the SQL is PatchRelay's shared dialect (`?` params).
+def pg_url(state_dir):
+    """The URL of the world's PostgreSQL database, or None when it runs on SQLite."""
+    p = Path(state_dir) / "pg-url"
+    return p.read_text().strip() if p.exists() else None
+
+
+def pg_connect(url):
+    """A psycopg connection (rows as dicts, in a transaction) to the world's database; the password comes from
+    PGPASSWORD, which the `world` fixture set in os.environ."""
+    import psycopg
+    from psycopg.rows import dict_row
+    return psycopg.connect(url, row_factory=dict_row, connect_timeout=10, application_name="patchrelay-tests")
+
+
+def _pg_args(args):
+    return tuple(int(a) if isinstance(a, bool) else a for a in args)     # as PatchRelay's PgConnection does
+
+
 def db_rows(state_dir, sql, args=()):
     """A read of PatchRelay's database under `state_dir` (read-only, one snapshot): rows as dicts; [] while
     the database does not exist yet (reading never creates it)."""
+    url = pg_url(state_dir)
+    if url:
+        with pg_connect(url) as con:
+            con.read_only = True
+            try:
+                if con.execute("SELECT to_regclass('patchrelay_schema') AS t").fetchone()["t"] is None:
+                    return []       # no PatchRelay has opened the database yet
+                return con.execute(patchrelay.pg_sql(sql), _pg_args(args)).fetchall()
+            finally:
+                con.rollback()
     path = Path(state_dir) / "patchrelay.sqlite"
     if not path.exists():
         return []
@@ -146,7 +176,14 @@ def last_events(state_dir, n=40):
 
 
 def db_exec(state_dir, sql, args=()):
-    """One write to PatchRelay's database under `state_dir`, committed (a test arranging a state)."""
+    """One write to PatchRelay's database under `state_dir`, committed (a test arranging a state). On
+    PostgreSQL under PatchRelay's write lock, as its own write transactions are (SQLite has one writer)."""
+    url = pg_url(state_dir)
+    if url:
+        with pg_connect(url) as con:        # commits on leaving the block, rolls back on an exception
+            con.execute("SELECT pg_advisory_xact_lock(%s)", (patchrelay.PG_WRITE_LOCK,))
+            con.execute(patchrelay.pg_sql(sql), _pg_args(args))
+        return
     con = sqlite3.connect(str(Path(state_dir) / "patchrelay.sqlite"), timeout=10)
     try:
         with con:
