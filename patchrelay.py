@@ -5909,7 +5909,7 @@ def _per_day_svg(rows: list[dict], now: dt.datetime, days: int = 14) -> str:
 
 def _bar(used: float, limit: float | None) -> str:
     if not limit:
-        return '<span class="muted">no limit known</span>'
+        return f'{used:,.0f} <span class="muted">(no limit set or known)</span>'
     pct = min(100.0, 100.0 * used / limit)
     return f'<div class="bar"><i style="width:{pct:.1f}%"></i></div><span class="muted">{used:,.0f} of {limit:,.0f}</span>'
 
@@ -5942,6 +5942,8 @@ def _attention(cfg: Config, store: Store, snap: dict, now: dt.datetime, issues: 
     for u in store.unrouted()[:10]:
         items.append(f'<li class="warn">{_e(u["issue_key"])}: delegated, but no project routes it</li>')
     for i in issues:
+        if i["paused"] and i["factory_state"] not in ("done", "canceled"):
+            items.append(f'<li class="warn">{_e(i["key"])} paused: {_e(one_line(i["title"], 80))}</li>')
         if i["factory_state"] in ("failed", "escalated", "awaiting_input"):
             cls = "warn" if i["factory_state"] == "awaiting_input" else "bad"
             items.append(f'<li class="{cls}">{_e(i["key"])} {_e(i["factory_state"].replace("_", " "))}: '
@@ -5966,7 +5968,7 @@ def status_page(cfg: Config, store: Store) -> str:
         pr = f'<a href="{_e(i["pr_url"])}">#{i["pr_number"]}</a>' if i["pr_number"] and i["pr_url"] else ""
         run = f'{_e(i["active_run_type"])} ({_e(i["active_run_status"])})' if i.get("active_run_type") else ""
         rows.append(f'<tr><td class="k">{key}</td><td>{_e(one_line(i["title"], 90))}</td>'
-                    f'<td>{_e(i["factory_state"])}</td><td>{pr}</td><td>{_e(i["pr_ci"] or "")}</td>'
+                    f'<td>{_e(i["factory_state"])}{" (paused)" if i["paused"] else ""}</td><td>{pr}</td><td>{_e(i["pr_ci"] or "")}</td>'
                     f'<td>{run}</td><td>{_timeline_svg(runs_of.get(i["id"], []), now, 240)}</td></tr>')
     hour = _hour_requests(snap["ticks"])
     limits = {b["api"]: b["requests_limit"] for b in snap["budgets"]}
