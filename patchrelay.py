@@ -8462,8 +8462,9 @@ def show_cmd(app: App, key: str, as_json: bool) -> None:
 def run_cmd(app: App, key: str | None, run_id: int | None, force: bool) -> None:
     """Run ISSUE's pending run (or a new implementation run) in the foreground."""
     cfg, store = app.cfg, app.store()
-    if run_id is not None:
-        result = drive_run(cfg, store, run_id)
+    if run_id is not None:         # a worker: what it does goes to its log (logs/run-N.log), line by line
+        result = drive_run(cfg, store, run_id, echo=lambda line: click.echo(f"{time.strftime('%H:%M:%S')} "
+                                                                            f"{redact(line)}"))
         raise click.exceptions.Exit(0 if result["status"] == "completed" else 1)
     if key is None:
         raise UsageError("run: give an ISSUE key (or a Linear issue URL)")
@@ -8589,7 +8590,7 @@ def events_cmd(app: App, key: str, follow: bool, as_json: bool) -> None:
 
 def _live_data(store: Store, row: dict) -> dict:
     """`live` as data: the issue's active run (else its last run) and what its turn shows now."""
-    run = _active_run(store, row) or next(iter(reversed(store.runs_for_issue(row["id"]))), None)
+    run = _active_run(store, row) or next(iter(store.runs_for_issue(row["id"])), None)    # newest first
     if run is None:
         return {"issue": row["key"], "run": None}
     view = json.loads(run.get("live") or "null") or {}
@@ -8678,7 +8679,7 @@ def logs_cmd(app: App, key: str, run_id: int | None, codex_log: bool, follow: bo
     row = _issue_or_fail(store, key)
     runs = store.runs_for_issue(row["id"])
     run = next((r for r in runs if r["id"] == run_id), None) if run_id else (_active_run(store, row)
-                                                                            or (runs[-1] if runs else None))
+                                                                            or (runs[0] if runs else None))
     if run is None:
         raise UsageError(f"issue {row['key']}: " + (f"has no run {run_id}" if run_id else "no run yet")
                          + (f" (its runs: {', '.join(str(r['id']) for r in runs)})" if runs else ""))
