@@ -6449,6 +6449,8 @@ class TurnDriver:
                 last_beat = now
                 with self.store.tx():
                     self.store.update_run(self.run_id, {"heartbeat_at": iso()})
+                if self.stop_reason is None and not self.store.run_is_current(self.run_id):
+                    self.stop_reason = "the run was taken over by another host"    # the fence: stop early
             if interrupt_at is None:
                 reason = self.interrupt_reason or self.stop_reason
                 if reason is None and now - last_output > c.stall_timeout:
