@@ -2049,6 +2049,7 @@ class Store:
                     "SELECT key, value FROM meta WHERE key IN ('runner.paused', 'runner.codex_hold', "
                     "'worktrees.usage')")},
                 "budgets": self.budgets(),
+                "hosts": self.hosts(),
             }
 
     def page_runs(self, since: str) -> list[dict]:
@@ -5815,6 +5816,11 @@ def metrics_text(cfg: Config, snap: dict, now: dt.datetime, linear_token: Mappin
     m.metric("worktrees", "gauge", "Worktrees on disk.", [({}, wt.get("count", 0))])
     m.metric("worktrees_bytes", "gauge", "Their disk use (measured when their number changes, else hourly).",
              [({}, wt.get("bytes", 0))])
+    if len(snap.get("hosts") or ()) > 1:         # a fleet: each member's heartbeat and runs
+        m.metric("host_last_seen_seconds", "gauge", "Seconds since each host of the fleet last ticked.",
+                 (({"host": h["name"]}, h["silent_seconds"]) for h in snap["hosts"]))
+        m.metric("host_active_runs", "gauge", "Runs active on each host of the fleet.",
+                 (({"host": h["name"]}, h["active_runs"]) for h in snap["hosts"]))
     if linear_token and linear_token.get("source") == "connected":
         exp = parse_iso(linear_token.get("expires_at"))
         m.metric("linear_token_expiry_seconds", "gauge", "Seconds until the connected app's access token expires.",

@@ -139,6 +139,17 @@ def pg_connect(url):
     return psycopg.connect(url, row_factory=dict_row, connect_timeout=10, application_name="patchrelay-tests")
 
 
+def _db_errors():
+    try:
+        import psycopg
+    except ImportError:
+        return (sqlite3.Error,)
+    return (sqlite3.Error, psycopg.Error)
+
+
+DB_ERRORS = _db_errors()     # what reading the database (db_rows) may raise: sqlite3's errors and psycopg's
+
+
 def _pg_args(args):
     return tuple(int(a) if isinstance(a, bool) else a for a in args)     # as PatchRelay's PgConnection does
 
@@ -188,6 +199,28 @@ def db_exec(state_dir, sql, args=()):
     try:
         with con:
             con.execute(sql, args)
+    finally:
+        con.close()
+
+
+def db_dump(state_dir):
+    """Everything in PatchRelay's database under `state_dir` as text (SQLite's dump; on PostgreSQL every row of
+    every table, one line each), to look for what must never be stored."""
+    url = pg_url(state_dir)
+    if url:
+        with pg_connect(url) as con:
+            con.read_only = True
+            lines = []
+            for t in con.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
+                                 "ORDER BY tablename").fetchall():
+                name = t["tablename"]
+                lines += [f"{name}: " + " | ".join(str(v) for v in r.values())
+                          for r in con.execute(f'SELECT * FROM "{name}"').fetchall()]
+            con.rollback()
+            return "\n".join(lines)
+    con = sqlite3.connect(str(Path(state_dir) / "patchrelay.sqlite"))
+    try:
+        return "\n".join(con.iterdump())
     finally:
         con.close()
 

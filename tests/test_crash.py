@@ -10,7 +10,7 @@ or a held request widens the phase so the kill lands inside it):
     `hang_next`; the kill lands inside it or just after it, where the intake transaction commits. The tick
     takes in one or two new delegations, or a follow-up prompt in the session of an issue whose pull
     request is open;
-  - *launch*: right after the `claimed` run row appears in SQLite (before the spawn, between the spawn and
+  - *launch*: right after the `claimed` run row appears in the database (before the spawn, between the spawn and
     recording the worker's pid, or after);
   - *publish*: an activity, a plan or session link, or an issue move (by Linear root field) is held open,
     in the first tick (racing the worker it launched for the session's messages) or in the tick that opens
@@ -70,7 +70,8 @@ import pytest
 
 import patchrelay as pr
 from conftest import PATCHRELAY
-from helpers import cli_inproc, db_rows, file_at, git, held, last_events, remote_branches, say, tick_result, tool
+from helpers import (DB_ERRORS, cli_inproc, db_rows, file_at, git, held, last_events, pg_connect, pg_url,
+                     remote_branches, say, tick_result, tool)
 
 KINDS = ["tick_intake", "tick_launch", "tick_publish", "worker_before_turn", "worker_mid_turn",
          "worker_commit_push", "worker_final"]
@@ -116,7 +117,7 @@ class Trial:
                 "SELECT id, kind, status, attempts, lease_pid, lease_until, last_error, substr(payload, 1, 90) AS p "
                 "FROM outbox ORDER BY id")]
             lines += last_events(self.world.state)
-        except sqlite3.Error as e:
+        except DB_ERRORS as e:
             lines.append(f"(database unreadable: {e})")
         for _, session in self.issues:
             lines.append(f"Linear activities of session {session['id'][:8]}:")
@@ -556,7 +557,7 @@ def kill_tick_in_launch(t):
     w = t.world
     w.use_codex(HELLO + [say("Added hello.txt.")] + TAIL)
     t.delegate()
-    path = w.state / "patchrelay.sqlite"
+    path, url = w.state / "patchrelay.sqlite", pg_url(w.state)
     # 0 and a few ms mostly land before the spawn (the next ticks then wait out reconcile's 15 s grace for a
     # claim without a worker pid), 3-30 ms around the spawn, more after the pid is recorded
     delay = t.variant([t.rng.uniform(0.003, 0.03), 0, t.rng.uniform(0.03, 0.2), t.rng.uniform(0, 0.003)])
@@ -566,12 +567,16 @@ def kill_tick_in_launch(t):
     con = None
     try:
         while True:
-            if con is None and path.exists():
+            if con is None and url:
+                con = pg_connect(url)
+                con.autocommit = True      # each poll sees the latest commit
+            elif con is None and path.exists():
                 con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
             try:
                 row = con.execute("SELECT id FROM runs WHERE status = 'claimed'").fetchone() if con else None
-            except sqlite3.OperationalError:
+            except DB_ERRORS:
                 row = None      # the schema is not there yet
+            row = list(row.values()) if isinstance(row, dict) else row
             if row:
                 break
             if time.time() > deadline or p.poll() is not None:
@@ -581,7 +586,8 @@ def kill_tick_in_launch(t):
             time.sleep(delay)
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
-        r = con.execute("SELECT id, worker_pid FROM runs WHERE id = ?", (row[0],)).fetchone()
+        r = con.execute(f"SELECT id, worker_pid FROM runs WHERE id = {int(row[0])}").fetchone()
+        r = list(r.values()) if isinstance(r, dict) else r
     finally:
         if con is not None:
             con.close()

@@ -5,7 +5,6 @@ seconds, refresh tokens that rotate and die at use, a reused one refused."""
 import json
 import os
 import socket
-import sqlite3
 import subprocess
 import threading
 import time
@@ -15,7 +14,7 @@ import pytest
 import requests
 
 import patchrelay as pr
-from helpers import cli_inproc, say, tick_inproc, tool, wait_done
+from helpers import cli_inproc, db_dump, db_rows, say, tick_inproc, tool, wait_done
 
 CLIENT_ID, CLIENT_SECRET = "patchrelay-client-1", "client-secret-s3cr3t-value"
 
@@ -55,10 +54,8 @@ def connect(world, lifetime=None):
 
 
 def oauth_row(world):
-    with sqlite3.connect(world.state / "patchrelay.sqlite") as db:
-        db.row_factory = sqlite3.Row
-        r = db.execute("SELECT * FROM linear_oauth").fetchone()
-        return dict(r) if r else None
+    rows = db_rows(world.state, "SELECT * FROM linear_oauth")
+    return rows[0] if rows else None
 
 
 def issued_tokens(world):
@@ -69,9 +66,13 @@ def issued_tokens(world):
 
 def no_secret_stored(world):
     """Neither token Linear issued, nor the client secret, nor the key, appears in any file under the state
-    directory (database, WAL, logs)."""
+    directory (database, WAL, logs), nor in the PostgreSQL database when the world runs on one."""
     secrets = issued_tokens(world) + [CLIENT_SECRET, world.token_key]
     assert len(secrets) >= 4
+    if world.database_url:
+        dump = db_dump(world.state)
+        for s in secrets:
+            assert s not in dump, f"{s[:12]}... found in the database"
     for p in world.state.rglob("*"):
         if p.is_file():
             data = p.read_bytes()
@@ -144,7 +145,7 @@ def test_connect_without_a_key_prints_one_and_stores_nothing(app_world):
     assert "no Linear app is connected (`patchrelay linear connect`)" in p.stderr
     p = w.cli("linear", "connect", "--code", "x", env={"LINEAR_CLIENT_SECRET": None}, check=2)
     assert "linear.oauth.client_secret_env: LINEAR_CLIENT_SECRET is not set" in p.stderr
-    assert not (w.state / "patchrelay.sqlite").exists() or oauth_row(w) is None
+    assert oauth_row(w) is None
     # a code Linear refuses: one line naming the operation and host, exit 1
     p = w.cli("linear", "connect", "--code", "not-a-code", check=1)
     assert "Linear code exchange (127.0.0.1" in p.stderr and "invalid_grant" in p.stderr and "Traceback" not in p.stderr
@@ -205,7 +206,7 @@ def test_two_processes_needing_a_fresh_token_refresh_it_once(app_world):
             env = w.env()
             for k in ("PATCHRELAY_TOKEN_KEY", "LINEAR_CLIENT_ID", "LINEAR_CLIENT_SECRET"):
                 os.environ[k] = env[k]
-            store = pr.Store(cfg.database_path)
+            store = pr.Store(cfg.database_path, url=cfg.database_url)
             got.append(pr.LinearTokens(cfg, store).current())
             store.close()
         except Exception as e:  # noqa: BLE001

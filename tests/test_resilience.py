@@ -8,27 +8,21 @@ PATCHRELAY_TEST_SUBPROCESS=1 runs every tick as a subprocess.
 """
 import json
 import re
-import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 import patchrelay
 from conftest import PATCHRELAY
-from helpers import cli_inproc, pause, show, status, tick_inproc
+from helpers import cli_inproc, db_exec, pause, show, status, tick_inproc
 
 
 # ----------------------------------------------------------------------------- helpers
 def linear_api(world):
     [api] = [a for a in status(world)["api"] if a["api"] == "linear"]
     return api
-
-
-def db_path(world):
-    return Path(world.config["database"]["path"])
 
 
 def faults(world):
@@ -75,8 +69,7 @@ def test_long_rate_limit_fails_the_tick_records_the_wait_and_loses_nothing(world
     assert len(world.linear.requests) == n
 
     # time passes (the limit expires): the delegation made during the limit is picked up
-    with sqlite3.connect(db_path(world)) as db:
-        db.execute("UPDATE api_budget SET limited_until = '2000-01-01T00:00:00.000Z' WHERE api = 'linear'")
+    db_exec(world.state, "UPDATE api_budget SET limited_until = '2000-01-01T00:00:00.000Z' WHERE api = 'linear'")
     p = tick_inproc(world, check=0)
     assert "APP-1: new agent session -> implementation queued" in p.stdout
     assert world.activity_types(session) == ["thought"]

@@ -11,7 +11,6 @@ test kills (or, for G-R5, to fake a worker that never started).
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -23,8 +22,8 @@ import pytest
 import patchrelay
 from conftest import APP_TOKEN
 from fakes.model import FakeModel
-from helpers import (BRANCH, acts, bodies, db, file_at, git, held, issue_row, logs, remote_branches, runs,
-                     say, tool, wait_done)
+from helpers import (BRANCH, acts, bodies, db, db_dump, db_exec, file_at, git, held, issue_row, logs,
+                     remote_branches, runs, say, tool, wait_done)
 
 GH_TOKEN_VALUE = "ghp_testtoken0000000000000000000000"   # what World.env() puts in GITHUB_TOKEN
 
@@ -559,7 +558,7 @@ def _claim_without_worker(world):
     world.write_config()
     world.tick_subprocess()
     cfg = patchrelay.load_config(str(world.config_path))
-    store = patchrelay.Store(cfg.database_path)
+    store = patchrelay.Store(cfg.database_path, url=cfg.database_url)
     try:
         row = store.issue_by_key("APP-1")
         run_id = patchrelay.claim(cfg, store, row["id"], cfg.project(row["project_id"]))
@@ -572,13 +571,8 @@ def _claim_without_worker(world):
 
 
 def _set_run(world, run_id, **fields):
-    con = sqlite3.connect(str(world.state / "patchrelay.sqlite"), timeout=10)
-    try:
-        with con:
-            con.execute(f"UPDATE runs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
-                        [*fields.values(), run_id])
-    finally:
-        con.close()
+    db_exec(world.state, f"UPDATE runs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
+            [*fields.values(), run_id])
 
 
 def _assert_relaunched_and_completed(world, session):
@@ -848,10 +842,10 @@ def test_codex_never_sees_the_tokens_and_nothing_stores_them(world):
 
     prompt = db(world, "SELECT prompt FROM runs WHERE id = 1")[0]["prompt"]
     assert prompt and "Linear issue APP-1" in prompt
-    dump = "\n".join(sqlite3.connect(str(world.state / "patchrelay.sqlite")).iterdump())
+    dump = db_dump(world.state)
     outputs = [world.cli(*a, check=0).stdout for a in (("show", "APP-1", "--json"), ("report", "APP-1", "--json"),
                                                        ("report", "APP-1"), ("events", "APP-1"), ("status",))]
-    for where, text in [("prompt", prompt), ("sqlite", dump), ("logs", logs(world))] + \
+    for where, text in [("prompt", prompt), ("database", dump), ("logs", logs(world))] + \
             [(f"cli {i}", o) for i, o in enumerate(outputs)]:
         for value in (APP_TOKEN, GH_TOKEN_VALUE, gh_cli_token):
             assert value not in text, (where, value)
