@@ -157,7 +157,9 @@ RUN_TYPES = ("implementation", "ci_repair", "review_fix", "queue_repair")
 FINAL_STATES = frozenset({"done", "canceled", "failed", "escalated"})
 CLOSED_STATES = frozenset({"done", "canceled"})
 TOKEN_ENV_ALWAYS_STRIPPED = ("LINEAR_API_KEY", "GITHUB_TOKEN", "GH_TOKEN", "GH_ENTERPRISE_TOKEN",
-                             "GITHUB_ENTERPRISE_TOKEN", "PATCHRELAY_TOKEN_KEY", "LINEAR_CLIENT_SECRET")
+                             "GITHUB_ENTERPRISE_TOKEN", "PATCHRELAY_TOKEN_KEY", "LINEAR_CLIENT_SECRET",
+                             # the fleet's database: never the agent's
+                             "PGPASSWORD", "PGPASSFILE", "PATCHRELAY_DATABASE_URL")
 ISSUE_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,9}-[0-9]{1,9}", re.ASCII)
 ISSUE_URL_RE = re.compile(r"https://linear\.app/[A-Za-z0-9_.-]+/issue/([A-Za-z][A-Za-z0-9]{0,9}-[0-9]{1,9})"
                           r"(?:/[A-Za-z0-9_.%-]*)?/?", re.ASCII)
@@ -1326,8 +1328,9 @@ class PgConnection:
         want_id = bool(m and m.group(1) in _ID_TABLES and "RETURNING" not in sql.upper())
         q = pg_sql(sql) + (" RETURNING id" if want_id else "")
         params = tuple(int(a) if isinstance(a, bool) else a for a in args)
-        try:
-            cur = self.conn.execute(q, params)
+        try:        # without parameters: sent as it is (the simple protocol, several statements allowed)
+            cur = self.conn.execute(q, params) if params else self.conn.execute(sql + (" RETURNING id" if want_id
+                                                                                      else ""))
             rid = None
             if want_id:
                 r = cur.fetchone()
@@ -1495,10 +1498,8 @@ class Store:
             finally:
                 self._depth -= 1
             return
-        if self.pg:
-            self.db.execute("BEGIN")
-            if not deferred:    # one writer at a time, fleet-wide, as SQLite's BEGIN IMMEDIATE on one host
-                self.db.execute(f"SELECT pg_advisory_xact_lock({PG_WRITE_LOCK})")
+        if self.pg:             # a writer takes the lock: one at a time, fleet-wide, as BEGIN IMMEDIATE on one host
+            self.db.execute("BEGIN" if deferred else f"BEGIN; SELECT pg_advisory_xact_lock({PG_WRITE_LOCK})")
         else:
             self.db.execute("BEGIN DEFERRED" if deferred else "BEGIN IMMEDIATE")
         self._depth = 1
@@ -1688,15 +1689,16 @@ class Store:
         sets = ", ".join(f"{k} = ?" for k in fields)
         self.db.execute(f"UPDATE issues SET {sets}, updated_at = ? WHERE id = ?", [*fields.values(), iso(), issue_id])
 
-    def closed_worktrees(self) -> list[dict]:
-        """Issues in a final state that still have a worktree, oldest change first."""
+    def closed_worktrees(self, host: str | None = None) -> list[dict]:
+        """Issues in a final state that still have a worktree (on `host`: those it holds), oldest change first."""
         return self._all("SELECT * FROM issues WHERE factory_state IN ('done', 'canceled', 'failed', 'escalated') "
                          "AND worktree IS NOT NULL AND active_run_id IS NULL AND pending_run_type IS NULL "
-                         "ORDER BY updated_at, id")
+                         "AND (CAST(? AS TEXT) IS NULL OR host IS NULL OR host = ?) ORDER BY updated_at, id", (host, host))
 
-    def worktree_paths(self) -> list[dict]:
-        """Every issue's recorded worktree (key, state, path)."""
-        return self._all("SELECT key, factory_state, worktree FROM issues WHERE worktree IS NOT NULL ORDER BY id")
+    def worktree_paths(self, host: str | None = None) -> list[dict]:
+        """Every issue's recorded worktree (key, state, path), of `host` when given."""
+        return self._all("SELECT key, factory_state, worktree FROM issues WHERE worktree IS NOT NULL "
+                         "AND (CAST(? AS TEXT) IS NULL OR host IS NULL OR host = ?) ORDER BY id", (host, host))
 
     def github_watched(self) -> list[dict]:
         """Issues GitHub is observed for: a pull request, or a pushed branch that needs one."""
@@ -1786,13 +1788,11 @@ class Store:
                 return None
             context = json.loads(issue["pending_context"] or "{}")
             cur = self.db.execute(
-                "INSERT INTO runs (issue_id, run_type, status, trigger, context, attempt, claimed_at) "
-                "VALUES (?, ?, 'claimed', ?, ?, ?, ?)",
+                "INSERT INTO runs (issue_id, run_type, status, trigger, context, attempt, claimed_at, host) "
+                "VALUES (?, ?, 'claimed', ?, ?, ?, ?, ?)",
                 (issue_id, issue["pending_run_type"], context.get("trigger"), issue["pending_context"],
-                 int(context.get("attempt", 1)), iso()))
+                 int(context.get("attempt", 1)), iso(), host))
             run_id = cur.lastrowid
-            if host is not None:
-                self.db.execute("UPDATE runs SET host = ? WHERE id = ?", (host, run_id))
             n = self.db.execute(
                 "UPDATE issues SET active_run_id = ?, pending_run_type = NULL, pending_context = NULL, "
                 "pending_since = NULL, not_before = NULL, updated_at = ?, host = COALESCE(?, host) "
@@ -5360,8 +5360,9 @@ def build_prompt(issue: dict, run: dict, project: ProjectConfig, sandbox: str, w
     if context.get("prompt"):
         lines += ["", "## Request", "", str(context["prompt"]).strip()]
     if handoff:
-        lines += ["", "## Work so far (a fresh thread: the earlier one outgrew the model's context window)", "",
-                  handoff.strip()]
+        why = f"host {context['moved_from']} that held the earlier thread and worktree went silent" \
+            if context.get("moved_from") else "the earlier one outgrew the model's context window"
+        lines += ["", f"## Work so far (a fresh thread: {why})", "", handoff.strip()]
     lines += reactive_context(run["run_type"], context, project)
     if follow_ups:
         lines += ["", "## Follow-up messages", ""]
@@ -7386,19 +7387,17 @@ def _take_over(ctx: TickContext) -> list[str]:
             ctx.note(f"{issue['key']}: would take over run {run['id']} of silent host {run['host']}")
             continue
         silent = dead[run["host"]]["silent_seconds"]
-        ended = finish_run(cfg, store, run["id"], RunOutcome("interrupted", reason=f"host {run['host']} went silent "
-                                                                                 f"{silent:.0f} s ago"))
-        if ended["status"] == "fenced":
-            continue                         # another host took it first (the end is written under the fence)
-        with store.tx():
-            row = store.issue(issue["id"])
-            moved: dict[str, Any] = {"host": None, "worktree": None, "thread_id": None}
-            if row["pending_run_type"]:
-                moved["pending_context"] = json.dumps({**json.loads(row["pending_context"] or "{}"),
-                                                       "fresh_thread": True, "moved_from": run["host"]})
-            store.update_issue(issue["id"], moved)
+        with store.tx():    # while the run is still active, nobody claims the issue: it moves before it requeues
+            if not store.run_is_current(run["id"]):
+                continue                     # another host took it first
+            context = {**json.loads(store.run(run["id"])["context"] or "{}"), "fresh_thread": True,
+                       "moved_from": run["host"]}
+            store.update_run(run["id"], {"context": json.dumps(context)})      # the requeued run inherits it
+            store.update_issue(issue["id"], {"host": None, "worktree": None, "thread_id": None})
             store.add_event(issue["id"], "fleet", f"run {run['id']} of silent host {run['host']} taken over by "
                             f"{cfg.runner.host}", "warn", run["id"])
+        finish_run(cfg, store, run["id"], RunOutcome("interrupted", reason=f"host {run['host']} went silent "
+                                                                           f"{silent:.0f} s ago"))
         taken.append(issue["key"])
         ctx.note(f"{issue['key']}: run {run['id']} of silent host {run['host']} taken over")
     return taken
@@ -7604,8 +7603,8 @@ def _decide_pr(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs: Pu
             message, level = f"could not ask for a new review: {err}", "warn"
         with store.tx():
             store.add_event(row["id"], "github", message, level)
-    if pd.cleanup and row["worktree"] and not row["active_run_id"]:
-        how = remove_worktree(project, Path(row["worktree"]), row["branch"])
+    if pd.cleanup and row["worktree"] and not row["active_run_id"] and row.get("host") in (None, ctx.cfg.runner.host):
+        how = remove_worktree(project, Path(row["worktree"]), row["branch"])       # the host that holds it
         with store.tx():
             store.add_event(row["id"], "git", f"worktree {row['worktree']}: {how}",
                             "warn" if how.startswith("kept") else "info")
@@ -7742,7 +7741,7 @@ def collect_worktrees(ctx: TickContext) -> dict:
     cfg, store = ctx.cfg, ctx.store
     before = iso(utcnow() - dt.timedelta(hours=cfg.runner.worktree_retention_hours))
     result: dict[str, Any] = {"removed": [], "kept": [], "errors": []}
-    for row in store.closed_worktrees():
+    for row in store.closed_worktrees(host=cfg.runner.host):      # each host collects the worktrees it holds
         if row["updated_at"] > before:
             break
         try:

@@ -190,9 +190,10 @@ def test_foreground_run_streams_progress_and_exits_0_on_success_and_1_on_failure
     assert [r["id"] for r in runs(world)] == []          # paused: tracked and acknowledged, nothing launched
     assert issue_row(world, "APP-1")["pending_run_type"] == "implementation"
     assert world.cli("report", "APP-1", check=0).stdout.strip() == "APP-1: no runs yet"
-    for args in (("worktree", "APP-1"), ("open", "APP-1", "--print")):
+    for args, said in ((("worktree", "APP-1"), "has no worktree yet"),
+                       (("open", "APP-1", "--print"), "has no branch yet (no run has started)")):
         p = world.cli(*args)
-        assert p.returncode == 2 and "has no worktree yet" in p.stderr, (args, p.stderr)
+        assert p.returncode == 2 and said in p.stderr, (args, p.stderr)
 
     p = world.cli("run", "APP-1", timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
