@@ -20,6 +20,12 @@ answered with a Server-Sent-Events stream. Each POST consumes the next *step* of
 
 When the script is empty the reply is the message "(script exhausted)".
 
+A ``responder`` (constructor keyword or attribute) replaces the script: a function of the request's parsed
+JSON body returning the step to serve, so concurrent conversations each get their own answer (e.g. a tool
+call when the request's ``input`` holds no ``function_call_output`` yet, else a message). Its step may be
+any kind above; a "wait" step without "then" takes the responder's answer for the same request when the gate
+opens. ``responder_for_issue_files`` builds one that writes a file named after the issue key in the prompt.
+
     model = FakeModel([...]).start()
     ... model.base_url ...          # "http://127.0.0.1:PORT/v1"
     model.push({"kind": "message", "text": "more"})
@@ -28,8 +34,10 @@ When the script is empty the reply is the message "(script exhausted)".
 
 Binds to 127.0.0.1 only. Thread-safe.
 """
+import hashlib
 import itertools
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -83,8 +91,9 @@ def sse_events(step):
 
 
 class FakeModel:
-    def __init__(self, script=None, host="127.0.0.1", port=0):
+    def __init__(self, script=None, host="127.0.0.1", port=0, responder=None):
         self._script = list(script or [])
+        self.responder = responder  # function(request body) -> step, used instead of the script when set
         self.requests = []        # parsed JSON body of every POST .../responses, in arrival order
         self.headers = []         # request headers (dict) of the same POSTs
         self.served = []          # the step kind used for each of those POSTs
@@ -137,6 +146,16 @@ class FakeModel:
     def _next_step(self):
         with self._cond:
             return self._script.pop(0) if self._script else dict(EXHAUSTED)
+
+    def _step_for(self, body, after_wait=False):
+        """The step that answers this request: the responder's when one is set, else the script's next."""
+        responder = self.responder
+        if responder is None:
+            return self._next_step()
+        step = responder(body)
+        if after_wait and step.get("kind") == "wait":
+            return dict(EXHAUSTED)      # a responder that keeps waiting after its gate opened: end the turn
+        return dict(step)
 
     # ---- control of hangs and wait gates ----
     def release(self):
@@ -243,13 +262,13 @@ class FakeModel:
                     body = json.loads(raw)
                 except ValueError:
                     body = {"_raw": raw.decode("latin1")}
-                step = model._next_step()
+                step = model._step_for(body)
                 model._record(body, dict(self.headers), step["kind"])
                 while step["kind"] == "wait":
                     if not model._hold(model._event(step["event"])):
                         self.close_connection = True
                         return
-                    step = step.get("then") or model._next_step()
+                    step = step.get("then") or model._step_for(body, after_wait=True)
                 self._serve(step)
 
             def _serve(self, step):
@@ -285,3 +304,37 @@ class FakeModel:
                 self.wfile.write(data)
 
         return Handler
+
+
+ISSUE_KEY_IN_PROMPT = re.compile(r"Linear issue ([A-Za-z][A-Za-z0-9]*-\d+)")
+
+
+def has_tool_output(request):
+    """Whether the request's `input` holds a function_call_output (the turn already ran a command)."""
+    return any(i.get("type") == "function_call_output" for i in request.get("input", []) or [])
+
+
+def conversation_name(request):
+    """A name for the conversation a request belongs to: the issue key of PatchRelay's prompt ("Linear issue
+    APP-3: ..."), else a short hash of the first user text."""
+    texts = FakeModel.user_texts(request)
+    for text in texts:
+        m = ISSUE_KEY_IN_PROMPT.search(text)
+        if m:
+            return m.group(1)
+    return "conv-" + hashlib.sha256((texts[0] if texts else "").encode()).hexdigest()[:10]
+
+
+def responder_for_issue_files(sleep=0.0, text="Done."):
+    """A responder for concurrent runs: a request whose input holds no function_call_output yet (a thread's
+    first call) gets a tool call that sleeps `sleep` seconds, then writes `fleet-<KEY>.txt` holding the key (the
+    same content on every attempt, in any thread); every other request gets the message `text`."""
+    def respond(request):
+        if has_tool_output(request):
+            return {"kind": "message", "text": text}
+        name = conversation_name(request)
+        slug = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        pause = f"sleep {sleep:g} && " if sleep else ""
+        return {"kind": "tool_call", "cmd": f"{pause}echo {slug} > fleet-{slug}.txt",
+                "yield_time_ms": int(max(10.0, sleep + 10.0) * 1000)}
+    return respond
