@@ -9199,8 +9199,13 @@ def _check_postgres(cfg: Config) -> list[Check]:
 def _check_linear(cfg: Config) -> list[Check]:
     """The token is set (or an app connected) and accepted, and how many open issues the delegation rule takes
     right now."""
-    store = Store(cfg.database_path, url=cfg.database_url) if cfg.database_url or cfg.database_path.exists() \
-        else None
+    store = None
+    if cfg.database_url or cfg.database_path.exists():
+        try:            # the stored app connection, if the database can be read (its own check says why not)
+            store = Store(cfg.database_path, url=cfg.database_url,
+                          readonly=not cfg.database_url and read_only_file(cfg.database_path))
+        except (StoreError, sqlite3.Error):
+            store = None
     try:
         return _check_linear_with(cfg, store)
     finally:

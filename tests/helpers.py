@@ -14,6 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from graphql import OperationDefinitionNode, parse, print_ast
 
@@ -23,6 +24,14 @@ from fakes.world import git
 # PATCHRELAY_TEST_SUBPROCESS=1 runs every tick_inproc/tick_result as a subprocess, exactly as cron does
 SUBPROCESS_TICKS = os.environ.get("PATCHRELAY_TEST_SUBPROCESS") == "1"
 BRANCH = "app/APP-1-add-a-greeting"     # the branch of APP-1 delegated with world.delegate()'s default title
+# PATCHRELAY_TEST_DATABASE=postgres runs every `world` on PostgreSQL (conftest.py); tests of SQLite's file itself
+# (its permissions, a damaged or read-only file, "no database yet") are skipped there with `sqlite_only(why)`
+ON_POSTGRES = os.environ.get("PATCHRELAY_TEST_DATABASE") == "postgres"
+
+
+def sqlite_only(why):
+    """Mark a test of the SQLite file itself: skipped when the worlds run on PostgreSQL."""
+    return pytest.mark.skipif(ON_POSTGRES, reason=f"SQLite only: {why}")
 
 
 # ----------------------------------------------------------------------------- the CLI, in this process
@@ -178,6 +187,35 @@ def db_rows(state_dir, sql, args=()):
         con.close()
 
 
+def db_snapshot(state_dir, queries):
+    """Several reads of PatchRelay's database under `state_dir` in one read-only transaction (one snapshot):
+    {name: rows as dicts} for {name: sql}; every list empty while the database does not exist yet."""
+    url = pg_url(state_dir)
+    if url:
+        import psycopg
+        with pg_connect(url) as con:
+            con.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ       # one snapshot for all reads
+            con.read_only = True
+            try:
+                if con.execute("SELECT to_regclass('patchrelay_schema') AS t").fetchone()["t"] is None:
+                    return {name: [] for name in queries}
+                return {name: con.execute(patchrelay.pg_sql(sql)).fetchall() for name, sql in queries.items()}
+            finally:
+                con.rollback()
+    path = Path(state_dir) / "patchrelay.sqlite"
+    if not path.exists():
+        return {name: [] for name in queries}
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10, isolation_level=None)
+    con.row_factory = sqlite3.Row
+    try:
+        con.execute("BEGIN")
+        out = {name: [dict(r) for r in con.execute(sql)] for name, sql in queries.items()}
+        con.execute("COMMIT")
+        return out
+    finally:
+        con.close()
+
+
 def last_events(state_dir, n=40):
     """The last n events, oldest first, one line each, for failure messages."""
     rows = db_rows(state_dir, "SELECT at, issue_key, run_id, level, kind, message FROM events ORDER BY id DESC "
@@ -218,7 +256,10 @@ def db_dump(state_dir):
                           for r in con.execute(f'SELECT * FROM "{name}"').fetchall()]
             con.rollback()
             return "\n".join(lines)
-    con = sqlite3.connect(str(Path(state_dir) / "patchrelay.sqlite"))
+    path = Path(state_dir) / "patchrelay.sqlite"
+    if not path.exists():
+        return ""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
         return "\n".join(con.iterdump())
     finally:

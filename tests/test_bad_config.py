@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import pause
+from helpers import pause, sqlite_only
 
 
 def one_line_error(p, code=2):
@@ -115,6 +115,7 @@ def test_every_key_rejects_a_value_of_the_wrong_type_by_its_path(world, section,
 
 
 # ----------------------------------------------------------------------------- the database
+@sqlite_only("database.path names the SQLite file; on PostgreSQL reads never open it")
 def test_database_path_at_a_directory_or_under_a_file_is_a_config_error(world):
     d = world.tmp / "dbdir"
     d.mkdir()
@@ -131,6 +132,7 @@ def test_database_path_at_a_directory_or_under_a_file_is_a_config_error(world):
         assert "database.path" in line and "which is a file" in line, (cmd, line)
 
 
+@sqlite_only("the SQLite file cannot be created under /proc; on PostgreSQL the database exists")
 def test_a_database_where_nothing_can_be_created_is_one_line(world):
     # /proc refuses new files even to root: the tick's lock file cannot be made next to the database
     world.config["database"]["path"] = "/proc/patchrelay.sqlite"
@@ -140,6 +142,7 @@ def test_a_database_where_nothing_can_be_created_is_one_line(world):
         assert "/proc/patchrelay" in line, (cmd, line)
 
 
+@sqlite_only("a read-only SQLite file")
 def test_a_read_only_database_is_respected_and_never_made_writable(world):
     pause(world)
     world.delegate()
@@ -174,6 +177,7 @@ def _tracked_database(world, n, title_len):
     return db, con
 
 
+@sqlite_only("corrupts the SQLite file's pages")
 def test_a_database_with_corrupt_pages_is_one_line_everywhere_and_doctor_says_so(world):
     db, con = _tracked_database(world, 30, 300)
     con.close()
@@ -195,6 +199,7 @@ def test_a_database_with_corrupt_pages_is_one_line_everywhere_and_doctor_says_so
     assert checks["database"]["level"] == "FAIL"
 
 
+@sqlite_only("damages an index page of the SQLite file (PRAGMA quick_check)")
 def test_an_operator_write_to_a_database_damaged_off_to_the_side_is_refused(world):
     """Only an index is damaged: APP-1's row still reads, but pause and retry write nothing into the file."""
     db, con = _tracked_database(world, 40, 200)
@@ -217,6 +222,7 @@ def test_an_operator_write_to_a_database_damaged_off_to_the_side_is_refused(worl
     assert not Path(str(db) + "-wal").exists() or Path(str(db) + "-wal").stat().st_size == 0
 
 
+@sqlite_only("a read-only SQLite file of an older schema (PRAGMA user_version)")
 def test_a_read_only_database_of_an_older_schema_is_read_without_migrating_it(world):
     pause(world)
     world.delegate()

@@ -2,7 +2,7 @@
 Linear; Linear issue URLs work wherever a key does."""
 import pytest
 
-from helpers import cli_inproc, pause, tick_inproc
+from helpers import cli_inproc, db_dump, db_exec, pause, tick_inproc
 
 
 @pytest.mark.parametrize("ref, shown", [
@@ -60,17 +60,13 @@ def test_tick_without_the_linear_token_is_a_config_error_exit_2(world):
 
 def test_a_tick_whose_process_is_gone_shows_as_interrupted(world):
     import json
-    import sqlite3
     import subprocess
     pause(world)
     tick_inproc(world)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    con = sqlite3.connect(str(world.state / "patchrelay.sqlite"))
-    with con:
-        con.execute("UPDATE ticks SET result = NULL, ended_at = NULL, pid = ?, pid_started = 'x' "
-                    "WHERE id = (SELECT MAX(id) FROM ticks)", (dead.pid,))
-    con.close()
+    db_exec(world.state, "UPDATE ticks SET result = NULL, ended_at = NULL, pid = ?, pid_started = 'x' "
+                         "WHERE id = (SELECT MAX(id) FROM ticks)", (dead.pid,))
     st = json.loads(world.cli("status", "--json", check=0).stdout)
     assert st["last_tick"]["result"] == "interrupted", st["last_tick"]
 
@@ -88,4 +84,5 @@ def test_a_token_of_any_shape_is_redacted_where_linear_echoes_it(world):
     p = world.cli("tick", env={"LINEAR_API_KEY": plain})
     assert plain not in p.stdout + p.stderr, p.stderr
     raw = b"".join(f.read_bytes() for f in world.state.rglob("*") if f.is_file())
+    raw += db_dump(world.state).encode() if world.database_url else b""        # PostgreSQL: its rows
     assert plain.encode() not in raw

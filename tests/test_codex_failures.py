@@ -4,6 +4,7 @@ A failed turn is classified by its TurnError.codexErrorInfo: capacity (usage or 
 (401) refusals hold every launch until a time and never fail an issue or spend a budget; a full context window
 moves the run to a fresh thread with a hand-off, once; a configuration error fails naming the keys to fix.
 """
+import datetime
 import json
 import time
 
@@ -48,8 +49,9 @@ def issue(world, key="APP-1"):
 
 def lift_hold(world):
     """As if the hold's time had just passed (its end a second ago)."""
-    db_exec(world.state, "UPDATE meta SET value = json_set(value, '$.until', "
-                         "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 seconds')) WHERE key = 'runner.codex_hold'")
+    [row] = db(world, "SELECT value FROM meta WHERE key = 'runner.codex_hold'")
+    hold = {**json.loads(row["value"]), "until": patchrelay.iso(patchrelay.utcnow() - datetime.timedelta(seconds=1))}
+    db_exec(world.state, "UPDATE meta SET value = ? WHERE key = 'runner.codex_hold'", (json.dumps(hold),))
 
 
 @pytest.mark.parametrize("refusal, said", [

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 import patchrelay
 from conftest import APP_TOKEN
-from helpers import git
+from helpers import db_dump, git, sqlite_only
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -329,6 +329,7 @@ def test_doctor_fails_when_linear_token_is_missing_or_rejected(world, token, exp
 
 
 # ----------------------------------------------------------------------------- permissions and secrets
+@sqlite_only("the modes of the SQLite file and its -wal/-shm")
 def test_database_file_and_directory_are_owner_only(world):
     world.config["runner"]["paused"] = True
     world.write_config()
@@ -343,9 +344,11 @@ def test_database_file_and_directory_are_owner_only(world):
 
 
 def _state_bytes(world):
-    """Every byte PatchRelay stored: the database (with -wal/-shm) and anything else in its state dir."""
+    """Every byte PatchRelay stored: the database (with -wal/-shm; on PostgreSQL its rows) and anything else in
+    its state dir."""
     root = Path(world.config["database"]["path"]).parent
-    return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
+    rows = db_dump(world.state).encode() if world.database_url else b""
+    return rows + b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
 
 
 def test_linear_token_never_stored_or_printed(world):

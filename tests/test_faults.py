@@ -9,13 +9,12 @@ exactly one pending implementation run, the session got exactly one acknowledgem
 changes nothing.
 """
 import json
-import sqlite3
 import subprocess
 import time
 
 import pytest
 
-from helpers import pause, say, show, status, tick_inproc, tool, wait_done
+from helpers import db_exec, db_rows, pause, say, show, status, tick_inproc, tool, wait_done
 
 READS = ["PatchRelayViewer", "PatchRelayPoll", "PatchRelaySessionActivities", "PatchRelayComments"]
 # Reads a first tick does not make: a healthy tick goes first (it tracks the issue; the next tick reads its
@@ -49,11 +48,7 @@ def picked_up(world, session):
 
 
 def leased_rows(world):
-    con = sqlite3.connect(str(world.state / "patchrelay.sqlite"), timeout=10)
-    try:
-        return con.execute("SELECT COUNT(*) FROM outbox WHERE lease_until IS NOT NULL").fetchone()[0]
-    finally:
-        con.close()
+    return db_rows(world.state, "SELECT COUNT(*) AS n FROM outbox WHERE lease_until IS NOT NULL")[0]["n"]
 
 
 @pytest.mark.parametrize("op", READS + WRITES)
@@ -108,11 +103,8 @@ def test_a_lease_left_by_a_killed_tick_is_taken_over_at_once(world):
     tick_inproc(world, check=None)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    con = sqlite3.connect(str(world.state / "patchrelay.sqlite"), timeout=10)
-    with con:
-        con.execute("UPDATE outbox SET lease_until = ?, lease_pid = ?, lease_started = '1' WHERE status = 'queued'",
-                    (time.time() + 3600, dead.pid))
-    con.close()
+    db_exec(world.state, "UPDATE outbox SET lease_until = ?, lease_pid = ?, lease_started = '1' "
+                         "WHERE status = 'queued'", (time.time() + 3600, dead.pid))
     world.linear._faults.clear()
     tick_inproc(world)
     assert [a["content"]["type"] for a in world.linear.activities(session)] == ["thought"]
@@ -152,10 +144,7 @@ def test_a_bad_github_answer_is_one_line_and_never_opens_twice_or_loses_the_pr(w
     # GitHub heals; the recorded wait (if any) passes
     world.github._faults.clear() if hasattr(world.github, "_faults") else None
     world.github.reset_budget()
-    con = sqlite3.connect(str(world.state / "patchrelay.sqlite"), timeout=10)
-    with con:
-        con.execute("UPDATE api_budget SET limited_until = NULL WHERE api = 'github'")
-    con.close()
+    db_exec(world.state, "UPDATE api_budget SET limited_until = NULL WHERE api = 'github'")
     tick_inproc(world)
     tick_inproc(world)
     s = show(world, "APP-1")

@@ -6,21 +6,16 @@ owner's own, and idempotent posting), `tick --dry-run`, mentions, and reactive r
 The random-sequence property test lives in test_lifecycle_property.py.
 """
 import json
-import sqlite3
 import time
 
 import patchrelay as pr
-from helpers import (cli_inproc, db_exec, finished_issue, pause, say, show, show_untracked, status, tick_inproc, tool,
-                     user_mode, wait_done)
+from helpers import (cli_inproc, db_exec, db_rows, finished_issue, pause, say, show, show_untracked, status,
+                     tick_inproc, tool, user_mode, wait_done)
 
 
 def cursor(world, stream):
-    con = sqlite3.connect(str(world.state / "patchrelay.sqlite"), timeout=10)
-    try:
-        r = con.execute("SELECT value FROM cursors WHERE stream = ?", (stream,)).fetchone()
-        return r[0] if r else None
-    finally:
-        con.close()
+    rows = db_rows(world.state, "SELECT value FROM cursors WHERE stream = ?", (stream,))
+    return rows[0]["value"] if rows else None
 
 
 # ----------------------------------------------------------------------------- 1. done <-> canceled

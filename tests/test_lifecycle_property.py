@@ -27,14 +27,13 @@ depends on timing. Replay a seed with PATCHRELAY_PROPERTY_SEED=N (it replaces th
 """
 import os
 import random
-import sqlite3
 import time
 import traceback
 
 import pytest
 
 import patchrelay as pr
-from helpers import cli_inproc, db_rows, drawn_seed, last_events, say, show, tick_result, tool
+from helpers import DB_ERRORS, cli_inproc, db_rows, db_snapshot, drawn_seed, last_events, say, show, tick_result, tool
 
 STEPS = int(os.environ.get("PATCHRELAY_PROPERTY_STEPS") or 80)
 
@@ -82,7 +81,7 @@ class Sequence:
             lines += ["inbox:"] + [f"  {r}" for r in self.db(
                 "SELECT id, issue_id, kind, run_id, delivered_at IS NOT NULL AS delivered, delivery FROM inbox")]
             lines += last_events(self.world.state)
-        except sqlite3.Error as e:
+        except DB_ERRORS as e:
             lines.append(f"(database unreadable: {e})")
         logs = self.world.state / "logs"
         if logs.is_dir():
@@ -94,34 +93,24 @@ class Sequence:
     def note(self, text):
         self.log.append(f"{len(self.log) + 1:3d}. {text}")
 
-    # ---- reading SQLite (read-only, one snapshot per call)
+    # ---- reading the database (read-only, one snapshot per call)
     def db(self, sql, args=()):
         return db_rows(self.world.state, sql, args)
 
     def snapshot(self):
-        con = sqlite3.connect(f"file:{self.world.state / 'patchrelay.sqlite'}?mode=ro", uri=True, timeout=10,
-                              isolation_level=None)
-        con.row_factory = sqlite3.Row
-        try:
-            con.execute("BEGIN")
-            q = lambda sql: [dict(r) for r in con.execute(sql)]  # noqa: E731
-            snap = {
-                "double_runs": q("SELECT issue_id, COUNT(*) AS n, GROUP_CONCAT(id) AS runs FROM runs "
-                                 "WHERE status IN ('claimed', 'running') GROUP BY issue_id HAVING COUNT(*) > 1"),
-                "issues": q("SELECT id, key, factory_state, pending_run_type, active_run_id, not_before FROM issues"),
-                "stale_stops": q("SELECT i.id, i.issue_id, i.run_id, i.body, r.status FROM inbox i "
-                                 "JOIN runs r ON r.id = i.run_id WHERE i.kind = 'stop' AND i.delivered_at IS NULL "
-                                 "AND r.status NOT IN ('claimed', 'running')"),
-                "active": q("SELECT id, issue_id, status, worker_pid, worker_started FROM runs "
-                            "WHERE status IN ('claimed', 'running')"),
-                "workers": q("SELECT id, worker_pid, worker_started FROM runs WHERE worker_pid IS NOT NULL"),
-                "failed": q("SELECT id, issue_id, run_type, failure_reason FROM runs WHERE status = 'failed'"),
-                "errors": q("SELECT id, issue_key, run_id, kind, message FROM events WHERE level = 'error'"),
-            }
-            con.execute("COMMIT")
-            return snap
-        finally:
-            con.close()
+        return db_snapshot(self.world.state, {
+            "double_runs": "SELECT issue_id, COUNT(*) AS n, MIN(id) AS first_run, MAX(id) AS last_run FROM runs "
+                           "WHERE status IN ('claimed', 'running') GROUP BY issue_id HAVING COUNT(*) > 1",
+            "issues": "SELECT id, key, factory_state, pending_run_type, active_run_id, not_before FROM issues",
+            "stale_stops": "SELECT i.id, i.issue_id, i.run_id, i.body, r.status FROM inbox i "
+                           "JOIN runs r ON r.id = i.run_id WHERE i.kind = 'stop' AND i.delivered_at IS NULL "
+                           "AND r.status NOT IN ('claimed', 'running')",
+            "active": "SELECT id, issue_id, status, worker_pid, worker_started FROM runs "
+                      "WHERE status IN ('claimed', 'running')",
+            "workers": "SELECT id, worker_pid, worker_started FROM runs WHERE worker_pid IS NOT NULL",
+            "failed": "SELECT id, issue_id, run_type, failure_reason FROM runs WHERE status = 'failed'",
+            "errors": "SELECT id, issue_key, run_id, kind, message FROM events WHERE level = 'error'",
+        })
 
     # ---- the invariants, after every tick
     def check(self, where):
