@@ -1959,7 +1959,7 @@ class Store:
 
     def run_events(self, run_id: int, kind: str, limit: int = 50) -> list[dict]:
         return self._all("SELECT * FROM (SELECT * FROM events WHERE run_id = ? AND kind = ? ORDER BY id DESC "
-                         "LIMIT ?) ORDER BY id", (run_id, kind, limit))
+                         "LIMIT ?) AS e ORDER BY id", (run_id, kind, limit))
 
     def inbox_has_source(self, source_id: str) -> bool:
         return self._one("SELECT 1 AS x FROM inbox WHERE source_id = ?", (source_id,)) is not None
@@ -2293,7 +2293,8 @@ def _int_header(headers: Mapping[str, str], name: str) -> int | None:
 
 # ---- the OAuth redirect: one request on a loopback port
 
-def receive_redirect(redirect_uri: str, timeout: float, page: str) -> str | None:
+def receive_redirect(redirect_uri: str, timeout: float, page: str,
+                     listening: Callable[[], None] = lambda: None) -> str | None:
     """Listen on the loopback host and port of `redirect_uri` for the browser's one redirect to its path and
     answer it with `page`; the full URL it asked for, or None when the port cannot be bound (the operator
     pastes the URL instead). Raises TimeoutError when nothing came within `timeout` seconds."""
@@ -2303,6 +2304,7 @@ def receive_redirect(redirect_uri: str, timeout: float, page: str) -> str | None
         srv = socket.create_server(("127.0.0.1" if host == "localhost" else host, port))
     except OSError:
         return None
+    listening()                 # told only once the port is bound: a redirect from now on is received
     deadline = time.time() + timeout
     with srv:
         while True:
@@ -2490,7 +2492,7 @@ _ACTIVITY_FIELDS = """id createdAt signal user { id name email app }
 RECENT_ACTIVITIES = 5
 _SESSION_FIELDS = """id createdAt updatedAt appUser { id } creator { id name email app } comment { id body }
       issue { %s }
-      activities(last: %d) { pageInfo { hasPreviousPage } nodes { %s } }""" % (ISSUE_FIELDS, RECENT_ACTIVITIES,
+      activities(first: %d) { pageInfo { hasNextPage } nodes { %s } }""" % (ISSUE_FIELDS, RECENT_ACTIVITIES,
                                                                              _ACTIVITY_FIELDS)
 _COMMENT_FIELDS = "id body createdAt updatedAt editedAt user { id name email app } issue { id } agentSession { id }"
 
@@ -3003,7 +3005,7 @@ def _recent(n: dict) -> dict:
         return {}
     acts = sorted((_activity(a, n["id"]) for a in conn["nodes"] if isinstance(a, dict) and a.get("id")),
                   key=lambda a: (a.created_at, a.id))
-    return {"recent": tuple(acts), "recent_all": not (conn.get("pageInfo") or {}).get("hasPreviousPage")}
+    return {"recent": tuple(acts), "recent_all": not (conn.get("pageInfo") or {}).get("hasNextPage")}
 
 
 def covered_by_recent(x: LinearSession, since: str | None) -> list[LinearActivity] | None:
@@ -8977,7 +8979,7 @@ def why_cmd(app: App, key: str, as_json: bool) -> None:
     """Every gate between ISSUE and its next step, with its value, and the one next action."""
     key = issue_ref(key)
     cfg = app.cfg
-    store = app.store(readonly=True) if cfg.database_path.exists() else None
+    store = app.store(readonly=True) if app.has_database() else None
     row = store.issue_by_key(key) if store else None
     if store is not None and row is not None:
         data = _why_data(cfg, store, row)
@@ -9150,18 +9152,24 @@ def _check_database(cfg: Config) -> list[Check]:
                 store.meta_set("doctor.checked_at", iso())
             out = [Check("PASS", "database", f"{cfg.database_path} writable (schema v{store.schema_version()}, "
                                              "quick_check ok)")]
-            held = codex_hold(store)
-            if held:
-                out.append(Check("FAIL" if held["kind"] == "account" else "WARN", "codex",
-                                 f"runs are held until {held['until']}: {held['reason']}"
-                                 + (f"; fix: {held['fix']}" if held.get("fix") else " (lifts by itself)")))
-            return out
+            return out + _hold_checks(store)
         finally:
             store.close()
     except (StoreError, ConfigError) as e:
         return [Check("FAIL", "database", str(e))]
     except sqlite3.Error as e:
         return [Check("FAIL", "database", f"{cfg.database_path}: {type(e).__name__}: {e}")]
+
+
+def _hold_checks(store: Store) -> list[Check]:
+    """A hold of every launch after Codex's provider refused: FAIL for an account refusal (a person must fix
+    it), WARN for capacity (it lifts by itself)."""
+    held = codex_hold(store)
+    if not held:
+        return []
+    return [Check("FAIL" if held["kind"] == "account" else "WARN", "codex",
+                  f"runs are held until {held['until']}: {held['reason']}"
+                  + (f"; fix: {held['fix']}" if held.get("fix") else " (lifts by itself)"))]
 
 
 def _check_postgres(cfg: Config) -> list[Check]:
@@ -9189,7 +9197,7 @@ def _check_postgres(cfg: Config) -> list[Check]:
                          f"this host's clock is {skew:+.1f} s from the database's" + (
                              "" if abs(skew) < 5 else ": leases and heartbeats use the database's clock, but logs "
                              "and timestamps this host writes will disagree; run NTP")))
-        return out
+        return out + _hold_checks(store)
     except StoreError as e:
         return [Check("FAIL", "database", str(e))]
     finally:
@@ -9449,9 +9457,9 @@ def linear_connect_cmd(app: App, code: str | None, redirect_uri: str | None, pas
                    + oauth.authorize_url(redirect, state) + "\n")
         got = None
         if not paste and urllib.parse.urlsplit(redirect).hostname in ("localhost", "127.0.0.1"):
-            click.echo(f"Waiting for the redirect to {redirect} (up to {timeout:.0f} s; Ctrl-C to stop) ...")
             try:
-                got = receive_redirect(redirect, timeout, _CONNECTED_PAGE)
+                got = receive_redirect(redirect, timeout, _CONNECTED_PAGE, lambda: click.echo(
+                    f"Waiting for the redirect to {redirect} (up to {timeout:.0f} s; Ctrl-C to stop) ..."))
             except TimeoutError as e:
                 raise UsageError(f"{e}: run `patchrelay linear connect --paste` and paste the address") from None
             if got is None:
@@ -9468,7 +9476,7 @@ def linear_connect_cmd(app: App, code: str | None, redirect_uri: str | None, pas
                         + ("" if viewer.app else " (not an app user)"))
     life = f"expires in {_age(grant.expires_in)} and refreshes itself" if grant.expires_in else "does not expire"
     click.echo(f"Connected: Linear {'app user' if viewer.app else 'user'} {viewer.name or viewer.id}; the token {life}."
-               f" Both tokens are stored encrypted in {cfg.database_path}.")
+               f" Both tokens are stored encrypted in {cfg.database_label}.")
     if not viewer.app:
         click.echo("warning: the token's viewer is not an app user: authorize with actor=app (the link above has it) "
                    "for app mode")
