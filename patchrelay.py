@@ -5491,11 +5491,6 @@ class LinearTokens:
     def __init__(self, cfg: Config, store: Store | None):
         self.cfg, self.store = cfg, store
 
-    def source(self) -> str | None:
-        if token_from_env(self.cfg.linear.token_env):
-            return "environment"
-        return "connected" if self.store is not None and self.store.oauth_get() is not None else None
-
     def current(self) -> str:
         """The token to use now (refreshed first when it is due). ConfigError when there is none."""
         token = token_from_env(self.cfg.linear.token_env)
@@ -5688,16 +5683,17 @@ def codex_hold(store: Store | None) -> dict | None:
 def runner_paused(cfg: Config, store: Store | None) -> dict | None:
     """The global pause: `patchrelay pause` (stored, with who/when/why) or runner.paused in the config
     (the boot-time default, until `patchrelay resume` overrides it; alone when there is no database yet)."""
-    stored = store.meta_get("runner.paused") if store else None
+    return paused_setting(cfg, store.meta_get("runner.paused") if store else None)
+
+
+def paused_setting(cfg: Config, stored: str | None) -> dict | None:
+    """The global pause from its stored value (meta `runner.paused`; None when never set) and the config."""
     if stored is not None:
         return json.loads(stored) or None
     return {"by": "config", "reason": "runner.paused: true", "at": None} if cfg.runner.paused else None
 
 
 # ---- metrics and the status page: what every tick reports (and `metrics`, `status --html` print)
-
-FINISHED_RUN_STATUSES = ("completed", "failed", "stopped", "interrupted", "held", "released", "superseded")
-
 
 def _prom_escape(v: Any) -> str:
     return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
@@ -5758,8 +5754,7 @@ def _run_metrics(m: _Prom, snap: dict) -> None:
 
 def _held_metrics(m: _Prom, cfg: Config, snap: dict, now: dt.datetime) -> None:
     """Pending runs that wait, by the first reason that holds them (a run is counted once)."""
-    paused = json.loads(snap["meta"].get("runner.paused") or "null") if "runner.paused" in snap["meta"] \
-        else ({"by": "config"} if cfg.runner.paused else None)
+    paused = paused_setting(cfg, snap["meta"].get("runner.paused"))
     hold = active_hold(json.loads(snap["meta"].get("runner.codex_hold") or "null"), now)
     cap = cfg.codex.max_tokens_per_day
     free = max(0, cfg.runner.max_concurrent_runs - sum(r["n"] for r in snap["runs"] if r["status"] in
