@@ -4,14 +4,15 @@
 A synchronous CLI run by cron, a systemd timer or `patchrelay watch`. Each
 `patchrelay tick` reconciles runs, polls Linear and GitHub, decides, launches
 detached workers that drive `codex app-server` over stdio JSON-RPC, and
-publishes a Linear outbox. SQLite (WAL) holds all state and is the mailbox
-between tick and workers. README.md explains how to run it and how it works.
+publishes a Linear outbox. SQLite (WAL) holds all state on one host and is the
+mailbox between tick and workers; PostgreSQL does the same for a fleet of hosts
+(database.url). README.md explains how to run it and how it works.
 
 Sections, in dependency order (each uses only what the sections above it define;
-tests/test_structure.py checks it). Grep a banner: `# ==== <name>`, `# ---- <name>`.
+tests/test_structure.py checks it). Grep a banner: `# ==== 3. store`, `# ---- <name>`.
    1. errors and constants  exception types (one per boundary), shared constants, redaction
    2. config                YAML -> frozen dataclasses; every error names its key path
-   3. store                 SQLite: schema, migrations, every SQL statement
+   3. store                 SQLite or PostgreSQL: schema, migrations, every SQL statement
    4. transport             one HTTP transport for both API clients; child processes
    5. linear                Linear GraphQL client: reads -> frozen observations, batched writes
    6. github                GitHub GraphQL + REST client: batched PR observation, PR creation
@@ -57,15 +58,37 @@ import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, NamedTuple, NoReturn, Sequence
 
 import click
-import requests
-import tenacity
 import yaml
-from tabulate import tabulate
 
-# ============================================================== errors and constants
+
+def _lazy_module(name: str) -> Any:
+    """`name`, imported at its first use (importlib.util.LazyLoader): most commands and every worker of a run
+    without a pull request make no HTTP request, and importing requests costs a process a fifth of a second
+    of CPU."""
+    import importlib.util
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"No module named {name!r}")
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+if TYPE_CHECKING:
+    import requests
+    import tenacity
+else:
+    requests = _lazy_module("requests")
+    tenacity = _lazy_module("tenacity")
+
+# ============================================================== 1. errors and constants
 # Exception types, one per boundary, each carrying the one-line message the CLI
 # prints, plus the constants every other section shares. No I/O here.
 
@@ -239,7 +262,7 @@ def redact(text: str | None, secrets: Iterable[str] = (), named: bool = True) ->
     return out
 
 
-# ============================================================== config
+# ============================================================== 2. config
 # YAML -> frozen dataclasses. Every error names its key path in one line and
 # exits 2. Unknown keys are errors. Tokens only ever come from the environment
 # (or `gh auth token`), never from the file.
@@ -987,7 +1010,7 @@ def stripped_child_env(cfg: Config, extra: Mapping[str, str] | None = None) -> d
     return env
 
 
-# ============================================================== store
+# ============================================================== 3. store
 # SQLite on disk (WAL, busy timeout, foreign keys), schema versioned with
 # PRAGMA user_version and forward migrations. Every SQL statement of the
 # program lives in this section. Rows come back as plain dicts.
@@ -1572,10 +1595,10 @@ class Store:
                         (stream, value, iso()))
 
     # ---- leases: one holder per name until it releases or its time runs out
-    def lease_take(self, name: str, holder: str, seconds: float) -> bool:
+    def lease_take(self, name: str, holder: str, seconds: float, now: float | None = None) -> bool:
         """Take (or extend) lease `name` for `holder`, unless another holder's lease still runs (the database's
-        clock decides)."""
-        now = self.clock()
+        clock decides: `now` is a reading of it)."""
+        now = self.clock() if now is None else now
         with self.tx():
             cur = self.db.execute(
                 "INSERT INTO leases(name, holder, until) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
@@ -1735,13 +1758,28 @@ class Store:
                          "r.status IN ('claimed', 'running')", (run_id,)) is not None
 
     # ---- hosts: the members of a fleet, by their heartbeats (the database's clock)
-    def heartbeat(self, name: str, pid: int, max_runs: int) -> None:
+    def heartbeat(self, name: str, pid: int, max_runs: int, now: float | None = None) -> None:
         with self.tx():
             self.db.execute(
                 "INSERT INTO hosts (name, seen_at, started_at, pid, max_runs, version) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET seen_at = excluded.seen_at, pid = excluded.pid, "
                 "max_runs = excluded.max_runs, version = excluded.version",
-                (name, self.clock(), iso(), pid, max_runs, __version__))
+                (name, self.clock() if now is None else now, iso(), pid, max_runs, __version__))
+
+    def begin_tick(self, pid: int, pid_started: str | None, host: str, max_runs: int, leases: Sequence[str],
+                   lease_seconds: float) -> tuple[int, dict[str, str]]:
+        """A tick's start in one transaction and one reading of the clock: its row, the host's heartbeat, and
+        the once-per-fleet leases it can take (or keep). Returns the tick's id and each running lease's
+        holder by name (this host for those it took)."""
+        with self.tx():
+            now = self.clock()
+            tick_id = self.start_tick(pid, pid_started)
+            self.heartbeat(host, pid, max_runs, now)
+            for name in leases:
+                self.lease_take(name, host, lease_seconds, now)
+            holders = {r["name"]: r["holder"] for r in self._all(
+                "SELECT name, holder FROM leases WHERE until >= ?", (now,))}
+        return tick_id, holders
 
     def hosts(self) -> list[dict]:
         """Every host with its heartbeat's age (`silent_seconds`), active runs and the leases it holds."""
@@ -1982,12 +2020,11 @@ class Store:
         cols = ["requests_limit", "requests_remaining", "complexity_limit", "complexity_remaining", "reset_at",
                 "limited_until", "last_error"]
         vals = {k: fields.get(k) for k in cols if k in fields}
-        self.db.execute("INSERT INTO api_budget (api, updated_at) VALUES (?, ?) ON CONFLICT(api) DO NOTHING",
-                        (api, iso()))
-        if vals:
-            sets = ", ".join(f"{k} = ?" for k in vals)
-            self.db.execute(f"UPDATE api_budget SET {sets}, updated_at = ? WHERE api = ?",
-                            [*vals.values(), iso(), api])
+        names = ["api", *vals, "updated_at"]
+        sets = "".join(f"{k} = excluded.{k}, " for k in vals)
+        self.db.execute(f"INSERT INTO api_budget ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+                        f"ON CONFLICT(api) DO UPDATE SET {sets}updated_at = excluded.updated_at",
+                        (api, *vals.values(), iso()))
 
     def budgets(self) -> list[dict]:
         return self._all("SELECT * FROM api_budget ORDER BY api")
@@ -2079,7 +2116,7 @@ class Store:
                          "LIMIT ?", (n,))
 
 
-# ============================================================== transport
+# ============================================================== 4. transport
 # How PatchRelay reaches other programs. HTTP: one transport under both API
 # clients (timeouts, bounded retries and their waits, rate limits and budget
 # recording, request counting, operation names, shape checks). Processes: start
@@ -2145,6 +2182,7 @@ class Transport:
         self.host = re.sub(r"^https?://", "", base_url).split("/")[0]
         self.requests_made = 0
         self.server_time: str | None = None
+        self._headers: dict[str, Any] = {}   # the last answer's budget headers, written with what it meant
 
     def fail(self, what: str, detail: str, transient: bool = False) -> ApiError:
         """The error for operation `what`: "<API> <what> (<host>): <detail>"."""
@@ -2160,6 +2198,9 @@ class Transport:
             return retrying(attempt)
         except _Retry as t:
             raise t.err from None
+        finally:
+            if self._headers:      # an answer read without ok() or limited(): its headers still count
+                self.note({})
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -2200,7 +2241,9 @@ class Transport:
         self.note({"limited_until": None, "last_error": None})
 
     def note(self, fields: dict) -> None:
-        if self.on_budget:
+        """One budget write: the last answer's headers and what it meant (ok, limited)."""
+        fields, self._headers = {**self._headers, **fields}, {}
+        if self.on_budget and fields:
             self.on_budget(fields)
 
     def _record(self, resp: requests.Response) -> None:
@@ -2219,8 +2262,7 @@ class Transport:
         reset = _int_header(resp.headers, self.budget.reset)
         if reset:
             fields["reset_at"] = iso(dt.datetime.fromtimestamp(reset * self.budget.reset_unit, dt.timezone.utc))
-        if fields:
-            self.on_budget(fields)
+        self._headers = fields
 
 
 def shaped(fn: Callable) -> Callable:
@@ -2369,7 +2411,7 @@ def kill_process_group(pid: int | None, started: str | None, grace: float = 3.0)
     return not process_alive(pid, started)
 
 
-# ============================================================== linear
+# ============================================================== 5. linear
 # The Linear GraphQL client (requests + tenacity): timeouts on every call,
 # bounded retries on transport errors, 5xx and rate limits, rate-limit headers
 # recorded for `status`. Returns plain observations; decides nothing.
@@ -2490,6 +2532,10 @@ _ACTIVITY_FIELDS = """id createdAt signal user { id name email app }
 # A session's newest activities come with it: a new session (its prompt) or one that changed only by a few
 # activities (PatchRelay's own writes among them) needs no read of its own.
 RECENT_ACTIVITIES = 5
+# The poll's page of newest agent sessions: five when little happens, and as many as changed within the last
+# poll's overlap window (plus five) when runs keep their sessions busy, so a busy team or fleet is not read
+# one extra page per tick; each session costs about 20 complexity points (its issue, five activities).
+POLL_SESSIONS_MIN, POLL_SESSIONS_MAX = 5, 50
 _SESSION_FIELDS = """id createdAt updatedAt appUser { id } creator { id name email app } comment { id body }
       issue { %s }
       activities(first: %d) { pageInfo { hasNextPage } nodes { %s } }""" % (ISSUE_FIELDS, RECENT_ACTIVITIES,
@@ -2500,9 +2546,9 @@ _COMMENT_FIELDS = "id body createdAt updatedAt editedAt user { id name email app
 # comments are read oldest first (`last` + `before` over Linear's newest-first order), so a read cut short
 # resumes where it stopped; what is not ours is dropped client side.
 Q_POLL = """query PatchRelayPoll($issueFilter: IssueFilter, $commentFilter: CommentFilter, $withComments: Boolean!,
-                      $label: String!) {
+                      $label: String!, $sessions: Int!) {
   viewer { id name app }
-  agentSessions(first: 5, orderBy: updatedAt) { pageInfo { hasNextPage endCursor } nodes { %s } }
+  agentSessions(first: $sessions, orderBy: updatedAt) { pageInfo { hasNextPage endCursor } nodes { %s } }
   issues(last: 25, filter: $issueFilter, orderBy: updatedAt) { pageInfo { hasPreviousPage startCursor } nodes { %s } }
   comments(last: 25, filter: $commentFilter, orderBy: updatedAt) @include(if: $withComments) {
     pageInfo { hasPreviousPage startCursor } nodes { %s } }
@@ -2722,10 +2768,10 @@ class LinearClient:
 
     # ---- the poll (one request when nothing changed) and its follow-up pages
     @shaped
-    def poll(self, issue_filter: dict, comment_filter: dict | None) -> dict:
-        """Viewer, the newest agent sessions, and the oldest page of changed issues and comments."""
+    def poll(self, issue_filter: dict, comment_filter: dict | None, sessions: int = POLL_SESSIONS_MIN) -> dict:
+        """Viewer, the newest `sessions` agent sessions, and the oldest page of changed issues and comments."""
         data = self.query(Q_POLL, {"issueFilter": issue_filter, "commentFilter": comment_filter or {},
-                                   "withComments": comment_filter is not None})
+                                   "withComments": comment_filter is not None, "sessions": sessions})
         out: dict[str, Any] = {"viewer": self._viewer(data, "PatchRelayPoll"), "date": self.server_time}
         for key in ("agentSessions", "issues") + (("comments",) if comment_filter is not None else ()):
             conn = data.get(key)
@@ -3037,7 +3083,7 @@ def _issue(n: dict) -> LinearIssue:
         updated_at=n.get("updatedAt"))
 
 
-# ============================================================== github
+# ============================================================== 6. github
 # The GitHub client (requests + tenacity): one batched GraphQL query per
 # repository and up to 50 branches / pull requests, REST only where GraphQL has
 # nothing (opening a PR, job logs, reruns). Primary and secondary rate limits,
@@ -3265,7 +3311,12 @@ class GitHubClient:
     def graphql(self, document: str, variables: Mapping[str, Any] | None = None, strict: bool = False) -> dict:
         """The answer's data. `strict` (mutations): any error raises, even beside partial data."""
         what = operation_name(document, "graphql")
-        resp = self._send("POST", self.cfg.graphql_url, what, json={"query": document, "variables": dict(variables or {})})
+        body = {"query": document, "variables": dict(variables or {})}
+        # read inside the attempt, so that the answer's budget headers and its ok() are one write
+        return self.transport.retrying(lambda: self._graphql_data(what, self.transport.send(
+            "POST", self.cfg.graphql_url, what, lambda r: self._rate_limit(r, what), json=body), strict))
+
+    def _graphql_data(self, what: str, resp: requests.Response, strict: bool) -> dict:
         try:
             body = resp.json()
         except ValueError:
@@ -3488,7 +3539,7 @@ def log_tail(text: str, secrets: Iterable[str] = (), lines: int = 150, limit: in
     return redact(tail(clean, lines, limit), secrets)
 
 
-# ============================================================== codex
+# ============================================================== 7. codex
 # A blocking JSON-RPC client for `codex app-server` over stdio (one JSON object
 # per line). A reader thread only moves lines into a queue; every decision is
 # made by the caller's thread. Server-to-client requests are answered at once.
@@ -3798,7 +3849,7 @@ def text_input(text: str) -> list[dict]:
     return [{"type": "text", "text": text, "text_elements": []}]
 
 
-# ============================================================== git
+# ============================================================== 8. git
 # Worktrees, branches, commits and pushes with real git. Paths and branch names
 # that come from Linear are sanitised here. Every failure carries git's message.
 
@@ -4178,7 +4229,7 @@ def run_hook(project: ProjectConfig, cfg: Config, name: str, worktree: Path, env
     return True
 
 
-# ============================================================== factory
+# ============================================================== 9. factory
 # The transition table and every decision. Pure: takes rows (dicts) and
 # observations, returns a Decision (issue fields, inbox and outbox messages,
 # events). No SQL, no HTTP, no subprocesses.
@@ -5473,7 +5524,7 @@ def build_report(items: list[dict], changed: list[str], tokens: dict | None, dur
             "tool_calls": tools, "tokens": tokens or {}, "duration_seconds": round(duration, 3) if duration is not None else None}
 
 
-# ============================================================== apply
+# ============================================================== 10. apply
 # Decisions made durable and told: the API clients a pass needs (tokens from the
 # environment, budgets recorded in the store), apply_decision (one factory
 # Decision written in the caller's transaction) and the publisher that sends
@@ -6306,7 +6357,7 @@ def publish_quietly(cfg: Config, store: Store, issue_id: int) -> None:
         log.warning("publish deferred to the next tick: %s", redact(str(e)))
 
 
-# ============================================================== worker
+# ============================================================== 11. worker
 # Drives one run: worktree, hook, app-server, turns (steering and stopping from
 # the SQLite inbox), then git bookkeeping, report and the run's final state.
 # Also resolves the runs of dead workers for reconcile.
@@ -6918,7 +6969,7 @@ def recover_run(cfg: Config, store: Store, run: dict) -> str:
     return "interrupted"
 
 
-# ============================================================== tick
+# ============================================================== 12. tick
 # One pass: reconcile runs, poll Linear and decide, launch workers, publish the
 # outbox. Holds an exclusive lock; each step's failure is reported and the
 # other steps still run. Decisions come from the factory section.
@@ -6958,6 +7009,14 @@ class TickContext:
         self._linear: LinearClient | None = None
         self._github: GitHubClient | None = None
         self.merge_queue: dict[str, bool] = {}          # repository -> whether its base branch has a merge queue
+        self.leases: dict[str, str] = {}                # lease name -> its holder, read as the tick began
+        self._hosts: list[dict] | None = None
+
+    def hosts(self) -> list[dict]:
+        """The fleet's members, read once per tick (Store.hosts)."""
+        if self._hosts is None:
+            self._hosts = self.store.hosts()
+        return self._hosts
 
     def linear(self) -> LinearClient:
         if self._linear is None:
@@ -7080,6 +7139,11 @@ def _read_sessions(store: Store, lc: LinearClient, first: dict, floor_at: str
                           resume_top or max((n.get("updatedAt") or "" for n in nodes), default=floor_at)}
 
 
+def poll_sessions(recent: str | None) -> int:
+    """The poll's page of sessions: the sessions that changed within the last poll's overlap window, plus five."""
+    return max(POLL_SESSIONS_MIN, min(POLL_SESSIONS_MAX, int(recent or 0) + POLL_SESSIONS_MIN))
+
+
 def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
     """Everything that changed in Linear since the cursors: one request when nothing did. Cursors come
     from Linear's clock (its Date header) minus linear.poll_overlap, and move only past what was fully
@@ -7104,7 +7168,7 @@ def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
     # comments by their last change: new ones, and edits of those already read
     cfilter = {"updatedAt": {"gt": comments_since}, **({"issue": {"team": scope}} if scope else {})} \
         if comments_since and open_ids else None
-    r = lc.poll(ifilter, cfilter)
+    r = lc.poll(ifilter, cfilter, sessions=poll_sessions(store.meta_get("linear.sessions.recent")))
     viewer = r["viewer"]
     read_at = r["date"] or iso()
     app_mode = viewer.app if cfg.linear.mode == "auto" else cfg.linear.mode == "app"
@@ -7117,6 +7181,8 @@ def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
     if finished:
         cursors["linear.poll.sessions"] = floor_at
     meta.update(resume_at)
+    # how many sessions the next poll will find again within its overlap window: its first page's size
+    meta["linear.sessions.recent"] = str(sum(1 for n in nodes if (n.get("updatedAt") or "") > floor_at))
     sessions = [_session(n) for n in {n["id"]: n for n in nodes}.values()]
     ours = [x for x in sessions if x.app_user_id == viewer.id]
     want = []
@@ -7373,7 +7439,7 @@ def _take_over(ctx: TickContext) -> list[str]:
     issue's session hears it once), to start on a live host from the pushed branch in a fresh worktree and a
     fresh thread with a hand-off. The silent host's workers, if they still run, find their run fenced off."""
     cfg, store = ctx.cfg, ctx.store
-    dead = {h["name"]: h for h in store.hosts()
+    dead = {h["name"]: h for h in ctx.hosts()
             if h["name"] != cfg.runner.host and h["silent_seconds"] >= cfg.runner.host_timeout}
     taken: list[str] = []
     for run in store.active_runs() if dead else ():
@@ -7618,7 +7684,7 @@ def launch(ctx: TickContext) -> dict:
         return _hold_launches(ctx, provider)
     me = cfg.runner.host
     free = cfg.runner.max_concurrent_runs - store.count_active_runs(host=me)
-    alive = {h["name"] for h in store.hosts() if h["silent_seconds"] < cfg.runner.host_timeout} | {me}
+    alive = {h["name"] for h in ctx.hosts() if h["silent_seconds"] < cfg.runner.host_timeout} | {me}
     launched, waiting, held = [], [], {}
     capped = cfg.codex.max_tokens_per_issue is not None or cfg.codex.max_tokens_per_day is not None
     day_spent = store.tokens_spent(since=utc_day_start()) if capped else 0
@@ -7776,8 +7842,8 @@ def _record_worktrees(store: Store, kept: list[dict], force: bool = False) -> No
     """What `status` shows of the worktrees, kept cheap to read: the ones kept for the work they hold (each
     pass), and how many exist with their disk use (measured when their number changes, else at most hourly:
     walking big checkouts costs)."""
-    with store.tx():
-        if store.meta_get("worktrees.kept") != json.dumps(kept):
+    if store.meta_get("worktrees.kept") != json.dumps(kept):
+        with store.tx():
             store.meta_set("worktrees.kept", json.dumps(kept))
     usage = json.loads(store.meta_get("worktrees.usage") or "null")
     paths = [Path(r["worktree"]) for r in store.worktree_paths() if Path(r["worktree"]).is_dir()]
@@ -7798,11 +7864,14 @@ def once_per_fleet(name: str, fn: Callable[[TickContext], dict]) -> Callable[[Ti
     """A step one host of a fleet takes per tick: the holder of its lease (kept while it ticks, so one host
     polls; when it falls silent the lease runs out and the next host carries on from the stored cursors)."""
     def run(c: TickContext) -> dict:
-        lease, me = f"step:{name}", c.cfg.runner.host
-        if not c.dry_run and not c.store.lease_take(lease, me, c.cfg.runner.host_timeout / 2):
-            return {"skipped": f"held by {c.store.lease_holder(lease) or 'another host'}"}
+        holder = c.leases.get(f"step:{name}")
+        if not c.dry_run and holder != c.cfg.runner.host:
+            return {"skipped": f"held by {holder or 'another host'}"}
         return fn(c)
     return run
+
+
+FLEET_STEPS = ("intake", "observe", "publish")     # once per fleet per tick: their leases are taken at its start
 
 
 def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
@@ -7811,9 +7880,11 @@ def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
     would cost in API requests, and changes nothing."""
     ctx = TickContext(cfg, store, dry_run)
     report: dict[str, Any] = {"result": "ok", "dry_run": dry_run, "steps": {}, "errors": []}
-    tick_id = None if dry_run else store.start_tick(os.getpid(), proc_start_time(os.getpid()))
+    tick_id = None
     if not dry_run:
-        store.heartbeat(cfg.runner.host, os.getpid(), cfg.runner.max_concurrent_runs)
+        tick_id, ctx.leases = store.begin_tick(
+            os.getpid(), proc_start_time(os.getpid()), cfg.runner.host, cfg.runner.max_concurrent_runs,
+            [f"step:{n}" for n in FLEET_STEPS], cfg.runner.host_timeout / 2)
 
     def step(name: str, fn: Callable[[TickContext], dict]) -> None:
         try:
@@ -7917,7 +7988,7 @@ def write_reports(cfg: Config, store: Store) -> None:
                     "url": f"{public}issue-{slug}.html"}),)))
 
 
-# ============================================================== cli
+# ============================================================== 13. cli
 # click commands. Parse, call, print (tabulate or --json). Errors become one
 # line on stderr and an exit code: 1 for a failed step or run, 2 for usage and
 # config errors.
@@ -8068,7 +8139,7 @@ def tick_cmd(app: App, dry_run: bool, as_json: bool) -> None:
 
 
 @cli.command("watch")
-@click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(min=0.2), help="Seconds between ticks.")
+@click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(min=0.2), help="Seconds from one tick's start to the next's.")
 @click.pass_obj
 def watch_cmd(app: App, interval: float) -> None:
     """Tick in a loop in the foreground; Ctrl-C stops between ticks."""
@@ -8081,7 +8152,12 @@ def watch_cmd(app: App, interval: float) -> None:
     cfg, store = app.cfg, app.store()
     watcher = ConfigWatcher(cfg, app.config_path, service_env_file())
     click.echo(f"watching every {interval:g} s; Ctrl-C to stop; {cfg.path} is reloaded when it changes")
+    due = time.monotonic()
     while not stop["now"]:
+        # a fixed cadence, as a timer's: a tick starts `interval` seconds after the last one started (at once
+        # when that one ran longer), so a host polls at one rate whether its ticks are light or heavy, and a
+        # fleet's lease holder polls as often as one host would
+        due = max(due, time.monotonic()) + interval
         fresh, said = watcher.check()
         if said:
             click.echo(f"{time.strftime('%H:%M:%S')} {said}", err=fresh is None)
@@ -8102,9 +8178,8 @@ def watch_cmd(app: App, interval: float) -> None:
         except TickLocked:
             pass
         reap_workers()
-        deadline = time.time() + interval
-        while not stop["now"] and time.time() < deadline:
-            time.sleep(0.1)
+        while not stop["now"] and time.monotonic() < due:
+            time.sleep(min(0.1, max(0.0, due - time.monotonic())))
     click.echo("stopped")
 
 
@@ -8138,6 +8213,7 @@ def _issue_item(r: Mapping[str, Any], detail: bool = False) -> dict:
 def _table(rows: list[list[Any]], headers: list[str]) -> str:
     """A table: aligned on a terminal, tab-separated (with its header line) when piped."""
     if sys.stdout.isatty():
+        from tabulate import tabulate
         return tabulate(rows, headers=headers)
     clean = lambda v: "" if v is None else str(v).replace("\t", " ").replace("\n", " ")  # noqa: E731
     return "\n".join("\t".join(clean(v) for v in row) for row in [headers, *rows])

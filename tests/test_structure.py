@@ -45,10 +45,12 @@ def _definitions(tree, banners):
 
 
 def test_banners_follow_the_map_in_the_module_docstring():
+    """Each banner is `# ==== N. name`, numbered and named as the module docstring's map lists them."""
     tree, banners = _sections()
     doc = ast.get_docstring(tree)
-    listed = re.findall(r"^\s*\d+\.\s+(\S+(?: and \S+)?)", doc, re.M)
+    listed = [f"{n}. {name}" for n, name in re.findall(r"^\s*(\d+)\.\s+(\S+(?: and \S+)?)", doc, re.M)]
     assert [name for _, name in banners] == listed
+    assert listed[0] == "1. errors and constants" and len(listed) >= 13
 
 
 def test_every_section_uses_only_what_earlier_sections_define():
@@ -78,7 +80,7 @@ def _section_text(name):
     lines = text.splitlines()
     _, banners = _sections()
     starts = [start for start, n in banners]
-    index = [n for _, n in banners].index(name)
+    index = [n.split(". ", 1)[-1] for _, n in banners].index(name)
     end = starts[index + 1] - 1 if index + 1 < len(starts) else len(lines)
     return "\n".join(lines[starts[index] - 1:end])
 

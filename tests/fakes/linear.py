@@ -133,6 +133,33 @@ _schema_lock = threading.Lock()
 _schema_cache = {}
 
 
+_documents: dict[str, tuple] = {}
+_documents_lock = threading.Lock()
+
+
+def _checked_document(query):
+    """(document | None, syntax error | None, validation errors, deprecation messages) for a query text,
+    cached per process: clients send the same few documents over and over, and validating one against
+    Linear's schema costs milliseconds."""
+    with _documents_lock:
+        if query in _documents:
+            return _documents[query]
+    try:
+        doc = parse(query)
+    except GraphQLSyntaxError as e:
+        result = (None, e, [], [])
+    else:
+        schema = get_schema()
+        errors = validate(schema, doc)
+        deprecated = [] if errors else [e.message for e in validate(schema, doc, [NoDeprecatedCustomRule])]
+        result = (doc, None, errors, deprecated)
+    with _documents_lock:
+        if len(_documents) > 500:
+            _documents.clear()
+        _documents[query] = result
+    return result
+
+
 def get_schema():
     """The Linear schema, built once per process (the SDL is 1.2 MB, about 1.5 s)."""
     with _schema_lock:
@@ -1056,12 +1083,8 @@ class FakeLinear:
                                          "extensions": {"code": "BAD_REQUEST"}}]}
         query, variables, op_name = req.get("query") or "", req.get("variables") or {}, req.get("operationName")
         rec.update(query=query, variables=variables, operation=op_name)
-        doc, op = None, None
-        try:
-            doc = parse(query)
-            op = get_operation_ast(doc, op_name)
-        except GraphQLSyntaxError:
-            pass
+        doc, syntax_error, errors, deprecated = _checked_document(query)
+        op = get_operation_ast(doc, op_name) if doc is not None else None
         if op is not None:
             rec["operation"] = op_name or (op.name.value if op.name else None)
             rec["fields"] = [s.name.value for s in op.selection_set.selections if isinstance(s, FieldNode)]
@@ -1118,19 +1141,16 @@ class FakeLinear:
                 self.validation_errors.extend({"operation": rec["operation"], **f} for f in out)
             return reply(400, {"errors": out}, self._budget_headers())
 
-        try:
-            doc = parse(query)
-        except GraphQLSyntaxError as e:
-            return bad([e], "GRAPHQL_PARSE_FAILED")
-        errors = validate(schema, doc)
+        if syntax_error is not None:
+            return bad([syntax_error], "GRAPHQL_PARSE_FAILED")
         if errors:
             return bad(errors, "GRAPHQL_VALIDATION_FAILED")
         if op is None:
             return bad([GraphQLError("Must provide a (known) operationName when the document has several "
                                      "operations")], "GRAPHQL_VALIDATION_FAILED")
         with self.lock:
-            for e in validate(schema, doc, [NoDeprecatedCustomRule]):
-                self.deprecations.append({"operation": rec["operation"], "message": e.message})
+            for message in deprecated:
+                self.deprecations.append({"operation": rec["operation"], "message": message})
         coerced = get_variable_values(schema, op.variable_definitions, variables)
         if isinstance(coerced, list):
             return bad(coerced, "BAD_USER_INPUT")
