@@ -1253,8 +1253,13 @@ ALTER TABLE issues ADD COLUMN page_slug TEXT;
 CREATE INDEX events_kind ON events(kind, id);
 """
 
+# v12: what each host records of its worktrees is its own (meta worktrees.usage:<host>, worktrees.kept:<host>)
+SCHEMA_V12 = """
+DELETE FROM meta WHERE key IN ('worktrees.usage', 'worktrees.kept');
+"""
+
 MIGRATIONS: list[str] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8,
-                         SCHEMA_V9, SCHEMA_V10, SCHEMA_V11]
+                         SCHEMA_V9, SCHEMA_V10, SCHEMA_V11, SCHEMA_V12]
 
 ISSUE_COLUMNS = frozenset({
     "project_id", "linear_id", "key", "title", "description", "url", "team_id", "team_key", "linear_state",
@@ -1581,13 +1586,47 @@ class Store:
         r = self._one("SELECT value FROM meta WHERE key = ?", (key,))
         return r["value"] if r else None
 
+    def meta_many(self, keys: Sequence[str]) -> dict[str, str | None]:
+        """Several settings in one read (None for those not set)."""
+        got = {r["key"]: r["value"] for r in self._all(
+            f"SELECT key, value FROM meta WHERE key IN ({', '.join('?' * len(keys))})", tuple(keys))} if keys else {}
+        return {k: got.get(k) for k in keys}
+
     def meta_set(self, key: str, value: str | None) -> None:
         self.db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                         (key, value))
 
+    # ---- worktrees: what each host records of the worktrees on its disk (gc, each tick)
+    def worktrees_recorded(self) -> dict:
+        """Every host's worktrees, summed: {count, bytes, kept: [...], hosts: {host: {count, bytes, kept}}}."""
+        hosts: dict[str, dict] = {}
+        for r in self._all("SELECT key, value FROM meta WHERE key LIKE 'worktrees.%:%' ORDER BY key"):
+            kind, _, host = r["key"].partition(":")
+            value = json.loads(r["value"] or "null")
+            h = hosts.setdefault(host, {"count": 0, "bytes": 0, "kept": []})
+            if kind == "worktrees.usage" and value:
+                h.update(count=value.get("count", 0), bytes=value.get("bytes", 0), at=value.get("at"))
+            elif kind == "worktrees.kept" and value:
+                h["kept"] = value
+        return {"count": sum(h["count"] for h in hosts.values()), "bytes": sum(h["bytes"] for h in hosts.values()),
+                "kept": [k for h in hosts.values() for k in h["kept"]], "hosts": hosts}
+
     def cursor_get(self, stream: str) -> str | None:
         r = self._one("SELECT value FROM cursors WHERE stream = ?", (stream,))
         return r["value"] if r else None
+
+    def cursors_many(self, streams: Sequence[str]) -> dict[str, str | None]:
+        got = {r["stream"]: r["value"] for r in self._all(
+            f"SELECT stream, value FROM cursors WHERE stream IN ({', '.join('?' * len(streams))})", tuple(streams))}
+        return {k: got.get(k) for k in streams}
+
+    def cursors_set(self, values: Mapping[str, str]) -> None:
+        """Several cursors in one statement."""
+        if values:
+            self.db.execute(f"INSERT INTO cursors(stream, value, updated_at) VALUES "
+                            f"{', '.join(['(?, ?, ?)'] * len(values))} ON CONFLICT(stream) DO UPDATE SET "
+                            "value = excluded.value, updated_at = excluded.updated_at",
+                            tuple(x for k, v in values.items() for x in (k, v, iso())))
 
     def cursor_set(self, stream: str, value: str) -> None:
         self.db.execute("INSERT INTO cursors(stream, value, updated_at) VALUES (?, ?, ?) "
@@ -1682,13 +1721,10 @@ class Store:
         return self._all("SELECT o.*, i.key AS issue_key FROM outbox o LEFT JOIN issues i ON i.id = o.issue_id "
                          "WHERE o.status IN ('queued', 'failed') ORDER BY o.status DESC, o.id")
 
-    def tracked_linear_ids(self) -> list[str]:
-        return [r["linear_id"] for r in self._all("SELECT linear_id FROM issues ORDER BY id")]
-
-    def tracked_open_linear_ids(self, comments_synced: bool | None = None) -> list[str]:
-        extra = "" if comments_synced is None else f" AND comments_synced = {int(comments_synced)}"
-        return [r["linear_id"] for r in self._all(
-            f"SELECT linear_id FROM issues WHERE factory_state NOT IN ('done', 'canceled'){extra} ORDER BY id")]
+    def tracked_linear(self) -> list[dict]:
+        """Every tracked issue's Linear id, whether it is open, and whether its comments were read (one read)."""
+        return self._all("SELECT linear_id, CASE WHEN factory_state IN ('done', 'canceled') THEN 0 ELSE 1 END "
+                         "AS open, comments_synced FROM issues ORDER BY id")
 
     def mark_comments_synced(self, linear_ids: list[str]) -> None:
         self.db.executemany("UPDATE issues SET comments_synced = 1 WHERE linear_id = ?", [(i,) for i in linear_ids])
@@ -1767,29 +1803,36 @@ class Store:
                 (name, self.clock() if now is None else now, iso(), pid, max_runs, __version__))
 
     def begin_tick(self, pid: int, pid_started: str | None, host: str, max_runs: int, leases: Sequence[str],
-                   lease_seconds: float) -> tuple[int, dict[str, str]]:
+                   lease_seconds: float) -> tuple[int, dict[str, str], float]:
         """A tick's start in one transaction and one reading of the clock: its row, the host's heartbeat, and
-        the once-per-fleet leases it can take (or keep). Returns the tick's id and each running lease's
-        holder by name (this host for those it took)."""
+        the once-per-fleet leases it can take (or keep). Returns the tick's id, each running lease's holder
+        by name (this host for those it took) and the clock's reading."""
         with self.tx():
             now = self.clock()
             tick_id = self.start_tick(pid, pid_started)
             self.heartbeat(host, pid, max_runs, now)
-            for name in leases:
-                self.lease_take(name, host, lease_seconds, now)
+            if leases:          # lease_take's rule, for every lease in one statement
+                self.db.execute(
+                    f"INSERT INTO leases(name, holder, until) VALUES {', '.join(['(?, ?, ?)'] * len(leases))} "
+                    "ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, until = excluded.until WHERE "
+                    "leases.holder = excluded.holder OR leases.until < ?",
+                    (*(x for name in leases for x in (name, host, now + lease_seconds)), now))
             holders = {r["name"]: r["holder"] for r in self._all(
                 "SELECT name, holder FROM leases WHERE until >= ?", (now,))}
-        return tick_id, holders
+        return tick_id, holders, now
 
-    def hosts(self) -> list[dict]:
-        """Every host with its heartbeat's age (`silent_seconds`), active runs and the leases it holds."""
-        now = self.clock()
+    def hosts(self, now: float | None = None, holders: Mapping[str, str] | None = None) -> list[dict]:
+        """Every host with its heartbeat's age (`silent_seconds`), active runs and the leases it holds. `now`
+        and `holders` (lease -> holder): a reading of the clock and the leases a caller already made."""
+        now = self.clock() if now is None else now
         rows = self._all("SELECT h.*, (SELECT COUNT(*) FROM runs r WHERE r.host = h.name AND r.status IN "
                          "('claimed', 'running')) AS active_runs FROM hosts h ORDER BY h.name")
-        leases = self._all("SELECT name, holder, until FROM leases WHERE until >= ?", (now,))
+        if holders is None:
+            holders = {x["name"]: x["holder"] for x in
+                       self._all("SELECT name, holder FROM leases WHERE until >= ?", (now,))}
         for h in rows:
             h["silent_seconds"] = round(now - float(h["seen_at"]), 1)
-            h["leases"] = sorted(x["name"] for x in leases if x["holder"] == h["name"])
+            h["leases"] = sorted(name for name, holder in holders.items() if holder == h["name"])
         return rows
 
     def lease_holder(self, name: str) -> str | None:
@@ -1953,6 +1996,10 @@ class Store:
     def session(self, session_id: str) -> dict | None:
         return self._one("SELECT * FROM sessions WHERE id = ?", (session_id,))
 
+    def sessions_by_id(self, ids: Sequence[str]) -> dict[str, dict]:
+        return {r["id"]: r for r in self._all(
+            f"SELECT * FROM sessions WHERE id IN ({', '.join('?' * len(ids))})", tuple(ids))} if ids else {}
+
     def upsert_session(self, session_id: str, issue_id: int | None, creator: str, trusted: bool,
                        activity_cursor: str | None, seen_updated_at: str | None = None) -> None:
         self.db.execute(
@@ -2017,6 +2064,7 @@ class Store:
 
     # ---- API budget and ticks
     def record_budget(self, api: str, fields: Mapping[str, Any]) -> None:
+        """One statement (an upsert), atomic by itself: it needs no write transaction around it."""
         cols = ["requests_limit", "requests_remaining", "complexity_limit", "complexity_remaining", "reset_at",
                 "limited_until", "last_error"]
         vals = {k: fields.get(k) for k in cols if k in fields}
@@ -2053,13 +2101,14 @@ class Store:
         with self.tx():
             tick_id = self._inserted(self.db.execute("INSERT INTO ticks (started_at, pid, pid_started) "
                                                      "VALUES (?, ?, ?)", (iso(), pid, pid_started)))
-            self.db.execute("DELETE FROM ticks WHERE id < ?", (tick_id - 1000,))
+            if tick_id % 100 == 0:      # keep the last thousand or so
+                self.db.execute("DELETE FROM ticks WHERE id < ?", (tick_id - 1000,))
             return tick_id
 
     def end_tick(self, tick_id: int, result: str, summary: Mapping) -> None:
-        with self.tx():
-            self.db.execute("UPDATE ticks SET ended_at = ?, result = ?, summary = ? WHERE id = ?",
-                            (iso(), result, json.dumps(summary), tick_id))
+        # one statement on this tick's own row: atomic by itself, no write transaction needed
+        self.db.execute("UPDATE ticks SET ended_at = ?, result = ?, summary = ? WHERE id = ?",
+                        (iso(), result, json.dumps(summary), tick_id))
 
     def last_tick(self) -> dict | None:
         return self._one("SELECT * FROM ticks ORDER BY id DESC LIMIT 1")
@@ -2083,8 +2132,8 @@ class Store:
                                        "ORDER BY id DESC LIMIT 1"),
                 "tokens_today": self.tokens_spent(since=day_start),
                 "meta": {r["key"]: r["value"] for r in self._all(
-                    "SELECT key, value FROM meta WHERE key IN ('runner.paused', 'runner.codex_hold', "
-                    "'worktrees.usage')")},
+                    "SELECT key, value FROM meta WHERE key IN ('runner.paused', 'runner.codex_hold')")},
+                "worktrees": self.worktrees_recorded(),
                 "budgets": self.budgets(),
                 "hosts": self.hosts(),
             }
@@ -5662,8 +5711,7 @@ def linear_client(cfg: Config, store: Store | None, record: bool = True) -> Line
 
     def on_budget(fields: dict) -> None:
         if store is not None and record:
-            with store.tx():
-                store.record_budget("linear", fields)
+            store.record_budget("linear", fields)       # one upsert: atomic by itself
     return LinearClient(cfg.linear, token, on_budget, reauth=tokens.refused)
 
 
@@ -5675,8 +5723,7 @@ def github_client(cfg: Config, store: Store | None) -> GitHubClient:
 
     def on_budget(fields: dict) -> None:
         if store is not None:
-            with store.tx():
-                store.record_budget("github", fields)
+            store.record_budget("github", fields)       # one upsert: atomic by itself
     return GitHubClient(cfg.github, token, on_budget)
 
 
@@ -5861,10 +5908,10 @@ def metrics_text(cfg: Config, snap: dict, now: dt.datetime, linear_token: Mappin
     m.metric("token_cap", "gauge", "The configured token caps.",
              (({"scope": k}, v) for k, v in (("day", cx.max_tokens_per_day), ("issue", cx.max_tokens_per_issue),
                                              ("run", cx.max_tokens_per_run))))
-    wt = json.loads(snap["meta"].get("worktrees.usage") or "null") or {}
-    m.metric("worktrees", "gauge", "Worktrees on disk.", [({}, wt.get("count", 0))])
+    wt = snap["worktrees"]
+    m.metric("worktrees", "gauge", "Worktrees on disk (every host's).", [({}, wt["count"])])
     m.metric("worktrees_bytes", "gauge", "Their disk use (measured when their number changes, else hourly).",
-             [({}, wt.get("bytes", 0))])
+             [({}, wt["bytes"])])
     if len(snap.get("hosts") or ()) > 1:         # a fleet: each member's heartbeat and runs
         m.metric("host_last_seen_seconds", "gauge", "Seconds since each host of the fleet last ticked.",
                  (({"host": h["name"]}, h["silent_seconds"]) for h in snap["hosts"]))
@@ -7010,12 +7057,14 @@ class TickContext:
         self._github: GitHubClient | None = None
         self.merge_queue: dict[str, bool] = {}          # repository -> whether its base branch has a merge queue
         self.leases: dict[str, str] = {}                # lease name -> its holder, read as the tick began
+        self.began: float | None = None                 # the database's clock as the tick began
         self._hosts: list[dict] | None = None
 
     def hosts(self) -> list[dict]:
-        """The fleet's members, read once per tick (Store.hosts)."""
+        """The fleet's members, read once per tick (Store.hosts, against the clock and leases read as it
+        began)."""
         if self._hosts is None:
-            self._hosts = self.store.hosts()
+            self._hosts = self.store.hosts(self.began, self.leases if self.began is not None else None)
         return self._hosts
 
     def linear(self) -> LinearClient:
@@ -7088,20 +7137,20 @@ def team_scope(cfg: Config) -> dict | None:
     return scope[0] if len(scope) == 1 else {"or": scope}
 
 
-def _read_sessions(store: Store, lc: LinearClient, first: dict, floor_at: str
+def _read_sessions(stored: Mapping[str, str | None], lc: LinearClient, first: dict, floor_at: str
                    ) -> tuple[list[dict], bool, dict[str, str | None]]:
     """The agent sessions that changed since the sessions cursor, as raw nodes; whether the read finished; and
     the resume point to store.
 
     Linear's agentSessions connection has no filter: it is read newest first (by updatedAt), down to the
-    cursor (the floor). A read longer than READ_PAGE_CAP pages is cut, and the cursor does not move; the
+    cursor (the floor). `stored`: the cursor and the meta keys below, as read_linear read them. A read longer than READ_PAGE_CAP pages is cut, and the cursor does not move; the
     cut is remembered in two meta keys, in the same transaction as what was read:
       linear.sessions.resume      the endCursor where the read stopped: the next tick goes on from there,
       linear.sessions.resume_top  the newest updatedAt of the cut read: the next tick first reads what
                                   arrived above it (the newest pages), then resumes below.
     When a read reaches the floor, both keys are cleared and the cursor moves to `floor_at`."""
-    floor = store.cursor_get("linear.poll.sessions")
-    resume, resume_top = store.meta_get("linear.sessions.resume"), store.meta_get("linear.sessions.resume_top")
+    floor = stored["linear.poll.sessions"]
+    resume, resume_top = stored["linear.sessions.resume"], stored["linear.sessions.resume_top"]
     nodes = [n for n in first["nodes"] if isinstance(n, dict)]
     pages = 0
 
@@ -7139,6 +7188,11 @@ def _read_sessions(store: Store, lc: LinearClient, first: dict, floor_at: str
                           resume_top or max((n.get("updatedAt") or "" for n in nodes), default=floor_at)}
 
 
+POLL_CURSORS = ("linear.poll.issues", "linear.poll.comments", "linear.poll.sessions")
+POLL_META = ("linear.viewer_id", "linear.mode", "linear.sessions.resume", "linear.sessions.resume_top",
+             "linear.sessions.recent")
+
+
 def poll_sessions(recent: str | None) -> int:
     """The poll's page of sessions: the sessions that changed within the last poll's overlap window, plus five."""
     return max(POLL_SESSIONS_MIN, min(POLL_SESSIONS_MAX, int(recent or 0) + POLL_SESSIONS_MIN))
@@ -7150,25 +7204,26 @@ def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
     read; a read cut short (page cap, rate limit) resumes where it stopped."""
     overlap = cfg.linear.poll_overlap
     scope = team_scope(cfg)
-    issues_since = store.cursor_get("linear.poll.issues")
-    comments_since = store.cursor_get("linear.poll.comments")
-    viewer_id = store.meta_get("linear.viewer_id")
+    stored: dict[str, str | None] = {**store.cursors_many(POLL_CURSORS), **store.meta_many(POLL_META)}
+    issues_since, comments_since = stored["linear.poll.issues"], stored["linear.poll.comments"]
+    viewer_id = stored["linear.viewer_id"]
     if issues_since:
         ifilter: dict = {"updatedAt": {"gt": issues_since}, **({"team": scope} if scope else {})}
     else:
         # First poll: the open issues delegated to us (the rule needs the viewer; learnt once, then cached).
-        mode = store.meta_get("linear.mode")
+        mode = stored["linear.mode"]
         if not viewer_id or not mode:
             v = lc.viewer()
             viewer_id, mode = v.id, "app" if v.app else "user"
         app0 = mode == "app" if cfg.linear.mode == "auto" else cfg.linear.mode == "app"
         ifilter = delegated_filter(cfg, Identity(viewer_id, app0, cfg.linear.delegation,
                                                  cfg.linear.delegation_label))
-    open_ids = store.tracked_open_linear_ids()
+    tracked_rows = store.tracked_linear()
+    open_ids = [r["linear_id"] for r in tracked_rows if r["open"]]
     # comments by their last change: new ones, and edits of those already read
     cfilter = {"updatedAt": {"gt": comments_since}, **({"issue": {"team": scope}} if scope else {})} \
         if comments_since and open_ids else None
-    r = lc.poll(ifilter, cfilter, sessions=poll_sessions(store.meta_get("linear.sessions.recent")))
+    r = lc.poll(ifilter, cfilter, sessions=poll_sessions(stored["linear.sessions.recent"]))
     viewer = r["viewer"]
     read_at = r["date"] or iso()
     app_mode = viewer.app if cfg.linear.mode == "auto" else cfg.linear.mode == "app"
@@ -7177,17 +7232,19 @@ def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
     meta: dict[str, str | None] = {"linear.viewer_id": viewer.id, "linear.mode": "app" if app_mode else "user"}
     floor_at = _minus(read_at, overlap) or read_at
 
-    nodes, finished, resume_at = _read_sessions(store, lc, r["agentSessions"], floor_at)
+    nodes, finished, resume_at = _read_sessions(stored, lc, r["agentSessions"], floor_at)
     if finished:
         cursors["linear.poll.sessions"] = floor_at
     meta.update(resume_at)
     # how many sessions the next poll will find again within its overlap window: its first page's size
     meta["linear.sessions.recent"] = str(sum(1 for n in nodes if (n.get("updatedAt") or "") > floor_at))
+    meta = {k: v for k, v in meta.items() if v != stored.get(k)}        # only what changed is written
     sessions = [_session(n) for n in {n["id"]: n for n in nodes}.values()]
     ours = [x for x in sessions if x.app_user_id == viewer.id]
+    stored_sessions = store.sessions_by_id([x.id for x in ours])
     want = []
     for x in ours:
-        known = store.session(x.id)
+        known = stored_sessions.get(x.id)
         if known and known["seen_updated_at"] and x.updated_at <= known["seen_updated_at"]:
             continue  # nothing new in this session since we last read it
         want.append((x, _minus(known["activity_cursor"], overlap) if known and known["activity_cursor"] else None))
@@ -7227,12 +7284,12 @@ def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
     elif open_ids or not comments_since:
         cursors["linear.poll.comments"] = floor_at
     # every comment of issues tracked since the last tick (their history), only when there are some
-    unsynced = store.tracked_open_linear_ids(comments_synced=False)
+    unsynced = [r["linear_id"] for r in tracked_rows if r["open"] and not r["comments_synced"]]
     if unsynced:
         comments += lc.comment_history(unsynced)
         comments.sort(key=lambda c: (c.created_at, c.id))
     # what changed but is not ours is dropped here, client side
-    tracked = set(store.tracked_linear_ids())
+    tracked = {r["linear_id"] for r in tracked_rows}
     issues = [i for i in issues if i.id in tracked or is_delegated(i, ident)]
     comments = [c for c in comments if c.issue_linear_id in tracked]
     return LinearReads(ident, ours, session_acts, issues, comments, unsynced, cursors, meta)
@@ -7293,8 +7350,7 @@ def intake(ctx: TickContext) -> dict:
                 continue
             guarded(row["key"], row["linear_id"], functools.partial(fn, ctx, c, row, ident, now, summary, notes))
         # Cursors advance in the same transaction that stored what was read.
-        for stream, value in reads.cursors.items():
-            store.cursor_set(stream, value)
+        store.cursors_set(reads.cursors)
         for name, setting in reads.meta.items():
             store.meta_set(name, setting)
         store.mark_comments_synced(unsynced)
@@ -7795,6 +7851,10 @@ def reap_workers() -> None:
 
 # ---- gc: worktrees of closed issues reclaimed
 
+GC_EVERY = 60.0                     # seconds between two gc steps of one process (a `watch`), per host
+_GC_LAST: dict[str, float] = {}     # host -> time.monotonic() of this process's last gc step
+
+
 def collect_worktrees(ctx: TickContext) -> dict:
     """Remove the worktree (and local branch) of every issue closed (done, canceled, failed, escalated or
     released) more than runner.worktree_retention_hours ago, unless it holds work (uncommitted changes,
@@ -7802,6 +7862,11 @@ def collect_worktrees(ctx: TickContext) -> dict:
     (github.delete_merged_branches); a failed or canceled issue's stays. An issue that comes back gets its
     worktree rebuilt from the pushed branch."""
     cfg, store = ctx.cfg, ctx.store
+    last = _GC_LAST.get(cfg.runner.host)
+    if not ctx.dry_run and last is not None and time.monotonic() - last < GC_EVERY:
+        return {"skipped": f"ran {time.monotonic() - last:.0f} s ago"}     # watch: once a minute is enough
+    if not ctx.dry_run:
+        _GC_LAST[cfg.runner.host] = time.monotonic()
     before = iso(utcnow() - dt.timedelta(hours=cfg.runner.worktree_retention_hours))
     result: dict[str, Any] = {"removed": [], "kept": [], "errors": []}
     for row in store.closed_worktrees(host=cfg.runner.host):      # each host collects the worktrees it holds
@@ -7834,24 +7899,25 @@ def collect_worktrees(ctx: TickContext) -> dict:
         result["removed"].append(row["key"])
         ctx.note(f"{row['key']}: removed worktree {path}")
     if not ctx.dry_run:
-        _record_worktrees(store, result["kept"], force=bool(result["removed"]))
+        _record_worktrees(store, cfg.runner.host, result["kept"], force=bool(result["removed"]))
     return result
 
 
-def _record_worktrees(store: Store, kept: list[dict], force: bool = False) -> None:
-    """What `status` shows of the worktrees, kept cheap to read: the ones kept for the work they hold (each
-    pass), and how many exist with their disk use (measured when their number changes, else at most hourly:
-    walking big checkouts costs)."""
-    if store.meta_get("worktrees.kept") != json.dumps(kept):
+def _record_worktrees(store: Store, host: str, kept: list[dict], force: bool = False) -> None:
+    """What `status` shows of this host's worktrees, kept cheap to read: the ones kept for the work they hold
+    (each pass), and how many exist with their disk use (measured when their number changes, else at most
+    hourly: walking big checkouts costs). Each host of a fleet records its own disk."""
+    recorded = store.worktrees_recorded()["hosts"].get(host) or {}
+    if recorded.get("kept", []) != kept:
         with store.tx():
-            store.meta_set("worktrees.kept", json.dumps(kept))
-    usage = json.loads(store.meta_get("worktrees.usage") or "null")
-    paths = [Path(r["worktree"]) for r in store.worktree_paths() if Path(r["worktree"]).is_dir()]
-    if not force and usage and usage.get("count") == len(paths) and (age_seconds(usage.get("at")) or 1e9) < 3600:
+            store.meta_set(f"worktrees.kept:{host}", json.dumps(kept))
+    paths = [Path(r["worktree"]) for r in store.worktree_paths(host) if Path(r["worktree"]).is_dir()]
+    if not force and recorded.get("at") and recorded.get("count") == len(paths) \
+            and (age_seconds(recorded.get("at")) or 1e9) < 3600:
         return
     with store.tx():
-        store.meta_set("worktrees.usage", json.dumps({"at": iso(), "count": len(paths),
-                                                      "bytes": sum(disk_use(p) for p in paths)}))
+        store.meta_set(f"worktrees.usage:{host}", json.dumps({"at": iso(), "count": len(paths),
+                                                             "bytes": sum(disk_use(p) for p in paths)}))
 
 
 # ---- the tick: every step, each failure reported, the others still run
@@ -7882,7 +7948,7 @@ def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
     report: dict[str, Any] = {"result": "ok", "dry_run": dry_run, "steps": {}, "errors": []}
     tick_id = None
     if not dry_run:
-        tick_id, ctx.leases = store.begin_tick(
+        tick_id, ctx.leases, ctx.began = store.begin_tick(
             os.getpid(), proc_start_time(os.getpid()), cfg.runner.host, cfg.runner.max_concurrent_runs,
             [f"step:{n}" for n in FLEET_STEPS], cfg.runner.host_timeout / 2)
 
@@ -8288,17 +8354,19 @@ def _status_data(cfg: Config, store: Store | None, show_all: bool) -> dict:
             "unrouted": [{"key": u["issue_key"], "at": u["at"], "message": u["message"]} for u in store.unrouted()],
             "tokens": _tokens_status(cfg, store), "codex_hold": codex_hold(store),
             "flaky_checks": json.loads(store.meta_get("ci.flaky") or "{}"),
-            "worktrees": {**(json.loads(store.meta_get("worktrees.usage") or "null") or {"count": 0, "bytes": 0}),
-                          "kept": json.loads(store.meta_get("worktrees.kept") or "[]")},
+            "worktrees": {k: v for k, v in store.worktrees_recorded().items() if k != "hosts"},
             "linear_token": linear_token_status(cfg, store), "hosts": _hosts_status(cfg, store)}
 
 
 def _hosts_status(cfg: Config, store: Store) -> list[dict]:
-    """The fleet's members: name, last seen, alive, active runs, their cap, the once-per-fleet steps they hold."""
+    """The fleet's members: name, last seen, alive, active runs, their cap, the once-per-fleet steps they hold,
+    the worktrees on their disk."""
+    disks = store.worktrees_recorded()["hosts"]
     return [{"name": h["name"], "last_seen": iso(dt.datetime.fromtimestamp(float(h["seen_at"]), dt.timezone.utc)),
              "silent_seconds": h["silent_seconds"], "alive": h["silent_seconds"] < cfg.runner.host_timeout,
              "active_runs": h["active_runs"], "max_concurrent_runs": h["max_runs"],
-             "holds": [x.removeprefix("step:") for x in h["leases"] if x.startswith("step:")]}
+             "holds": [x.removeprefix("step:") for x in h["leases"] if x.startswith("step:")],
+             "worktrees": {k: (disks.get(h["name"]) or {}).get(k, 0) for k in ("count", "bytes")}}
             for h in store.hosts()]
 
 
