@@ -1378,13 +1378,16 @@ class PgConnection:
         self.conn.close()
 
 
+# ---- the store: one API over either database
+
 class Store:
-    """The database (SQLite, or PostgreSQL for a fleet): every SQL statement of the program. It owns the connection (WAL, busy timeout,
-    foreign keys), the schema and its forward migrations (PRAGMA user_version), and the transaction depth
-    (`tx` nests; `savepoint` undoes one unit inside it). Tables: issues (one row per tracked Linear issue:
-    factory state, pending run, branch and worktree, PR fields, GitHub snapshot), runs, inbox (tick ->
-    worker: prompts and stops), outbox (decisions -> Linear), sessions, seen (dedup keys), cursors,
-    events, api_budget, ticks and meta. Rows come back as plain dicts."""
+    """The database (SQLite, or PostgreSQL for a fleet): every SQL statement of the program. It owns the
+    connection (WAL, busy timeout, foreign keys), the schema and its forward migrations (PRAGMA user_version;
+    the patchrelay_schema table on PostgreSQL), and the transaction depth (`tx` nests; `savepoint` undoes one
+    unit inside it). Tables: issues (one row per tracked Linear issue: factory state, pending run, branch and
+    worktree, PR fields, GitHub snapshot, host), runs, inbox (tick -> worker: prompts and stops), outbox
+    (decisions -> Linear), sessions, seen (dedup keys), cursors, events, api_budget, ticks, meta, hosts and
+    leases (a fleet's members and its once-per-fleet steps), linear_oauth. Rows come back as plain dicts."""
 
     def __init__(self, path: Path, readonly: bool = False, verify: bool = False, url: str | None = None):
         """`verify`: check the file (PRAGMA quick_check) before anything is written to it, and refuse a

@@ -1,14 +1,14 @@
 """What a fleet buys: throughput and API cost of 1, 2 and 3 hosts on one PostgreSQL, claim latency, and an idle
 tick on PostgreSQL against SQLite.
 
-    python bench/fleet.py [--hosts 1,2,3] [--issues 24] [--turn-seconds 3] [--max-runs 2]
+    python bench/fleet.py [--hosts 1,2,3] [--issues 24] [--turn-seconds 3] [--max-runs 2] [--interval 0.5]
                           [--idle-seconds 10] [--skip-throughput] [--skip-claims] [--skip-ticks]
 
 1. Throughput. For each fleet size, a fresh world (tests/conftest.py `World`: fake Linear, fake GitHub, a bare
    origin) on a fresh database of one throwaway PostgreSQL server (tests/pg.py), the real Codex CLI against a
    fake model whose every turn is a tool call sleeping --turn-seconds and writing a file, then a message
    (tests/fakes/model.py responder_for_issue_files), and a fleet (tests/fleet.py) of that many hosts, each
-   `patchrelay watch --interval 0.5` with runner.max_concurrent_runs --max-runs. --issues delegations are made
+   `patchrelay watch --interval` (--interval) with runner.max_concurrent_runs --max-runs. --issues delegations are made
    before the hosts start. Busy window: from the first claim to the last implementation run's end; runs/min
    over it. Linear and GitHub requests per minute in the busy window (Linear reads: queries; writes: mutations,
    which grow with the runs finished, not the hosts), then, once every issue's PR is open and the outbox is
@@ -88,9 +88,27 @@ def operations(world, t0, t1):
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+CPU_SAMPLES = []      # (time.time(), busy jiffies, all jiffies) of the machine, every half second while waiting
+
+
+def cpu_sample():
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)     # idle + iowait
+    CPU_SAMPLES.append((time.time(), sum(fields) - idle, sum(fields)))
+
+
+def cpu_busy(t0, t1):
+    """The machine's CPU use between t0 and t1 (the samples nearest inside), 0..1 of every core."""
+    inside = [x for x in CPU_SAMPLES if t0 <= x[0] <= t1] or CPU_SAMPLES[-1:]
+    (_, b0, a0), (_, b1, a1) = inside[0], inside[-1]
+    return (b1 - b0) / max(1, a1 - a0)
+
+
 def wait(fleet, predicate, timeout, what):
     deadline = time.time() + timeout
     while time.time() < deadline:
+        cpu_sample()
         got = predicate()
         if got:
             return got
@@ -99,7 +117,7 @@ def wait(fleet, predicate, timeout, what):
 
 
 # ----------------------------------------------------------------------------- 1. throughput
-def bench_fleet(server, hosts, issues, turn, max_runs, idle, tmp):
+def bench_fleet(server, hosts, issues, turn, max_runs, idle, tmp, interval=0.5):
     """One fleet size in a fresh world -> figures (dict)."""
     world = make_world(Path(tmp) / f"hosts{hosts}", server)
     fleet = None
@@ -108,7 +126,7 @@ def bench_fleet(server, hosts, issues, turn, max_runs, idle, tmp):
         world.model.responder = responder_for_issue_files(sleep=turn)
         for n in range(issues):
             world.delegate(title=f"Bench task {n + 1}", description=f"Write the bench file for task {n + 1}.")
-        fleet = Fleet(world, hosts, max_runs=max_runs, host_timeout=10)
+        fleet = Fleet(world, hosts, max_runs=max_runs, host_timeout=10, interval=interval)
         t_start = time.time()
         fleet.start()
 
@@ -120,6 +138,7 @@ def bench_fleet(server, hosts, issues, turn, max_runs, idle, tmp):
         t0 = min(ts(r["claimed_at"]) for r in runs)
         t1 = max(ts(r["ended_at"]) for r in done)
         busy = counts(world, t0, t1)
+        cpu = cpu_busy(t0, t1)
         busy_ops = operations(world, t0, t1)
         progress(f"{hosts} host(s): {issues} runs in {t1 - t0:.1f}s; waiting for the PRs")
         wait(fleet, lambda: len(world.github.prs(REPO)) >= issues and all(
@@ -132,7 +151,7 @@ def bench_fleet(server, hosts, issues, turn, max_runs, idle, tmp):
         quiet = counts(world, i0, i1)
         steps = fleet.tick_steps(i0, i1)
         per_min = lambda n, a, b: n * 60.0 / max(b - a, 1e-9)  # noqa: E731
-        return {"hosts": hosts, "runs": len(done), "attempts": len(runs), "busy_s": t1 - t0,
+        return {"hosts": hosts, "runs": len(done), "attempts": len(runs), "busy_s": t1 - t0, "cpu": cpu * 100,
                 "startup_s": t0 - t_start, "runs_min": per_min(len(done), t0, t1),
                 "run_s": statistics.median(ts(r["ended_at"]) - ts(r["claimed_at"]) for r in done),
                 **{f"busy_{k}_min": per_min(v, t0, t1) for k, v in busy.items()},
@@ -148,7 +167,8 @@ def bench_fleet(server, hosts, issues, turn, max_runs, idle, tmp):
 def print_throughput(results):
     base = results[0]
     cols = [("hosts", "hosts", "{:d}"), ("runs", "runs", "{:d}"), ("busy s", "busy_s", "{:.1f}"),
-            ("run s p50", "run_s", "{:.1f}"), ("runs/min", "runs_min", "{:.2f}"), ("x1", None, None),
+            ("run s p50", "run_s", "{:.1f}"), ("CPU %", "cpu", "{:.0f}"), ("runs/min", "runs_min", "{:.2f}"),
+            ("x1", None, None),
             ("Linear/min", "busy_linear_min", "{:.0f}"), ("L reads/min", "busy_linear_reads_min", "{:.0f}"),
             ("L writes/min", "busy_linear_writes_min", "{:.0f}"), ("GitHub/min", "busy_github_min", "{:.0f}"),
             ("idle L/min", "idle_linear_min", "{:.0f}"), ("idle GH/min", "idle_github_min", "{:.0f}"),
@@ -160,7 +180,8 @@ def print_throughput(results):
             row.append(f"{r['runs_min'] / base['runs_min']:.2f}x" if key is None else fmt.format(r[key]))
         rows.append(row)
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, (h, _, _) in enumerate(cols)]
-    print("\nThroughput and API cost (busy: first claim to last run end; idle: every PR open, nothing to do)")
+    print("\nThroughput and API cost (busy: first claim to last run end; idle: every PR open, nothing to do;\n"
+          f"CPU %: the machine's {os.cpu_count()} cores over the busy window, hosts, fakes and PostgreSQL together)")
     print("  ".join(h.rjust(w) for (h, _, _), w in zip(cols, widths)))
     for row in rows:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
@@ -361,6 +382,7 @@ def main():
     ap.add_argument("--issues", type=int, default=24)
     ap.add_argument("--turn-seconds", type=float, default=3.0)
     ap.add_argument("--max-runs", type=int, default=2)
+    ap.add_argument("--interval", type=float, default=0.5, help="each host's `watch --interval`")
     ap.add_argument("--idle-seconds", type=float, default=10.0)
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-claims", action="store_true")
@@ -369,7 +391,8 @@ def main():
     sizes = [int(x) for x in args.hosts.split(",") if x.strip()]
     os.environ.setdefault("GIT_CONFIG_GLOBAL", str(ROOT / ".cache" / "gitconfig"))
     print(f"machine: {os.cpu_count()} cores, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; "
-          f"{args.issues} issues, turns of {args.turn_seconds:g} s, max_concurrent_runs {args.max_runs} per host",
+          f"{args.issues} issues, turns of {args.turn_seconds:g} s, max_concurrent_runs {args.max_runs} per host, "
+          f"watch --interval {args.interval:g}",
           flush=True)
     server = PgServer().start()
     os.environ["PGPASSWORD"] = server.password       # this process's stores and reads (the URLs carry none)
@@ -381,7 +404,7 @@ def main():
                 for n in sizes:
                     progress(f"{n} host(s): {args.issues} issues")
                     results.append(bench_fleet(server, n, args.issues, args.turn_seconds, args.max_runs,
-                                               args.idle_seconds, tmp))
+                                               args.idle_seconds, tmp, args.interval))
                     progress(f"{n} host(s): {results[-1]['runs_min']:.2f} runs/min")
                 print_throughput(results)
             if not args.skip_claims:
