@@ -1323,16 +1323,23 @@ class _PgRow(dict):
         return list(self.values())[k] if isinstance(k, int) else super().__getitem__(k)
 
 
+def _has_rows(cur: Any) -> bool:
+    """The statement returned rows (a SELECT or a RETURNING). Read from the result's status: cursor.description
+    would build a Column object per column of every statement."""
+    res = cur.pgresult
+    return res is not None and res.status == 2        # libpq PGRES_TUPLES_OK
+
+
 class _PgCursor:
     def __init__(self, cur: Any, lastrowid: int | None):
         self._cur, self.lastrowid, self.rowcount = cur, lastrowid, cur.rowcount
 
     def fetchone(self) -> _PgRow | None:
-        r = self._cur.fetchone() if self._cur.description else None
+        r = self._cur.fetchone() if _has_rows(self._cur) else None
         return _PgRow(r) if r is not None else None
 
     def fetchall(self) -> list[_PgRow]:
-        return [_PgRow(r) for r in self._cur.fetchall()] if self._cur.description else []
+        return [_PgRow(r) for r in self._cur.fetchall()] if _has_rows(self._cur) else []
 
 
 class PgConnection:
@@ -1366,6 +1373,16 @@ class PgConnection:
         except self._error as e:
             raise StoreError(f"database {self.where}: {type(e).__name__}: {one_line(redact(str(e)), 300)}") from None
         return _PgCursor(cur, rid)
+
+    def read_many(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> list[list[dict]]:
+        """Several reads in one round trip (a pipeline); each one's rows."""
+        try:
+            with self.conn.pipeline():
+                curs = [self.conn.execute(pg_sql(q), tuple(int(a) if isinstance(a, bool) else a for a in args))
+                        for q, args in queries]
+            return [[dict(r) for r in c.fetchall()] if _has_rows(c) else [] for c in curs]
+        except self._error as e:
+            raise StoreError(f"database {self.where}: {type(e).__name__}: {one_line(redact(str(e)), 300)}") from None
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         try:
@@ -1584,6 +1601,12 @@ class Store:
     def _all(self, sql: str, args: tuple = ()) -> list[dict]:
         return [dict(r) for r in self.db.execute(sql, args).fetchall()]
 
+    def _reads(self, *queries: tuple[str, tuple]) -> list[list[dict]]:
+        """Several reads: in one round trip on PostgreSQL (a pipeline), one after the other on SQLite."""
+        if self.pg:
+            return self.db.read_many(queries)
+        return [self._all(q, a) for q, a in queries]
+
     # ---- meta and cursors
     def meta_get(self, key: str) -> str | None:
         r = self._one("SELECT value FROM meta WHERE key = ?", (key,))
@@ -1618,6 +1641,17 @@ class Store:
         r = self._one("SELECT value FROM cursors WHERE stream = ?", (stream,))
         return r["value"] if r else None
 
+    def settings(self, streams: Sequence[str], keys: Sequence[str]) -> dict[str, str | None]:
+        """Cursors and meta settings in one read (their names do not overlap; None for those not set)."""
+        got = {r["name"]: r["value"] for r in self._all(*self._q_settings(streams, keys))}
+        return {k: got.get(k) for k in (*streams, *keys)}
+
+    @staticmethod
+    def _q_settings(streams: Sequence[str], keys: Sequence[str]) -> tuple[str, tuple]:
+        return (f"SELECT stream AS name, value FROM cursors WHERE stream IN ({', '.join('?' * len(streams))}) "
+                f"UNION ALL SELECT key AS name, value FROM meta WHERE key IN ({', '.join('?' * len(keys))})",
+                (*streams, *keys))
+
     def cursors_many(self, streams: Sequence[str]) -> dict[str, str | None]:
         got = {r["stream"]: r["value"] for r in self._all(
             f"SELECT stream, value FROM cursors WHERE stream IN ({', '.join('?' * len(streams))})", tuple(streams))}
@@ -1637,6 +1671,35 @@ class Store:
                         (stream, value, iso()))
 
     # ---- leases: one holder per name until it releases or its time runs out
+    def _begin_tick_pg(self, pid: int, pid_started: str | None, host: str, max_runs: int, leases: Sequence[str],
+                       lease_seconds: float) -> tuple[int, dict[str, str], float]:
+        """begin_tick in one statement (data-modifying CTEs): the tick's own row, this host's own heartbeat
+        (whose time is the database's clock) and each lease's compare-and-set under its row lock, none of
+        which needs the write lock; it returns the tick's id, the clock's reading and the leases held."""
+        names = list(leases) or ["-"]
+        r = self._required(self._one(
+            "WITH t AS (INSERT INTO ticks (started_at, pid, pid_started) VALUES (?, ?, ?) RETURNING id), "
+            "h AS (INSERT INTO hosts (name, seen_at, started_at, pid, max_runs, version) VALUES "
+            "(?, EXTRACT(EPOCH FROM clock_timestamp()), ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+            "seen_at = excluded.seen_at, pid = excluded.pid, max_runs = excluded.max_runs, "
+            "version = excluded.version RETURNING seen_at), "
+            "l AS (INSERT INTO leases(name, holder, until) SELECT v.name, ?, h.seen_at + ? FROM h, "
+            f"(VALUES {', '.join(['(CAST(? AS TEXT))'] * len(names))}) AS v(name) WHERE CAST(? AS INTEGER) = 1 "
+            "ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, until = excluded.until WHERE "
+            "leases.holder = excluded.holder OR leases.until < excluded.until - ? RETURNING name) "
+            "SELECT (SELECT id FROM t) AS tick_id, (SELECT seen_at FROM h) AS now, "
+            "(SELECT string_agg(name, ',') FROM l) AS held",
+            (iso(), pid, pid_started, host, iso(), pid, max_runs, __version__, host, lease_seconds, *names,
+             bool(leases), lease_seconds)), "begin_tick")
+        tick_id, now = int(r["tick_id"]), float(r["now"])
+        holders = {name: host for name in (r["held"] or "").split(",") if name}
+        if tick_id % 100 == 0:
+            self.db.execute("DELETE FROM ticks WHERE id < ?", (tick_id - 1000,))
+        if set(leases) - set(holders):       # who holds the others
+            holders = {r["name"]: r["holder"] for r in self._all(
+                "SELECT name, holder FROM leases WHERE until >= ?", (now,))}
+        return tick_id, holders, now
+
     def lease_take(self, name: str, holder: str, seconds: float, now: float | None = None) -> bool:
         """Take (or extend) lease `name` for `holder`, unless another holder's lease still runs (the database's
         clock decides: `now` is a reading of it)."""
@@ -1724,10 +1787,12 @@ class Store:
         return self._all("SELECT o.*, i.key AS issue_key FROM outbox o LEFT JOIN issues i ON i.id = o.issue_id "
                          "WHERE o.status IN ('queued', 'failed') ORDER BY o.status DESC, o.id")
 
+    Q_TRACKED = ("SELECT linear_id, CASE WHEN factory_state IN ('done', 'canceled') THEN 0 ELSE 1 END AS open, "
+                 "comments_synced FROM issues ORDER BY id")
+
     def tracked_linear(self) -> list[dict]:
         """Every tracked issue's Linear id, whether it is open, and whether its comments were read (one read)."""
-        return self._all("SELECT linear_id, CASE WHEN factory_state IN ('done', 'canceled') THEN 0 ELSE 1 END "
-                         "AS open, comments_synced FROM issues ORDER BY id")
+        return self._all(self.Q_TRACKED)
 
     def mark_comments_synced(self, linear_ids: list[str]) -> None:
         self.db.executemany("UPDATE issues SET comments_synced = 1 WHERE linear_id = ?", [(i,) for i in linear_ids])
@@ -1762,16 +1827,19 @@ class Store:
         return self._all("SELECT key, factory_state, worktree FROM issues WHERE worktree IS NOT NULL "
                          "AND (CAST(? AS TEXT) IS NULL OR host IS NULL OR host = ?) ORDER BY id", (host, host))
 
+    Q_WATCHED = ("SELECT * FROM issues WHERE factory_state NOT IN ('done', 'canceled') AND branch IS NOT NULL "
+                 "AND (pr_number IS NOT NULL OR factory_state = 'ready_for_pr') ORDER BY id")
+
     def github_watched(self) -> list[dict]:
         """Issues GitHub is observed for: a pull request, or a pushed branch that needs one."""
-        return self._all("SELECT * FROM issues WHERE factory_state NOT IN ('done', 'canceled') AND branch IS NOT NULL "
-                         "AND (pr_number IS NOT NULL OR factory_state = 'ready_for_pr') ORDER BY id")
+        return self._all(self.Q_WATCHED)
+
+    Q_RUNNABLE = ("SELECT * FROM issues WHERE pending_run_type IS NOT NULL AND active_run_id IS NULL "
+                  "AND (not_before IS NULL OR not_before <= ?) AND factory_state NOT IN ('done', 'canceled') "
+                  "ORDER BY pending_since, id")
 
     def runnable_issues(self, now: str) -> list[dict]:
-        return self._all(
-            "SELECT * FROM issues WHERE pending_run_type IS NOT NULL AND active_run_id IS NULL "
-            "AND (not_before IS NULL OR not_before <= ?) AND factory_state NOT IN ('done', 'canceled') "
-            "ORDER BY pending_since, id", (now,))
+        return self._all(self.Q_RUNNABLE, (now,))
 
     # ---- runs
     def run_by_id(self, run_id: int) -> dict | None:
@@ -1788,8 +1856,10 @@ class Store:
         """Claimed and running runs (of one host: those it claimed, and those claimed before hosts were kept)."""
         if host is None:
             return self._all("SELECT * FROM runs WHERE status IN ('claimed', 'running') ORDER BY id")
-        return self._all("SELECT * FROM runs WHERE status IN ('claimed', 'running') AND (host = ? OR host IS NULL) "
-                         "ORDER BY id", (host,))
+        return self._all(self.Q_ACTIVE_RUNS, (host,))
+
+    Q_ACTIVE_RUNS = ("SELECT * FROM runs WHERE status IN ('claimed', 'running') AND (host = ? OR host IS NULL) "
+                     "ORDER BY id")
 
     def run_is_current(self, run_id: int) -> bool:
         """The fence: the run is still its issue's active run (not finished, not taken over by another host)."""
@@ -1810,6 +1880,8 @@ class Store:
         """A tick's start in one transaction and one reading of the clock: its row, the host's heartbeat, and
         the once-per-fleet leases it can take (or keep). Returns the tick's id, each running lease's holder
         by name (this host for those it took) and the clock's reading."""
+        if self.pg:
+            return self._begin_tick_pg(pid, pid_started, host, max_runs, leases, lease_seconds)
         with self.tx():
             now = self.clock()
             tick_id = self.start_tick(pid, pid_started)
@@ -1828,15 +1900,50 @@ class Store:
         """Every host with its heartbeat's age (`silent_seconds`), active runs and the leases it holds. `now`
         and `holders` (lease -> holder): a reading of the clock and the leases a caller already made."""
         now = self.clock() if now is None else now
-        rows = self._all("SELECT h.*, (SELECT COUNT(*) FROM runs r WHERE r.host = h.name AND r.status IN "
-                         "('claimed', 'running')) AS active_runs FROM hosts h ORDER BY h.name")
+        rows = self._all(self.Q_HOSTS)
         if holders is None:
             holders = {x["name"]: x["holder"] for x in
                        self._all("SELECT name, holder FROM leases WHERE until >= ?", (now,))}
+        return self._hosts_shaped(rows, now, holders)
+
+    Q_HOSTS = ("SELECT h.*, (SELECT COUNT(*) FROM runs r WHERE r.host = h.name AND r.status IN "
+               "('claimed', 'running')) AS active_runs FROM hosts h ORDER BY h.name")
+
+    @staticmethod
+    def _hosts_shaped(rows: list[dict], now: float, holders: Mapping[str, str]) -> list[dict]:
         for h in rows:
             h["silent_seconds"] = round(now - float(h["seen_at"]), 1)
             h["leases"] = sorted(name for name, holder in holders.items() if holder == h["name"])
         return rows
+
+    # ---- what a tick's steps read first, each in one round trip
+    def reconcile_view(self, host: str, now: float, holders: Mapping[str, str]) -> tuple[list[dict], list[dict]]:
+        """The hosts (as hosts() gives them) and this host's active runs."""
+        hosts, runs = self._reads((self.Q_HOSTS, ()), (self.Q_ACTIVE_RUNS, (host,)))
+        return self._hosts_shaped(hosts, now, holders), runs
+
+    def intake_view(self, streams: Sequence[str], keys: Sequence[str]
+                    ) -> tuple[dict | None, dict[str, str | None], list[dict]]:
+        """Linear's budget, the poll's cursors and settings (settings()), and the tracked issues (tracked_linear())."""
+        budget, named, tracked = self._reads(
+            ("SELECT * FROM api_budget WHERE api = ?", ("linear",)), self._q_settings(streams, keys),
+            (self.Q_TRACKED, ()))
+        got = {r["name"]: r["value"] for r in named}
+        return (budget[0] if budget else None), {k: got.get(k) for k in (*streams, *keys)}, tracked
+
+    def launch_view(self, host: str, now: str) -> tuple[dict[str, str | None], int, list[dict]]:
+        """The pause and the Codex hold (meta), this host's active runs counted, and the runnable issues."""
+        meta, active, runnable = self._reads(
+            ("SELECT key, value FROM meta WHERE key IN ('runner.paused', 'runner.codex_hold')", ()),
+            ("SELECT COUNT(*) AS n FROM runs WHERE status IN ('claimed', 'running') AND (host = ? OR host IS NULL)",
+             (host,)), (self.Q_RUNNABLE, (now,)))
+        got = {r["key"]: r["value"] for r in meta}
+        return ({k: got.get(k) for k in ("runner.paused", "runner.codex_hold")}, int(active[0]["n"]), runnable)
+
+    def observe_view(self) -> tuple[dict | None, list[dict]]:
+        """GitHub's budget and the issues it is observed for (github_watched())."""
+        budget, watched = self._reads(("SELECT * FROM api_budget WHERE api = ?", ("github",)), (self.Q_WATCHED, ()))
+        return (budget[0] if budget else None), watched
 
     def lease_holder(self, name: str) -> str | None:
         r = self._one("SELECT holder FROM leases WHERE name = ? AND until >= ?", (name, self.clock()))
@@ -7201,13 +7308,16 @@ def poll_sessions(recent: str | None) -> int:
     return max(POLL_SESSIONS_MIN, min(POLL_SESSIONS_MAX, int(recent or 0) + POLL_SESSIONS_MIN))
 
 
-def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
+def read_linear(cfg: Config, store: Store, lc: LinearClient, stored: Mapping[str, str | None] | None = None,
+                tracked_rows: list[dict] | None = None) -> LinearReads:
     """Everything that changed in Linear since the cursors: one request when nothing did. Cursors come
     from Linear's clock (its Date header) minus linear.poll_overlap, and move only past what was fully
-    read; a read cut short (page cap, rate limit) resumes where it stopped."""
+    read; a read cut short (page cap, rate limit) resumes where it stopped. `stored` (the cursors and
+    settings of POLL_CURSORS and POLL_META) and `tracked_rows` (Store.tracked_linear): as the caller read
+    them, else read here."""
     overlap = cfg.linear.poll_overlap
     scope = team_scope(cfg)
-    stored: dict[str, str | None] = {**store.cursors_many(POLL_CURSORS), **store.meta_many(POLL_META)}
+    stored = store.settings(POLL_CURSORS, POLL_META) if stored is None else stored
     issues_since, comments_since = stored["linear.poll.issues"], stored["linear.poll.comments"]
     viewer_id = stored["linear.viewer_id"]
     if issues_since:
@@ -7221,7 +7331,7 @@ def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
         app0 = mode == "app" if cfg.linear.mode == "auto" else cfg.linear.mode == "app"
         ifilter = delegated_filter(cfg, Identity(viewer_id, app0, cfg.linear.delegation,
                                                  cfg.linear.delegation_label))
-    tracked_rows = store.tracked_linear()
+    tracked_rows = store.tracked_linear() if tracked_rows is None else tracked_rows
     open_ids = [r["linear_id"] for r in tracked_rows if r["open"]]
     # comments by their last change: new ones, and edits of those already read
     cfilter = {"updatedAt": {"gt": comments_since}, **({"issue": {"team": scope}} if scope else {})} \
@@ -7300,12 +7410,13 @@ def read_linear(cfg: Config, store: Store, lc: LinearClient) -> LinearReads:
 
 def intake(ctx: TickContext) -> dict:
     cfg, store = ctx.cfg, ctx.store
-    until = rate_limited_until(store.budget("linear"), utcnow())
+    budget, stored, tracked = store.intake_view(POLL_CURSORS, POLL_META)
+    until = rate_limited_until(budget, utcnow())
     if until:
         ctx.note(f"Linear rate limit: skipping intake until {iso(until)}")
         return {"skipped": "rate limited", "until": iso(until)}
     lc = ctx.linear()
-    reads = read_linear(cfg, store, lc)
+    reads = read_linear(cfg, store, lc, stored, tracked)
     ident = reads.ident
     ours, session_acts, issues, comments = reads.ours, reads.session_acts, reads.issues, reads.comments
     unsynced = reads.unsynced
@@ -7328,7 +7439,9 @@ def intake(ctx: TickContext) -> dict:
             summary["errors"].append(f"{key or '?'}: {e}")
             log.error("%s: could not apply a Linear change: %s", key or "?", e)
 
-    with store.tx(deferred=ctx.dry_run):
+    # a poll that found nothing only moves its cursors: one statement, atomic by itself
+    quiet = not (ours or issues or comments or unsynced or reads.meta)
+    with contextlib.nullcontext() if quiet else store.tx(deferred=ctx.dry_run):
         now = iso()
         for s in sorted(ours, key=lambda x: x.created_at):
             obs = s.issue
@@ -7356,7 +7469,8 @@ def intake(ctx: TickContext) -> dict:
         store.cursors_set(reads.cursors)
         for name, setting in reads.meta.items():
             store.meta_set(name, setting)
-        store.mark_comments_synced(unsynced)
+        if unsynced:
+            store.mark_comments_synced(unsynced)
     for n in notes:
         ctx.note(n)
     return summary
@@ -7467,10 +7581,14 @@ def reconcile(ctx: TickContext) -> dict:
     last turn's status, and a claim whose worker never started is requeued: no run blocks its issue forever."""
     cfg, store = ctx.cfg, ctx.store
     result: dict[str, Any] = {"alive": 0, "relaunched": [], "recovered": [], "interrupted": []}
-    taken = _take_over(ctx)
+    if ctx.began is not None:           # the hosts and this host's runs in one round trip
+        ctx._hosts, runs = store.reconcile_view(cfg.runner.host, ctx.began, ctx.leases)
+    else:
+        runs = store.active_runs(host=cfg.runner.host)
+    taken = _take_over(ctx)             # a dead host's runs (never this host's)
     if taken:
         result["taken_over"] = taken
-    for run in store.active_runs(host=cfg.runner.host):      # a pid means something only on its own host
+    for run in runs:                    # a pid means something only on its own host
         if process_alive(run["worker_pid"], run["worker_started"]):
             result["alive"] += 1
             continue
@@ -7532,12 +7650,13 @@ def observe(ctx: TickContext) -> dict:
     request per repository and 50 issues, at most every github.poll_interval seconds per repository and
     at once after our own push. Opens missing pull requests, then decides from each observation."""
     cfg, store = ctx.cfg, ctx.store
-    until = rate_limited_until(store.budget("github"), utcnow())
+    budget, watched = store.observe_view()
+    until = rate_limited_until(budget, utcnow())
     if until:
         ctx.note(f"GitHub rate limit: not observing until {iso(until)}")
         return {"skipped": "rate limited", "until": iso(until)}
     by_repo: dict[str, list[dict]] = {}
-    for row in store.github_watched():
+    for row in watched:
         try:
             by_repo.setdefault(cfg.project(row["project_id"]).github_repo, []).append(row)
         except ConfigError:
@@ -7736,18 +7855,19 @@ def _decide_pr(ctx: TickContext, gh: GitHubClient, repo: str, row: dict, obs: Pu
 
 def launch(ctx: TickContext) -> dict:
     cfg, store = ctx.cfg, ctx.store
-    if runner_paused(cfg, store):
-        return {"paused": True, "launched": [], "waiting": [i["key"] for i in store.runnable_issues(iso())]}
-    provider = codex_hold(store)
+    me = cfg.runner.host
+    stored, active, runnable = store.launch_view(me, iso())
+    if paused_setting(cfg, stored["runner.paused"]):
+        return {"paused": True, "launched": [], "waiting": [i["key"] for i in runnable]}
+    provider = active_hold(json.loads(stored["runner.codex_hold"] or "null"), utcnow())
     if provider:
         return _hold_launches(ctx, provider)
-    me = cfg.runner.host
-    free = cfg.runner.max_concurrent_runs - store.count_active_runs(host=me)
+    free = cfg.runner.max_concurrent_runs - active
     alive = {h["name"] for h in ctx.hosts() if h["silent_seconds"] < cfg.runner.host_timeout} | {me}
     launched, waiting, held = [], [], {}
     capped = cfg.codex.max_tokens_per_issue is not None or cfg.codex.max_tokens_per_day is not None
     day_spent = store.tokens_spent(since=utc_day_start()) if capped else 0
-    for issue in store.runnable_issues(iso()):
+    for issue in runnable:
         if issue.get("paused") or (issue.get("host") and issue["host"] in alive - {me}):
             waiting.append(issue["key"])        # paused, or its worktree and thread live on another host
             continue
@@ -7856,6 +7976,7 @@ def reap_workers() -> None:
 
 GC_EVERY = 60.0                     # seconds between two gc steps of one process (a `watch`), per host
 _GC_LAST: dict[str, float] = {}     # host -> time.monotonic() of this process's last gc step
+_PRUNE_CHECKED: dict[str, float] = {}   # database -> time.monotonic() this process last looked whether to prune
 
 
 def collect_worktrees(ctx: TickContext) -> dict:
@@ -7943,6 +8064,16 @@ def once_per_fleet(name: str, fn: Callable[[TickContext], dict]) -> Callable[[Ti
 FLEET_STEPS = ("intake", "observe", "publish")     # once per fleet per tick: their leases are taken at its start
 
 
+def _prune_due(cfg: Config, store: Store) -> bool:
+    """A daily step, looked at (one read) at most once a minute per process."""
+    checked = _PRUNE_CHECKED.get(cfg.database_label)
+    if checked is not None and time.monotonic() - checked < GC_EVERY:
+        return False
+    _PRUNE_CHECKED[cfg.database_label] = time.monotonic()
+    last = parse_iso(store.meta_get("prune.last"))
+    return last is None or (utcnow() - last).total_seconds() > 86400
+
+
 def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
     """One pass. A dry run takes every step against a transaction that is rolled back at the end, so it
     shows what the pass would do (launches of the runs its own intake would queue included) and what it
@@ -8005,8 +8136,7 @@ def run_tick(cfg: Config, store: Store, dry_run: bool = False) -> dict:
                                            if store.outbox_queued() else {"sent": 0, "failed": 0, "queued": 0}))
             report["api_cost"] = {"linear_requests": ctx._linear.requests_made if ctx._linear else 0,
                                   "github_requests": ctx._github.requests_made if ctx._github else 0}
-            last = parse_iso(store.meta_get("prune.last"))
-            if last is None or (utcnow() - last).total_seconds() > 86400:
+            if _prune_due(cfg, store):
                 step("prune", lambda c: store.prune(iso(utcnow() - dt.timedelta(days=cfg.database_retention_days))))
 
     if dry_run:

@@ -187,7 +187,8 @@ def test_a_killed_host_s_runs_are_taken_over_and_finished_elsewhere_and_it_rejoi
         polled = [h for h, c in tickers3.items() if c.get("intake")]
         assert len(polled) == 1, f"more than one host polled Linear in one idle window: {tickers3}"
         assert lin1 > 0, "the single host made no Linear request while idle"
-        assert lin3 <= 1.5 * lin1 + 0.2, f"the fleet polls Linear more than one host: {lin3:.2f}/s vs {lin1:.2f}/s"
+        # both windows tick on watch's fixed cadence: the holder polls as often as one host (a tick's slack)
+        assert lin3 <= 1.1 * lin1 + 0.15, f"the fleet polls Linear more than one host: {lin3:.2f}/s vs {lin1:.2f}/s"
     finally:
         fleet.shutdown()
     print(f"test took {time.time() - t_begin:.1f}s")
