@@ -147,12 +147,11 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from graphql import (GraphQLError, GraphQLNonNull, GraphQLScalarType, build_schema, execute,
-                     get_named_type, get_operation_ast, parse, validate, validate_schema)
-from graphql.error import GraphQLSyntaxError
+                     get_named_type, get_operation_ast, validate_schema)
 from graphql.execution.values import get_argument_values, get_variable_values
 from graphql.language import FieldNode, FragmentDefinitionNode, FragmentSpreadNode, InlineFragmentNode, OperationType
-from graphql.validation import NoDeprecatedCustomRule
 
+from .gql import CheckedDocuments
 from .http import Handler, Server, close_connections
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
@@ -195,27 +194,7 @@ def get_openapi():
         return _cache["openapi"]
 
 
-def _checked_document(query):
-    """(document | None, syntax error | None, validation errors, deprecation messages) for a query text,
-    cached per process: clients send the same documents over and over."""
-    with _cache_lock:
-        docs = _cache.setdefault("documents", {})
-        if query in docs:
-            return docs[query]
-    try:
-        doc = parse(query)
-    except GraphQLSyntaxError as e:
-        result = (None, e, [], [])
-    else:
-        schema = get_schema()
-        errors = validate(schema, doc)
-        deprecated = [] if errors else [e.message for e in validate(schema, doc, [NoDeprecatedCustomRule])]
-        result = (doc, None, errors, deprecated)
-    with _cache_lock:
-        if len(docs) > 500:
-            docs.clear()
-        docs[query] = result
-    return result
+_checked_document = CheckedDocuments(lambda: get_schema())
 
 
 # ----------------------------------------------------------------------------- small helpers

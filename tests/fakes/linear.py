@@ -112,13 +112,12 @@ from urllib.parse import parse_qsl, unquote_plus, urlencode
 
 from graphql import (GraphQLEnumType, GraphQLError, GraphQLList, GraphQLNonNull, GraphQLObjectType,
                      GraphQLScalarType, build_schema, execute, get_named_type, get_nullable_type,
-                     get_operation_ast, parse, validate)
-from graphql.error import GraphQLSyntaxError
+                     get_operation_ast)
 from graphql.execution.values import get_variable_values
 from graphql.language import (FieldNode, FragmentDefinitionNode, FragmentSpreadNode, InlineFragmentNode,
                               IntValueNode, OperationType, VariableNode)
-from graphql.validation import NoDeprecatedCustomRule
 
+from .gql import CheckedDocuments
 from .http import Handler, Server, close_connections
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "linear.graphql"
@@ -133,31 +132,7 @@ _schema_lock = threading.Lock()
 _schema_cache = {}
 
 
-_documents: dict[str, tuple] = {}
-_documents_lock = threading.Lock()
-
-
-def _checked_document(query):
-    """(document | None, syntax error | None, validation errors, deprecation messages) for a query text,
-    cached per process: clients send the same few documents over and over, and validating one against
-    Linear's schema costs milliseconds."""
-    with _documents_lock:
-        if query in _documents:
-            return _documents[query]
-    try:
-        doc = parse(query)
-    except GraphQLSyntaxError as e:
-        result = (None, e, [], [])
-    else:
-        schema = get_schema()
-        errors = validate(schema, doc)
-        deprecated = [] if errors else [e.message for e in validate(schema, doc, [NoDeprecatedCustomRule])]
-        result = (doc, None, errors, deprecated)
-    with _documents_lock:
-        if len(_documents) > 500:
-            _documents.clear()
-        _documents[query] = result
-    return result
+_checked_document = CheckedDocuments(lambda: get_schema())
 
 
 def get_schema():
