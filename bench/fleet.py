@@ -1,7 +1,7 @@
 """What a fleet buys: throughput and API cost of 1, 2 and 3 hosts on one PostgreSQL, claim latency, and an idle
 tick on PostgreSQL against SQLite.
 
-    python bench/fleet.py [--hosts 1,2,3] [--issues 24] [--turn-seconds 3] [--max-runs 2] [--interval 0.5]
+    python bench/fleet.py [--hosts 1,2,3] [--issues 24] [--turn-seconds 12] [--max-runs 2] [--interval 1]
                           [--idle-seconds 10] [--skip-throughput] [--skip-claims] [--skip-ticks]
 
 1. Throughput. For each fleet size, a fresh world (tests/conftest.py `World`: fake Linear, fake GitHub, a bare
@@ -22,7 +22,9 @@ tick on PostgreSQL against SQLite.
    poll overlap; intake still polls once per tick), median of 20 after 3 warm-up ticks, on PostgreSQL and on
    SQLite (goal PG <= 1.5x); on PostgreSQL also the statements (round trips) per tick and their time.
 
-The machine's cores and load are printed: on a loaded 2-core machine six Codex processes compete for CPU.
+The machine's cores and load are printed, and its CPU use over each busy window: every host of the fleet,
+the fakes and PostgreSQL share this one machine, so shorter turns or faster ticks (--turn-seconds 6,
+--interval 0.5) saturate two cores with three hosts and measure the machine, not the fleet.
 Prints figures; asserts nothing. Needs what the tests need (run .ci/run once).
 """
 import argparse
@@ -380,9 +382,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hosts", default="1,2,3", help="fleet sizes, comma-separated (the first is the baseline)")
     ap.add_argument("--issues", type=int, default=24)
-    ap.add_argument("--turn-seconds", type=float, default=3.0)
+    ap.add_argument("--turn-seconds", type=float, default=12.0)
     ap.add_argument("--max-runs", type=int, default=2)
-    ap.add_argument("--interval", type=float, default=0.5, help="each host's `watch --interval`")
+    ap.add_argument("--interval", type=float, default=1.0, help="each host's `watch --interval`")
     ap.add_argument("--idle-seconds", type=float, default=10.0)
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-claims", action="store_true")
