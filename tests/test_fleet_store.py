@@ -94,6 +94,58 @@ def test_heartbeats_make_the_fleet(store):
     assert 0 <= hosts["h1"]["silent_seconds"] < 5
 
 
+def test_a_tick_begins_with_its_row_heartbeat_and_leases_in_one_step(store):
+    """begin_tick (one statement on PostgreSQL): the tick's row, the host's heartbeat by the database's clock,
+    and the leases it could take; a lease another host holds is named with its holder, and the next tick of
+    the same host keeps what it holds."""
+    store.heartbeat("h2", 200, 2)
+    assert store.lease_take("step:publish", "h2", 60)
+    before = store.clock()
+    tick_id, holders, now = store.begin_tick(100, None, "h1", 3, ["step:intake", "step:observe", "step:publish"], 30)
+    assert before - 1 <= now <= store.clock() + 1
+    assert holders == {"step:intake": "h1", "step:observe": "h1", "step:publish": "h2"}
+    assert store.last_tick()["id"] == tick_id and store.last_tick()["pid"] == 100
+    hosts = {h["name"]: h for h in store.hosts()}
+    assert hosts["h1"]["max_runs"] == 3 and hosts["h1"]["pid"] == 100 and hosts["h1"]["silent_seconds"] < 5
+    assert hosts["h1"]["leases"] == ["step:intake", "step:observe"]
+    tick2, holders2, _ = store.begin_tick(100, None, "h1", 3, ["step:intake", "step:observe", "step:publish"], 30)
+    assert tick2 > tick_id and holders2 == holders                       # kept, and still not publish
+    _, holders3, _ = store.begin_tick(300, None, "h3", 1, ["step:intake"], 30)
+    assert holders3["step:intake"] == "h1"                               # h1's lease runs: h3 takes nothing
+
+
+def test_each_host_records_its_own_worktrees_and_status_sums_them(store):
+    with store.tx():
+        store.meta_set("worktrees.usage:h1", json.dumps({"at": pr.iso(), "count": 2, "bytes": 300}))
+        store.meta_set("worktrees.usage:h2", json.dumps({"at": pr.iso(), "count": 1, "bytes": 50}))
+        store.meta_set("worktrees.kept:h2", json.dumps([{"issue": "APP-9", "worktree": "/w/APP-9",
+                                                        "holds": "uncommitted changes"}]))
+    got = store.worktrees_recorded()
+    assert (got["count"], got["bytes"]) == (3, 350)
+    assert [k["issue"] for k in got["kept"]] == ["APP-9"]
+    assert got["hosts"]["h1"]["count"] == 2 and got["hosts"]["h2"]["kept"][0]["worktree"] == "/w/APP-9"
+
+
+def test_migration_12_forgets_the_fleet_wide_worktree_record(tmp_path):
+    """An older database's single worktrees.usage (one host's disk, read as the fleet's) goes at the upgrade."""
+    import sqlite3
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(path)
+    for sql in pr.MIGRATIONS[:11]:
+        con.executescript(sql)
+    con.execute("PRAGMA user_version = 11")
+    con.execute("INSERT INTO meta(key, value) VALUES ('worktrees.usage', '{\"count\": 5}'), ('linear.mode', 'app')")
+    con.commit()
+    con.close()
+    s = pr.Store(path)
+    try:
+        assert s.schema_version() == len(pr.MIGRATIONS)
+        assert s.meta_get("worktrees.usage") is None and s.meta_get("linear.mode") == "app"
+        assert s.worktrees_recorded()["count"] == 0
+    finally:
+        s.close()
+
+
 def test_concurrent_claims_never_give_one_run_to_two_hosts(store, tmp_path):
     """Eight threads, each with its own connection (as hosts have), race to claim 40 pending runs."""
     ids = [new_issue(store, f"APP-{i}", pending_run_type="implementation") for i in range(40)]

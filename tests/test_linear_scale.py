@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+import patchrelay as pr
 from conftest import World
 from fakes.linear import FakeLinear
 from helpers import db_exec, pause, status, tick_inproc
@@ -138,6 +139,29 @@ def test_idle_tick_sends_exactly_one_request_to_linear(world, n):
         sent = idle_tick(world)
         assert len(sent) == 1, f"idle tick with {n} tracked issues sent {len(sent)} requests: {describe(sent)}"
         assert sent[0]["status"] == 200 and not sent[0]["query"].lstrip().startswith("mutation")
+    assert_nothing_lost(world, keys, sessions)
+
+
+def test_the_polls_page_of_sessions_follows_how_many_changed_within_the_overlap_window(world):
+    """Linear's agentSessions has no filter, so every poll reads the newest sessions again until the overlap
+    window has passed them. While twelve sessions are that fresh (delegated, then acknowledged), the poll asks
+    for as many as the last poll found in its window plus five, so a tick is still one request, not a poll
+    and a page of sessions (with the first comment history of the issues it just tracked); once the window
+    has passed, the page is five again."""
+    assert [pr.poll_sessions(v) for v in (None, "0", "3", "12", "500")] == [5, 5, 8, 17, 50]
+    world.config["linear"]["poll_overlap"] = 3.0
+    pause(world)
+    keys, sessions = delegate_many(world, 12)
+    tick_until_ingested(world, keys, sessions)
+    sent = idle_tick(world)                             # inside the window: all twelve are read again
+    polls = [r for r in sent if r["operation"] == "PatchRelayPoll"]
+    assert len(polls) == 1 and polls[0]["variables"]["sessions"] >= 12 + 5, describe(sent)
+    assert "PatchRelaySessions" not in [r["operation"] for r in sent], describe(sent)     # no second page
+    time.sleep(3.5)
+    tick_inproc(world)                                  # the last poll that still sees them
+    sent = idle_tick(world)
+    assert [r["operation"] for r in sent] == ["PatchRelayPoll"] and sent[0]["variables"]["sessions"] == 5, \
+        describe(sent)
     assert_nothing_lost(world, keys, sessions)
 
 
