@@ -1612,12 +1612,6 @@ class Store:
         r = self._one("SELECT value FROM meta WHERE key = ?", (key,))
         return r["value"] if r else None
 
-    def meta_many(self, keys: Sequence[str]) -> dict[str, str | None]:
-        """Several settings in one read (None for those not set)."""
-        got = {r["key"]: r["value"] for r in self._all(
-            f"SELECT key, value FROM meta WHERE key IN ({', '.join('?' * len(keys))})", tuple(keys))} if keys else {}
-        return {k: got.get(k) for k in keys}
-
     def meta_set(self, key: str, value: str | None) -> None:
         self.db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                         (key, value))
@@ -1640,22 +1634,6 @@ class Store:
     def cursor_get(self, stream: str) -> str | None:
         r = self._one("SELECT value FROM cursors WHERE stream = ?", (stream,))
         return r["value"] if r else None
-
-    def settings(self, streams: Sequence[str], keys: Sequence[str]) -> dict[str, str | None]:
-        """Cursors and meta settings in one read (their names do not overlap; None for those not set)."""
-        got = {r["name"]: r["value"] for r in self._all(*self._q_settings(streams, keys))}
-        return {k: got.get(k) for k in (*streams, *keys)}
-
-    @staticmethod
-    def _q_settings(streams: Sequence[str], keys: Sequence[str]) -> tuple[str, tuple]:
-        return (f"SELECT stream AS name, value FROM cursors WHERE stream IN ({', '.join('?' * len(streams))}) "
-                f"UNION ALL SELECT key AS name, value FROM meta WHERE key IN ({', '.join('?' * len(keys))})",
-                (*streams, *keys))
-
-    def cursors_many(self, streams: Sequence[str]) -> dict[str, str | None]:
-        got = {r["stream"]: r["value"] for r in self._all(
-            f"SELECT stream, value FROM cursors WHERE stream IN ({', '.join('?' * len(streams))})", tuple(streams))}
-        return {k: got.get(k) for k in streams}
 
     def cursors_set(self, values: Mapping[str, str]) -> None:
         """Several cursors in one statement."""
@@ -1787,13 +1765,6 @@ class Store:
         return self._all("SELECT o.*, i.key AS issue_key FROM outbox o LEFT JOIN issues i ON i.id = o.issue_id "
                          "WHERE o.status IN ('queued', 'failed') ORDER BY o.status DESC, o.id")
 
-    Q_TRACKED = ("SELECT linear_id, CASE WHEN factory_state IN ('done', 'canceled') THEN 0 ELSE 1 END AS open, "
-                 "comments_synced FROM issues ORDER BY id")
-
-    def tracked_linear(self) -> list[dict]:
-        """Every tracked issue's Linear id, whether it is open, and whether its comments were read (one read)."""
-        return self._all(self.Q_TRACKED)
-
     def mark_comments_synced(self, linear_ids: list[str]) -> None:
         self.db.executemany("UPDATE issues SET comments_synced = 1 WHERE linear_id = ?", [(i,) for i in linear_ids])
 
@@ -1886,12 +1857,8 @@ class Store:
             now = self.clock()
             tick_id = self.start_tick(pid, pid_started)
             self.heartbeat(host, pid, max_runs, now)
-            if leases:          # lease_take's rule, for every lease in one statement
-                self.db.execute(
-                    f"INSERT INTO leases(name, holder, until) VALUES {', '.join(['(?, ?, ?)'] * len(leases))} "
-                    "ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, until = excluded.until WHERE "
-                    "leases.holder = excluded.holder OR leases.until < ?",
-                    (*(x for name in leases for x in (name, host, now + lease_seconds)), now))
+            for name in leases:
+                self.lease_take(name, host, lease_seconds, now)
             holders = {r["name"]: r["holder"] for r in self._all(
                 "SELECT name, holder FROM leases WHERE until >= ?", (now,))}
         return tick_id, holders, now
@@ -1924,10 +1891,15 @@ class Store:
 
     def intake_view(self, streams: Sequence[str], keys: Sequence[str]
                     ) -> tuple[dict | None, dict[str, str | None], list[dict]]:
-        """Linear's budget, the poll's cursors and settings (settings()), and the tracked issues (tracked_linear())."""
+        """Linear's budget; the cursors `streams` and meta settings `keys` (their names do not overlap; None for
+        those not set); every tracked issue's Linear id, whether it is open, and whether its comments were read."""
         budget, named, tracked = self._reads(
-            ("SELECT * FROM api_budget WHERE api = ?", ("linear",)), self._q_settings(streams, keys),
-            (self.Q_TRACKED, ()))
+            ("SELECT * FROM api_budget WHERE api = ?", ("linear",)),
+            (f"SELECT stream AS name, value FROM cursors WHERE stream IN ({', '.join('?' * len(streams))}) "
+             f"UNION ALL SELECT key AS name, value FROM meta WHERE key IN ({', '.join('?' * len(keys))})",
+             (*streams, *keys)),
+            ("SELECT linear_id, CASE WHEN factory_state IN ('done', 'canceled') THEN 0 ELSE 1 END AS open, "
+             "comments_synced FROM issues ORDER BY id", ()))
         got = {r["name"]: r["value"] for r in named}
         return (budget[0] if budget else None), {k: got.get(k) for k in (*streams, *keys)}, tracked
 
@@ -1935,8 +1907,7 @@ class Store:
         """The pause and the Codex hold (meta), this host's active runs counted, and the runnable issues."""
         meta, active, runnable = self._reads(
             ("SELECT key, value FROM meta WHERE key IN ('runner.paused', 'runner.codex_hold')", ()),
-            ("SELECT COUNT(*) AS n FROM runs WHERE status IN ('claimed', 'running') AND (host = ? OR host IS NULL)",
-             (host,)), (self.Q_RUNNABLE, (now,)))
+            (self.Q_ACTIVE_COUNT, (host,)), (self.Q_RUNNABLE, (now,)))
         got = {r["key"]: r["value"] for r in meta}
         return ({k: got.get(k) for k in ("runner.paused", "runner.codex_hold")}, int(active[0]["n"]), runnable)
 
@@ -1965,8 +1936,9 @@ class Store:
     def count_active_runs(self, host: str | None = None) -> int:
         if host is None:
             return self.db.execute("SELECT COUNT(*) FROM runs WHERE status IN ('claimed', 'running')").fetchone()[0]
-        return self.db.execute("SELECT COUNT(*) FROM runs WHERE status IN ('claimed', 'running') AND "
-                               "(host = ? OR host IS NULL)", (host,)).fetchone()[0]
+        return int(self._required(self._one(self.Q_ACTIVE_COUNT, (host,)), "count")["n"])
+
+    Q_ACTIVE_COUNT = "SELECT COUNT(*) AS n FROM runs WHERE status IN ('claimed', 'running') AND (host = ? OR host IS NULL)"
 
     def claim_run(self, issue_id: int, expected_type: str | None = None, host: str | None = None) -> int | None:
         """Atomically move the issue's pending run to a new `claimed` run row (of `host`, which the issue's
@@ -7253,8 +7225,9 @@ def _read_sessions(stored: Mapping[str, str | None], lc: LinearClient, first: di
     the resume point to store.
 
     Linear's agentSessions connection has no filter: it is read newest first (by updatedAt), down to the
-    cursor (the floor). `stored`: the cursor and the meta keys below, as read_linear read them. A read longer than READ_PAGE_CAP pages is cut, and the cursor does not move; the
-    cut is remembered in two meta keys, in the same transaction as what was read:
+    cursor (the floor). `stored`: the cursor and the meta keys below, as read_linear got them. A read longer
+    than READ_PAGE_CAP pages is cut, and the cursor does not move; the cut is remembered in two meta keys, in
+    the same transaction as what was read:
       linear.sessions.resume      the endCursor where the read stopped: the next tick goes on from there,
       linear.sessions.resume_top  the newest updatedAt of the cut read: the next tick first reads what
                                   arrived above it (the newest pages), then resumes below.
@@ -7308,16 +7281,14 @@ def poll_sessions(recent: str | None) -> int:
     return max(POLL_SESSIONS_MIN, min(POLL_SESSIONS_MAX, int(recent or 0) + POLL_SESSIONS_MIN))
 
 
-def read_linear(cfg: Config, store: Store, lc: LinearClient, stored: Mapping[str, str | None] | None = None,
-                tracked_rows: list[dict] | None = None) -> LinearReads:
+def read_linear(cfg: Config, store: Store, lc: LinearClient, stored: Mapping[str, str | None],
+                tracked_rows: list[dict]) -> LinearReads:
     """Everything that changed in Linear since the cursors: one request when nothing did. Cursors come
     from Linear's clock (its Date header) minus linear.poll_overlap, and move only past what was fully
     read; a read cut short (page cap, rate limit) resumes where it stopped. `stored` (the cursors and
-    settings of POLL_CURSORS and POLL_META) and `tracked_rows` (Store.tracked_linear): as the caller read
-    them, else read here."""
+    settings of POLL_CURSORS and POLL_META) and `tracked_rows`: as Store.intake_view read them."""
     overlap = cfg.linear.poll_overlap
     scope = team_scope(cfg)
-    stored = store.settings(POLL_CURSORS, POLL_META) if stored is None else stored
     issues_since, comments_since = stored["linear.poll.issues"], stored["linear.poll.comments"]
     viewer_id = stored["linear.viewer_id"]
     if issues_since:
@@ -7331,7 +7302,6 @@ def read_linear(cfg: Config, store: Store, lc: LinearClient, stored: Mapping[str
         app0 = mode == "app" if cfg.linear.mode == "auto" else cfg.linear.mode == "app"
         ifilter = delegated_filter(cfg, Identity(viewer_id, app0, cfg.linear.delegation,
                                                  cfg.linear.delegation_label))
-    tracked_rows = store.tracked_linear() if tracked_rows is None else tracked_rows
     open_ids = [r["linear_id"] for r in tracked_rows if r["open"]]
     # comments by their last change: new ones, and edits of those already read
     cfilter = {"updatedAt": {"gt": comments_since}, **({"issue": {"team": scope}} if scope else {})} \
@@ -7974,9 +7944,17 @@ def reap_workers() -> None:
 
 # ---- gc: worktrees of closed issues reclaimed
 
-GC_EVERY = 60.0                     # seconds between two gc steps of one process (a `watch`), per host
-_GC_LAST: dict[str, float] = {}     # host -> time.monotonic() of this process's last gc step
-_PRUNE_CHECKED: dict[str, float] = {}   # database -> time.monotonic() this process last looked whether to prune
+_LAST_RUN: dict[tuple[str, str], float] = {}    # (step, key) -> time.monotonic() this process last ran it
+
+
+def _once_a_minute(step: str, key: str) -> bool:
+    """True, and remembered, when this process has not run `step` for `key` in the last minute: a `watch`
+    ticks every few seconds, and some steps need not run that often (a cron tick is a new process each time)."""
+    last = _LAST_RUN.get((step, key))
+    if last is not None and time.monotonic() - last < 60.0:
+        return False
+    _LAST_RUN[(step, key)] = time.monotonic()
+    return True
 
 
 def collect_worktrees(ctx: TickContext) -> dict:
@@ -7986,11 +7964,8 @@ def collect_worktrees(ctx: TickContext) -> dict:
     (github.delete_merged_branches); a failed or canceled issue's stays. An issue that comes back gets its
     worktree rebuilt from the pushed branch."""
     cfg, store = ctx.cfg, ctx.store
-    last = _GC_LAST.get(cfg.runner.host)
-    if not ctx.dry_run and last is not None and time.monotonic() - last < GC_EVERY:
-        return {"skipped": f"ran {time.monotonic() - last:.0f} s ago"}     # watch: once a minute is enough
-    if not ctx.dry_run:
-        _GC_LAST[cfg.runner.host] = time.monotonic()
+    if not ctx.dry_run and not _once_a_minute("gc", cfg.runner.host):
+        return {"skipped": "ran less than a minute ago"}        # watch: once a minute is enough
     before = iso(utcnow() - dt.timedelta(hours=cfg.runner.worktree_retention_hours))
     result: dict[str, Any] = {"removed": [], "kept": [], "errors": []}
     for row in store.closed_worktrees(host=cfg.runner.host):      # each host collects the worktrees it holds
@@ -8066,10 +8041,8 @@ FLEET_STEPS = ("intake", "observe", "publish")     # once per fleet per tick: th
 
 def _prune_due(cfg: Config, store: Store) -> bool:
     """A daily step, looked at (one read) at most once a minute per process."""
-    checked = _PRUNE_CHECKED.get(cfg.database_label)
-    if checked is not None and time.monotonic() - checked < GC_EVERY:
+    if not _once_a_minute("prune", cfg.database_label):
         return False
-    _PRUNE_CHECKED[cfg.database_label] = time.monotonic()
     last = parse_iso(store.meta_get("prune.last"))
     return last is None or (utcnow() - last).total_seconds() > 86400
 
@@ -8481,20 +8454,20 @@ def _status_data(cfg: Config, store: Store | None, show_all: bool) -> dict:
         result = t["result"] or ("running" if process_alive(t["pid"], t["pid_started"]) else "interrupted")
         errors = (json.loads(t["summary"]) if t["summary"] else {}).get("errors") or []
         last = {"started_at": t["started_at"], "ended_at": t["ended_at"], "result": result, "errors": errors}
+    worktrees = store.worktrees_recorded()
     return {"issues": issues, "others": others, "outbox": outbox, "api": api,
             "api_use": api_use(store.recent_ticks(), {b["api"]: b["requests_limit"] for b in api}),
             "last_tick": last, "paused": runner_paused(cfg, store),
             "unrouted": [{"key": u["issue_key"], "at": u["at"], "message": u["message"]} for u in store.unrouted()],
             "tokens": _tokens_status(cfg, store), "codex_hold": codex_hold(store),
             "flaky_checks": json.loads(store.meta_get("ci.flaky") or "{}"),
-            "worktrees": {k: v for k, v in store.worktrees_recorded().items() if k != "hosts"},
-            "linear_token": linear_token_status(cfg, store), "hosts": _hosts_status(cfg, store)}
+            "worktrees": {k: v for k, v in worktrees.items() if k != "hosts"},
+            "linear_token": linear_token_status(cfg, store), "hosts": _hosts_status(cfg, store, worktrees["hosts"])}
 
 
-def _hosts_status(cfg: Config, store: Store) -> list[dict]:
+def _hosts_status(cfg: Config, store: Store, disks: Mapping[str, dict]) -> list[dict]:
     """The fleet's members: name, last seen, alive, active runs, their cap, the once-per-fleet steps they hold,
-    the worktrees on their disk."""
-    disks = store.worktrees_recorded()["hosts"]
+    the worktrees on their disk (`disks`: Store.worktrees_recorded()["hosts"])."""
     return [{"name": h["name"], "last_seen": iso(dt.datetime.fromtimestamp(float(h["seen_at"]), dt.timezone.utc)),
              "silent_seconds": h["silent_seconds"], "alive": h["silent_seconds"] < cfg.runner.host_timeout,
              "active_runs": h["active_runs"], "max_concurrent_runs": h["max_runs"],

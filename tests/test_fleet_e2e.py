@@ -32,19 +32,16 @@ def ts(value):
 
 
 def wait_for(fleet, predicate, timeout, what):
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.3)
+    """World.wait_for, and on a timeout every run and issue of the fleet and its hosts' output."""
+    try:
+        return fleet.world.wait_for(predicate, timeout=timeout, what=what)
+    except AssertionError as e:
+        timed_out = str(e)
     runs = "\n".join(f"  run {r['id']} {r['key']} {r['run_type']} {r['status']} host={r['host']} "
                      f"reason={r['failure_reason']}" for r in fleet.runs())
     issues = "\n".join(f"  {i['key']} {i['factory_state']} pending={i['pending_run_type']} "
                        f"active={i['active_run_id']} host={i['host']} pr={i['pr_number']}" for i in fleet.issues())
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last {last!r}\nruns:\n{runs}\n"
-                         f"issues:\n{issues}\n{fleet.output()}")
+    raise AssertionError(f"{timed_out}\nruns:\n{runs}\nissues:\n{issues}\n{fleet.output()}")
 
 
 def running_host(fleet):
